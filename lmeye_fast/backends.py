@@ -1,0 +1,85 @@
+"""Which backends exist on this machine, and why not when they don't.
+
+Nothing here raises: a missing backend is a reason string, reported by
+``python -m lmeye_fast.info`` and by the error of an explicit request for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_BACKEND = "LMEYE_FAST_BACKEND"
+BUILD_INFO = Path(__file__).with_name("_build_info.json")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # triton is absent on macOS/Windows wheels
+        return False, f"triton is not importable ({exc})"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if triton_interpret():
+        return True, f"triton {triton.__version__} on the CPU through TRITON_INTERPRET=1 (tests only)"
+    return False, "no CUDA device; set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slow, for tests)"
+
+
+def build_info() -> dict:
+    """What setup.py recorded about the extension build (architectures, torch version, or why it was skipped)."""
+    try:
+        return json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {"built": False, "reason": "no build record: the package was not installed with `pip install -e .`"}
+
+
+@functools.lru_cache(maxsize=None)
+def extension_status() -> Tuple[bool, str]:
+    """Whether ``lmeye_fast._C`` loads (its ops are then registered under ``torch.ops.lmeye_fast``)."""
+    try:
+        importlib.import_module("lmeye_fast._C")
+    except Exception as exc:
+        reason = build_info().get("reason") or f"lmeye_fast._C failed to load ({exc})"
+        return False, reason
+    return True, "lmeye_fast._C loaded"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_status() -> Tuple[bool, str]:
+    loaded, reason = extension_status()
+    if not loaded:
+        return False, reason
+    if not torch.cuda.is_available():
+        return False, "lmeye_fast._C is built, but there is no CUDA device to run it on"
+    return True, f"lmeye_fast._C on {torch.cuda.get_device_name()}"
+
+
+def status(backend: str) -> Tuple[bool, str]:
+    if backend == "reference":
+        return True, "plain PyTorch, any device"
+    if backend == "triton":
+        return triton_status()
+    if backend == "cuda":
+        return cuda_status()
+    raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def requested(backend: Optional[str]) -> str:
+    """The backend asked for: ``LMEYE_FAST_BACKEND`` overrides the argument."""
+    choice = os.environ.get(ENV_BACKEND) or backend or "auto"
+    if choice != "auto" and choice not in BACKENDS:
+        source = ENV_BACKEND if os.environ.get(ENV_BACKEND) else "backend"
+        raise ValueError(f"{source}: expected one of {('auto',) + BACKENDS}, got {choice!r}")
+    return choice

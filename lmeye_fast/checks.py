@@ -1,0 +1,55 @@
+"""Argument checks with messages that name the argument and what was expected.
+
+Shape, dtype and device checks read metadata only, so they cost no device
+work and run on every call. Value checks (positions inside the sequence,
+distinct slots) need a host sync, so they run only where indices are built
+(the processor, the slot planner) or when a caller passes ``validate=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(dims: Sequence[Optional[int]]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def check_tensor(
+    name: str,
+    value,
+    shape: Sequence[Optional[int]],
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    device: Optional[torch.device] = None,
+    dims: str = "",
+) -> torch.Tensor:
+    """Raise a clear error unless ``value`` is a tensor of ``shape`` (None = any size), one of ``dtypes``, on ``device``."""
+    label = f"{name} {dims}".rstrip()
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{label}: expected a torch.Tensor of shape {_shape(shape)}, got {type(value).__name__}")
+    if value.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, value.shape)):
+        raise ValueError(f"{label}: expected shape {_shape(shape)}, got {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{label}: expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{label}: expected a tensor on {device} (like the other inputs), got {value.device}")
+    return value
+
+
+def check_positions(name: str, positions: torch.Tensor, length: int, distinct: bool = False) -> None:
+    """Value check (host sync): every position in ``[0, length)``; rows distinct if asked."""
+    if positions.numel() == 0:
+        return
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0 or high >= length:
+        raise ValueError(f"{name}: positions must lie in [0, {length}), got values in [{low}, {high}]")
+    if distinct and positions.dim() == 2 and positions.shape[1] > 1:
+        ordered = positions.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError(f"{name}: slot positions of one row must be distinct")

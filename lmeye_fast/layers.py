@@ -1,0 +1,228 @@
+"""The user-facing modules: thin ``nn.Module``s over the dispatched ops.
+
+Parameters are plain ``nn.Linear`` / ``nn.Parameter`` so that PEFT/LoRA and
+optimizers see ordinary modules; all arithmetic goes through ``lmeye_fast.ops``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import backends, ops, reference
+from .checks import INDEX_DTYPES, check_positions, check_tensor
+
+
+def _bias(linear: nn.Linear) -> Optional[torch.Tensor]:
+    return linear.bias
+
+
+def _check_slots(embeds, slot_pos, device, validate):
+    batch = embeds.shape[0]
+    check_tensor("embeds", embeds, (None, None, None), device=device, dims="(B, T', D)")
+    check_tensor("slot_pos", slot_pos, (batch, None), INDEX_DTYPES, device, dims="(B, R)")
+    if validate:
+        check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
+
+
+class InteractiveLayer(nn.Module):
+    """LMEye's interactive perception network (IPN).
+
+    Turns the LLM's hidden state at the request token into ``num_requests``
+    requests, lets them attend over the decomposed image features, and adds the
+    transmitted tokens into the slot rows of an embedding sequence
+    (DESIGN.md §3).
+
+    Args:
+        llm_dim: LLM width D.
+        vision_dim: image-feature width Dv.
+        interaction_dim: interaction width Di (divisible by ``num_heads``).
+        num_requests: R, request / transmitted tokens (``<img-d>`` slots).
+        sub_features: S, sub-features per image token.
+        num_heads: H, heads of the attention interaction.
+        interaction: ``"attention"`` (fused kernels) or an ``nn.Module`` called
+            as ``module(sequence, mask)`` on ``[sub-features ; requests]``
+            (B, N*S + R, Di) with a (B, N*S + R) bool keep-mask (or None); it
+            returns (B, N*S + R, Di) (or an object with ``last_hidden_state``),
+            read at the last R positions, as the original work did with a
+            frozen text encoder.
+        backend: ``"auto" | "reference" | "triton" | "cuda"``; the environment
+            variable ``LMEYE_FAST_BACKEND`` overrides it.
+    """
+
+    def __init__(
+        self,
+        llm_dim: int,
+        vision_dim: int,
+        interaction_dim: int = 768,
+        num_requests: int = 5,
+        sub_features: int = 1,
+        num_heads: int = 12,
+        interaction: Union[str, nn.Module] = "attention",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("llm_dim", llm_dim), ("vision_dim", vision_dim), ("interaction_dim", interaction_dim),
+                            ("num_requests", num_requests), ("sub_features", sub_features), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if interaction_dim % num_heads:
+            raise ValueError(f"num_heads: must divide interaction_dim={interaction_dim}, got {num_heads}")
+        if not (interaction == "attention" or isinstance(interaction, nn.Module)):
+            raise ValueError(f"interaction: expected 'attention' or an nn.Module, got {interaction!r}")
+        self.llm_dim, self.vision_dim, self.interaction_dim = llm_dim, vision_dim, interaction_dim
+        self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
+        self.backend = backends.requested(backend)
+        if self.backend != "auto":
+            ok, reason = backends.status(self.backend)
+            if not ok:
+                raise RuntimeError(f"backend {self.backend!r} is not available here: {reason}")
+        factory = {"device": device, "dtype": dtype}
+        self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
+        self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)
+        self.transmit_proj = nn.Linear(interaction_dim, llm_dim, **factory)
+        self.slot_embed = nn.Parameter(torch.zeros(num_requests, llm_dim, **factory))
+        self.interaction = interaction if isinstance(interaction, nn.Module) else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # An untrained layer should barely perturb the frozen LLM: a tiny
+        # transmission and a zero slot embedding leave the slot rows almost as
+        # they were, while keeping every gradient path non-zero.
+        nn.init.normal_(self.transmit_proj.weight, std=1e-3 / math.sqrt(self.interaction_dim))
+        nn.init.zeros_(self.transmit_proj.bias)
+        nn.init.zeros_(self.slot_embed)
+
+    def extra_repr(self) -> str:
+        kind = "attention" if self.interaction is None else type(self.interaction).__name__
+        return (f"requests={self.num_requests}, sub_features={self.sub_features}, heads={self.num_heads}, "
+                f"interaction={kind}, backend={self.backend}")
+
+    def _op(self, name: str, device: torch.device):
+        return ops.get(name, self.backend, device)
+
+    def _check(self, hidden, request_pos, image, image_mask):
+        device = image.device
+        check_tensor("image", image, (None, None, self.vision_dim), device=device, dims="(B, N, Dv)")
+        batch = image.shape[0]
+        if request_pos is None:
+            check_tensor("hidden", hidden, (batch, self.llm_dim), device=device, dims="(B, D) request vectors")
+        else:
+            check_tensor("hidden", hidden, (batch, None, self.llm_dim), device=device, dims="(B, T, D)")
+            check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
+        if image_mask is not None:
+            check_tensor("image_mask", image_mask, (batch, image.shape[1]), (torch.bool,), device, dims="(B, N)")
+        return device
+
+    def _interact(self, r, image, image_mask, device):
+        if self.interaction is None:
+            return self._op("attend_decomposed", device)(
+                r, image, image_mask, self.decompose_proj.weight, _bias(self.decompose_proj),
+                self.num_heads, self.sub_features)
+        feats = reference.decompose(image, self.decompose_proj.weight, _bias(self.decompose_proj), self.sub_features)
+        sequence = torch.cat([feats, r.to(feats.dtype)], dim=1)
+        mask = None
+        if image_mask is not None:
+            keep_req = torch.ones(r.shape[:2], dtype=torch.bool, device=device)
+            mask = torch.cat([image_mask.repeat_interleave(self.sub_features, dim=1), keep_req], dim=1)
+        out = self.interaction(sequence, mask)
+        out = getattr(out, "last_hidden_state", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[:, -self.num_requests:]
+
+    def _requests_and_z(self, hidden, request_pos, image, image_mask, validate):
+        device = self._check(hidden, request_pos, image, image_mask)
+        if validate and request_pos is not None:
+            check_positions("request_pos", request_pos, hidden.shape[1])
+        r = self._op("request", device)(
+            hidden, request_pos, self.request_proj.weight, _bias(self.request_proj), self.num_requests)
+        return self._interact(r, image, image_mask, device), device
+
+    def transmitted(self, hidden, image, request_pos=None, image_mask=None, validate: bool = False):
+        """The R transmitted tokens (B, R, D), without writing them anywhere."""
+        z, device = self._requests_and_z(hidden, request_pos, image, image_mask, validate)
+        return self._op("transmit", device)(z, self.transmit_proj.weight, _bias(self.transmit_proj), self.slot_embed)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        image: torch.Tensor,
+        embeds: torch.Tensor,
+        slot_pos: torch.Tensor,
+        request_pos: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        inplace: bool = False,
+        validate: bool = False,
+    ) -> torch.Tensor:
+        """Add the transmitted tokens into ``embeds`` at ``slot_pos``.
+
+        Args:
+            hidden: LLM hidden states (B, T, D) with ``request_pos`` (B,), or
+                the request hidden vectors (B, D) with ``request_pos=None``.
+            image: image features (B, N, Dv); ``image_mask`` (B, N) bool, True = keep.
+            embeds: the embedding sequence (B, T', D) to write into.
+            slot_pos: (B, R) slot positions, distinct per row, in ``[0, T')``.
+            inplace: write into ``embeds`` itself (no copy of the sequence).
+            validate: also check position values (a host sync; positions built
+                by ``lmeye_fast.models`` are checked where they are built).
+        Returns:
+            ``embeds`` with the slot rows updated (the same tensor when ``inplace``).
+        """
+        _check_slots(embeds, slot_pos, image.device, validate)
+        if slot_pos.shape[1] != self.num_requests:
+            raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
+                             f"got {tuple(slot_pos.shape)}")
+        if embeds.shape[0] != image.shape[0] or embeds.shape[2] != self.llm_dim:
+            raise ValueError(f"embeds: expected shape (B, T', D) = ({image.shape[0]}, ?, {self.llm_dim}), "
+                             f"got {tuple(embeds.shape)}")
+        z, device = self._requests_and_z(hidden, request_pos, image, image_mask, validate)
+        return self._op("transmit_interleave", device)(
+            z, self.transmit_proj.weight, _bias(self.transmit_proj), self.slot_embed, embeds, slot_pos, inplace)
+
+
+class StaticVisualMapping(nn.Module):
+    """LMEye's stage-1 mapping: image features -> LLM width, written into ``<img>`` slots.
+
+    A linear layer, or a two-layer GELU MLP when ``hidden_dim`` is given.
+    """
+
+    def __init__(self, vision_dim: int, llm_dim: int, hidden_dim: Optional[int] = None,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.vision_dim, self.llm_dim = vision_dim, llm_dim
+        self.backend = backends.requested(backend)
+        if hidden_dim is None:
+            self.proj = nn.Linear(vision_dim, llm_dim, **factory)
+            self.out_proj = None
+        else:
+            self.proj = nn.Linear(vision_dim, hidden_dim, **factory)
+            self.out_proj = nn.Linear(hidden_dim, llm_dim, **factory)
+
+    def mapped(self, image: torch.Tensor) -> torch.Tensor:
+        """The mapped image tokens (B, N, D)."""
+        check_tensor("image", image, (None, None, self.vision_dim), dims="(B, N, Dv)")
+        out = self.out_proj
+        return reference.static_map(image, self.proj.weight, self.proj.bias,
+                                    None if out is None else out.weight, None if out is None else out.bias)
+
+    def forward(self, image: torch.Tensor, embeds: Optional[torch.Tensor] = None,
+                slot_pos: Optional[torch.Tensor] = None, inplace: bool = False, validate: bool = False):
+        """The mapped tokens (B, N, D), or ``embeds`` with them added at ``slot_pos`` (B, N)."""
+        tokens = self.mapped(image)
+        if embeds is None:
+            return tokens
+        if slot_pos is None:
+            raise ValueError("slot_pos: required (shape (B, N)) when embeds is given")
+        _check_slots(embeds, slot_pos, image.device, validate)
+        if slot_pos.shape[1] != image.shape[1]:
+            raise ValueError(f"slot_pos: expected shape (B, N) = ({image.shape[0]}, {image.shape[1]}), "
+                             f"got {tuple(slot_pos.shape)}")
+        interleave = ops.get("interleave", self.backend, embeds.device)
+        return interleave(embeds, tokens.to(embeds.dtype), slot_pos, inplace)

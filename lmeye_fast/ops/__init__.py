@@ -1,0 +1,105 @@
+"""Backend dispatch: one table from (op, backend) to the function that runs it.
+
+Every backend's function for an op has the same signature as the reference
+function of that name in ``lmeye_fast.reference`` (the fused ops below have
+their reference composition here), and is differentiable.
+
+=====================  ==================================================
+op                     computes
+=====================  ==================================================
+request                step 1, row gather + request projection
+attend_decomposed      steps 2-3, decomposition fused with the attention
+transmit               step 4
+interleave             step 5
+transmit_interleave    steps 4-5, the interleave as the epilogue
+=====================  ==================================================
+
+``backend="auto"`` takes, for tensors on a CUDA device, the first available
+backend of ``AUTO_ORDER[op]`` (the order is what benchmarks/RESULTS.md
+measured), and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+from .. import backends, reference
+
+
+def attend_decomposed(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    feats = reference.decompose(image, w_f, b_f, sub_features)
+    return reference.attend(requests, feats, image_mask, num_heads, sub_features)
+
+
+def transmit_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace=False):
+    rows = reference.transmit(z, w_o, b_o, slot_embed)
+    return reference.interleave(embeds, rows.to(embeds.dtype), slot_pos, inplace=inplace)
+
+
+# "module:function" paths, imported on first use so that a missing triton or
+# _C never breaks `import lmeye_fast`.
+TABLE = {
+    "request": {
+        "reference": "lmeye_fast.reference:request",
+        "triton": "lmeye_fast.ops.request:request",
+        "cuda": "lmeye_fast.ops.cuda:request",
+    },
+    "attend_decomposed": {
+        "reference": "lmeye_fast.ops:attend_decomposed",
+        "triton": "lmeye_fast.ops.attend:attend_decomposed",
+    },
+    "transmit": {
+        "reference": "lmeye_fast.reference:transmit",
+        "triton": "lmeye_fast.ops.transmit:transmit",
+    },
+    "interleave": {
+        "reference": "lmeye_fast.reference:interleave",
+        "triton": "lmeye_fast.ops.interleave:interleave",
+        "cuda": "lmeye_fast.ops.cuda:interleave",
+    },
+    "transmit_interleave": {
+        "reference": "lmeye_fast.ops:transmit_interleave",
+        "triton": "lmeye_fast.ops.transmit:transmit_interleave",
+    },
+}
+
+AUTO_ORDER = {
+    "request": ("triton", "cuda", "reference"),
+    "attend_decomposed": ("triton", "reference"),
+    "transmit": ("triton", "reference"),
+    "interleave": ("cuda", "triton", "reference"),
+    "transmit_interleave": ("triton", "reference"),
+}
+
+
+def _load(path: str) -> Callable:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> str:
+    """The concrete backend that runs ``op`` for ``backend`` ('auto' or a name) on ``device``."""
+    if op not in TABLE:
+        raise ValueError(f"op: expected one of {tuple(TABLE)}, got {op!r}")
+    if backend == "auto":
+        if device is None or device.type != "cuda":
+            return "reference"
+        for name in AUTO_ORDER[op]:
+            if name in TABLE[op] and backends.status(name)[0]:
+                return name
+        return "reference"
+    ok, reason = backends.status(backend)
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available here: {reason} (see `python -m lmeye_fast.info`)")
+    if backend not in TABLE[op]:
+        # An op a backend has no kernel for falls to the reference rather than failing.
+        return "reference"
+    return backend
+
+
+def get(op: str, backend: str = "auto", device: Optional[torch.device] = None) -> Callable:
+    """The function that runs ``op`` for ``backend`` on ``device``."""
+    return _load(TABLE[op][resolve(op, backend, device)])

@@ -1,0 +1,170 @@
+"""The LMEye math in plain PyTorch (DESIGN.md §3).
+
+This module is the single source of truth: every Triton and CUDA kernel is
+tested against it, and the benchmarks use it as the eager / torch.compile
+baseline. It runs on any device and in any dtype; every product and sum is
+accumulated in float32 (float64 inputs stay float64), and each op's result is
+cast back to the storage dtype of its inputs, as a fused kernel would store it.
+
+Shapes: B batch, T sequence, D LLM width, N image tokens, Dv vision width,
+S sub-features per image token, Di interaction width, H heads, R requests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "gather_rows",
+    "request",
+    "decompose",
+    "attend",
+    "transmit",
+    "interleave",
+    "static_map",
+    "interactive",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (for gradcheck); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_rows(hidden: torch.Tensor, request_pos: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, request_pos[b]]`` for every row b, as an index gather (no host sync)."""
+    batch = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[batch, request_pos]
+
+
+def request(
+    hidden: torch.Tensor,
+    request_pos: Optional[torch.Tensor],
+    w_q: torch.Tensor,
+    b_q: Optional[torch.Tensor],
+    num_requests: int,
+) -> torch.Tensor:
+    """Step 1: ``r_b = reshape(W_q · h[b, q_b] + b_q, (R, Di))``.
+
+    ``hidden`` is (B, T, D) with ``request_pos`` (B,), or already the request
+    hidden vectors (B, D) with ``request_pos=None``. Returns (B, R, Di).
+    """
+    h = hidden if request_pos is None else gather_rows(hidden, request_pos)
+    acc = compute_dtype(h.dtype)
+    r = F.linear(h.to(acc), w_q.to(acc), None if b_q is None else b_q.to(acc))
+    return r.reshape(h.shape[0], num_requests, -1).to(h.dtype)
+
+
+def decompose(
+    image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor], sub_features: int
+) -> torch.Tensor:
+    """Step 2: ``F_b = reshape(X_b · W_fᵀ + b_f, (N*S, Di))``; row ``n*S + k`` is sub-feature k of token n."""
+    acc = compute_dtype(image.dtype)
+    f = F.linear(image.to(acc), w_f.to(acc), None if b_f is None else b_f.to(acc))
+    batch, tokens = image.shape[:2]
+    return f.reshape(batch, tokens * sub_features, -1).to(image.dtype)
+
+
+def attend(
+    requests: torch.Tensor,
+    feats: torch.Tensor,
+    image_mask: Optional[torch.Tensor],
+    num_heads: int,
+    sub_features: int,
+) -> torch.Tensor:
+    """Step 3: per head ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` over the unmasked sub-features.
+
+    ``requests`` (B, R, Di), ``feats`` (B, N*S, Di), ``image_mask`` (B, N) bool
+    (True = keep) or None. A row whose image tokens are all masked gets
+    ``z = r``: its attention contributes exactly zero, never NaN.
+    """
+    acc = compute_dtype(requests.dtype)
+    batch, num_req, width = requests.shape
+    head_dim = width // num_heads
+    r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim).transpose(1, 2)
+    f = feats.to(acc).reshape(batch, -1, num_heads, head_dim).transpose(1, 2)
+    scores = torch.matmul(r, f.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, R, N*S)
+    if image_mask is not None:
+        keep = image_mask.to(torch.bool).repeat_interleave(sub_features, dim=1)[:, None, None, :]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).min)
+        p = torch.exp(scores - row_max) * keep
+        attn = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    else:
+        attn = torch.softmax(scores, dim=-1)
+    z = torch.matmul(attn, f).transpose(1, 2).reshape(batch, num_req, width) + requests.to(acc)
+    return z.to(requests.dtype)
+
+
+def transmit(
+    z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor], slot_embed: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Step 4: ``t_b = z_b · W_oᵀ + b_o + e_slot`` -> (B, R, D)."""
+    acc = compute_dtype(z.dtype)
+    t = F.linear(z.to(acc), w_o.to(acc), None if b_o is None else b_o.to(acc))
+    if slot_embed is not None:
+        t = t + slot_embed.to(acc)
+    return t.to(z.dtype)
+
+
+def interleave(
+    embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
+    """Step 5: ``E[b, s[b, j]] += t[b, j]``; every other row of E is untouched.
+
+    ``embeds`` (B, T', D), ``rows`` (B, R, D), ``slot_pos`` (B, R) distinct per
+    row. The sum is formed in float32 and rounded once to E's dtype.
+    """
+    out = embeds if inplace else embeds.clone()
+    batch = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand_as(slot_pos)
+    acc = compute_dtype(embeds.dtype)
+    summed = out[batch, slot_pos].to(acc) + rows.to(acc)
+    out[batch, slot_pos] = summed.to(out.dtype)
+    return out
+
+
+def static_map(
+    image: torch.Tensor,
+    w_1: torch.Tensor,
+    b_1: Optional[torch.Tensor],
+    w_2: Optional[torch.Tensor] = None,
+    b_2: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Static visual mapping ``P_b = X_b · W_sᵀ + b_s``, or a two-layer GELU MLP when ``w_2`` is given."""
+    acc = compute_dtype(image.dtype)
+    p = F.linear(image.to(acc), w_1.to(acc), None if b_1 is None else b_1.to(acc))
+    if w_2 is not None:
+        p = F.linear(F.gelu(p), w_2.to(acc), None if b_2 is None else b_2.to(acc))
+    return p.to(image.dtype)
+
+
+def interactive(
+    hidden: torch.Tensor,
+    request_pos: Optional[torch.Tensor],
+    image: torch.Tensor,
+    image_mask: Optional[torch.Tensor],
+    embeds: torch.Tensor,
+    slot_pos: torch.Tensor,
+    w_q: torch.Tensor,
+    b_q: Optional[torch.Tensor],
+    w_f: torch.Tensor,
+    b_f: Optional[torch.Tensor],
+    w_o: torch.Tensor,
+    b_o: Optional[torch.Tensor],
+    slot_embed: Optional[torch.Tensor],
+    num_heads: int,
+    sub_features: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """The whole IPN (steps 1-5) with the attention interaction."""
+    num_requests = slot_pos.shape[1]
+    r = request(hidden, request_pos, w_q, b_q, num_requests)
+    feats = decompose(image, w_f, b_f, sub_features)
+    z = attend(r, feats, image_mask, num_heads, sub_features)
+    t = transmit(z, w_o, b_o, slot_embed)
+    return interleave(embeds, t.to(embeds.dtype), slot_pos, inplace=inplace)
