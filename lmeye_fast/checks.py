@@ -17,7 +17,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _shape(dims: Sequence[Optional[int]]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+    inner = ", ".join("?" if d is None else str(d) for d in dims)
+    return f"({inner},)" if len(dims) == 1 else f"({inner})"
 
 
 def check_tensor(
