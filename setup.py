@@ -69,9 +69,11 @@ def extensions():
         name="lmeye_fast._C",
         sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")) + kernel_sources(),
         include_dirs=[str(ROOT / "kernels"), str(ROOT / "csrc")],
+        # No -std flag: BuildExtension adds the C++ standard that the installed
+        # torch's headers need (recent releases need C++20, older ones C++17).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
     record({"built": True, "archs": [f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in archs.split(";") if a],

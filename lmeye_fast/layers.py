@@ -82,6 +82,7 @@ class InteractiveLayer(nn.Module):
             ok, reason = backends.status(self.backend)
             if not ok:
                 raise RuntimeError(f"backend {self.backend!r} is not available here: {reason}")
+        ops.preload(self.backend)
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)

@@ -22,6 +22,7 @@ measured), and the reference elsewhere.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -77,7 +78,20 @@ AUTO_ORDER = {
 
 def _load(path: str) -> Callable:
     module, name = path.split(":")
+    # torch.compile traces a sys.modules lookup but breaks the graph on an import.
+    if module in sys.modules:
+        return getattr(sys.modules[module], name)
     return getattr(importlib.import_module(module), name)
+
+
+def preload(backend: str) -> None:
+    """Import now every kernel module ``backend`` may dispatch to, so that a
+    later torch.compile finds them loaded (an import inside a traced forward
+    is a graph break)."""
+    for op, table in TABLE.items():
+        for name in (AUTO_ORDER[op] if backend == "auto" else (backend,)):
+            if name in table and backends.status(name)[0]:
+                _load(table[name])
 
 
 def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> str:

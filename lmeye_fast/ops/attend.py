@@ -1,0 +1,314 @@
+"""Decomposition fused with the attention (DESIGN.md §3 steps 2-3), flash style.
+
+One program per (batch row, head). It walks the image tokens in tiles; for
+each tile and sub-feature k it forms the head's slice of ``F = X W_fᵀ + b_f``
+on chip (rounded to the storage dtype, as the reference stores F), scores it
+against the requests, and folds it into an online softmax over all N·S
+sub-features. The (B, N·S, Di) tensor F is never written in the forward pass.
+
+Saved for backward: the log-sum-exp (B, H, R) and the attention output
+``A F`` (B, R, Di), both fp32 (4·B·R·(Di + H) bytes; 0.5 MB at the 7B shape).
+The backward recomputes F tile by tile, finishes ``d requests`` in the same
+kernel, and writes ``dF`` (B, N·S, Di) in the storage dtype (12.6 MB in bf16 at
+the 7B shape, the same tensor the reference's autograd holds); ``d image``,
+``d W_f`` and ``d b_f`` (fp32 column sums) then come from two GEMM launches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .triton_launch import (Rows, check_device, check_dtype, dot_flags, gemm, interpret, op, pow2,
+                            rows2d)
+
+
+@triton.jit
+def _feature_tile(x_ptr, w_ptr, bf_ptr, x_base, rn, n_ok, wrow, d_ok, DV, x_sn, x_sd, w_sr, w_sd,
+                  HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+    """One head slice of one sub-feature for a tile of tokens: (BN, BD), rounded to the storage dtype."""
+    f = tl.zeros((BN, BD), dtype=tl.float32)
+    for c0 in range(0, DV, BK):
+        rc = c0 + tl.arange(0, BK)
+        c_ok = rc < DV
+        x = tl.load(x_ptr + x_base + rn[:, None].to(tl.int64) * x_sn + rc[None, :] * x_sd,
+                    mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + wrow[None, :].to(tl.int64) * w_sr + rc[:, None] * w_sd,
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            f = tl.dot(x, w, f, input_precision="ieee")
+        else:
+            f = tl.dot(x, w, f)
+    if HAS_BIAS:
+        f += tl.load(bf_ptr + wrow, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    f = f.to(x_ptr.dtype.element_ty)
+    if DOT_FP32:
+        f = f.to(tl.float32)
+    return f
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _attend_fwd_kernel(
+    r_ptr, x_ptr, m_ptr, w_ptr, bf_ptr, z_ptr, o_ptr, lse_ptr,
+    R, N, DV, S, DI, DH, H, scale,
+    r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    rr = tl.arange(0, BR)
+    rd = tl.arange(0, BD)
+    r_ok = rr < R
+    d_ok = rd < DH
+    col = h * DH + rd
+    r = tl.load(r_ptr + b.to(tl.int64) * r_sb + rr[:, None] * r_sr + col[None, :] * r_sd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    r32 = r.to(tl.float32)
+    if DOT_FP32:
+        r = r32
+    x_base = b.to(tl.int64) * x_sb
+    m_i = tl.full((BR,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BR,), dtype=tl.float32)
+    acc = tl.zeros((BR, BD), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        n_ok = rn < N
+        valid = n_ok
+        if HAS_MASK:
+            keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
+            valid = valid & (keep != 0)
+        for k in range(0, S):
+            f = _feature_tile(x_ptr, w_ptr, bf_ptr, x_base, rn, n_ok, k * DI + col, d_ok, DV, x_sn, x_sd,
+                              w_sr, w_sd, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
+            s = _mm(r, tl.trans(f), IEEE) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen only masked tokens keeps m = -inf; shifting by 0
+            # then gives exp(-inf) = 0 instead of NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _mm(p.to(f.dtype), f, IEEE)
+            m_i = m_new
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    out_mask = r_ok[:, None] & d_ok[None, :]
+    out_off = (b.to(tl.int64) * R + rr[:, None]) * DI + col[None, :]
+    tl.store(z_ptr + out_off, (o + r32).to(z_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(o_ptr + out_off, o, mask=out_mask)
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
+    tl.store(lse_ptr + (b.to(tl.int64) * H + h) * R + rr, lse, mask=r_ok)
+
+
+@triton.jit
+def _attend_bwd_kernel(
+    r_ptr, x_ptr, m_ptr, w_ptr, bf_ptr, dz_ptr, o_ptr, lse_ptr, dr_ptr, df_ptr,
+    R, N, DV, S, DI, DH, H, scale,
+    r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd, dz_sb, dz_sr, dz_sd,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    rr = tl.arange(0, BR)
+    rd = tl.arange(0, BD)
+    r_ok = rr < R
+    d_ok = rd < DH
+    col = h * DH + rd
+    rd_mask = r_ok[:, None] & d_ok[None, :]
+    r = tl.load(r_ptr + b.to(tl.int64) * r_sb + rr[:, None] * r_sr + col[None, :] * r_sd, mask=rd_mask, other=0.0)
+    dz = tl.load(dz_ptr + b.to(tl.int64) * dz_sb + rr[:, None] * dz_sr + col[None, :] * dz_sd,
+                 mask=rd_mask, other=0.0)
+    dz32 = dz.to(tl.float32)
+    if DOT_FP32:
+        r = r.to(tl.float32)
+        dz = dz32
+    out_off = (b.to(tl.int64) * R + rr[:, None]) * DI + col[None, :]
+    o = tl.load(o_ptr + out_off, mask=rd_mask, other=0.0)
+    delta = tl.sum(dz32 * o, axis=1)
+    lse = tl.load(lse_ptr + (b.to(tl.int64) * H + h) * R + rr, mask=r_ok, other=0.0)
+    x_base = b.to(tl.int64) * x_sb
+    dr = tl.zeros((BR, BD), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        n_ok = rn < N
+        valid = n_ok
+        if HAS_MASK:
+            keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
+            valid = valid & (keep != 0)
+        pmask = r_ok[:, None] & valid[None, :]
+        for k in range(0, S):
+            f = _feature_tile(x_ptr, w_ptr, bf_ptr, x_base, rn, n_ok, k * DI + col, d_ok, DV, x_sn, x_sd,
+                              w_sr, w_sd, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
+            s = _mm(r, tl.trans(f), IEEE) * scale
+            p = tl.where(pmask, tl.exp(s - lse[:, None]), 0.0)
+            dp = _mm(dz, tl.trans(f), IEEE)
+            ds = p * (dp - delta[:, None])
+            dr += _mm(ds.to(f.dtype), f, IEEE)
+            df = _mm(tl.trans(p.to(f.dtype)), dz, IEEE) + _mm(tl.trans(ds.to(f.dtype)), r, IEEE) * scale
+            df_off = (b.to(tl.int64) * N * S + rn[:, None] * S + k) * DI + col[None, :]
+            tl.store(df_ptr + df_off, df.to(df_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(dr_ptr + out_off, (dr * scale + dz32).to(dr_ptr.dtype.element_ty), mask=rd_mask)
+
+
+def _blocks(num_req: int, head_dim: int):
+    """(BR, BD, BN, BK, num_warps): all requests and one head per program."""
+    br, bd = pow2(num_req), pow2(head_dim)
+    if interpret():
+        return br, bd, 16, 32, 4
+    return br, bd, 64, 64, 4 if bd <= 64 else 8
+
+
+def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
+    if image_mask is None:
+        return image, 0, 0
+    # A bool tensor reinterpreted as bytes: no copy, and loads as plain integers.
+    keep = image_mask.view(torch.uint8)
+    return keep, keep.stride(0), keep.stride(1)
+
+
+def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    batch, num_req, width = requests.shape
+    return (requests.new_empty(requests.shape), requests.new_empty(requests.shape, dtype=torch.float32),
+            requests.new_empty((batch, num_heads, num_req), dtype=torch.float32))
+
+
+@op("attend_fwd_triton", _fwd_fake)
+def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+               w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
+               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, num_req, width = requests.shape
+    tokens, vision = image.shape[1], image.shape[2]
+    head_dim = width // num_heads
+    z = torch.empty((batch, num_req, width), device=requests.device, dtype=requests.dtype)
+    attn = torch.empty((batch, num_req, width), device=requests.device, dtype=torch.float32)
+    lse = torch.empty((batch, num_heads, num_req), device=requests.device, dtype=torch.float32)
+    if batch == 0 or num_req == 0:
+        return z, attn, lse
+    keep, m_sb, m_sn = _mask_arg(image_mask, image)
+    dot_fp32, ieee = dot_flags(requests.dtype)
+    br, bd, bn, bk, warps = _blocks(num_req, head_dim)
+    wrap_triton(_attend_fwd_kernel)[(batch, num_heads)](
+        requests, image, keep, w_f, b_f if b_f is not None else w_f, z, attn, lse,
+        num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
+        requests.stride(0), requests.stride(1), requests.stride(2),
+        image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
+        HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
+        BR=br, BD=bd, BN=bn, BK=bk, num_warps=warps,
+    )
+    return z, attn, lse
+
+
+def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, num_heads, sub_features):
+    return (requests.new_empty(requests.shape), image.new_empty(image.shape), w_f.new_empty(w_f.shape),
+            w_f.new_empty((w_f.shape[0],)))
+
+
+@op("attend_bwd_triton", _bwd_fake)
+def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
+               image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
+               attn: torch.Tensor, lse: torch.Tensor, num_heads: int,
+               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, num_req, width = requests.shape
+    tokens, vision = image.shape[1], image.shape[2]
+    head_dim = width // num_heads
+    d_req = torch.empty((batch, num_req, width), device=requests.device, dtype=requests.dtype)
+    d_feat = torch.empty((batch, tokens * sub_features, width), device=image.device, dtype=image.dtype)
+    d_image = torch.empty((batch, tokens, vision), device=image.device, dtype=image.dtype)
+    d_w = torch.empty(w_f.shape, device=w_f.device, dtype=w_f.dtype)
+    d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
+    keep, m_sb, m_sn = _mask_arg(image_mask, image)
+    dot_fp32, ieee = dot_flags(requests.dtype)
+    br, bd, bn, bk, warps = _blocks(num_req, head_dim)
+    wrap_triton(_attend_bwd_kernel)[(batch, num_heads)](
+        requests, image, keep, w_f, b_f if b_f is not None else w_f, grad, attn, lse, d_req, d_feat,
+        num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
+        requests.stride(0), requests.stride(1), requests.stride(2),
+        image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
+        BR=br, BD=bd, BN=bn, BK=bk, num_warps=warps,
+    )
+    # Row n of dF viewed (B*N, S*Di) is token n's S sub-feature gradients side by side.
+    d_feat_rows = d_feat.view(batch * tokens, sub_features * width)
+    gemm(rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
+         batch * tokens, vision, sub_features * width)
+    image_rows = Rows(image, tokens, image.stride(0), image.stride(1), image.stride(2))
+    gemm(rows2d(d_feat_rows, transpose=True), image_rows, rows2d(d_w),
+         sub_features * width, vision, batch * tokens, colsum=d_b)
+    return d_req, d_image, d_w, d_b
+
+
+class AttendFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+        z, attn, lse = torch.ops.lmeye_fast.attend_fwd_triton(
+            requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, attn, lse)
+        ctx.num_heads, ctx.sub_features = num_heads, sub_features
+        ctx.mark_non_differentiable(attn, lse)
+        return z, attn, lse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_attn, _grad_lse):
+        requests, image, image_mask, w_f, b_f, attn, lse = ctx.saved_tensors
+        d_req, d_image, d_w, d_b = torch.ops.lmeye_fast.attend_bwd_triton(
+            grad, requests, image, image_mask, w_f, b_f, attn, lse, ctx.num_heads, ctx.sub_features)
+        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None
+
+
+def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+                      w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
+                      sub_features: int) -> torch.Tensor:
+    """Decomposition + attention, ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head -> (B, R, Di).
+
+    Same semantics as ``reference.decompose`` followed by ``reference.attend``.
+    """
+    device, dtype = requests.device, requests.dtype
+    if requests.dim() != 3:
+        raise ValueError(f"requests: expected shape (B, R, Di), got {tuple(requests.shape)}")
+    batch, _, width = requests.shape
+    if not isinstance(num_heads, int) or num_heads < 1 or width % num_heads:
+        raise ValueError(f"num_heads: expected a positive int dividing Di={width}, got {num_heads!r}")
+    if not isinstance(sub_features, int) or sub_features < 1:
+        raise ValueError(f"sub_features: expected a positive int, got {sub_features!r}")
+    check_dtype("requests", requests, dtype)
+    if image.dim() != 3 or image.shape[0] != batch:
+        raise ValueError(f"image: expected shape (B, N, Dv) with B={batch}, got {tuple(image.shape)}")
+    check_dtype("image", image, dtype)
+    check_device("image", image, device)
+    if w_f.shape != (sub_features * width, image.shape[2]):
+        raise ValueError(f"w_f: expected shape (S*Di, Dv) = ({sub_features * width}, {image.shape[2]}), "
+                         f"got {tuple(w_f.shape)}")
+    check_dtype("w_f", w_f, dtype)
+    check_device("w_f", w_f, device)
+    if b_f is not None:
+        if b_f.shape != (sub_features * width,):
+            raise ValueError(f"b_f: expected shape ({sub_features * width},), got {tuple(b_f.shape)}")
+        check_dtype("b_f", b_f, dtype)
+        check_device("b_f", b_f, device)
+    if image_mask is not None:
+        if image_mask.shape != image.shape[:2] or image_mask.dtype != torch.bool:
+            raise ValueError(f"image_mask: expected a bool tensor of shape {tuple(image.shape[:2])}, "
+                             f"got {image_mask.dtype} {tuple(image_mask.shape)}")
+        check_device("image_mask", image_mask, device)
+    z, _, _ = AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    return z

@@ -1,0 +1,129 @@
+"""The interleave (DESIGN.md §3 step 5) in Triton: ``E[b, slot_pos[b, j]] += rows[b, j]``.
+
+One program per (slot, column block). Each slot row of E belongs to exactly
+one (b, j) (slots of a row are distinct), so the add needs no atomics. The sum
+is formed in fp32 and rounded once to E's dtype. A slot position outside
+``[0, T')`` is skipped, never written. The same kernel, run as a gather, gives
+the backward ``d rows = dE[b, slot_pos[b, j]]``; ``dE`` passes through.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .triton_launch import check_device, interpret, op, pow2
+
+
+@triton.jit
+def _slots_kernel(
+    e_ptr, rows_ptr, pos_ptr, R, T, D,
+    e_sb, e_st, e_sd, w_sb, w_sr, w_sd, p_sb, p_sr,
+    GATHER: tl.constexpr, BD: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    b = slot // R
+    j = slot % R
+    pos = tl.load(pos_ptr + b * p_sb + j * p_sr).to(tl.int64)
+    inside = (pos >= 0) & (pos < T)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = rd < D
+    e_ptrs = e_ptr + b.to(tl.int64) * e_sb + pos * e_st + rd * e_sd
+    w_ptrs = rows_ptr + b.to(tl.int64) * w_sb + j * w_sr + rd * w_sd
+    if GATHER:
+        v = tl.load(e_ptrs, mask=d_ok & inside, other=0.0)
+        tl.store(w_ptrs, v.to(rows_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        v = tl.load(e_ptrs, mask=d_ok & inside, other=0.0).to(tl.float32)
+        v += tl.load(w_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+        tl.store(e_ptrs, v.to(e_ptr.dtype.element_ty), mask=d_ok & inside)
+
+
+def _launch(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, gather: bool) -> None:
+    batch, num_slots = slot_pos.shape
+    width = embeds.shape[2]
+    if batch * num_slots == 0 or width == 0:
+        return
+    block = pow2(width, 16, 256 if interpret() else 1024)
+    wrap_triton(_slots_kernel)[(batch * num_slots, triton.cdiv(width, block))](
+        embeds, rows, slot_pos, num_slots, embeds.shape[1], width,
+        embeds.stride(0), embeds.stride(1), embeds.stride(2), rows.stride(0), rows.stride(1), rows.stride(2),
+        slot_pos.stride(0), slot_pos.stride(1),
+        GATHER=gather, BD=block, num_warps=4,
+    )
+
+
+def _out_fake(embeds, rows, slot_pos):
+    return torch.empty_like(embeds)
+
+
+def _inplace_fake(embeds, rows, slot_pos):
+    return None
+
+
+def _gather_fake(source, slot_pos):
+    return source.new_empty((slot_pos.shape[0], slot_pos.shape[1], source.shape[2]))
+
+
+@op("interleave_triton", _out_fake)
+def interleave_out(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+    out = embeds.clone()
+    _launch(out, rows, slot_pos, gather=False)
+    return out
+
+
+@op("interleave_triton_", _inplace_fake, mutates_args=("embeds",))
+def interleave_inplace(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor) -> None:
+    _launch(embeds, rows, slot_pos, gather=False)
+
+
+@op("gather_slots_triton", _gather_fake)
+def gather_slots(source: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+    """``source[b, slot_pos[b, j]]`` -> (B, R, D); rows at out-of-range positions read as zero."""
+    out = torch.empty((slot_pos.shape[0], slot_pos.shape[1], source.shape[2]), device=source.device,
+                      dtype=source.dtype)
+    _launch(source, out, slot_pos, gather=True)
+    return out
+
+
+class InterleaveFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embeds, rows, slot_pos, inplace):
+        ctx.save_for_backward(slot_pos)
+        ctx.rows_dtype = rows.dtype
+        if inplace:
+            torch.ops.lmeye_fast.interleave_triton_(embeds, rows, slot_pos)
+            ctx.mark_dirty(embeds)
+            return embeds
+        return torch.ops.lmeye_fast.interleave_triton(embeds, rows, slot_pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_pos,) = ctx.saved_tensors
+        d_rows = torch.ops.lmeye_fast.gather_slots_triton(grad, slot_pos).to(ctx.rows_dtype)
+        return grad, d_rows, None, None
+
+
+def check_slots(embeds: torch.Tensor, rows_shape, slot_pos: torch.Tensor) -> None:
+    """Metadata checks shared with ``transmit_interleave``: (B, T', D) embeds, (B, R) int positions."""
+    if embeds.dim() != 3 or not embeds.is_floating_point():
+        raise ValueError(f"embeds: expected a floating tensor of shape (B, T', D), got {embeds.dtype} "
+                         f"{tuple(embeds.shape)}")
+    batch, num_slots, width = rows_shape
+    if embeds.shape[0] != batch or embeds.shape[2] != width:
+        raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {width}), got {tuple(embeds.shape)}")
+    if slot_pos.shape != (batch, num_slots) or slot_pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_pos: expected an int32/int64 tensor of shape ({batch}, {num_slots}), "
+                         f"got {slot_pos.dtype} {tuple(slot_pos.shape)}")
+    check_device("slot_pos", slot_pos, embeds.device)
+
+
+def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``E[b, slot_pos[b, j]] += rows[b, j]`` (see ``reference.interleave``); ``inplace`` writes into ``embeds``."""
+    if rows.dim() != 3 or not rows.is_floating_point():
+        raise ValueError(f"rows: expected a floating tensor of shape (B, R, D), got {rows.dtype} {tuple(rows.shape)}")
+    check_slots(embeds, rows.shape, slot_pos)
+    check_device("rows", rows, embeds.device)
+    return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))

@@ -1,0 +1,98 @@
+"""Request acquisition (DESIGN.md §3 step 1) in Triton: the gather of the
+request rows ``hidden[b, request_pos[b]]`` is the A-operand addressing of the
+projection GEMM, so no (B, D) copy and no host sync happen.
+
+Forward: one launch. Backward: two launches, ``d hidden`` scattered straight
+into the request rows of a zero (B, T, D) gradient, and ``d W_q`` with
+``d b_q`` as the column sums of the same pass (fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from .triton_launch import Rows, check_device, check_dtype, gemm, op, rows2d
+
+
+def _hidden_rows(hidden: torch.Tensor, request_pos: Optional[torch.Tensor]) -> Rows:
+    if request_pos is None:
+        return rows2d(hidden)
+    return Rows(hidden, 1, hidden.stride(0), 0, hidden.stride(2), request_pos,
+                request_pos.stride(0), 0, hidden.stride(1), hidden.shape[1])
+
+
+def _fwd_fake(hidden, request_pos, w_q, b_q):
+    return hidden.new_empty((hidden.shape[0], w_q.shape[0]))
+
+
+def _bwd_fake(grad, hidden, request_pos, w_q):
+    return hidden.new_empty(hidden.shape), w_q.new_empty(w_q.shape), w_q.new_empty((w_q.shape[0],))
+
+
+@op("request_fwd_triton", _fwd_fake)
+def request_fwd(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torch.Tensor,
+                b_q: Optional[torch.Tensor]) -> torch.Tensor:
+    batch, width = hidden.shape[0], hidden.shape[-1]
+    out = torch.empty((batch, w_q.shape[0]), device=hidden.device, dtype=hidden.dtype)
+    gemm(_hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), rows2d(out),
+         batch, w_q.shape[0], width, bias=b_q)
+    return out
+
+
+@op("request_bwd_triton", _bwd_fake)
+def request_bwd(grad: torch.Tensor, hidden: torch.Tensor, request_pos: Optional[torch.Tensor],
+                w_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, width = hidden.shape[0], hidden.shape[-1]
+    outs = w_q.shape[0]
+    # Only the request rows receive a gradient; every other row is exactly zero.
+    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+    gemm(rows2d(grad), rows2d(w_q), _hidden_rows(d_hidden, request_pos), batch, width, outs)
+    d_w = torch.empty(w_q.shape, device=w_q.device, dtype=w_q.dtype)
+    d_b = torch.empty((outs,), device=w_q.device, dtype=w_q.dtype)
+    gemm(rows2d(grad, transpose=True), _hidden_rows(hidden, request_pos), rows2d(d_w),
+         outs, width, batch, colsum=d_b)
+    return d_hidden, d_w, d_b
+
+
+class RequestFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, request_pos, w_q, b_q):
+        ctx.save_for_backward(hidden, request_pos, w_q)
+        ctx.has_bias = b_q is not None
+        return torch.ops.lmeye_fast.request_fwd_triton(hidden, request_pos, w_q, b_q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, request_pos, w_q = ctx.saved_tensors
+        d_hidden, d_w, d_b = torch.ops.lmeye_fast.request_bwd_triton(grad, hidden, request_pos, w_q)
+        return d_hidden, None, d_w, (d_b if ctx.has_bias else None)
+
+
+def request(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torch.Tensor,
+            b_q: Optional[torch.Tensor], num_requests: int) -> torch.Tensor:
+    """``reshape(W_q · hidden[b, request_pos[b]] + b_q, (R, Di))`` -> (B, R, Di); see ``reference.request``."""
+    device, dtype = hidden.device, hidden.dtype
+    check_dtype("hidden", hidden, dtype)
+    if request_pos is None:
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: expected shape (B, D) when request_pos is None, got {tuple(hidden.shape)}")
+    else:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: expected shape (B, T, D) with request_pos, got {tuple(hidden.shape)}")
+        if request_pos.shape != (hidden.shape[0],) or request_pos.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"request_pos: expected an int32/int64 tensor of shape ({hidden.shape[0]},), "
+                             f"got {request_pos.dtype} {tuple(request_pos.shape)}")
+        check_device("request_pos", request_pos, device)
+    if w_q.dim() != 2 or w_q.shape[1] != hidden.shape[-1] or w_q.shape[0] % num_requests:
+        raise ValueError(f"w_q: expected shape (R*Di, D) = (num_requests*?, {hidden.shape[-1]}) "
+                         f"with num_requests={num_requests}, got {tuple(w_q.shape)}")
+    check_dtype("w_q", w_q, dtype)
+    check_device("w_q", w_q, device)
+    if b_q is not None:
+        if b_q.shape != (w_q.shape[0],):
+            raise ValueError(f"b_q: expected shape ({w_q.shape[0]},), got {tuple(b_q.shape)}")
+        check_dtype("b_q", b_q, dtype)
+        check_device("b_q", b_q, device)
+    out = RequestFunction.apply(hidden, request_pos, w_q, b_q)
+    return out.view(hidden.shape[0], num_requests, w_q.shape[0] // num_requests)

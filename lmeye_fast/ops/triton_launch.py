@@ -1,0 +1,235 @@
+"""Shared pieces of the Triton ops: interpreter detection, block sizes, dtypes,
+and one gather/scatter GEMM that the request, transmission and decomposition
+gradients are built from.
+
+The GEMM computes ``C[m, n] (+)= sum_k A[m, k] B[k, n] (+ bias[n]) (+ rowbias[m % g, n])``
+where the rows of A, B (its k index) and C are addressed as
+
+    row(i) = (i // g) * s0 + (i % g) * s1 + idx[(i // g) * is0 + (i % g) * is1] * si
+
+so a batched (B, R, ...) tensor with arbitrary strides is one matrix without a
+copy, and a row gather (``hidden[b, request_pos[b]]``) or scatter
+(``E[b, slot_pos[b, j]]``) costs nothing extra. Rows whose index falls outside
+``[0, lim)`` are never read (zeros) nor written, so bad positions cannot touch
+memory outside the tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, triton_op, wrap_triton
+
+FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpret() -> bool:
+    """True when kernels run on the CPU through the Triton interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n: int, low: int = 16, high: Optional[int] = None) -> int:
+    """The next power of two >= n, at least ``low`` (tl.dot needs 16), at most ``high``."""
+    size = max(low, triton.next_power_of_2(max(int(n), 1)))
+    return size if high is None else min(size, high)
+
+
+def dot_flags(dtype: torch.dtype):
+    """(DOT_FP32, IEEE): the interpreter cannot dot fp16/bf16 reliably, so it
+    computes in fp32; on a GPU fp16/bf16 dot natively with fp32 accumulation and
+    fp32 uses exact (non-tf32) products so fp32 parity stays tight."""
+    if interpret():
+        return True, False
+    return dtype == torch.float32, dtype == torch.float32
+
+
+def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {str(dtype).replace('torch.', '')} (the dtype of the "
+                        f"other inputs), got {str(tensor.dtype).replace('torch.', '')}")
+    if dtype not in FLOAT_OPS_DTYPES:
+        raise TypeError(f"{name}: the Triton backend supports float16, bfloat16 and float32, "
+                        f"got {str(dtype).replace('torch.', '')}")
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
+
+
+def op(name: str, fake, mutates_args=()):
+    """Register ``fn`` as ``torch.ops.lmeye_fast.<name>`` with the fake (shape-only) impl ``fake``.
+
+    On a GPU it is a ``triton_op``, so torch.compile sees and can fuse the
+    kernels. The interpreter's kernels cannot be traced (``wrap_triton`` hands
+    them back unwrapped and they would run on fake tensors), so there the op is
+    an opaque ``custom_op`` that compiled graphs call as a unit.
+    """
+
+    def register(fn):
+        make = custom_op if interpret() else triton_op
+        definition = make(f"lmeye_fast::{name}", fn, mutates_args=mutates_args)
+        definition.register_fake(fake)
+        return definition
+
+    return register
+
+
+class Rows(NamedTuple):
+    """How the rows of one GEMM operand are addressed (see the module docstring)."""
+
+    tensor: torch.Tensor
+    g: int
+    s0: int
+    s1: int
+    inner: int  # stride of the other (column) index
+    idx: Optional[torch.Tensor] = None
+    is0: int = 0
+    is1: int = 0
+    si: int = 0
+    lim: int = 0
+
+
+def rows2d(t: torch.Tensor, transpose: bool = False) -> Rows:
+    """A plain 2-D matrix (or its transpose) as GEMM rows."""
+    if transpose:
+        return Rows(t, 1, t.stride(1), 0, t.stride(0))
+    return Rows(t, 1, t.stride(0), 0, t.stride(1))
+
+
+def rows3d(t: torch.Tensor) -> Rows:
+    """A (P, Q, W) tensor as P*Q rows of width W, any strides."""
+    return Rows(t, t.shape[1], t.stride(0), t.stride(1), t.stride(2))
+
+
+@triton.jit
+def _row_offsets(i, g, s0, s1, idx_ptr, is0, is1, si, lim, valid, HAS_IDX: tl.constexpr):
+    outer = i // g
+    inner = i % g
+    off = outer.to(tl.int64) * s0 + inner.to(tl.int64) * s1
+    if HAS_IDX:
+        pos = tl.load(idx_ptr + outer * is0 + inner * is1, mask=valid, other=0).to(tl.int64)
+        valid = valid & (pos >= 0) & (pos < lim)
+        off += pos * si
+    return off, valid
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, rowbias_ptr, colsum_ptr, a_idx, b_idx, c_idx,
+    M, N, K,
+    a_g, a_s0, a_s1, a_k, a_is0, a_is1, a_si, a_lim,
+    b_g, b_s0, b_s1, b_n, b_is0, b_is1, b_si, b_lim,
+    c_g, c_s0, c_s1, c_n, c_is0, c_is1, c_si, c_lim,
+    rb_g, rb_s, rb_n,
+    A_IDX: tl.constexpr, B_IDX: tl.constexpr, C_IDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWBIAS: tl.constexpr, ACCUMULATE: tl.constexpr, COLSUM: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_off, a_ok = _row_offsets(rm, a_g, a_s0, a_s1, a_idx, a_is0, a_is1, a_si, a_lim, m_ok, A_IDX)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rsum = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        b_off, b_ok = _row_offsets(rk, b_g, b_s0, b_s1, b_idx, b_is0, b_is1, b_si, b_lim, k_ok, B_IDX)
+        a = tl.load(a_ptr + a_off[:, None] + rk[None, :].to(tl.int64) * a_k,
+                    mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_off[:, None] + rn[None, :].to(tl.int64) * b_n,
+                    mask=b_ok[:, None] & n_ok[None, :], other=0.0)
+        if COLSUM:
+            rsum += tl.sum(a.to(tl.float32), axis=1)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            b = b.to(a.dtype)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_ROWBIAS:
+        rb = tl.load(rowbias_ptr + (rm % rb_g)[:, None] * rb_s + rn[None, :] * rb_n,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += rb.to(tl.float32)
+    c_off, c_ok = _row_offsets(rm, c_g, c_s0, c_s1, c_idx, c_is0, c_is1, c_si, c_lim, m_ok, C_IDX)
+    c_ptrs = c_ptr + c_off[:, None] + rn[None, :].to(tl.int64) * c_n
+    c_mask = c_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if COLSUM:
+        tl.store(colsum_ptr + rm, rsum.to(colsum_ptr.dtype.element_ty), mask=m_ok & (pid_n == 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemm_blocks(m: int, n: int, k: int, device: torch.device):
+    """(BM, BN, BK). Small-M GEMMs here are weight-bandwidth bound, so N is
+    split until every SM has a program streaming the weight."""
+    if interpret():
+        return pow2(m, 16, 32), pow2(n, 16, 32), pow2(k, 16, 32)
+    bm = pow2(m, 16, 64)
+    bk = 64 if bm >= 64 else 128
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    bn = 128
+    while bn > 16 and triton.cdiv(n, bn) * triton.cdiv(m, bm) < 2 * sms:
+        bn //= 2
+    return bm, bn, bk
+
+
+def _idx(r: Rows, dummy: torch.Tensor):
+    return (r.idx if r.idx is not None else dummy), r.is0, r.is1, r.si, r.lim
+
+
+def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
+         rowbias: Optional[torch.Tensor] = None, colsum: Optional[torch.Tensor] = None,
+         accumulate: bool = False) -> None:
+    """Launch the gather/scatter GEMM (see the module docstring) into ``c.tensor``.
+
+    ``rowbias`` (g, N) is added to row m as ``rowbias[m % g]``; ``colsum`` (M,)
+    receives ``sum_k A[m, k]`` accumulated in fp32 (a bias gradient for free
+    when A is a transposed output gradient).
+    """
+    if m == 0 or n == 0:
+        return
+    dot_fp32, ieee = dot_flags(a.tensor.dtype)
+    bm, bn, bk = gemm_blocks(m, n, k, a.tensor.device)
+    dummy = c.tensor
+    a_idx = _idx(a, dummy)
+    b_idx = _idx(b, dummy)
+    c_idx = _idx(c, dummy)
+    rb = rowbias if rowbias is not None else dummy
+    rb_g = rowbias.shape[0] if rowbias is not None else 1
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    wrap_triton(_gemm_kernel)[grid](
+        a.tensor, b.tensor, c.tensor,
+        bias if bias is not None else dummy, rb, colsum if colsum is not None else dummy,
+        a_idx[0], b_idx[0], c_idx[0],
+        m, n, k,
+        a.g, a.s0, a.s1, a.inner, *a_idx[1:],
+        b.g, b.s0, b.s1, b.inner, *b_idx[1:],
+        c.g, c.s0, c.s1, c.inner, *c_idx[1:],
+        rb_g, rb.stride(0) if rowbias is not None else 0, rb.stride(-1) if rowbias is not None else 0,
+        A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
+        HAS_BIAS=bias is not None, HAS_ROWBIAS=rowbias is not None, ACCUMULATE=accumulate,
+        COLSUM=colsum is not None, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
+        num_warps=4,
+    )

@@ -1,0 +1,80 @@
+"""GPU-only parity: bfloat16 (broken in the Triton interpreter) and the LMEye-7B shape.
+
+Tolerance (bfloat16 and float16): |kernel - float64 reference| <=
+2 * |reference run in the same dtype - float64 reference| + 2^-8 * (1 + max |reference|),
+for the output and for every gradient (parameters, hidden, image, embeds).
+"""
+
+import pytest
+import torch
+
+from lmeye_fast import InteractiveLayer, backends
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 and the 7B shape run on GPU only)"),
+]
+
+
+def bound(ref64, ref_low):
+    return 2 * (ref_low.double() - ref64).abs().max().item() + 2.0 ** -8 * (1.0 + ref64.abs().max().item())
+
+
+def run(layer, inputs, grad, inplace):
+    hidden, image, embeds, slot_pos, request_pos, mask = inputs
+    dtype = next(layer.parameters()).dtype
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, image, embeds)]
+    h, x, e = leaves
+    target = e * 1 if inplace else e
+    out = layer(h, x, target, slot_pos, request_pos=request_pos, image_mask=mask, inplace=inplace)
+    named = dict(layer.named_parameters())
+    got = torch.autograd.grad(out, list(named.values()) + leaves, grad.to(out.dtype))
+    return out, dict(zip(list(named) + ["hidden", "image", "embeds"], got))
+
+
+def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, heads, inplace, masked=True):
+    assert backends.status("triton")[0]
+    dev = "cuda"
+    layer64 = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev,
+                               dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer64.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev, dtype=dtype)
+    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", device=dev, dtype=dtype)
+    low.load_state_dict(layer64.state_dict())
+    tri.load_state_dict(layer64.state_dict())
+    length = seq + num_req
+    hidden = torch.randn(batch, seq, llm, device=dev)
+    request_pos = torch.randint(0, seq, (batch,), device=dev)
+    image = torch.randn(batch, tokens, vision, device=dev)
+    embeds = torch.randn(batch, length, llm, device=dev)
+    slot_pos = torch.stack([torch.randperm(length, device=dev)[:num_req] for _ in range(batch)])
+    mask = None
+    if masked:
+        mask = torch.rand(batch, tokens, device=dev) > 0.2
+        mask[0] = False
+    inputs = (hidden, image, embeds, slot_pos, request_pos, mask)
+    grad = torch.randn(batch, length, llm, device=dev)
+    out, got = run(tri, inputs, grad, inplace)
+    out64, ref64 = run(layer64, inputs, grad, False)
+    out_low, ref_low = run(low, inputs, grad, False)
+    err = (out.double() - out64).abs().max().item()
+    assert err <= bound(out64, out_low), f"output: error {err:.3e}"
+    for name, value in got.items():
+        err = (value.double() - ref64[name]).abs().max().item()
+        limit = bound(ref64[name], ref_low[name])
+        assert err <= limit, f"d {name}: error {err:.3e} > {limit:.3e}"
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("shape", [(3, 9, 200, 72, 37, 48, 5, 2, 3), (2, 5, 64, 64, 1, 64, 16, 1, 1),
+                                   (1, 4, 96, 40, 1024, 32, 1, 1, 2)], ids=str)
+def test_bf16_layer(shape, inplace):
+    check_layer(torch.bfloat16, *shape, inplace=inplace)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_7b_shape(dtype):
+    # LMEye-7B: B=32, T=512, D=4096, Dv=1024, N=257, Di=768, R=5, S=1, H=12
+    check_layer(dtype, 32, 512, 4096, 1024, 257, 768, 5, 1, 12, inplace=True)

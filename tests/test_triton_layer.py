@@ -1,0 +1,119 @@
+"""InteractiveLayer(backend="triton") against the reference layer with the same
+parameters: output, every parameter gradient, and the gradients of hidden,
+image and embeds. Tolerances as in test_triton_ops.py:
+  float32: <= 1e-4 * (1 + max |reference|)
+  float16: <= 2 * (error of the reference layer run in float16) + 2^-10 * (1 + max |reference|)
+both measured against the reference layer run in float64.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lmeye_fast import InteractiveLayer, backends  # noqa: E402
+
+ok, why = backends.status("triton")
+pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bound(ref64, ref_low, dtype):
+    scale = 1.0 + ref64.abs().max().item()
+    if dtype == torch.float32:
+        return 1e-4 * scale
+    return 2 * (ref_low.double() - ref64).abs().max().item() + 2.0 ** -10 * scale
+
+
+def run(layer, inputs, grad, inplace, noncontig):
+    hidden, image, embeds, slot_pos, request_pos, mask = inputs
+    dtype = next(layer.parameters()).dtype
+    leaves = [t.detach().to(dtype) for t in (hidden, image, embeds)]
+    if noncontig:
+        leaves = [t.transpose(0, -1).contiguous().transpose(0, -1) for t in leaves]
+    leaves = [t.requires_grad_() for t in leaves]
+    h, x, e = leaves
+    target = e * 1 if inplace else e  # an in-place write needs a non-leaf
+    out = layer(h, x, target, slot_pos, request_pos=request_pos, image_mask=mask, inplace=inplace)
+    if inplace:
+        assert out is target
+    named = dict(layer.named_parameters())
+    got = torch.autograd.grad(out, list(named.values()) + leaves, grad.to(out.dtype))
+    return out, dict(zip(list(named) + ["hidden", "image", "embeds"], got))
+
+
+CASES = [
+    # B, T, D, Dv, N, Di, R, S, H, masked, vectors
+    (2, 9, 40, 24, 5, 32, 3, 2, 2, True, False),
+    (3, 6, 37, 20, 7, 24, 1, 1, 3, False, True),
+    (1, 5, 19, 16, 4, 16, 16, 3, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}D{}Dv{}N{}Di{}R{}S{}H{}m{}v{}".format(*c))
+def test_layer_parity(dtype, inplace, case):
+    batch, seq, llm, vision, tokens, width, num_req, subs, heads, masked, vectors = case
+    layer64 = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference",
+                               device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        # Non-trivial transmission and slot embedding so every gradient path carries signal.
+        for p in layer64.parameters():
+            p.copy_(torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5)
+    low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=DEVICE, dtype=dtype)
+    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", device=DEVICE, dtype=dtype)
+    low.load_state_dict(layer64.state_dict())
+    tri.load_state_dict(layer64.state_dict())
+
+    length = seq + num_req + 2
+    hidden = torch.randn(batch, llm, device=DEVICE) if vectors else torch.randn(batch, seq, llm, device=DEVICE)
+    request_pos = None if vectors else torch.randint(0, seq, (batch,), device=DEVICE)
+    image = torch.randn(batch, tokens, vision, device=DEVICE)
+    embeds = torch.randn(batch, length, llm, device=DEVICE)
+    slot_pos = torch.stack([torch.randperm(length, device=DEVICE)[:num_req] for _ in range(batch)])
+    mask = None
+    if masked:
+        mask = torch.rand(batch, tokens, device=DEVICE) > 0.4
+        mask[0] = False
+    inputs = (hidden, image, embeds, slot_pos, request_pos, mask)
+    grad = torch.randn(batch, length, llm, device=DEVICE)
+
+    out, got = run(tri, inputs, grad, inplace, noncontig=True)
+    out64, ref64 = run(layer64, inputs, grad, False, noncontig=False)
+    out_low, ref_low = run(low, inputs, grad, False, noncontig=False)
+    assert out.dtype == dtype
+    err = (out.double() - out64).abs().max().item()
+    assert err <= bound(out64, out_low, dtype), f"output: error {err:.3e}"
+    for name, value in got.items():
+        assert value.dtype == ref_low[name].dtype, name
+        err = (value.double() - ref64[name]).abs().max().item()
+        limit = bound(ref64[name], ref_low[name], dtype)
+        assert err <= limit, f"d {name}: error {err:.3e} > {limit:.3e}"
+    assert got["hidden"].abs().sum() > 0 and got["request_proj.weight"].abs().sum() > 0
+
+
+def test_layer_long_image_sequence():
+    """N = 257 image tokens (many key tiles) with a mask, fp32."""
+    layer = InteractiveLayer(24, 16, 16, 2, 1, 2, backend="triton", device=DEVICE)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    ref = InteractiveLayer(24, 16, 16, 2, 1, 2, backend="reference", device=DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    hidden = torch.randn(2, 24, device=DEVICE)
+    image = torch.randn(2, 257, 16, device=DEVICE, requires_grad=True)
+    mask = torch.rand(2, 257, device=DEVICE) > 0.5
+    embeds = torch.randn(2, 6, 24, device=DEVICE)
+    slot_pos = torch.tensor([[1, 4], [5, 0]], device=DEVICE)
+    out = layer(hidden, image, embeds, slot_pos, image_mask=mask)
+    want = ref(hidden, image, embeds, slot_pos, image_mask=mask)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    (gi,) = torch.autograd.grad(out, image, g)
+    (wi,) = torch.autograd.grad(want, image, g)
+    torch.testing.assert_close(gi, wi, atol=1e-5, rtol=1e-4)

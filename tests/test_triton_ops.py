@@ -1,0 +1,266 @@
+"""Parity of the Triton ops with lmeye_fast.reference, forward and every gradient.
+
+Without a GPU the kernels run through the Triton interpreter (set below,
+before triton is imported), so shapes stay small and odd. Tolerances:
+  float32: |kernel - float64 reference| <= 1e-4 * (1 + max |reference|)
+  float16: |kernel - float64 reference| <= 2 * |reference run in float16 - float64 reference|
+           + 2^-10 * (1 + max |reference|)   (a floor for outputs the fp16 reference gets exact)
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lmeye_fast import backends, ops, reference  # noqa: E402
+
+ok, why = backends.status("triton")
+pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16)
+
+
+def leaf(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale).to(dtype).requires_grad_()
+
+
+def as64(tensors):
+    return [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def grads(out, inputs, grad):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return list(torch.autograd.grad(out, wanted, grad))
+
+
+def assert_close(name, got, ref64, ref_low, dtype):
+    """``got`` against the float64 reference; ``ref_low`` is the reference run in ``dtype``."""
+    assert got.dtype == ref_low.dtype, f"{name}: dtype {got.dtype}, expected {ref_low.dtype}"
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    scale = 1.0 + ref64.abs().max().item() if ref64.numel() else 1.0
+    err = (got.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    if dtype == torch.float32:
+        bound = 1e-4 * scale
+    else:
+        bound = 2 * (ref_low.double() - ref64).abs().max().item() + 2.0 ** -10 * scale
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+def compare(fn_kernel, fn_ref, inputs, dtype, names):
+    """Run kernel and reference (float64 and ``dtype``), compare outputs and all input gradients."""
+    low = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point()
+           else t for t in inputs]
+    out = fn_kernel(*inputs)
+    ref_low_out = fn_ref(*low)
+    ins64 = as64(inputs)
+    ref64_out = fn_ref(*ins64)
+    assert_close("output", out, ref64_out, ref_low_out, dtype)
+    grad = torch.randn_like(ref64_out).to(dtype)
+    g_kernel = grads(out, inputs, grad)
+    g_low = grads(ref_low_out, low, grad)
+    g64 = grads(ref64_out, ins64, grad.double())
+    labels = [n for n, t in zip(names, inputs) if t is not None and isinstance(t, torch.Tensor) and t.requires_grad]
+    for label, a, b, c in zip(labels, g_kernel, g64, g_low):
+        assert_close(f"d {label}", a, b, c, dtype)
+
+
+def noncontig(t):
+    """The same values through a transposed, strided view (a leaf whose grad lands on the base)."""
+    base = t.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(t.requires_grad)
+    assert not base.is_contiguous() or base.dim() < 2 or min(base.shape) == 1
+    return base
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_req,width,llm,pos_dtype", [(1, 16, 37, torch.int64), (5, 20, 37, torch.int32),
+                                                         (16, 8, 19, torch.int64)])
+def test_request(dtype, num_req, width, llm, pos_dtype):
+    from lmeye_fast.ops.request import request
+
+    batch, seq = 3, 7
+    hidden = leaf(batch, seq, llm, dtype=dtype)
+    pos = torch.randint(0, seq, (batch,), device=DEVICE, dtype=pos_dtype)
+    w = leaf(num_req * width, llm, dtype=dtype, scale=llm ** -0.5)
+    b = leaf(num_req * width, dtype=dtype)
+    compare(lambda h, q, w_, b_: request(h, q, w_, b_, num_req),
+            lambda h, q, w_, b_: reference.request(h, q, w_, b_, num_req),
+            [hidden, pos, w, b], dtype, ["hidden", "request_pos", "w_q", "b_q"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_request_vectors_noncontiguous_no_bias(dtype):
+    from lmeye_fast.ops.request import request
+
+    batch, llm, num_req, width = 3, 40, 3, 24
+    hidden = noncontig(leaf(batch, llm, dtype=dtype))
+    w = noncontig(leaf(num_req * width, llm, dtype=dtype, scale=llm ** -0.5))
+    assert not hidden.is_contiguous() and not w.is_contiguous()
+    compare(lambda h, w_: request(h, None, w_, None, num_req),
+            lambda h, w_: reference.request(h, None, w_, None, num_req),
+            [hidden, w], dtype, ["hidden", "w_q"])
+
+
+def test_request_hidden_grad_only_in_request_rows():
+    from lmeye_fast.ops.request import request
+
+    hidden = leaf(2, 6, 16, dtype=torch.float32)
+    pos = torch.tensor([4, 0], device=DEVICE)
+    w = leaf(32, 16, dtype=torch.float32)
+    request(hidden, pos, w, None, 2).sum().backward()
+    keep = torch.zeros(2, 6, dtype=torch.bool, device=DEVICE)
+    keep[0, 4] = keep[1, 0] = True
+    assert (hidden.grad[~keep] == 0).all() and (hidden.grad[keep] != 0).any()
+
+
+ATTEND_CASES = [
+    # batch, R, Di, N, Dv, S, H, mask
+    (2, 3, 24, 5, 20, 2, 2, True),
+    (1, 1, 16, 1, 16, 1, 1, False),
+    (2, 16, 32, 37, 12, 1, 4, True),
+    (1, 5, 48, 3, 33, 3, 3, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTEND_CASES, ids=lambda c: "B{}R{}Di{}N{}Dv{}S{}H{}m{}".format(*c))
+def test_attend_decomposed(dtype, case):
+    from lmeye_fast.ops.attend import attend_decomposed
+
+    batch, num_req, width, tokens, vision, subs, heads, masked = case
+    r = leaf(batch, num_req, width, dtype=dtype)
+    x = leaf(batch, tokens, vision, dtype=dtype)
+    w = leaf(subs * width, vision, dtype=dtype, scale=vision ** -0.5)
+    b = leaf(subs * width, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, tokens, device=DEVICE) > 0.4
+        mask[0] = False  # a row with every image token masked gets z = r
+        if batch > 1:
+            mask[1, 0] = True
+    compare(lambda *a: attend_decomposed(*a, heads, subs), lambda *a: ops.attend_decomposed(*a, heads, subs),
+            [r, x, mask, w, b], dtype, ["requests", "image", "image_mask", "w_f", "b_f"])
+
+
+def test_attend_all_masked_is_residual_and_noncontiguous():
+    from lmeye_fast.ops.attend import attend_decomposed
+
+    r = noncontig(leaf(2, 3, 16, dtype=torch.float32))
+    x = noncontig(leaf(2, 4, 18, dtype=torch.float32))
+    w = leaf(32, 18, dtype=torch.float32)
+    mask = torch.zeros(2, 4, dtype=torch.bool, device=DEVICE)
+    mask[1, 2] = True
+    z = attend_decomposed(r, x, mask, w, None, 2, 2)
+    assert torch.equal(z[0], r[0].detach())
+    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
+            [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
+
+
+def slots(batch, num_slots, length):
+    return torch.stack([torch.randperm(length, device=DEVICE)[:num_slots] for _ in range(batch)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,slot", [(True, True), (False, False)])
+def test_transmit(dtype, bias, slot):
+    from lmeye_fast.ops.transmit import transmit
+
+    batch, num_req, width, llm = 3, 5, 24, 45
+    z = noncontig(leaf(batch, num_req, width, dtype=dtype))
+    w = leaf(llm, width, dtype=dtype, scale=width ** -0.5)
+    b = leaf(llm, dtype=dtype) if bias else None
+    e = leaf(num_req, llm, dtype=dtype) if slot else None
+    compare(transmit, reference.transmit, [z, w, b, e], dtype, ["z", "w_o", "b_o", "slot_embed"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_transmit_interleave(dtype, inplace):
+    from lmeye_fast.ops.transmit import transmit_interleave
+
+    batch, num_req, width, llm, length = 3, 4, 20, 37, 11
+    z = leaf(batch, num_req, width, dtype=dtype)
+    w = leaf(llm, width, dtype=dtype, scale=width ** -0.5)
+    b = leaf(llm, dtype=dtype)
+    e = leaf(num_req, llm, dtype=dtype)
+    embeds = noncontig(leaf(batch, length, llm, dtype=dtype))
+    pos = slots(batch, num_req, length)
+    before = embeds.detach().clone()
+
+    def kernel(z_, w_, b_, e_, E):
+        target = E * 1 if inplace else E  # in place needs a non-leaf; the gradient reaches E through it
+        out = transmit_interleave(z_, w_, b_, e_, target, pos, inplace)
+        assert (out is target) == inplace
+        return out
+
+    def ref(z_, w_, b_, e_, E):
+        return ops.transmit_interleave(z_, w_, b_, e_, E, pos, False)
+
+    compare(kernel, ref, [z, w, b, e, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"])
+    assert torch.equal(embeds.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_interleave(dtype, inplace):
+    from lmeye_fast.ops.interleave import interleave
+
+    batch, num_slots, llm, length = 3, 7, 37, 9
+    embeds = leaf(batch, length, llm, dtype=dtype)
+    rows = noncontig(leaf(batch, num_slots, llm, dtype=dtype))
+    pos = slots(batch, num_slots, length).to(torch.int32)
+
+    def kernel(E, rows_):
+        target = E * 1 if inplace else E
+        out = interleave(target, rows_, pos, inplace)
+        assert (out is target) == inplace
+        return out
+
+    compare(kernel, lambda E, rows_: reference.interleave(E, rows_, pos), [embeds, rows], dtype, ["embeds", "rows"])
+
+
+def test_bad_slot_positions_never_write_outside():
+    from lmeye_fast.ops.interleave import interleave
+    from lmeye_fast.ops.transmit import transmit_interleave
+
+    batch, length, llm = 2, 5, 24
+    storage = torch.randn(batch * length * llm + 64, device=DEVICE)
+    embeds = storage[32:32 + batch * length * llm].view(batch, length, llm)
+    guard = storage.clone()
+    pos = torch.tensor([[length, 1], [-1, 4]], device=DEVICE)
+    rows = torch.randn(batch, 2, llm, device=DEVICE)
+    interleave(embeds, rows, pos, inplace=True)
+    z = torch.randn(batch, 2, 8, device=DEVICE)
+    transmit_interleave(z, torch.randn(llm, 8, device=DEVICE), None, None, embeds, pos, inplace=True)
+    changed = (storage != guard).nonzero().flatten() - 32
+    rows_hit = set((changed // llm).tolist())
+    assert rows_hit <= {0 * length + 1, 1 * length + 4}, rows_hit
+    assert torch.equal(storage[:32], guard[:32]) and torch.equal(storage[-32:], guard[-32:])
+
+
+def test_bad_inputs_name_the_argument():
+    from lmeye_fast.ops.attend import attend_decomposed
+    from lmeye_fast.ops.request import request
+    from lmeye_fast.ops.transmit import transmit_interleave
+
+    h = torch.randn(2, 4, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="w_q"):
+        request(h, torch.tensor([0, 1], device=DEVICE), torch.randn(8, 16, device=DEVICE, dtype=torch.float16), None, 2)
+    with pytest.raises(ValueError, match="request_pos"):
+        request(h, torch.tensor([0, 1, 2], device=DEVICE), torch.randn(8, 16, device=DEVICE), None, 2)
+    with pytest.raises(ValueError, match="w_f"):
+        attend_decomposed(torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE), None,
+                          torch.randn(16, 9, device=DEVICE), None, 2, 1)
+    with pytest.raises(ValueError, match="num_heads"):
+        attend_decomposed(torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE), None,
+                          torch.randn(16, 8, device=DEVICE), None, 3, 1)
+    with pytest.raises(ValueError, match="slot_pos"):
+        transmit_interleave(torch.randn(2, 3, 8, device=DEVICE), torch.randn(16, 8, device=DEVICE), None, None,
+                            torch.randn(2, 6, 16, device=DEVICE), torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        request(h.double(), torch.tensor([0, 1], device=DEVICE), torch.randn(8, 16, device=DEVICE,
+                dtype=torch.float64), None, 2)
