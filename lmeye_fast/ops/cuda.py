@@ -85,12 +85,16 @@ def _plan_slots_fake(input_ids, request_token_id, slot_token_id, num_slots):
 # differentiable.
 
 def _rows_grads(ctx, grad, slot_pos):
+    # Older torch releases size needs_input_grad by the arguments actually
+    # passed, so an omitted slot_embed leaves it one entry short.
+    needs = tuple(ctx.needs_input_grad) + (False,) * (4 - len(ctx.needs_input_grad))
     grad_rows = grad_slot = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+    if needs[1] or needs[3]:
         grad_rows = _ops.gather_rows(grad, slot_pos)
-        if ctx.needs_input_grad[3]:
+        if needs[3]:
             grad_slot = grad_rows.sum(0)
-    return (grad if ctx.needs_input_grad[0] else None), grad_rows, None, grad_slot
+    grads = ((grad if needs[0] else None), grad_rows, None, grad_slot)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 def _interleave_setup(ctx, inputs, output):
