@@ -1,0 +1,496 @@
+"""Timing machinery of the benchmark suites.
+
+Two figures per case, because users feel both and launch cost dominates eager
+PyTorch on these GPUs:
+
+- **GPU time**: the case is captured once as a CUDA graph and replayed; each
+  replay is timed with a pair of CUDA events (median, p20, p80). The replays
+  are queued behind a GPU sleep so that host launch cost cannot open gaps
+  between them, and L2 is flushed (by reading a buffer twice its size) before
+  each replay, as the LLM layers around the IPN would. A case that cannot be
+  captured (a host sync inside) is timed with events around each eager call
+  instead, and says so in ``timing``.
+- **wall time per eager call**: pytest-benchmark's own measurement
+  (``benchmark.pedantic``): a round queues ``iterations`` calls and
+  synchronizes once at its end, inside the timed region, so a call costs its
+  launches or its GPU time, whichever is longer.
+
+On the CPU there is only the wall time. The physical floor of a case is
+``max(bytes / copy bandwidth, flops / matmul peak)``, both ceilings measured
+in the same run (``measure_ceilings``).
+
+Summary rows
+------------
+Any benchmark gets a row in the end-of-run summary (benchmarks/conftest.py)
+by putting these keys into ``benchmark.extra_info`` (``record`` does it):
+
+====================  ======================================================
+suite, case           required: e.g. ``"ipn"``, ``"forward"``
+provider              required: e.g. ``"reference-eager"``, ``"triton"``
+baseline              ``"eager"`` or ``"compile"`` marks the row that the
+                      other providers of the same suite/case/shape are
+                      compared against (``x_eager``, ``x_compile``)
+shape, config, batch  the shape label, the label without the batch size,
+                      and B (the plot's x-axis sweeps B within a config)
+dtype, device         e.g. ``"bf16"``, ``"NVIDIA H100 80GB HBM3"``
+gpu_median_us,        GPU time per call (graph replay); absent on the CPU
+gpu_p20_us,
+gpu_p80_us
+wall_us               wall time per eager call; when absent, the
+                      pytest-benchmark median is taken
+bytes, flops          the case's cost model; ``record`` (or else the
+                      summary) derives median_us, floor_us, pct_of_floor,
+                      tbps and tflops from them and the measured ceilings
+peak_mem_mb           peak memory one eager call allocates beyond its inputs
+timing                how the GPU time was taken
+throughput,           an extra figure such as generated tokens per second
+throughput_unit
+resolved, note        the backend(s) actually run; anything else to keep
+====================  ======================================================
+
+The summary's ``median_us`` is the GPU time where there is one, else the
+wall time; ``pct_of_floor`` is ``100 * floor_us / median_us`` (100 = at the
+floor). Test modules import this file as ``harness`` (benchmarks/conftest.py
+puts benchmarks/ on ``sys.path``); ``run_case`` times a case and records it,
+``record`` only records figures measured some other way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import math
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+PROVIDERS = ("reference-eager", "reference-compile", "triton", "cuda", "auto")
+BASELINE_OF = {"reference-eager": "eager", "reference-compile": "compile"}
+
+GPU_REPLAYS = 100
+GPU_ROUND_S, GPU_ROUNDS = 0.01, 7
+CPU_ROUND_S, CPU_ROUNDS = 0.02, 5
+GPU_MAX_ITERATIONS, CPU_MAX_ITERATIONS = 200, 50
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def percentile(data: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    ordered = sorted(data)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+# ---- ceilings -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ceilings:
+    """Copy bandwidth and matmul peak of this device, measured in this run (matmul per dtype, on demand)."""
+
+    device: torch.device
+    copy_bytes_per_s: float
+    matmul_flops_per_s: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def matmul(self, dtype: torch.dtype) -> float:
+        key = str(dtype).replace("torch.", "")
+        if key not in self.matmul_flops_per_s:
+            self.matmul_flops_per_s[key] = _measure_matmul(self.device, dtype)
+        return self.matmul_flops_per_s[key]
+
+    def floor_s(self, n_bytes: float, flops: float, dtype: torch.dtype) -> float:
+        return max(n_bytes / self.copy_bytes_per_s, flops / self.matmul(dtype) if flops else 0.0)
+
+    def as_dict(self) -> dict:
+        return {"device": device_name(self.device), "copy_TBps": self.copy_bytes_per_s / 1e12,
+                "matmul_TFLOPs": {k: v / 1e12 for k, v in self.matmul_flops_per_s.items()}}
+
+
+def _best_seconds(fn: Callable[[], None], dev: torch.device, reps: int) -> float:
+    """Shortest time of one call of ``fn`` over ``reps`` tries (a ceiling is the best the device does)."""
+    fn()
+    sync(dev)
+    best = float("inf")
+    for _ in range(reps):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _measure_copy(dev: torch.device) -> float:
+    n = (1 << 30) if dev.type == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), dev, reps=10)
+    return 2 * n / seconds  # read once, written once
+
+
+def _measure_matmul(dev: torch.device, dtype: torch.dtype) -> float:
+    if dev.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32  # the reference accumulates in float32 there anyway
+    n = 8192 if dev.type == "cuda" else 1024
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    seconds = _best_seconds(lambda: torch.mm(a, b), dev, reps=10 if dev.type == "cuda" else 3)
+    return 2 * n ** 3 / seconds
+
+
+def measure_ceilings(dev: torch.device, dtypes: Iterable[torch.dtype] = ()) -> Ceilings:
+    ceilings = Ceilings(dev, _measure_copy(dev))
+    for dtype in dtypes:
+        ceilings.matmul(dtype)
+    release(dev)
+    return ceilings
+
+
+# ---- providers ------------------------------------------------------------------------------
+
+
+def provider_status(provider: str, dev: torch.device, op: Optional[str] = None) -> Tuple[bool, str]:
+    """Whether ``provider`` can run here (for ``op``, when the dispatch table is consulted), and why not."""
+    from lmeye_fast import backends, ops
+
+    if provider in ("reference-eager", "auto"):
+        return True, ""
+    if provider == "reference-compile":
+        return True, ""
+    if provider not in ("triton", "cuda"):
+        raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+    if dev.type != "cuda":
+        why = " (the Triton CPU interpreter is for tests, not timing)" if provider == "triton" else ""
+        return False, f"{provider} needs a CUDA device{why}"
+    ok, reason = backends.status(provider)
+    if not ok:
+        return False, f"{provider} backend unavailable: {reason}"
+    if op is not None and provider not in ops.TABLE[op]:
+        return False, f"no {provider} kernel for {op} (the dispatch would run the reference)"
+    return True, ""
+
+
+def require(provider: str, dev: torch.device, op: Optional[str] = None) -> None:
+    ok, reason = provider_status(provider, dev, op)
+    if not ok:
+        pytest.skip(reason)
+
+
+def require_compile(shape, case: str) -> None:
+    if not shape.compiles(case):
+        pytest.skip("torch.compile runs only on the shapes the set names for it "
+                    "(a compilation per case; see compile_cases in benchmarks/shapes.py)")
+
+
+def compile_fn(fn: Callable) -> Callable:
+    """``torch.compile`` (mode="default"); it compiles at the first call, in ``warm_up``,
+    where a failure skips the case with its reason."""
+    # Compiled code is cached per code object: without a reset, the cases of earlier shapes
+    # would count towards dynamo's recompile limit and the later ones silently run eager.
+    torch._dynamo.reset()
+    return torch.compile(fn, mode="default")
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def release(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_flush_buffer(index: int) -> torch.Tensor:
+    size = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or (64 << 20)
+    return torch.zeros(2 * size // 4, dtype=torch.float32, device=torch.device("cuda", index))
+
+
+def _queue_ahead(replays: int) -> None:
+    """Hold the GPU while the host queues ``replays`` timed replays, so launch cost leaves no gaps."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None:
+        # 100 us per replay at up to 2 GHz: several times the host's work to queue one.
+        sleep(int(replays * 100e-6 * 2e9))
+
+
+def _capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def gpu_time(fn: Callable[[], object], replays: int = GPU_REPLAYS, capture: bool = True,
+             flush_l2: bool = True) -> dict:
+    """GPU time per call in microseconds (median, p20, p80) and how it was taken."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sync(dev)
+    graph, method = None, "CUDA graph replay, CUDA events per replay"
+    if capture:
+        try:
+            graph = _capture(fn)
+        except Exception as exc:  # a host sync or an uncapturable op inside the case
+            sync(dev)
+            method = f"CUDA events per eager call (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
+    else:
+        method = "CUDA events per eager call (not capturable: host sync inside)"
+    run = graph.replay if graph is not None else fn
+    flush = _l2_flush_buffer(dev.index) if flush_l2 else None
+    if flush is not None:
+        method += ", L2 flushed before each"
+    run()
+    sync(dev)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    _queue_ahead(replays)
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.sum()
+        start.record()
+        run()
+        end.record()
+    sync(dev)
+    times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    del graph
+    return {"gpu_median_us": percentile(times, 50), "gpu_p20_us": percentile(times, 20),
+            "gpu_p80_us": percentile(times, 80), "timing": method}
+
+
+def peak_memory_mb(fn: Callable[[], object], dev: torch.device) -> Optional[float]:
+    """Memory one call allocates beyond what was allocated before it (its temporaries and outputs)."""
+    if dev.type != "cuda":
+        return None
+    sync(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = fn()
+    sync(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    del out
+    return peak / 2 ** 20
+
+
+def wall_time(benchmark, fn: Callable[[], object], dev: torch.device) -> Optional[float]:
+    """Wall time per eager call (us), measured by pytest-benchmark; None when benchmarking is disabled."""
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    sync(dev)
+    per_call = max((time.perf_counter() - t0) / 3, 1e-7)
+    if dev.type == "cuda":
+        round_s, rounds, most = GPU_ROUND_S, GPU_ROUNDS, GPU_MAX_ITERATIONS
+    else:
+        round_s, rounds, most = CPU_ROUND_S, CPU_ROUNDS, CPU_MAX_ITERATIONS
+    iterations = max(1, min(most, int(round_s / per_call)))
+    calls = [0]
+
+    def target():
+        # The sync closes each round of `iterations` queued calls, inside the timed region.
+        fn()
+        calls[0] += 1
+        if calls[0] % iterations == 0:
+            sync(dev)
+
+    benchmark.pedantic(target, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    sync(dev)
+    if benchmark.disabled or benchmark.stats is None:
+        return None
+    return benchmark.stats.stats.median * 1e6
+
+
+def warm_up(fn: Callable[[], object], provider: str, dev: torch.device) -> None:
+    """Two calls (compilation, autotuning, lazy init); a torch.compile failure skips the case with its reason."""
+    try:
+        fn()
+        fn()
+        sync(dev)
+    except Exception as exc:
+        if provider == "reference-compile":
+            pytest.skip(f"torch.compile failed here: {type(exc).__name__}: {str(exc)[:200]}")
+        raise
+
+
+def run_case(benchmark, ceilings: Ceilings, fn: Callable[[], object], *, suite: str, case: str, provider: str,
+             shape, n_bytes: int, flops: int, capture: bool = True, **keys) -> None:
+    """Warm up, then time ``fn`` both ways, and record the case (``record``).
+
+    ``shape`` needs ``label``, ``config``, ``B`` and ``dtype`` (a ``shapes.Shape`` has them);
+    ``capture=False`` for a case with a host sync inside; ``keys`` go to extra_info as they are.
+    """
+    dev = ceilings.device
+    warm_up(fn, provider, dev)
+    peak = peak_memory_mb(fn, dev)
+    gpu = gpu_time(fn, capture=capture) if dev.type == "cuda" and not benchmark.disabled else {}
+    wall = wall_time(benchmark, fn, dev)
+    record(benchmark, suite=suite, case=case, provider=provider, shape=shape.label, config=shape.config,
+           batch=shape.B, dtype=_dtype_name(shape.dtype), device=device_name(dev), n_bytes=n_bytes, flops=flops,
+           ceilings=ceilings, wall_us=wall, peak_mem_mb=peak, **gpu, **keys)
+    release(dev)
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]
+
+
+def record(benchmark, *, suite: str, case: str, provider: str, n_bytes: Optional[int] = None,
+           flops: Optional[int] = None, ceilings: Optional[Ceilings] = None, dtype: Optional[str] = None,
+           **keys) -> None:
+    """Put the standard keys (module docstring) into ``benchmark.extra_info``, with the floor,
+    % of floor, TB/s and TFLOP/s derived from the costs and the ceilings when they are known."""
+    info = {"suite": suite, "case": case, "provider": provider, "dtype": dtype,
+            "baseline": BASELINE_OF.get(provider)}
+    info.update({k: v for k, v in keys.items() if v is not None})
+    if n_bytes is not None:
+        info["bytes"] = int(n_bytes)
+    if flops is not None:
+        info["flops"] = int(flops)
+    derive(info, ceilings)
+    benchmark.extra_info.update({k: v for k, v in info.items() if v is not None})
+
+
+def _torch_dtype(name: Optional[str]) -> torch.dtype:
+    by_name = {v: k for k, v in DTYPE_NAMES.items()}
+    return by_name.get(name or "", torch.float32)
+
+
+def derive(info: dict, ceilings: Optional[Ceilings]) -> None:
+    """Fill ``median_us`` (GPU time, else wall time), ``floor_us``, ``pct_of_floor``, ``tbps``, ``tflops``."""
+    median = info.get("gpu_median_us", info.get("wall_us"))
+    if median is None:
+        return
+    info["median_us"] = median
+    if info.get("floor_us") is None and ceilings is not None and info.get("bytes") is not None:
+        dtype = _torch_dtype(info.get("dtype"))
+        info["floor_us"] = ceilings.floor_s(info["bytes"], info.get("flops") or 0, dtype) * 1e6
+    if info.get("floor_us") is not None:
+        info["pct_of_floor"] = 100.0 * info["floor_us"] / median
+    if info.get("bytes") is not None:
+        info["tbps"] = info["bytes"] / (median * 1e-6) / 1e12
+    if info.get("flops"):
+        info["tflops"] = info["flops"] / (median * 1e-6) / 1e12
+
+
+# ---- summary --------------------------------------------------------------------------------
+
+
+def summary_row(info: dict, stats_median_s: Optional[float], ceilings: Optional[Ceilings]) -> Optional[dict]:
+    """One summary row from a benchmark's extra_info, or None when it lacks the required keys."""
+    if not all(info.get(k) for k in ("suite", "case", "provider")):
+        return None
+    row = dict(info)
+    if row.get("wall_us") is None and stats_median_s is not None:
+        row["wall_us"] = stats_median_s * 1e6
+    derive(row, ceilings)
+    return row if "median_us" in row else None
+
+
+def add_speedups(rows: List[dict]) -> List[dict]:
+    """``x_eager`` / ``x_compile`` (and their wall-time twins) against the baseline rows of each group."""
+    def key(row):
+        return row["suite"], row["case"], row.get("shape")
+
+    base = {}
+    for row in rows:
+        if row.get("baseline") in ("eager", "compile"):
+            base[key(row) + (row["baseline"],)] = row
+    for row in rows:
+        for kind in ("eager", "compile"):
+            ref = base.get(key(row) + (kind,))
+            if ref is None:
+                continue
+            row[f"x_{kind}"] = ref["median_us"] / row["median_us"]
+            if ref.get("wall_us") and row.get("wall_us"):
+                row[f"x_{kind}_wall"] = ref["wall_us"] / row["wall_us"]
+    return rows
+
+
+COLUMNS = (
+    ("suite/case", lambda r: f"{r['suite']}/{r['case']}"),
+    ("shape", lambda r: r.get("shape", "")),
+    ("provider", lambda r: r["provider"]),
+    ("median us", lambda r: _num(r.get("median_us"))),
+    ("p20-p80 us", lambda r: f"{_num(r['gpu_p20_us'])}-{_num(r['gpu_p80_us'])}" if "gpu_p20_us" in r else ""),
+    ("wall us", lambda r: _num(r.get("wall_us"))),
+    ("x eager", lambda r: _num(r.get("x_eager"))),
+    ("x compile", lambda r: _num(r.get("x_compile"))),
+    ("x eager wall", lambda r: _num(r.get("x_eager_wall"))),
+    ("% floor", lambda r: _num(r.get("pct_of_floor"))),
+    ("TB/s", lambda r: _num(r.get("tbps"))),
+    ("TFLOP/s", lambda r: _num(r.get("tflops"))),
+    ("peak MB", lambda r: _num(r.get("peak_mem_mb"))),
+    ("other", lambda r: f"{_num(r['throughput'])} {r.get('throughput_unit', '')}" if "throughput" in r else ""),
+)
+
+
+def _num(value) -> str:
+    """Three significant figures, without exponents for the usual magnitudes."""
+    if value is None:
+        return ""
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 1:
+        return f"{value:.3g}"
+    return f"{value:.2g}" if magnitude >= 1e-3 else f"{value:.1e}"
+
+
+def format_table(rows: List[dict], meta: Optional[dict] = None) -> str:
+    """The summary as a plain-text table, one row per shape x provider."""
+    cells = [[name for name, _ in COLUMNS]] + [[get(r) for _, get in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = []
+    if meta:
+        lines.append(" | ".join(f"{k}: {v}" for k, v in meta.items() if k != "ceilings"))
+        if meta.get("ceilings"):
+            c = meta["ceilings"]
+            peaks = ", ".join(f"{k} {_num(v)}" for k, v in c.get("matmul_TFLOPs", {}).items())
+            lines.append(f"ceilings measured in this run: copy {_num(c['copy_TBps'])} TB/s; matmul TFLOP/s: {peaks}")
+    for i, row in enumerate(cells):
+        # Labels left-aligned, numbers right-aligned.
+        lines.append("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w)
+                               for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """A sanity check that a provider computes the benchmarked thing (tests/ hold the real parity tests)."""
+    tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(out.dtype, 5e-3)  # float32: room for TF32 dots
+    err = (out.float() - ref.float()).abs().max()
+    scale = ref.float().abs().max().clamp_min(1e-6)
+    assert bool(err <= tol * scale), (f"{what}: max |out - reference| = {float(err):.3g} "
+                                      f"exceeds {tol} x max |reference| = {tol * float(scale):.3g}")
