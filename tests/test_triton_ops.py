@@ -126,9 +126,27 @@ ATTEND_CASES = [
 ]
 
 
+# Kernel variants (launch configs of attend_fwd / attend_bwd): F materialised or
+# formed on chip (SPLIT), and 1, 2 or 4 heads per program (HEADS).
+ATTEND_VARIANTS = {"split-h1": (1, 1), "fused-h2": (0, 2), "split-h4": (1, 4)}
+
+
+@pytest.fixture(params=list(ATTEND_VARIANTS))
+def attend_variant(request):
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    split, heads = ATTEND_VARIANTS[request.param]
+    saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
+    for name, cfg in saved.items():
+        set_config(name, {**cfg, "SPLIT": split, "HEADS": heads})
+    yield request.param
+    for name, cfg in saved.items():
+        set_config(name, cfg)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTEND_CASES, ids=lambda c: "B{}R{}Di{}N{}Dv{}S{}H{}m{}".format(*c))
-def test_attend_decomposed(dtype, case):
+def test_attend_decomposed(dtype, case, attend_variant):
     from lmeye_fast.ops.attend import attend_decomposed
 
     batch, num_req, width, tokens, vision, subs, heads, masked = case
@@ -146,7 +164,7 @@ def test_attend_decomposed(dtype, case):
             [r, x, mask, w, b], dtype, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
-def test_attend_all_masked_is_residual_and_noncontiguous():
+def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
     from lmeye_fast.ops.attend import attend_decomposed
 
     r = noncontig(leaf(2, 3, 16, dtype=torch.float32))

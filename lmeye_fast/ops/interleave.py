@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .triton_launch import check_device, interpret, op, pow2
+from .triton_launch import cdiv, check_device, compiling, interpret, launcher, needs_grad, op, pow2
 
 
 @triton.jit
@@ -47,7 +46,7 @@ def _launch(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, ga
     if batch * num_slots == 0 or width == 0:
         return
     block = pow2(width, 16, 256 if interpret() else 1024)
-    wrap_triton(_slots_kernel)[(batch * num_slots, triton.cdiv(width, block))](
+    launcher(_slots_kernel)[(batch * num_slots, cdiv(width, block))](
         embeds, rows, slot_pos, num_slots, embeds.shape[1], width,
         embeds.stride(0), embeds.stride(1), embeds.stride(2), rows.stride(0), rows.stride(1), rows.stride(2),
         slot_pos.stride(0), slot_pos.stride(1),
@@ -94,15 +93,21 @@ class InterleaveFunction(torch.autograd.Function):
         ctx.save_for_backward(slot_pos)
         ctx.rows_dtype = rows.dtype
         if inplace:
-            torch.ops.lmeye_fast.interleave_triton_(embeds, rows, slot_pos)
+            if compiling():
+                torch.ops.lmeye_fast.interleave_triton_(embeds, rows, slot_pos)
+            else:
+                interleave_inplace(embeds, rows, slot_pos)
             ctx.mark_dirty(embeds)
             return embeds
-        return torch.ops.lmeye_fast.interleave_triton(embeds, rows, slot_pos)
+        if compiling():
+            return torch.ops.lmeye_fast.interleave_triton(embeds, rows, slot_pos)
+        return interleave_out(embeds, rows, slot_pos)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_pos,) = ctx.saved_tensors
-        d_rows = torch.ops.lmeye_fast.gather_slots_triton(grad, slot_pos).to(ctx.rows_dtype)
+        gather = torch.ops.lmeye_fast.gather_slots_triton if compiling() else gather_slots
+        d_rows = gather(grad, slot_pos).to(ctx.rows_dtype)
         return grad, d_rows, None, None
 
 
@@ -126,4 +131,9 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
         raise ValueError(f"rows: expected a floating tensor of shape (B, R, D), got {rows.dtype} {tuple(rows.shape)}")
     check_slots(embeds, rows.shape, slot_pos)
     check_device("rows", rows, embeds.device)
-    return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))
+    if compiling() or needs_grad(embeds, rows):
+        return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))
+    if inplace:
+        interleave_inplace(embeds, rows, slot_pos)
+        return embeds
+    return interleave_out(embeds, rows, slot_pos)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from .triton_launch import Rows, check_device, check_dtype, gemm, op, rows2d
+from .triton_launch import Rows, check_device, check_dtype, compiling, gemm, needs_grad, op, rows2d
 
 
 def _hidden_rows(hidden: torch.Tensor, request_pos: Optional[torch.Tensor]) -> Rows:
@@ -36,7 +36,7 @@ def request_fwd(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: 
     batch, width = hidden.shape[0], hidden.shape[-1]
     out = torch.empty((batch, w_q.shape[0]), device=hidden.device, dtype=hidden.dtype)
     gemm(_hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), rows2d(out),
-         batch, w_q.shape[0], width, bias=b_q)
+         batch, w_q.shape[0], width, bias=b_q, config="request_fwd")
     return out
 
 
@@ -60,12 +60,15 @@ class RequestFunction(torch.autograd.Function):
     def forward(ctx, hidden, request_pos, w_q, b_q):
         ctx.save_for_backward(hidden, request_pos, w_q)
         ctx.has_bias = b_q is not None
-        return torch.ops.lmeye_fast.request_fwd_triton(hidden, request_pos, w_q, b_q)
+        if compiling():
+            return torch.ops.lmeye_fast.request_fwd_triton(hidden, request_pos, w_q, b_q)
+        return request_fwd(hidden, request_pos, w_q, b_q)
 
     @staticmethod
     def backward(ctx, grad):
         hidden, request_pos, w_q = ctx.saved_tensors
-        d_hidden, d_w, d_b = torch.ops.lmeye_fast.request_bwd_triton(grad, hidden, request_pos, w_q)
+        bwd = torch.ops.lmeye_fast.request_bwd_triton if compiling() else request_bwd
+        d_hidden, d_w, d_b = bwd(grad, hidden, request_pos, w_q)
         return d_hidden, None, d_w, (d_b if ctx.has_bias else None)
 
 
@@ -94,5 +97,8 @@ def request(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torc
             raise ValueError(f"b_q: expected shape ({w_q.shape[0]},), got {tuple(b_q.shape)}")
         check_dtype("b_q", b_q, dtype)
         check_device("b_q", b_q, device)
-    out = RequestFunction.apply(hidden, request_pos, w_q, b_q)
+    if compiling() or needs_grad(hidden, w_q, b_q):
+        out = RequestFunction.apply(hidden, request_pos, w_q, b_q)
+    else:
+        out = request_fwd(hidden, request_pos, w_q, b_q)
     return out.view(hidden.shape[0], num_requests, w_q.shape[0] // num_requests)

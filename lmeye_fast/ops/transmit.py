@@ -9,7 +9,9 @@ one copy of E is the result). Slot positions outside ``[0, T')`` are skipped.
 
 Backward: ``dE`` passes through; ``dt`` is gathered from the slot rows; then
 ``dz = dt W_o`` and ``dW_o = dtᵀ z`` with ``db_o`` as its fp32 column sums, and
-``d e_slot = Σ_b dt``.
+``d e_slot = Σ_b dt``. On a GPU the two dense GEMMs are ``torch.mm`` (cuBLAS,
+fp32 accumulation; fp32 inputs stay exact IEEE fp32 unless the caller enabled
+TF32); under the interpreter they run through the Triton GEMM.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .interleave import check_slots
-from .triton_launch import Rows, check_device, check_dtype, gemm, op, rows2d, rows3d
+from .interleave import check_slots, gather_slots
+from .triton_launch import (Rows, check_device, check_dtype, compiling, gemm, interpret, needs_grad, op, rows2d,
+                            rows3d)
 
 
 def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
@@ -30,7 +33,7 @@ def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
 def _project(z, w_o, b_o, slot_embed, target: Rows, accumulate: bool) -> None:
     batch, num_req, width = z.shape
     gemm(rows3d(z), rows2d(w_o, transpose=True), target, batch * num_req, w_o.shape[0], width,
-         bias=b_o, rowbias=slot_embed, accumulate=accumulate)
+         bias=b_o, rowbias=slot_embed, accumulate=accumulate, config="transmit_fwd")
 
 
 def _fwd_fake(z, w_o, b_o, slot_embed):
@@ -81,6 +84,13 @@ def transmit_bwd(grad: torch.Tensor, z: torch.Tensor,
     llm = w_o.shape[0]
     if grad.dtype != z.dtype:
         grad = grad.to(z.dtype)
+    if not interpret():
+        rows = grad.reshape(batch * num_req, llm)
+        d_z = torch.mm(rows, w_o).view(z.shape)
+        d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
+        d_b = rows.sum(0, dtype=torch.float32).to(w_o.dtype)
+        d_slot = grad.sum(0, dtype=torch.float32).to(w_o.dtype)
+        return d_z, d_w, d_b, d_slot
     d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
     gemm(rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
     # dW_o = dtᵀ z needs the B·R rows of dt as one stride.
@@ -99,12 +109,15 @@ class TransmitFunction(torch.autograd.Function):
     def forward(ctx, z, w_o, b_o, slot_embed):
         ctx.save_for_backward(z, w_o)
         ctx.has_bias, ctx.has_slot = b_o is not None, slot_embed is not None
-        return torch.ops.lmeye_fast.transmit_fwd_triton(z, w_o, b_o, slot_embed)
+        if compiling():
+            return torch.ops.lmeye_fast.transmit_fwd_triton(z, w_o, b_o, slot_embed)
+        return transmit_fwd(z, w_o, b_o, slot_embed)
 
     @staticmethod
     def backward(ctx, grad):
         z, w_o = ctx.saved_tensors
-        d_z, d_w, d_b, d_slot = torch.ops.lmeye_fast.transmit_bwd_triton(grad, z, w_o)
+        bwd = torch.ops.lmeye_fast.transmit_bwd_triton if compiling() else transmit_bwd
+        d_z, d_w, d_b, d_slot = bwd(grad, z, w_o)
         return d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None)
 
 
@@ -114,16 +127,24 @@ class TransmitInterleaveFunction(torch.autograd.Function):
         ctx.save_for_backward(z, w_o, slot_pos)
         ctx.has_bias, ctx.has_slot = b_o is not None, slot_embed is not None
         if inplace:
-            torch.ops.lmeye_fast.transmit_interleave_triton_(z, w_o, b_o, slot_embed, embeds, slot_pos)
+            if compiling():
+                torch.ops.lmeye_fast.transmit_interleave_triton_(z, w_o, b_o, slot_embed, embeds, slot_pos)
+            else:
+                transmit_interleave_inplace(z, w_o, b_o, slot_embed, embeds, slot_pos)
             ctx.mark_dirty(embeds)
             return embeds
-        return torch.ops.lmeye_fast.transmit_interleave_triton(z, w_o, b_o, slot_embed, embeds, slot_pos)
+        if compiling():
+            return torch.ops.lmeye_fast.transmit_interleave_triton(z, w_o, b_o, slot_embed, embeds, slot_pos)
+        return transmit_interleave_out(z, w_o, b_o, slot_embed, embeds, slot_pos)
 
     @staticmethod
     def backward(ctx, grad):
         z, w_o, slot_pos = ctx.saved_tensors
-        d_t = torch.ops.lmeye_fast.gather_slots_triton(grad, slot_pos)
-        d_z, d_w, d_b, d_slot = torch.ops.lmeye_fast.transmit_bwd_triton(d_t, z, w_o)
+        if compiling():
+            d_t = torch.ops.lmeye_fast.gather_slots_triton(grad, slot_pos)
+            d_z, d_w, d_b, d_slot = torch.ops.lmeye_fast.transmit_bwd_triton(d_t, z, w_o)
+        else:
+            d_z, d_w, d_b, d_slot = transmit_bwd(gather_slots(grad, slot_pos), z, w_o)
         return (d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None), grad, None, None)
 
 
@@ -153,7 +174,9 @@ def transmit(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
              slot_embed: Optional[torch.Tensor]) -> torch.Tensor:
     """``t = z W_oᵀ + b_o + e_slot`` -> (B, R, D); see ``reference.transmit``."""
     _check(z, w_o, b_o, slot_embed)
-    return TransmitFunction.apply(z, w_o, b_o, slot_embed)
+    if compiling() or needs_grad(z, w_o, b_o, slot_embed):
+        return TransmitFunction.apply(z, w_o, b_o, slot_embed)
+    return transmit_fwd(z, w_o, b_o, slot_embed)
 
 
 def transmit_interleave(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
@@ -167,4 +190,9 @@ def transmit_interleave(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.
     _check(z, w_o, b_o, slot_embed)
     check_slots(embeds, (z.shape[0], z.shape[1], w_o.shape[0]), slot_pos)
     check_device("embeds", embeds, z.device)
-    return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, bool(inplace))
+    if compiling() or needs_grad(z, w_o, b_o, slot_embed, embeds):
+        return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, bool(inplace))
+    if inplace:
+        transmit_interleave_inplace(z, w_o, b_o, slot_embed, embeds, slot_pos)
+        return embeds
+    return transmit_interleave_out(z, w_o, b_o, slot_embed, embeds, slot_pos)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,14 +29,21 @@ from torch.library import custom_op, triton_op, wrap_triton
 FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def interpret() -> bool:
-    """True when kernels run on the CPU through the Triton interpreter."""
+    """True when kernels run on the CPU through the Triton interpreter (read
+    once: the variable only matters before triton is first imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a constexpr function in newer tritons, several µs per host call.
+    return -(-a // b)
 
 
 def pow2(n: int, low: int = 16, high: Optional[int] = None) -> int:
     """The next power of two >= n, at least ``low`` (tl.dot needs 16), at most ``high``."""
-    size = max(low, triton.next_power_of_2(max(int(n), 1)))
+    size = max(low, 1 << (max(int(n), 1) - 1).bit_length())
     return size if high is None else min(size, high)
 
 
@@ -62,22 +70,64 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must record this call: grad mode on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def op(name: str, fake, mutates_args=()):
-    """Register ``fn`` as ``torch.ops.lmeye_fast.<name>`` with the fake (shape-only) impl ``fake``.
+    """Register ``fn`` as ``torch.ops.lmeye_fast.<name>`` with the fake (shape-only) impl ``fake``,
+    and hand ``fn`` itself back for eager calls.
 
     On a GPU it is a ``triton_op``, so torch.compile sees and can fuse the
     kernels. The interpreter's kernels cannot be traced (``wrap_triton`` hands
     them back unwrapped and they would run on fake tensors), so there the op is
     an opaque ``custom_op`` that compiled graphs call as a unit.
+
+    Eager code calls the returned function (see ``compiling``): a trip through
+    the dispatcher, the custom-op autograd wrapper and the triton_op backend
+    costs about 150 µs of CPU per call, several times the kernels' GPU time.
+    It launches the kernels unwrapped (``launcher``).
     """
 
     def register(fn):
         make = custom_op if interpret() else triton_op
         definition = make(f"lmeye_fast::{name}", fn, mutates_args=mutates_args)
         definition.register_fake(fake)
-        return definition
+
+        @functools.wraps(fn)
+        def direct(*args, **kwargs):
+            outer = getattr(_launch_state, "direct", False)
+            _launch_state.direct = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _launch_state.direct = outer
+
+        return direct
 
     return register
+
+
+def compiling() -> bool:
+    """True while torch.compile traces: the autograd Functions then call the
+    registered ``torch.ops.lmeye_fast`` ops (which the compiler understands)
+    instead of the Python implementations."""
+    return torch.compiler.is_compiling()
+
+
+_launch_state = threading.local()
+
+
+def launcher(kernel):
+    """``kernel`` itself in a direct eager call; otherwise ``wrap_triton(kernel)``,
+    which a traced registered op records in the graph and a running one
+    hands back unwrapped."""
+    if getattr(_launch_state, "direct", False):
+        return kernel
+    return wrap_triton(kernel)
 
 
 class Rows(NamedTuple):
@@ -176,23 +226,70 @@ def _gemm_kernel(
         tl.store(colsum_ptr + rm, rsum.to(colsum_ptr.dtype.element_ty), mask=m_ok & (pid_n == 0))
 
 
+# Launch configurations (block sizes, warps, software-pipeline depth) of the
+# kernels whose best choice depends on the GPU, as measured at the LMEye-7B
+# shape on an H100/H200 (`.gpu/sweep.py` times the candidates and prints this
+# dict). Block sizes shrink by themselves for smaller problems.
+CONFIGS = {
+    "request_fwd": {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
+    "transmit_fwd": {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+    "attend_fwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+    "attend_bwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+}
+
+
+_CONFIG_CACHES = []
+
+
+def config_cache(fn):
+    """Memoise a launch-configuration function; ``set_config`` invalidates it."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+    _CONFIG_CACHES.append(cached)
+    return cached
+
+
+def set_config(name: str, values: dict) -> None:
+    """Replace ``CONFIGS[name]`` (e.g. with a sweep's winner) for every later launch."""
+    if name not in CONFIGS:
+        raise KeyError(f"name: expected one of {tuple(CONFIGS)}, got {name!r}")
+    CONFIGS[name] = dict(values)
+    for cached in _CONFIG_CACHES:
+        cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemm_blocks(m: int, n: int, k: int, device: torch.device):
-    """(BM, BN, BK). Small-M GEMMs here are weight-bandwidth bound, so N is
-    split until every SM has a program streaming the weight."""
-    if interpret():
-        return pow2(m, 16, 32), pow2(n, 16, 32), pow2(k, 16, 32)
+def _heuristic_blocks(m: int, n: int, k: int, device_index: int):
+    # Small-M GEMMs here are weight-bandwidth bound, so N is split until every
+    # SM has a program streaming the weight.
     bm = pow2(m, 16, 64)
     bk = 64 if bm >= 64 else 128
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(device_index)
     bn = 128
-    while bn > 16 and triton.cdiv(n, bn) * triton.cdiv(m, bm) < 2 * sms:
+    while bn > 16 and cdiv(n, bn) * cdiv(m, bm) < 2 * sms:
         bn //= 2
-    return bm, bn, bk
+    return bm, bn, bk, 4, 3
+
+
+# Callers pass plain ints: a traced (symbolic) size is specialised here, as the
+# kernels' block sizes are compile-time constants anyway.
+@config_cache
+def gemm_blocks(m: int, n: int, k: int, device_index: int, config: Optional[str] = None):
+    """(BM, BN, BK, num_warps, num_stages) for one GEMM shape, cached so a launch costs no arithmetic."""
+    if interpret():
+        return pow2(m, 16, 32), pow2(n, 16, 32), pow2(k, 16, 32), 4, 1
+    if config is None:
+        return _heuristic_blocks(m, n, k, device_index)
+    c = CONFIGS[config]
+    return pow2(m, 16, 64), pow2(n, 16, c["BN"]), pow2(k, 16, c["BK"]), c["num_warps"], c["num_stages"]
+
+
+def device_index(t: torch.Tensor) -> int:
+    index = t.device.index
+    return 0 if index is None else index
 
 
 def _idx(r: Rows, dummy: torch.Tensor):
@@ -201,25 +298,26 @@ def _idx(r: Rows, dummy: torch.Tensor):
 
 def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
          rowbias: Optional[torch.Tensor] = None, colsum: Optional[torch.Tensor] = None,
-         accumulate: bool = False) -> None:
+         accumulate: bool = False, config: Optional[str] = None) -> None:
     """Launch the gather/scatter GEMM (see the module docstring) into ``c.tensor``.
 
     ``rowbias`` (g, N) is added to row m as ``rowbias[m % g]``; ``colsum`` (M,)
     receives ``sum_k A[m, k]`` accumulated in fp32 (a bias gradient for free
-    when A is a transposed output gradient).
+    when A is a transposed output gradient). ``config`` names an entry of
+    ``CONFIGS``; without one the block sizes follow a bandwidth heuristic.
     """
     if m == 0 or n == 0:
         return
     dot_fp32, ieee = dot_flags(a.tensor.dtype)
-    bm, bn, bk = gemm_blocks(m, n, k, a.tensor.device)
+    bm, bn, bk, warps, stages = gemm_blocks(int(m), int(n), int(k), device_index(a.tensor), config)
     dummy = c.tensor
     a_idx = _idx(a, dummy)
     b_idx = _idx(b, dummy)
     c_idx = _idx(c, dummy)
     rb = rowbias if rowbias is not None else dummy
     rb_g = rowbias.shape[0] if rowbias is not None else 1
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-    wrap_triton(_gemm_kernel)[grid](
+    grid = (cdiv(n, bn), cdiv(m, bm))
+    launcher(_gemm_kernel)[grid](
         a.tensor, b.tensor, c.tensor,
         bias if bias is not None else dummy, rb, colsum if colsum is not None else dummy,
         a_idx[0], b_idx[0], c_idx[0],
@@ -231,5 +329,5 @@ def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[to
         A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
         HAS_BIAS=bias is not None, HAS_ROWBIAS=rowbias is not None, ACCUMULATE=accumulate,
         COLSUM=colsum is not None, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
-        num_warps=4,
+        num_warps=warps, num_stages=stages,
     )
