@@ -6,12 +6,12 @@ Nothing here raises: a missing backend is a reason string, reported by
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -24,7 +24,6 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_status() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
@@ -45,9 +44,10 @@ def build_info() -> dict:
         return {"built": False, "reason": "no build record: the package was not installed with `pip install -e .`"}
 
 
-@functools.lru_cache(maxsize=None)
 def extension_status() -> Tuple[bool, str]:
     """Whether ``lmeye_fast._C`` loads (its ops are then registered under ``torch.ops.lmeye_fast``)."""
+    if "lmeye_fast._C" in sys.modules:
+        return True, "lmeye_fast._C loaded"
     try:
         importlib.import_module("lmeye_fast._C")
     except Exception as exc:
@@ -56,7 +56,6 @@ def extension_status() -> Tuple[bool, str]:
     return True, "lmeye_fast._C loaded"
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_status() -> Tuple[bool, str]:
     loaded, reason = extension_status()
     if not loaded:
@@ -66,14 +65,23 @@ def cuda_status() -> Tuple[bool, str]:
     return True, f"lmeye_fast._C on {torch.cuda.get_device_name()}"
 
 
+# Filled on first ask and then only read: torch.compile traces a dict lookup
+# as a constant, whereas the probes themselves (device queries, imports)
+# would break the graph. Modules resolve their backends eagerly at
+# construction, so a compiled forward only ever reads this.
+_STATUS: Dict[str, Tuple[bool, str]] = {}
+_PROBES = {"reference": lambda: (True, "plain PyTorch, any device"), "triton": triton_status, "cuda": cuda_status}
+
+
 def status(backend: str) -> Tuple[bool, str]:
-    if backend == "reference":
-        return True, "plain PyTorch, any device"
-    if backend == "triton":
-        return triton_status()
-    if backend == "cuda":
-        return cuda_status()
-    raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    """(available, reason) for ``backend``, probed once per process."""
+    known = _STATUS.get(backend)
+    if known is not None:
+        return known
+    if backend not in _PROBES:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    _STATUS[backend] = _PROBES[backend]()
+    return _STATUS[backend]
 
 
 def requested(backend: Optional[str]) -> str:

@@ -203,3 +203,21 @@ def test_state_dict_round_trip():
     hidden, image, embeds, slot_pos, request_pos = make_inputs(layer)
     torch.testing.assert_close(copy(hidden, image, embeds, slot_pos, request_pos=request_pos),
                                layer(hidden, image, embeds, slot_pos, request_pos=request_pos))
+
+
+def test_compiled_forward_never_probes_backends(monkeypatch):
+    """Backend probes (device queries, imports) run at construction; a compiled forward only reads their result."""
+    from lmeye_fast import backends, ops
+
+    def probe_that_breaks_graphs():
+        torch._dynamo.graph_break()
+        return True, "probed"
+
+    monkeypatch.setattr(backends, "_STATUS", {})
+    monkeypatch.setattr(backends, "_PROBES", dict(backends._PROBES, reference=probe_that_breaks_graphs))
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    layer = randomize(InteractiveLayer(16, 10, 8, num_requests=2, num_heads=2, backend="reference"))
+    hidden, image, embeds, slot_pos, request_pos = make_inputs(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(hidden, image, embeds, slot_pos, request_pos=request_pos),
+                               layer(hidden, image, embeds, slot_pos, request_pos=request_pos))

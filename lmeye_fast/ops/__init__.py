@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -114,6 +114,13 @@ def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> str
     return backend
 
 
+_RESOLVED: Dict[Tuple[str, str, str], Callable] = {}
+
+
 def get(op: str, backend: str = "auto", device: Optional[torch.device] = None) -> Callable:
-    """The function that runs ``op`` for ``backend`` on ``device``."""
-    return _load(TABLE[op][resolve(op, backend, device)])
+    """The function that runs ``op`` for ``backend`` on ``device`` (resolved once per device type)."""
+    key = (op, backend, "" if device is None else device.type)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _RESOLVED[key] = _load(TABLE[op][resolve(op, backend, device)])
+    return fn
