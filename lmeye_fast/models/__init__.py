@@ -1,0 +1,15 @@
+"""LMEye for Hugging Face causal LMs: processor, single-pass and two-pass schedules, training, save/load.
+
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=N, num_requests=5, response_prefix=" Answer:")
+    model = LMEyeModel(llm, processor.make_config(interaction_dim=256, num_heads=4), vision=vision)
+    batch = processor(prompts, answers, images=pixel_values)
+    loss = model(**batch).loss                   # single pass: the prefix runs once, on a KV cache
+    tokens = model.generate(**processor(prompts, images=pixel_values), max_new_tokens=8)
+"""
+
+from .config import LMEyeConfig
+from .modeling import LMEyeModel, LMEyeOutput
+from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
+from .training import train
+
+__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch", "IGNORE_INDEX", "train"]

@@ -1,0 +1,103 @@
+"""The adapter's configuration: what it takes to rebuild the LMEye modules around an LLM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["LMEyeConfig", "SCHEDULES", "CONFIG_FILE"]
+
+SCHEDULES = ("single_pass", "two_pass", "static")
+VISION_FEATURES = ("tokens", "pooled")
+CONFIG_FILE = "lmeye_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LMEyeConfig:
+    """Sizes of the LMEye adapter and the token ids it is bound to.
+
+    Build it with ``LMEyeProcessor.make_config(...)``, which fills in the
+    special-token ids and the vocabulary size of the tokenizer.
+
+    Attributes:
+        num_image_tokens: static image tokens (``<img>`` slots) per image, equal
+            to the number of vision features N the vision module returns.
+        num_requests: R, request / transmitted tokens (``<img-d>`` slots).
+        interaction_dim, sub_features, num_heads: the IPN's Di, S and H.
+        static_hidden_dim: hidden width of a two-layer static mapping, or None
+            for the linear mapping.
+        vision_dim: Dv; read off ``vision.config.hidden_size`` when None.
+        vision_feature: ``"tokens"`` (``last_hidden_state``, all tokens) or
+            ``"pooled"`` (``pooler_output``, one token) of a Hugging Face vision
+            model; a module returning a tensor is used as it is.
+        schedule: default schedule, ``"single_pass"``, ``"two_pass"`` or
+            ``"static"`` (no IPN: the static-only model).
+        interaction: ``"attention"``, or the class name of a user interaction
+            module (which must then be passed again when loading).
+    """
+
+    num_image_tokens: int
+    num_requests: int = 5
+    interaction_dim: int = 768
+    sub_features: int = 1
+    num_heads: int = 12
+    static_hidden_dim: Optional[int] = None
+    vision_dim: Optional[int] = None
+    llm_dim: Optional[int] = None
+    vision_feature: str = "tokens"
+    image_token_id: Optional[int] = None
+    request_token_id: Optional[int] = None
+    slot_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    vocab_size: Optional[int] = None
+    schedule: str = "single_pass"
+    interaction: str = "attention"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.vision_feature not in VISION_FEATURES:
+            raise ValueError(f"vision_feature: expected one of {VISION_FEATURES}, got {self.vision_feature!r}")
+
+    def token_ids(self):
+        return self.image_token_id, self.request_token_id, self.slot_token_id
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LMEyeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LMEye config: unknown fields {unknown} (written by a newer lmeye_fast?)")
+        return cls(**data)
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        payload = {"format_version": FORMAT_VERSION, "config": self.to_dict()}
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory) -> "LMEyeConfig":
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"directory: no {CONFIG_FILE} in {directory} (not written by save_pretrained?)")
+        try:
+            payload = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION or "config" not in payload:
+            raise ValueError(f"{path}: expected an LMEye config with format_version {FORMAT_VERSION}")
+        return cls.from_dict(payload["config"])

@@ -1,0 +1,433 @@
+"""LMEye around any Hugging Face causal LM: the schedules, generation, save/load.
+
+Schedules (all read the same ``LMEyeProcessor`` batch):
+
+``two_pass``
+    Faithful to the published method: one full LLM pass reads the request at
+    ``<img-q>``, the IPN fills the ``<img-d>`` slots, and a second full pass
+    over the whole sequence produces the logits.
+``single_pass``
+    The LLM is causal and every slot comes after ``<img-q>``, so the prefix
+    (columns ``[0, P)``) is the same in both passes of ``two_pass``. It runs
+    once with a KV cache, the request is read at its last column, the IPN fills
+    the slots of the suffix, and the suffix runs on that cache. Same logits,
+    loss and gradients (the prefix stays in the autograd graph through the
+    cache), for about half the LLM work.
+``static``
+    The static-only model: one pass, no IPN (the stage-1 model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import __version__
+from ..checks import INDEX_DTYPES, check_positions, check_tensor
+from ..layers import InteractiveLayer, StaticVisualMapping
+from .cache import cache_kwarg, checkpointing_enabled, new_cache
+from .config import SCHEDULES, LMEyeConfig
+from .processor import IGNORE_INDEX
+
+__all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE"]
+
+ADAPTER_FILE = "lmeye_adapter.safetensors"
+
+
+@dataclass
+class LMEyeOutput:
+    """``logits`` (B, T - P, V) are the outputs at the suffix columns ``[P, T)`` (all T
+    columns with ``all_logits=True``); ``loss`` is the mean cross-entropy of the
+    labelled tokens, or None without labels."""
+
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor
+
+
+def _adapter_modules(config: LMEyeConfig, llm_dim: int, vision_dim: int, interaction: Optional[nn.Module],
+                     device=None, dtype=None) -> Tuple[StaticVisualMapping, InteractiveLayer]:
+    static = StaticVisualMapping(vision_dim, llm_dim, config.static_hidden_dim, backend=config.backend,
+                                 device=device, dtype=dtype)
+    ipn = InteractiveLayer(llm_dim, vision_dim, config.interaction_dim, config.num_requests, config.sub_features,
+                           config.num_heads, interaction if interaction is not None else "attention",
+                           backend=config.backend, device=device, dtype=dtype)
+    return static, ipn
+
+
+class LMEyeModel(nn.Module):
+    """A frozen causal LM and vision module with LMEye's static mapping and IPN.
+
+    Args:
+        llm: any ``AutoModelForCausalLM`` model. Its token embeddings are resized
+            to ``config.vocab_size`` when the special tokens lie beyond them.
+        config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
+        vision: a module called as ``vision(pixel_values)`` that returns image
+            features (B, N, Dv) or (B, Dv), or a Hugging Face vision model
+            (``config.vision_feature`` picks its token or pooled output). None
+            when the caller passes ``image_features`` directly.
+        interaction: an optional user interaction module for the IPN
+            (see ``InteractiveLayer``).
+
+    The LLM and the vision module are frozen (``requires_grad=False``); they
+    follow this module's train/eval mode, so that the LLM's gradient
+    checkpointing applies (set its dropout to 0 for a deterministic frozen LLM).
+    The adapter (static mapping, IPN, special-token embeddings) is created on
+    the LLM's device in float32; ``set_stage`` picks what trains.
+    """
+
+    def __init__(self, llm: nn.Module, config: LMEyeConfig, vision: Optional[nn.Module] = None,
+                 interaction: Optional[nn.Module] = None):
+        super().__init__()
+        if not isinstance(config, LMEyeConfig):
+            raise TypeError(f"config: expected an LMEyeConfig, got {type(config).__name__}")
+        if None in config.token_ids() or config.vocab_size is None:
+            raise ValueError("config: the special-token ids and vocab_size are unset; build it with "
+                             "LMEyeProcessor.make_config(...)")
+        embedding = llm.get_input_embeddings()
+        llm_dim = embedding.embedding_dim
+        if config.llm_dim is not None and config.llm_dim != llm_dim:
+            raise ValueError(f"llm: its embeddings are {llm_dim} wide, but the config was made for "
+                             f"llm_dim={config.llm_dim}")
+        vision_dim = config.vision_dim
+        if vision_dim is None:
+            vision_dim = getattr(getattr(vision, "config", None), "hidden_size", None)
+            if vision_dim is None:
+                raise ValueError("config.vision_dim: required when the vision module has no config.hidden_size")
+        if interaction is None and config.interaction != "attention":
+            raise ValueError(f"interaction: the config names a user interaction module ({config.interaction}); "
+                             "pass an instance of it")
+        self.config = LMEyeConfig.from_dict({**config.to_dict(), "llm_dim": llm_dim, "vision_dim": vision_dim,
+                                             "interaction": "attention" if interaction is None
+                                             else type(interaction).__name__})
+        if max(config.token_ids()) >= embedding.num_embeddings:
+            llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
+            embedding = llm.get_input_embeddings()
+
+        self.llm = llm.requires_grad_(False)
+        self.vision = vision.requires_grad_(False) if vision is not None else None
+        device = embedding.weight.device
+        self.static, self.ipn = _adapter_modules(self.config, llm_dim, vision_dim, interaction, device=device)
+        with torch.no_grad():
+            # <img> rows become exactly the mapped image tokens (the mapping adds
+            # into them); <img-q> and <img-d> start as an average word.
+            mean = embedding.weight.float().mean(dim=0)
+            init = torch.stack([torch.zeros_like(mean), mean, mean])
+        self.special_embed = nn.Parameter(init.to(device))
+        self.register_buffer("special_ids", torch.tensor(config.token_ids(), dtype=torch.long, device=device),
+                             persistent=False)
+        self._cache_key = cache_kwarg(llm)
+        self.set_stage(2)
+
+    # ------------------------------------------------------------------ setup
+
+    def set_stage(self, stage: int, train_special_tokens: bool = False) -> "LMEyeModel":
+        """Stage 1 trains the static mapping (captioning); stage 2 the IPN and, if asked,
+        the special-token embeddings (instructions). The LLM and vision stay frozen."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage: expected 1 or 2, got {stage!r}")
+        self.static.requires_grad_(stage == 1)
+        self.ipn.requires_grad_(stage == 2)
+        self.special_embed.requires_grad_(stage == 2 and train_special_tokens)
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LLM without its head: the passes that only need hidden states skip the vocabulary projection."""
+        return self.llm.base_model
+
+    # ------------------------------------------------------------- pieces
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision module's features (B, N, Dv) for ``pixel_values``."""
+        if self.vision is None:
+            raise ValueError("pixel_values: this model has no vision module; pass image_features (B, N, Dv)")
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = self.vision(pixel_values)
+        if not isinstance(out, torch.Tensor):
+            out = out.pooler_output if self.config.vision_feature == "pooled" else out.last_hidden_state
+        return out[:, None] if out.dim() == 2 else out
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the special tokens' rows taken from ``special_embed`` (trainable on its own)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        match = input_ids.unsqueeze(-1) == self.special_ids
+        special = match.to(embeds.dtype) @ self.special_embed.to(embeds.dtype)
+        return torch.where(match.any(dim=-1, keepdim=True), special, embeds)
+
+    def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
+                image_features, image_mask, request_pos, slot_pos, schedule, validate):
+        schedule = schedule or self.config.schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        check_tensor("input_ids", input_ids, (None, None), INDEX_DTYPES, dims="(B, T)")
+        batch, total = input_ids.shape
+        device = input_ids.device
+        check_tensor("attention_mask", attention_mask, (batch, total), INDEX_DTYPES + (torch.bool,), device,
+                     dims="(B, T)")
+        if not isinstance(prefix_len, int) or not 1 <= prefix_len < total:
+            raise ValueError(f"prefix_len: expected an int in [1, T) = [1, {total}), got {prefix_len!r}")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        check_tensor("position_ids", position_ids, (batch, total), INDEX_DTYPES, device, dims="(B, T)")
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pixel_values / image_features: one of them is required")
+            image_features = self.image_features(pixel_values)
+        num_image = self.config.num_image_tokens
+        check_tensor("image_features", image_features, (batch, num_image, self.config.vision_dim), device=device,
+                     dims="(B, N, Dv)")
+        check_tensor("image_pos", image_pos, (batch, num_image), INDEX_DTYPES, device, dims="(B, N)")
+        if request_pos is None:
+            request_pos = torch.full((batch,), prefix_len - 1, dtype=torch.long, device=device)
+        if slot_pos is None:
+            slot_pos = prefix_len + torch.arange(self.config.num_requests, device=device).expand(batch, -1)
+        check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
+        check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
+        if validate:
+            check_positions("image_pos", image_pos, prefix_len, distinct=True)
+            check_positions("request_pos", request_pos, prefix_len)
+            check_positions("slot_pos", slot_pos - prefix_len, total - prefix_len, distinct=True)
+        return (schedule, attention_mask, position_ids, image_features, request_pos, slot_pos)
+
+    def _loss(self, logits, labels, prefix_len):
+        """Mean cross-entropy of the labelled tokens; ``logits`` cover the suffix columns.
+
+        The label at column P (the first ``<img-d>`` slot) is never a target, so the
+        suffix logits alone predict every labelled token.
+        """
+        if labels is None:
+            return None
+        check_tensor("labels", labels, (logits.shape[0], None), INDEX_DTYPES, logits.device, dims="(B, T)")
+        targets = labels[:, prefix_len + 1:]
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def _check_checkpointing(self, schedule):
+        if (schedule == "single_pass" and torch.is_grad_enabled() and self.llm.training
+                and checkpointing_enabled(self.llm)):
+            raise ValueError("schedule='single_pass' does not support gradient checkpointing of the LLM: a "
+                             "recomputed layer would extend the prefix's KV cache a second time. Use "
+                             "schedule='two_pass', or call llm.gradient_checkpointing_disable()")
+
+    # ------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_pos: torch.Tensor,
+        prefix_len: int,
+        position_ids: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        request_pos: Optional[torch.Tensor] = None,
+        slot_pos: Optional[torch.Tensor] = None,
+        schedule: Optional[str] = None,
+        all_logits: bool = False,
+        validate: bool = False,
+    ) -> LMEyeOutput:
+        """Run one batch of ``LMEyeProcessor`` (``model(**batch)``).
+
+        ``request_pos`` must lie in the prefix and ``slot_pos`` in the suffix
+        (the processor's layout; ``validate=True`` checks it at the cost of a
+        host sync). ``all_logits`` also returns the prefix columns' logits.
+        """
+        schedule, attention_mask, position_ids, image, request_pos, slot_pos = self._inputs(
+            input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
+            image_mask, request_pos, slot_pos, schedule, validate)
+        self._check_checkpointing(schedule)
+        run = {"single_pass": self._single_pass, "two_pass": self._two_pass, "static": self._static}[schedule]
+        logits = run(input_ids, attention_mask, position_ids, image, image_mask, image_pos, request_pos, slot_pos,
+                     prefix_len, all_logits)
+        suffix_logits = logits[:, prefix_len:] if all_logits else logits
+        return LMEyeOutput(loss=self._loss(suffix_logits, labels, prefix_len), logits=logits)
+
+    def _keep(self, total, prefix_len, all_logits):
+        return 0 if all_logits else total - prefix_len
+
+    def _static(self, input_ids, mask, pos, image, image_mask, image_pos, request_pos, slot_pos, prefix_len,
+                all_logits):
+        embeds = self.static(image, self.embed(input_ids), image_pos, inplace=True)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                        logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
+
+    def _two_pass(self, input_ids, mask, pos, image, image_mask, image_pos, request_pos, slot_pos, prefix_len,
+                  all_logits):
+        embeds = self.static(image, self.embed(input_ids), image_pos, inplace=True)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                              use_cache=False).last_hidden_state
+        # Out of place: the first pass keeps ``embeds`` for its backward.
+        filled = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask)
+        return self.llm(inputs_embeds=filled, attention_mask=mask, position_ids=pos, use_cache=False,
+                        logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
+
+    def _prefill(self, input_ids, mask, pos, image, image_pos, prefix_len, prefix_logits=False):
+        """Run the prefix with a fresh KV cache: (cache, prefix hidden states, prefix logits or None)."""
+        embeds = self.static(image, self.embed(input_ids[:, :prefix_len]), image_pos, inplace=True)
+        cache = new_cache(self.llm.config)
+        common = dict(inputs_embeds=embeds, attention_mask=mask[:, :prefix_len], position_ids=pos[:, :prefix_len],
+                      use_cache=True, **{self._cache_key: cache})
+        if prefix_logits:
+            out = self.llm(**common, output_hidden_states=True, logits_to_keep=0)
+            return cache, out.hidden_states[-1], out.logits, embeds
+        return cache, self.decoder(**common).last_hidden_state, None, embeds
+
+    def _suffix_embeds(self, input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len):
+        # The suffix is embedded on its own, so the slots are written in place
+        # without touching the prefix embeddings the cached pass still needs.
+        suffix = self.embed(input_ids[:, prefix_len:])
+        return self.ipn(hidden, image, suffix, slot_pos - prefix_len, request_pos=request_pos,
+                        image_mask=image_mask, inplace=True)
+
+    def _single_pass(self, input_ids, mask, pos, image, image_mask, image_pos, request_pos, slot_pos, prefix_len,
+                     all_logits):
+        cache, hidden, prefix_logits, _ = self._prefill(input_ids, mask, pos, image, image_pos, prefix_len,
+                                                        all_logits)
+        suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
+        logits = self.llm(inputs_embeds=suffix, attention_mask=mask, position_ids=pos[:, prefix_len:],
+                          use_cache=True, logits_to_keep=0, **{self._cache_key: cache}).logits
+        return torch.cat([prefix_logits, logits], dim=1) if all_logits else logits
+
+    # ------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_pos: torch.Tensor,
+        prefix_len: int,
+        position_ids: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        request_pos: Optional[torch.Tensor] = None,
+        slot_pos: Optional[torch.Tensor] = None,
+        schedule: Optional[str] = None,
+        labels: Optional[torch.Tensor] = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generate answers for a batch of prompts (the processor called without answers).
+
+        ``single_pass`` prefills the prefix, runs the IPN and hands the cache
+        to the LLM's own ``generate``, which runs the suffix on it and decodes
+        (greedy, sampling, beams: ``generate_kwargs`` go to it). Returns the new
+        tokens (B, L).
+        """
+        del labels  # a training batch may be passed as it is; its answers are not part of the prompt
+        schedule, attention_mask, position_ids, image, request_pos, slot_pos = self._inputs(
+            input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
+            image_mask, request_pos, slot_pos, schedule, False)
+        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        if self.config.eos_token_id is not None:
+            generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        if schedule == "single_pass":
+            cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, image, image_pos,
+                                                     prefix_len)
+            suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
+            # generate() runs only the columns the cache does not hold yet: the suffix.
+            embeds = torch.cat([prefix, suffix], dim=1)
+            generate_kwargs[self._cache_key] = cache
+        else:
+            embeds = self.static(image, self.embed(input_ids), image_pos, inplace=True)
+            if schedule == "two_pass":
+                hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False).last_hidden_state
+                embeds = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask,
+                                  inplace=True)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ------------------------------------------------------------- save / load
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The adapter's tensors only: static mapping, IPN, special-token embeddings."""
+        state = {f"static.{k}": v for k, v in self.static.state_dict().items()}
+        state.update({f"ipn.{k}": v for k, v in self.ipn.state_dict().items()})
+        state["special_embed"] = self.special_embed.detach()
+        return state
+
+    def save_pretrained(self, directory) -> None:
+        """Write the adapter (``lmeye_adapter.safetensors``) and its config (``lmeye_config.json``); never the LLM."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt", "lmeye_fast": __version__})
+        self.config.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,
+                        interaction: Optional[nn.Module] = None) -> "LMEyeModel":
+        """Rebuild the adapter saved in ``directory`` around ``llm`` (and ``vision``).
+
+        The file is checked against the config and the modules before anything
+        is built or resized, so a mismatch raises and changes nothing.
+        """
+        config = LMEyeConfig.load(directory)
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        if config.llm_dim is not None and config.llm_dim != llm_dim:
+            raise ValueError(f"llm: the adapter in {directory} was saved for an LLM {config.llm_dim} wide, "
+                             f"this one is {llm_dim} wide")
+        if vision is not None and config.vision_dim is not None:
+            width = getattr(getattr(vision, "config", None), "hidden_size", config.vision_dim)
+            if width != config.vision_dim:
+                raise ValueError(f"vision: the adapter in {directory} was saved for vision features "
+                                 f"{config.vision_dim} wide, this module's are {width} wide")
+        static, ipn = _adapter_modules(config, llm_dim, config.vision_dim, interaction, device="meta")
+        expected = {f"static.{k}": tuple(v.shape) for k, v in static.state_dict().items()}
+        expected.update({f"ipn.{k}": tuple(v.shape) for k, v in ipn.state_dict().items()})
+        expected["special_embed"] = (3, llm_dim)
+        _read_adapter(directory, expected)
+        model = cls(llm, config, vision=vision, interaction=interaction)
+        model.load_adapter(directory)
+        return model
+
+    def load_adapter(self, directory) -> None:
+        """Load saved adapter weights into this model; on any mismatch raise and load nothing."""
+        saved = LMEyeConfig.load(directory).to_dict()
+        mine = self.config.to_dict()
+        structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
+                      "static_hidden_dim", "vision_dim", "llm_dim", "image_token_id", "request_token_id",
+                      "slot_token_id", "interaction")
+        differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
+        if differ:
+            raise ValueError(f"directory: the adapter in {directory} does not fit this model (" + "; ".join(differ)
+                             + ")")
+        state = self.adapter_state_dict()
+        tensors = _read_adapter(directory, {k: tuple(v.shape) for k, v in state.items()})
+        with torch.no_grad():
+            for key, value in state.items():
+                value.copy_(tensors[key])
+
+
+def _read_adapter(directory, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, torch.Tensor]:
+    """The saved adapter tensors, after checking their names and shapes against ``expected``."""
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"directory: no {ADAPTER_FILE} in {directory} (not written by save_pretrained?)")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    with handle as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        problems = [f"missing {k}" for k in sorted(set(expected) - set(shapes))]
+        problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
+        problems += [f"{k}: saved shape {shapes[k]}, expected {expected[k]}"
+                     for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
+        if problems:
+            raise ValueError(f"{path}: does not match this model's adapter (" + "; ".join(problems) + ")")
+        return {k: f.get_tensor(k) for k in expected}

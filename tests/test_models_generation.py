@@ -1,0 +1,81 @@
+"""generate(): the single pass prefills the prefix, runs the IPN and continues on the cache.
+
+Greedy tokens must be identical to two-pass generation (tiny fp32 models, batch of
+rows of different lengths); sampling is checked for reproducibility and against
+greedy decoding with top_k=1.
+"""
+
+import random
+
+import pytest
+import torch
+
+from lmeye_fast.models import LMEyeModel, LMEyeProcessor
+from lmeye_fast.models.tiny import ARCHITECTURES, tiny_clip, tiny_llm, word_tokenizer
+
+WORDS = "what colour is the circle square red blue green left right where ? answer :".split()
+NEW_TOKENS = 6
+
+
+def build(arch, vision=None):
+    tok = word_tokenizer(WORDS)
+    image_tokens = 17 if vision is not None else 5
+    proc = LMEyeProcessor(tok, num_image_tokens=image_tokens, num_requests=3, response_prefix="answer :")
+    config = proc.make_config(interaction_dim=16, num_heads=2, vision_dim=None if vision is not None else 19)
+    model = LMEyeModel(tiny_llm(arch, len(tok), hidden=48), config, vision=vision)
+    with torch.no_grad():
+        for p in list(model.static.parameters()) + list(model.ipn.parameters()) + [model.special_embed]:
+            p.normal_(0.0, 0.3)
+    return proc, model.eval()
+
+
+def prompts(count=3):
+    lengths = random.sample(range(1, 9), count)
+    return [" ".join(random.choice(WORDS) for _ in range(n)) for n in lengths]
+
+
+def features(model, batch):
+    return torch.randn(batch, model.config.num_image_tokens, model.config.vision_dim)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_single_pass_equals_two_pass(arch):
+    proc, model = build(arch)
+    batch = proc(prompts())
+    image = features(model, 3)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    single = model.generate(**batch, image_features=image, **kwargs)
+    two = model.generate(**batch, image_features=image, schedule="two_pass", **kwargs)
+    assert single.shape == (3, NEW_TOKENS)
+    assert torch.equal(single, two)
+    # The first token is the argmax of the forward's last column (EOS barred by min_new_tokens).
+    last = model(**batch, image_features=image).logits[:, -1]
+    last[:, proc.eos_token_id] = float("-inf")
+    assert torch.equal(single[:, 0], last.argmax(-1))
+
+
+def test_sampling_reproducible_and_top_k_one_is_greedy():
+    proc, model = build("llama")
+    batch = proc(prompts())
+    image = features(model, 3)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    torch.manual_seed(7)
+    first = model.generate(**batch, image_features=image, do_sample=True, temperature=1.5, **kwargs)
+    torch.manual_seed(7)
+    second = model.generate(**batch, image_features=image, do_sample=True, temperature=1.5, **kwargs)
+    assert torch.equal(first, second)
+    assert ((first >= 0) & (first < len(proc))).all()
+    greedy = model.generate(**batch, image_features=image, do_sample=False, **kwargs)
+    top1 = model.generate(**batch, image_features=image, do_sample=True, top_k=1, **kwargs)
+    assert torch.equal(greedy, top1)
+
+
+def test_generation_from_pixels_with_a_clip_tower_and_static_schedule():
+    proc, model = build("gpt2", vision=tiny_clip())
+    batch = proc(prompts(2), images=torch.randn(2, 3, 32, 32))
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    single = model.generate(**batch, **kwargs)
+    assert torch.equal(single, model.generate(**batch, schedule="two_pass", **kwargs))
+    static = model.generate(**batch, schedule="static", **kwargs)
+    assert static.shape == single.shape
+    assert len(proc.decode(single)) == 2
