@@ -11,7 +11,8 @@ from lmeye_fast import backends
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_usage_example_runs():
+def test_readme_usage_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples save files
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "README has no python example"
