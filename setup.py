@@ -27,16 +27,21 @@ def kernel_sources():
 
 
 def find_cuda_home():
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and (Path(candidate) / "bin" / "nvcc").exists() and (Path(candidate) / "include").exists():
-            return candidate
+    """(toolkit folder, None), or (None, why not). An explicit CUDA_HOME is taken at its word."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [explicit] if explicit else ["/usr/local/cuda"]
+    for candidate in candidates:
+        if (Path(candidate) / "bin" / "nvcc").exists() and (Path(candidate) / "include").exists():
+            return candidate, None
+    if explicit:
+        return None, f"no CUDA toolchain found: CUDA_HOME={explicit} has no bin/nvcc"
     nvcc = shutil.which("nvcc")
     if nvcc:
         # A wrapper script on PATH makes torch guess its parent's parent; follow links to the real toolkit.
         home = Path(os.path.realpath(nvcc)).parent.parent
         if (home / "include" / "cuda_runtime.h").exists():
-            return str(home)
-    return None
+            return str(home), None
+    return None, "no CUDA toolchain found (no nvcc under CUDA_HOME, /usr/local/cuda or PATH)"
 
 
 def record(info):
@@ -56,9 +61,9 @@ def extensions():
     if torch.version.cuda is None:
         record({"built": False, "reason": f"torch {torch.__version__} is a CPU-only build"})
         return [], {}
-    cuda_home = find_cuda_home()
+    cuda_home, missing = find_cuda_home()
     if cuda_home is None:
-        record({"built": False, "reason": "no CUDA toolchain found (no nvcc under CUDA_HOME, /usr/local/cuda or PATH)"})
+        record({"built": False, "reason": missing})
         return [], {}
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
