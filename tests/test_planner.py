@@ -4,6 +4,8 @@ import random
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from lmeye_fast.planner import PlanStatus, check_plan, plan_slots, plan_slots_torch
@@ -187,3 +189,14 @@ def test_bad_arguments():
 def test_cuda_backend_on_cpu_fails_clearly():
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         plan_slots(torch.randint(10, 60, (2, 8)), REQ, SLOT, 2, backend="cuda")
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.lists(st.sampled_from((REQ, SLOT, 11, 12)), min_size=1, max_size=24), min_size=1,
+                     max_size=6),
+       num_slots=st.integers(1, 6))
+def test_twin_matches_loop_on_any_token_sequence(rows, num_slots):
+    """Property: on arbitrary sequences over {request, slot, two others} the twin equals the loop."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [11] * (width - len(r)) for r in rows], dtype=torch.int64)
+    assert_plans_equal(plan_slots_torch(ids, REQ, SLOT, num_slots), plan_loop(ids, REQ, SLOT, num_slots))
