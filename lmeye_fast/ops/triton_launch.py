@@ -228,7 +228,7 @@ def _gemm_kernel(
 
 # Launch configurations (block sizes, warps, software-pipeline depth) of the
 # kernels whose best choice depends on the GPU, as measured at the LMEye-7B
-# shape on an H100/H200 (`.gpu/sweep.py` times the candidates and prints this
+# shape on an H200 (`benchmarks/tune_triton.py` times the candidates and prints this
 # dict). Block sizes shrink by themselves for smaller problems.
 CONFIGS = {
     "request_fwd": {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
