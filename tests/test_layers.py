@@ -221,3 +221,19 @@ def test_compiled_forward_never_probes_backends(monkeypatch):
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(hidden, image, embeds, slot_pos, request_pos=request_pos),
                                layer(hidden, image, embeds, slot_pos, request_pos=request_pos))
+
+
+def test_torch_compile_inductor_fullgraph_matches_eager():
+    """What a user does first: torch.compile the layer (here the CPU path, inductor, no graph break)."""
+    layer = randomize(InteractiveLayer(37, 19, 24, num_requests=3, sub_features=2, num_heads=4))
+    hidden, image, embeds, slot_pos, request_pos = make_inputs(layer)
+    mask = torch.rand(3, 5) > 0.3
+    compiled = torch.compile(layer, fullgraph=True)
+    got = compiled(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=mask)
+    want = layer(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=mask)
+    torch.testing.assert_close(got, want)
+    weight = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weight).sum(), list(layer.parameters()))
+    expected = torch.autograd.grad((want * weight).sum(), list(layer.parameters()))
+    for (name, _), g, e in zip(layer.named_parameters(), grads, expected):
+        torch.testing.assert_close(g, e, msg=name)
