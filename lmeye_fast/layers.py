@@ -16,8 +16,7 @@ from . import backends, ops, reference
 from .checks import INDEX_DTYPES, check_positions, check_tensor
 
 
-def _bias(linear: nn.Linear) -> Optional[torch.Tensor]:
-    return linear.bias
+_OPS = ("request", "attend_decomposed", "transmit", "transmit_interleave")
 
 
 def _check_slots(embeds, slot_pos, device, validate):
@@ -89,6 +88,9 @@ class InteractiveLayer(nn.Module):
         self.transmit_proj = nn.Linear(interaction_dim, llm_dim, **factory)
         self.slot_embed = nn.Parameter(torch.zeros(num_requests, llm_dim, **factory))
         self.interaction = interaction if isinstance(interaction, nn.Module) else None
+        # Per-instance caches of the eager hot path (see ``_ops`` and ``_check``).
+        self._resolved = {}
+        self._checked = set()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,13 +106,55 @@ class InteractiveLayer(nn.Module):
         return (f"requests={self.num_requests}, sub_features={self.sub_features}, heads={self.num_heads}, "
                 f"interaction={kind}, backend={self.backend}")
 
-    def _op(self, name: str, device: torch.device):
-        return ops.get(name, self.backend, device)
+    def _ops(self, device: torch.device, traced: bool):
+        """(request, attend_decomposed, transmit, transmit_interleave) for ``device``, resolved once per
+        device type. A compiled forward asks ``ops.get`` (resolved at construction by ``ops.preload``)."""
+        if traced:
+            return tuple(ops.get(name, self.backend, device) for name in _OPS)
+        fns = self._resolved.get(device.type)
+        if fns is None:
+            fns = self._resolved[device.type] = tuple(ops.get(name, self.backend, device) for name in _OPS)
+        return fns
 
-    def _check(self, hidden, request_pos, image, image_mask):
-        device = image.device
+    def _check(self, hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced):
+        """The argument checks, run once per inputs' metadata in eager mode (the
+        ops check the parameters against them on every call); the value checks
+        of ``validate`` run every time."""
+        key = None
+        if not traced:
+            try:
+                key = (hidden.shape, hidden.dtype, hidden.device, image.shape, image.dtype, image.device,
+                       None if request_pos is None else (request_pos.shape, request_pos.dtype, request_pos.device),
+                       None if image_mask is None else (image_mask.shape, image_mask.dtype, image_mask.device),
+                       None if embeds is None else (embeds.shape, embeds.dtype, embeds.device, slot_pos.shape,
+                                                    slot_pos.dtype, slot_pos.device))
+            except AttributeError:  # not a tensor: the checks below name it
+                key = None
+        if key is None or key not in self._checked:
+            self._check_metadata(hidden, request_pos, image, image_mask, embeds, slot_pos)
+            if key is not None:
+                if len(self._checked) >= 256:
+                    self._checked.clear()
+                self._checked.add(key)
+        if validate:
+            if embeds is not None:
+                check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
+            if request_pos is not None:
+                check_positions("request_pos", request_pos, hidden.shape[1])
+        return image.device
+
+    def _check_metadata(self, hidden, request_pos, image, image_mask, embeds, slot_pos):
+        if embeds is not None:
+            _check_slots(embeds, slot_pos, image.device if isinstance(image, torch.Tensor) else None, False)
+            if slot_pos.shape[1] != self.num_requests:
+                raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
+                                 f"got {tuple(slot_pos.shape)}")
+        device = image.device if isinstance(image, torch.Tensor) else None
         check_tensor("image", image, (None, None, self.vision_dim), device=device, dims="(B, N, Dv)")
         batch = image.shape[0]
+        if embeds is not None and (embeds.shape[0] != batch or embeds.shape[2] != self.llm_dim):
+            raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {self.llm_dim}), "
+                             f"got {tuple(embeds.shape)}")
         if request_pos is None:
             check_tensor("hidden", hidden, (batch, self.llm_dim), device=device, dims="(B, D) request vectors")
         else:
@@ -118,14 +162,16 @@ class InteractiveLayer(nn.Module):
             check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
         if image_mask is not None:
             check_tensor("image_mask", image_mask, (batch, image.shape[1]), (torch.bool,), device, dims="(B, N)")
-        return device
+
+    def _requests_and_z(self, fns, hidden, request_pos, image, image_mask, device):
+        r = fns[0](hidden, request_pos, self.request_proj.weight, self.request_proj.bias, self.num_requests)
+        if self.interaction is None:
+            decompose = self.decompose_proj
+            return fns[1](r, image, image_mask, decompose.weight, decompose.bias, self.num_heads, self.sub_features)
+        return self._interact(r, image, image_mask, device)
 
     def _interact(self, r, image, image_mask, device):
-        if self.interaction is None:
-            return self._op("attend_decomposed", device)(
-                r, image, image_mask, self.decompose_proj.weight, _bias(self.decompose_proj),
-                self.num_heads, self.sub_features)
-        feats = reference.decompose(image, self.decompose_proj.weight, _bias(self.decompose_proj), self.sub_features)
+        feats = reference.decompose(image, self.decompose_proj.weight, self.decompose_proj.bias, self.sub_features)
         sequence = torch.cat([feats, r.to(feats.dtype)], dim=1)
         mask = None
         if image_mask is not None:
@@ -137,18 +183,14 @@ class InteractiveLayer(nn.Module):
             out = out[0]
         return out[:, -self.num_requests:]
 
-    def _requests_and_z(self, hidden, request_pos, image, image_mask, validate):
-        device = self._check(hidden, request_pos, image, image_mask)
-        if validate and request_pos is not None:
-            check_positions("request_pos", request_pos, hidden.shape[1])
-        r = self._op("request", device)(
-            hidden, request_pos, self.request_proj.weight, _bias(self.request_proj), self.num_requests)
-        return self._interact(r, image, image_mask, device), device
-
     def transmitted(self, hidden, image, request_pos=None, image_mask=None, validate: bool = False):
         """The R transmitted tokens (B, R, D), without writing them anywhere."""
-        z, device = self._requests_and_z(hidden, request_pos, image, image_mask, validate)
-        return self._op("transmit", device)(z, self.transmit_proj.weight, _bias(self.transmit_proj), self.slot_embed)
+        traced = torch.compiler.is_compiling()
+        device = self._check(hidden, request_pos, image, image_mask, None, None, validate, traced)
+        fns = self._ops(device, traced)
+        z = self._requests_and_z(fns, hidden, request_pos, image, image_mask, device)
+        transmit = self.transmit_proj
+        return fns[2](z, transmit.weight, transmit.bias, self.slot_embed)
 
     def forward(
         self,
@@ -175,16 +217,12 @@ class InteractiveLayer(nn.Module):
         Returns:
             ``embeds`` with the slot rows updated (the same tensor when ``inplace``).
         """
-        _check_slots(embeds, slot_pos, image.device, validate)
-        if slot_pos.shape[1] != self.num_requests:
-            raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
-                             f"got {tuple(slot_pos.shape)}")
-        if embeds.shape[0] != image.shape[0] or embeds.shape[2] != self.llm_dim:
-            raise ValueError(f"embeds: expected shape (B, T', D) = ({image.shape[0]}, ?, {self.llm_dim}), "
-                             f"got {tuple(embeds.shape)}")
-        z, device = self._requests_and_z(hidden, request_pos, image, image_mask, validate)
-        return self._op("transmit_interleave", device)(
-            z, self.transmit_proj.weight, _bias(self.transmit_proj), self.slot_embed, embeds, slot_pos, inplace)
+        traced = torch.compiler.is_compiling()
+        device = self._check(hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced)
+        fns = self._ops(device, traced)
+        z = self._requests_and_z(fns, hidden, request_pos, image, image_mask, device)
+        transmit = self.transmit_proj
+        return fns[3](z, transmit.weight, transmit.bias, self.slot_embed, embeds, slot_pos, inplace)
 
 
 class StaticVisualMapping(nn.Module):

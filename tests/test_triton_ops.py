@@ -282,3 +282,39 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
         request(h.double(), torch.tensor([0, 1], device=DEVICE), torch.randn(8, 16, device=DEVICE,
                 dtype=torch.float64), None, 2)
+
+
+def strided(n, dtype):
+    """A bias that is every other element of a longer vector (stride 2), as a leaf."""
+    base = torch.randn(2 * n, dtype=torch.float64, device=DEVICE).to(dtype)
+    return base[::2].detach().requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_biases(dtype):
+    """Biases are read as unit-stride vectors by the kernels: a strided one must still give the right result,
+    also after a call with a dense bias of the same shape has cached its launch plan."""
+    batch, seq, llm, vision, tokens, width, num_req, heads = 2, 5, 21, 13, 4, 12, 3, 3
+    hidden = leaf(batch, seq, llm, dtype=dtype)
+    pos = torch.randint(0, seq, (batch,), device=DEVICE)
+    w_q = leaf(num_req * width, llm, dtype=dtype, scale=llm ** -0.5)
+    for b_q in (leaf(num_req * width, dtype=dtype), strided(num_req * width, dtype)):
+        compare(lambda h, w, b: ops.get("request", "triton")(h, pos, w, b, num_req),
+                lambda h, w, b: reference.request(h, pos, w, b, num_req), [hidden, w_q, b_q], dtype,
+                ["hidden", "w_q", "b_q"])
+    r = leaf(batch, num_req, width, dtype=dtype)
+    image = leaf(batch, tokens, vision, dtype=dtype)
+    w_f = leaf(width, vision, dtype=dtype, scale=vision ** -0.5)
+    for b_f in (leaf(width, dtype=dtype), strided(width, dtype)):
+        compare(lambda q, x, w, b: ops.get("attend_decomposed", "triton")(q, x, None, w, b, heads, 1),
+                lambda q, x, w, b: reference.attend(q, reference.decompose(x, w, b, 1), None, heads, 1),
+                [r, image, w_f, b_f], dtype, ["requests", "image", "w_f", "b_f"])
+    embeds = leaf(batch, seq + 4, llm, dtype=dtype)
+    slots = torch.stack([torch.randperm(seq + 4, device=DEVICE)[:num_req] for _ in range(batch)])
+    w_o = leaf(llm, width, dtype=dtype, scale=width ** -0.5)
+    for b_o in (leaf(llm, dtype=dtype), strided(llm, dtype)):
+        compare(lambda z, w, b, e: ops.get("transmit_interleave", "triton")(z, w, b, None, e, slots),
+                lambda z, w, b, e: reference.interleave(e, reference.transmit(z, w, b, None), slots),
+                [r, w_o, b_o, embeds], dtype, ["z", "w_o", "b_o", "embeds"])
+        compare(lambda z, w, b: ops.get("transmit", "triton")(z, w, b, None),
+                lambda z, w, b: reference.transmit(z, w, b, None), [r, w_o, b_o], dtype, ["z", "w_o", "b_o"])

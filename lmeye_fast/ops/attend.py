@@ -12,7 +12,7 @@ columns), and folds it into an online softmax over all N·S sub-features. The
 With ``SPLIT`` set in the launch config (the default: measured faster at the
 7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition
 GEMM at a far higher rate than the per-head tiles can), F is first formed by
-one dense GEMM (``decompose``) and the same kernels read its tiles instead.
+one dense GEMM (``_features``) and the same kernels read its tiles instead.
 
 Saved for backward: the log-sum-exp (B, H, R) and the attention output
 ``A F`` (B, R, Di), both fp32 (4·B·R·(Di + H) bytes; 0.5 MB at the 7B shape).
@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import (CONFIGS, Rows, cdiv, check_device, check_dtype, compiling, config_cache, dot_flags,
-                            gemm, interpret, launcher, needs_grad, op, pow2, rows2d)
+from .triton_launch import (CONFIGS, PlanCache, Rows, _gemm_kernel, as_is, cdiv, check_device, dense_bias, check_dtype, compiling,
+                            config_cache, device_index, dot_flags, gemm, gemm_plan, interpret, launch_gemm, launcher,
+                            needs_grad, op, pow2, rows2d)
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _attend_fwd_kernel(
     r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, HEADS: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr,
+    BK: tl.constexpr, SAVE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
@@ -152,9 +153,10 @@ def _attend_fwd_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     out_off = (b.to(tl.int64) * R + rr[:, None]) * DI + col[None, :]
     tl.store(z_ptr + out_off, (o + r32).to(z_ptr.dtype.element_ty), mask=own)
-    tl.store(o_ptr + out_off, o, mask=own)
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
-    tl.store(lse_ptr + (b.to(tl.int64) * H + h0 + j) * R + rr, lse, mask=row_ok)
+    if SAVE:
+        tl.store(o_ptr + out_off, o, mask=own)
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
+        tl.store(lse_ptr + (b.to(tl.int64) * H + h0 + j) * R + rr, lse, mask=row_ok)
 
 
 @triton.jit
@@ -223,19 +225,21 @@ def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str):
     return bool(c["SPLIT"]), heads, br, be, bd, bn, bk, warps, stages
 
 
-def decompose(image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor], sub_features: int) -> torch.Tensor:
-    """``F = X W_fᵀ + b_f`` as (B, N·S, Di) in the storage dtype: ``torch.addmm`` on
-    a GPU (cuBLAS, fp32 accumulation), the Triton GEMM under the interpreter."""
+def _features(wrap, image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F = X W_fᵀ + b_f`` in the storage dtype, contiguous (B, N, S·Di) (row ``n*S + k`` of
+    the (B, N·S, Di) view is sub-feature k of token n): ``F.linear`` on a GPU
+    (cuBLAS, fp32 accumulation), the Triton GEMM under the interpreter. ``wrap``
+    is ``launcher`` inside a registered op, ``as_is`` in a direct eager call."""
+    if not interpret():
+        return torch.nn.functional.linear(image, w_f, b_f)
     batch, tokens, vision = image.shape
     outs = w_f.shape[0]
-    if not interpret():
-        x = image.reshape(batch * tokens, vision)
-        f = torch.mm(x, w_f.t()) if b_f is None else torch.addmm(b_f, x, w_f.t())
-        return f.view(batch, tokens * sub_features, outs // sub_features)
-    f = torch.empty((batch * tokens, outs), device=image.device, dtype=image.dtype)
-    gemm(Rows(image, tokens, image.stride(0), image.stride(1), image.stride(2)), rows2d(w_f, transpose=True),
-         rows2d(f), batch * tokens, outs, vision, bias=b_f)
-    return f.view(batch, tokens * sub_features, outs // sub_features)
+    f = torch.empty((batch, tokens, outs), device=image.device, dtype=image.dtype)
+    launch = gemm_plan(Rows(None, tokens, image.stride(0), image.stride(1), image.stride(2)),
+                       rows2d(w_f, transpose=True), Rows(None, 1, outs, 0, 1), batch * tokens, outs, vision,
+                       image.dtype, device_index(image), bias=b_f is not None)
+    launch_gemm(wrap(_gemm_kernel), launch, image, w_f, f, f if b_f is None else b_f, f, f, f, f, f)
+    return f
 
 
 def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
@@ -252,31 +256,52 @@ def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
             requests.new_empty((batch, num_heads, num_req), dtype=torch.float32))
 
 
+def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    """Everything of the forward launch that follows from the inputs' metadata."""
+    batch, num_req, width = requests.shape
+    tokens, vision = image.shape[1], image.shape[2]
+    head_dim = width // num_heads
+    dot_fp32, ieee = dot_flags(requests.dtype)
+    split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads),
+                                                                     "attend_fwd")
+    # The bool mask is read as bytes (same strides).
+    m_sb, m_sn = (0, 0) if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
+    scalars = (num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
+               requests.stride(0), requests.stride(1), requests.stride(2),
+               image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1))
+    constexprs = dict(HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
+                      SPLIT=split, HEADS=heads, BR=br, BE=be, BD=bd, BN=bn, BK=bk, num_warps=warps,
+                      num_stages=stages)
+    grid = None if batch == 0 or num_req == 0 else (batch, cdiv(num_heads, heads))
+    return ((batch, num_req, width), (batch, num_heads, num_req), requests.dtype, requests.device, split, grid,
+            scalars, constexprs)
+
+
+def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
+    """Run the forward plan: z, and with ``save`` the fp32 ``A F`` and log-sum-exp kept for backward
+    (otherwise z stands in for them and the kernel skips those stores)."""
+    shape, lse_shape, dtype, device, split, grid, scalars, constexprs = plan
+    z = torch.empty(shape, device=device, dtype=dtype)
+    if save:
+        attn = torch.empty(shape, device=device, dtype=torch.float32)
+        lse = torch.empty(lse_shape, device=device, dtype=torch.float32)
+    else:
+        attn = lse = z
+    if grid is not None:
+        # A bool tensor reinterpreted as bytes: no copy, and loads as plain integers.
+        keep = image if image_mask is None else image_mask.view(torch.uint8)
+        feats = _features(wrap, image, w_f, b_f) if split else z
+        wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f, feats, z, attn, lse,
+                                       *scalars, SAVE=save, **constexprs)
+    return z, attn, lse
+
+
 @op("attend_fwd_triton", _fwd_fake)
 def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
                sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, num_req, width = requests.shape
-    tokens, vision = image.shape[1], image.shape[2]
-    head_dim = width // num_heads
-    z = torch.empty((batch, num_req, width), device=requests.device, dtype=requests.dtype)
-    attn = torch.empty((batch, num_req, width), device=requests.device, dtype=torch.float32)
-    lse = torch.empty((batch, num_heads, num_req), device=requests.device, dtype=torch.float32)
-    if batch == 0 or num_req == 0:
-        return z, attn, lse
-    keep, m_sb, m_sn = _mask_arg(image_mask, image)
-    dot_fp32, ieee = dot_flags(requests.dtype)
-    split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_fwd")
-    feats = decompose(image, w_f, b_f, sub_features) if split else z
-    launcher(_attend_fwd_kernel)[(batch, cdiv(num_heads, heads))](
-        requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, z, attn, lse,
-        num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
-        requests.stride(0), requests.stride(1), requests.stride(2),
-        image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
-        HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
-        SPLIT=split, HEADS=heads, BR=br, BE=be, BD=bd, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
-    )
-    return z, attn, lse
+    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    return _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
 
 
 def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, num_heads, sub_features):
@@ -297,7 +322,7 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     keep, m_sb, m_sn = _mask_arg(image_mask, image)
     dot_fp32, ieee = dot_flags(requests.dtype)
     split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd")
-    feats = decompose(image, w_f, b_f, sub_features) if split else d_feat
+    feats = _features(launcher, image, w_f, b_f) if split else d_feat
     launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, heads))](
         requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, attn, lse, d_req, d_feat,
         num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
@@ -327,9 +352,12 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
 
 class AttendFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-        fwd = torch.ops.lmeye_fast.attend_fwd_triton if compiling() else attend_fwd
-        z, attn, lse = fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
+        if plan is None:
+            z, attn, lse = torch.ops.lmeye_fast.attend_fwd_triton(
+                requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        else:
+            z, attn, lse = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
         ctx.save_for_backward(requests, image, image_mask, w_f, b_f, attn, lse)
         ctx.num_heads, ctx.sub_features = num_heads, sub_features
         ctx.mark_non_differentiable(attn, lse)
@@ -341,16 +369,10 @@ class AttendFunction(torch.autograd.Function):
         bwd = torch.ops.lmeye_fast.attend_bwd_triton if compiling() else attend_bwd
         d_req, d_image, d_w, d_b = bwd(
             grad, requests, image, image_mask, w_f, b_f, attn, lse, ctx.num_heads, ctx.sub_features)
-        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None
+        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None, None
 
 
-def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
-                      w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-                      sub_features: int) -> torch.Tensor:
-    """Decomposition + attention, ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head -> (B, R, Di).
-
-    Same semantics as ``reference.decompose`` followed by ``reference.attend``.
-    """
+def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
     device, dtype = requests.device, requests.dtype
     if requests.dim() != 3:
         raise ValueError(f"requests: expected shape (B, R, Di), got {tuple(requests.shape)}")
@@ -379,8 +401,31 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
             raise ValueError(f"image_mask: expected a bool tensor of shape {tuple(image.shape[:2])}, "
                              f"got {image_mask.dtype} {tuple(image_mask.shape)}")
         check_device("image_mask", image_mask, device)
-    if compiling() or needs_grad(requests, image, w_f, b_f):
-        z, _, _ = AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    else:
-        z, _, _ = attend_fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    return z
+
+
+_PLANS = PlanCache()
+
+
+def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+                      w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
+                      sub_features: int) -> torch.Tensor:
+    """Decomposition + attention, ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head -> (B, R, Di).
+
+    Same semantics as ``reference.decompose`` followed by ``reference.attend``.
+    """
+    b_f = dense_bias(b_f)
+    if compiling():
+        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)[0]
+    key = (requests.shape, requests.stride(), requests.dtype, requests.device, image.shape, image.stride(),
+           image.dtype, image.device, w_f.shape, w_f.stride(), w_f.dtype, w_f.device, num_heads, sub_features,
+           None if image_mask is None else (image_mask.shape, image_mask.stride(), image_mask.dtype,
+                                            image_mask.device),
+           None if b_f is None else (b_f.shape, b_f.dtype, b_f.device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        plan = _PLANS.add(key, _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
+    if needs_grad(requests, image, w_f, b_f):
+        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)[0]
+    return _fwd_launch(as_is, plan, False, requests, image, image_mask, w_f, b_f)[0]

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from .triton_launch import Rows, check_device, check_dtype, compiling, gemm, needs_grad, op, rows2d
+from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, dense_bias, check_dtype, compiling, device_index, gemm,
+                            gemm_plan, launch_gemm, needs_grad, op, rows2d)
 
 
 def _hidden_rows(hidden: torch.Tensor, request_pos: Optional[torch.Tensor]) -> Rows:
@@ -57,24 +58,23 @@ def request_bwd(grad: torch.Tensor, hidden: torch.Tensor, request_pos: Optional[
 
 class RequestFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, request_pos, w_q, b_q):
+    def forward(ctx, hidden, request_pos, w_q, b_q, plan):
         ctx.save_for_backward(hidden, request_pos, w_q)
         ctx.has_bias = b_q is not None
-        if compiling():
+        if plan is None:
             return torch.ops.lmeye_fast.request_fwd_triton(hidden, request_pos, w_q, b_q)
-        return request_fwd(hidden, request_pos, w_q, b_q)
+        return _launch(plan, hidden, request_pos, w_q, b_q)
 
     @staticmethod
     def backward(ctx, grad):
         hidden, request_pos, w_q = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.request_bwd_triton if compiling() else request_bwd
-        d_hidden, d_w, d_b = bwd(grad, hidden, request_pos, w_q)
-        return d_hidden, None, d_w, (d_b if ctx.has_bias else None)
+        # The eager forward returns (B, R, Di), the registered op (B, R*Di).
+        d_hidden, d_w, d_b = bwd(grad.reshape(grad.shape[0], w_q.shape[0]), hidden, request_pos, w_q)
+        return d_hidden, None, d_w, (d_b if ctx.has_bias else None), None
 
 
-def request(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torch.Tensor,
-            b_q: Optional[torch.Tensor], num_requests: int) -> torch.Tensor:
-    """``reshape(W_q · hidden[b, request_pos[b]] + b_q, (R, Di))`` -> (B, R, Di); see ``reference.request``."""
+def _check(hidden, request_pos, w_q, b_q, num_requests):
     device, dtype = hidden.device, hidden.dtype
     check_dtype("hidden", hidden, dtype)
     if request_pos is None:
@@ -97,8 +97,43 @@ def request(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torc
             raise ValueError(f"b_q: expected shape ({w_q.shape[0]},), got {tuple(b_q.shape)}")
         check_dtype("b_q", b_q, dtype)
         check_device("b_q", b_q, device)
-    if compiling() or needs_grad(hidden, w_q, b_q):
-        out = RequestFunction.apply(hidden, request_pos, w_q, b_q)
-    else:
-        out = request_fwd(hidden, request_pos, w_q, b_q)
-    return out.view(hidden.shape[0], num_requests, w_q.shape[0] // num_requests)
+
+
+_PLANS = PlanCache()
+
+
+def _plan(key, hidden, request_pos, w_q, b_q, num_requests):
+    _check(hidden, request_pos, w_q, b_q, num_requests)
+    batch, width, outs = hidden.shape[0], hidden.shape[-1], w_q.shape[0]
+    # The (B, R, Di) output is addressed as its contiguous (B, R*Di) rows.
+    launch = gemm_plan(_hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), Rows(None, 1, outs, 0, 1),
+                       batch, outs, width, hidden.dtype, device_index(hidden), bias=b_q is not None,
+                       config="request_fwd")
+    return _PLANS.add(key, ((batch, num_requests, outs // num_requests), hidden.dtype, hidden.device, launch))
+
+
+def _launch(plan, hidden, request_pos, w_q, b_q):
+    shape, dtype, device, launch = plan
+    out = torch.empty(shape, dtype=dtype, device=device)
+    launch_gemm(_gemm_kernel, launch, hidden, w_q, out, out if b_q is None else b_q, out, out,
+                out if request_pos is None else request_pos, out, out)
+    return out
+
+
+def request(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torch.Tensor,
+            b_q: Optional[torch.Tensor], num_requests: int) -> torch.Tensor:
+    """``reshape(W_q · hidden[b, request_pos[b]] + b_q, (R, Di))`` -> (B, R, Di); see ``reference.request``."""
+    b_q = dense_bias(b_q)
+    if compiling():
+        _check(hidden, request_pos, w_q, b_q, num_requests)
+        out = RequestFunction.apply(hidden, request_pos, w_q, b_q, None)
+        return out.view(hidden.shape[0], num_requests, w_q.shape[0] // num_requests)
+    key = (hidden.shape, hidden.stride(), hidden.dtype, hidden.device, w_q.shape, w_q.stride(), w_q.dtype,
+           w_q.device, num_requests,
+           None if request_pos is None else (request_pos.shape, request_pos.stride(), request_pos.dtype,
+                                             request_pos.device),
+           None if b_q is None else (b_q.shape, b_q.dtype, b_q.device))
+    plan = _PLANS.get(key) or _plan(key, hidden, request_pos, w_q, b_q, num_requests)
+    if needs_grad(hidden, w_q, b_q):
+        return RequestFunction.apply(hidden, request_pos, w_q, b_q, plan)
+    return _launch(plan, hidden, request_pos, w_q, b_q)

@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 import torch
 
 from .interleave import check_slots, gather_slots
-from .triton_launch import (Rows, check_device, check_dtype, compiling, gemm, interpret, needs_grad, op, rows2d,
-                            rows3d)
+from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, dense_bias, check_dtype, compiling, device_index, gemm,
+                            gemm_plan, interpret, launch_gemm, needs_grad, op, rows2d, rows3d)
 
 
 def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
@@ -123,19 +123,19 @@ class TransmitFunction(torch.autograd.Function):
 
 class TransmitInterleaveFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
+    def forward(ctx, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace, plan):
         ctx.save_for_backward(z, w_o, slot_pos)
         ctx.has_bias, ctx.has_slot = b_o is not None, slot_embed is not None
+        if plan is not None:
+            out = _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+        elif inplace:
+            torch.ops.lmeye_fast.transmit_interleave_triton_(z, w_o, b_o, slot_embed, embeds, slot_pos)
+            out = embeds
+        else:
+            out = torch.ops.lmeye_fast.transmit_interleave_triton(z, w_o, b_o, slot_embed, embeds, slot_pos)
         if inplace:
-            if compiling():
-                torch.ops.lmeye_fast.transmit_interleave_triton_(z, w_o, b_o, slot_embed, embeds, slot_pos)
-            else:
-                transmit_interleave_inplace(z, w_o, b_o, slot_embed, embeds, slot_pos)
             ctx.mark_dirty(embeds)
-            return embeds
-        if compiling():
-            return torch.ops.lmeye_fast.transmit_interleave_triton(z, w_o, b_o, slot_embed, embeds, slot_pos)
-        return transmit_interleave_out(z, w_o, b_o, slot_embed, embeds, slot_pos)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -145,7 +145,8 @@ class TransmitInterleaveFunction(torch.autograd.Function):
             d_z, d_w, d_b, d_slot = torch.ops.lmeye_fast.transmit_bwd_triton(d_t, z, w_o)
         else:
             d_z, d_w, d_b, d_slot = transmit_bwd(gather_slots(grad, slot_pos), z, w_o)
-        return (d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None), grad, None, None)
+        return (d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None), grad, None, None,
+                None)
 
 
 def _check(z, w_o, b_o, slot_embed):
@@ -170,9 +171,36 @@ def _check(z, w_o, b_o, slot_embed):
         check_device("slot_embed", slot_embed, device)
 
 
+_PLANS = PlanCache()
+
+
+def _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
+    _check(z, w_o, b_o, slot_embed)
+    check_slots(embeds, (z.shape[0], z.shape[1], w_o.shape[0]), slot_pos)
+    check_device("embeds", embeds, z.device)
+    batch, num_req, width = z.shape
+    # The out-of-place result is a clone of embeds, which keeps its strides when
+    # it is dense and is contiguous otherwise, exactly as ``empty_like`` lays out.
+    target = embeds if inplace else torch.empty_like(embeds, device="meta")
+    rows = Rows(None, num_req, target.stride(0), 0, target.stride(2), slot_pos, slot_pos.stride(0),
+                slot_pos.stride(1), target.stride(1), target.shape[1])
+    rb = None if slot_embed is None else (slot_embed.shape[0], slot_embed.stride(0), slot_embed.stride(1))
+    launch = gemm_plan(rows3d(z), rows2d(w_o, transpose=True), rows, batch * num_req, w_o.shape[0], width, z.dtype,
+                       device_index(z), bias=b_o is not None, rowbias=rb, accumulate=True, config="transmit_fwd")
+    return _PLANS.add(key, launch)
+
+
+def _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
+    out = embeds if inplace else embeds.clone()
+    launch_gemm(_gemm_kernel, plan, z, w_o, out, out if b_o is None else b_o,
+                out if slot_embed is None else slot_embed, out, out, out, slot_pos)
+    return out
+
+
 def transmit(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
              slot_embed: Optional[torch.Tensor]) -> torch.Tensor:
     """``t = z W_oᵀ + b_o + e_slot`` -> (B, R, D); see ``reference.transmit``."""
+    b_o = dense_bias(b_o)
     _check(z, w_o, b_o, slot_embed)
     if compiling() or needs_grad(z, w_o, b_o, slot_embed):
         return TransmitFunction.apply(z, w_o, b_o, slot_embed)
@@ -187,12 +215,22 @@ def transmit_interleave(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.
     ``inplace=True`` writes into ``embeds`` and returns it; otherwise a new
     tensor is returned and ``embeds`` is left untouched.
     """
-    _check(z, w_o, b_o, slot_embed)
-    check_slots(embeds, (z.shape[0], z.shape[1], w_o.shape[0]), slot_pos)
-    check_device("embeds", embeds, z.device)
-    if compiling() or needs_grad(z, w_o, b_o, slot_embed, embeds):
-        return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, bool(inplace))
-    if inplace:
-        transmit_interleave_inplace(z, w_o, b_o, slot_embed, embeds, slot_pos)
-        return embeds
-    return transmit_interleave_out(z, w_o, b_o, slot_embed, embeds, slot_pos)
+    b_o = dense_bias(b_o)
+    if compiling():
+        _check(z, w_o, b_o, slot_embed)
+        check_slots(embeds, (z.shape[0], z.shape[1], w_o.shape[0]), slot_pos)
+        check_device("embeds", embeds, z.device)
+        return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, bool(inplace), None)
+    inplace = bool(inplace)
+    key = (z.shape, z.stride(), z.dtype, z.device, w_o.shape, w_o.stride(), w_o.dtype, w_o.device,
+           embeds.shape, embeds.stride(), embeds.dtype, embeds.device,
+           slot_pos.shape, slot_pos.stride(), slot_pos.dtype, slot_pos.device, inplace,
+           None if b_o is None else (b_o.shape, b_o.dtype, b_o.device),
+           None if slot_embed is None else (slot_embed.shape, slot_embed.stride(), slot_embed.dtype,
+                                             slot_embed.device))
+    plan = _PLANS.get(key, False)  # a cached plan may be None: nothing to launch
+    if plan is False:
+        plan = _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+    if needs_grad(z, w_o, b_o, slot_embed, embeds):
+        return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace, plan)
+    return _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)

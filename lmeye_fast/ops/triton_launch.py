@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -65,6 +65,14 @@ def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
                         f"got {str(dtype).replace('torch.', '')}")
 
 
+def dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels read a bias as a unit-stride vector (and launch plans are cached
+    on that assumption), so a strided one is copied first; autograd sees the copy."""
+    if bias is None or bias.stride(0) == 1:
+        return bias
+    return bias.contiguous()
+
+
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
@@ -89,7 +97,8 @@ def op(name: str, fake, mutates_args=()):
     Eager code calls the returned function (see ``compiling``): a trip through
     the dispatcher, the custom-op autograd wrapper and the triton_op backend
     costs about 150 µs of CPU per call, several times the kernels' GPU time.
-    It launches the kernels unwrapped (``launcher``).
+    It launches the kernels unwrapped (``launcher``). The ops' eager forwards go
+    further and launch from cached plans (``PlanCache``) without it.
     """
 
     def register(fn):
@@ -128,6 +137,11 @@ def launcher(kernel):
     if getattr(_launch_state, "direct", False):
         return kernel
     return wrap_triton(kernel)
+
+
+def as_is(kernel):
+    """The launcher of a direct eager call outside the registered ops: the kernel itself."""
+    return kernel
 
 
 class Rows(NamedTuple):
@@ -244,8 +258,28 @@ _CONFIG_CACHES = []
 def config_cache(fn):
     """Memoise a launch-configuration function; ``set_config`` invalidates it."""
     cached = functools.lru_cache(maxsize=1024)(fn)
-    _CONFIG_CACHES.append(cached)
+    _CONFIG_CACHES.append(cached.cache_clear)
     return cached
+
+
+class PlanCache(dict):
+    """Launch plans of one op keyed by its inputs' metadata (shapes, strides,
+    dtypes, devices, flags). A key is stored only after the op's argument
+    checks passed for it, so a hit skips both the checks and the launch
+    arithmetic; ``set_config`` empties it. Bounded, as shapes that change on
+    every call (a growing sequence) would otherwise grow it forever."""
+
+    LIMIT = 512
+
+    def __init__(self):
+        super().__init__()
+        _CONFIG_CACHES.append(self.clear)
+
+    def add(self, key, plan):
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = plan
+        return plan
 
 
 def set_config(name: str, values: dict) -> None:
@@ -253,8 +287,8 @@ def set_config(name: str, values: dict) -> None:
     if name not in CONFIGS:
         raise KeyError(f"name: expected one of {tuple(CONFIGS)}, got {name!r}")
     CONFIGS[name] = dict(values)
-    for cached in _CONFIG_CACHES:
-        cached.cache_clear()
+    for clear in _CONFIG_CACHES:
+        clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,8 +326,42 @@ def device_index(t: torch.Tensor) -> int:
     return 0 if index is None else index
 
 
-def _idx(r: Rows, dummy: torch.Tensor):
-    return (r.idx if r.idx is not None else dummy), r.is0, r.is1, r.si, r.lim
+def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dtype, device: int, *,
+              bias: bool = False, rowbias: Optional[Tuple[int, int, int]] = None, colsum: bool = False,
+              accumulate: bool = False, config: Optional[str] = None):
+    """``(grid, scalars, constexprs)`` of one GEMM launch, or None when there is nothing to compute.
+
+    Only the integer parts of ``a``, ``b``, ``c`` are read (their ``tensor``
+    may be None); ``rowbias`` is ``(g, stride0, stride1)`` of the (g, N) row
+    bias. ``launch_gemm`` supplies the pointers, so a plan can be cached.
+    """
+    if m == 0 or n == 0:
+        return None
+    dot_fp32, ieee = dot_flags(dtype)
+    bm, bn, bk, warps, stages = gemm_blocks(int(m), int(n), int(k), device, config)
+    rb_g, rb_s, rb_n = rowbias if rowbias is not None else (1, 0, 0)
+    scalars = (
+        m, n, k,
+        a.g, a.s0, a.s1, a.inner, a.is0, a.is1, a.si, a.lim,
+        b.g, b.s0, b.s1, b.inner, b.is0, b.is1, b.si, b.lim,
+        c.g, c.s0, c.s1, c.inner, c.is0, c.is1, c.si, c.lim,
+        rb_g, rb_s, rb_n,
+    )
+    constexprs = dict(
+        A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
+        HAS_BIAS=bias, HAS_ROWBIAS=rowbias is not None, ACCUMULATE=accumulate,
+        COLSUM=colsum, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages,
+    )
+    return (cdiv(n, bn), cdiv(m, bm)), scalars, constexprs
+
+
+def launch_gemm(kernel, plan, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx) -> None:
+    """Launch ``plan`` (from ``gemm_plan``) on these pointers; an absent operand is passed as any
+    tensor of the call (``c``), as its constexpr flag keeps the kernel from reading it."""
+    if plan is not None:
+        grid, scalars, constexprs = plan
+        kernel[grid](a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx, *scalars, **constexprs)
 
 
 def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
@@ -306,28 +374,11 @@ def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[to
     when A is a transposed output gradient). ``config`` names an entry of
     ``CONFIGS``; without one the block sizes follow a bandwidth heuristic.
     """
-    if m == 0 or n == 0:
-        return
-    dot_fp32, ieee = dot_flags(a.tensor.dtype)
-    bm, bn, bk, warps, stages = gemm_blocks(int(m), int(n), int(k), device_index(a.tensor), config)
+    rb = None if rowbias is None else (rowbias.shape[0], rowbias.stride(0), rowbias.stride(-1))
+    plan = gemm_plan(a, b, c, m, n, k, a.tensor.dtype, device_index(a.tensor), bias=bias is not None, rowbias=rb,
+                     colsum=colsum is not None, accumulate=accumulate, config=config)
     dummy = c.tensor
-    a_idx = _idx(a, dummy)
-    b_idx = _idx(b, dummy)
-    c_idx = _idx(c, dummy)
-    rb = rowbias if rowbias is not None else dummy
-    rb_g = rowbias.shape[0] if rowbias is not None else 1
-    grid = (cdiv(n, bn), cdiv(m, bm))
-    launcher(_gemm_kernel)[grid](
-        a.tensor, b.tensor, c.tensor,
-        bias if bias is not None else dummy, rb, colsum if colsum is not None else dummy,
-        a_idx[0], b_idx[0], c_idx[0],
-        m, n, k,
-        a.g, a.s0, a.s1, a.inner, *a_idx[1:],
-        b.g, b.s0, b.s1, b.inner, *b_idx[1:],
-        c.g, c.s0, c.s1, c.inner, *c_idx[1:],
-        rb_g, rb.stride(0) if rowbias is not None else 0, rb.stride(-1) if rowbias is not None else 0,
-        A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
-        HAS_BIAS=bias is not None, HAS_ROWBIAS=rowbias is not None, ACCUMULATE=accumulate,
-        COLSUM=colsum is not None, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
-        num_warps=warps, num_stages=stages,
-    )
+    launch_gemm(launcher(_gemm_kernel), plan, a.tensor, b.tensor, c.tensor,
+                dummy if bias is None else bias, dummy if rowbias is None else rowbias,
+                dummy if colsum is None else colsum, dummy if a.idx is None else a.idx,
+                dummy if b.idx is None else b.idx, dummy if c.idx is None else c.idx)
