@@ -27,6 +27,10 @@ def _check_slots(embeds, slot_pos, device, validate):
         check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
 
 
+def _as(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
 class InteractiveLayer(nn.Module):
     """LMEye's interactive perception network (IPN).
 
@@ -106,14 +110,15 @@ class InteractiveLayer(nn.Module):
         return (f"requests={self.num_requests}, sub_features={self.sub_features}, heads={self.num_heads}, "
                 f"interaction={kind}, backend={self.backend}")
 
-    def _ops(self, device: torch.device, traced: bool):
+    def _ops(self, device: torch.device, dtype: torch.dtype, traced: bool):
         """(request, attend_decomposed, transmit, transmit_interleave) for ``device``, resolved once per
         device type. A compiled forward asks ``ops.get`` (resolved at construction by ``ops.preload``)."""
         if traced:
-            return tuple(ops.get(name, self.backend, device) for name in _OPS)
-        fns = self._resolved.get(device.type)
+            return tuple(ops.get(name, self.backend, device, dtype) for name in _OPS)
+        fns = self._resolved.get((device.type, dtype))
         if fns is None:
-            fns = self._resolved[device.type] = tuple(ops.get(name, self.backend, device) for name in _OPS)
+            fns = self._resolved[(device.type, dtype)] = tuple(ops.get(name, self.backend, device, dtype)
+                                                               for name in _OPS)
         return fns
 
     def _check(self, hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced):
@@ -163,15 +168,30 @@ class InteractiveLayer(nn.Module):
         if image_mask is not None:
             check_tensor("image_mask", image_mask, (batch, image.shape[1]), (torch.bool,), device, dims="(B, N)")
 
-    def _requests_and_z(self, fns, hidden, request_pos, image, image_mask, device):
-        r = fns[0](hidden, request_pos, self.request_proj.weight, self.request_proj.bias, self.num_requests)
-        if self.interaction is None:
-            decompose = self.decompose_proj
-            return fns[1](r, image, image_mask, decompose.weight, decompose.bias, self.num_heads, self.sub_features)
-        return self._interact(r, image, image_mask, device)
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the IPN runs in: autocast's where it is on, else the parameters' (float32 accumulation
+        either way). Activations of another dtype (a bf16 LLM beside float32 adapter weights) are cast
+        to it, as an autocast linear layer would cast them."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.request_proj.weight.dtype
 
-    def _interact(self, r, image, image_mask, device):
-        feats = reference.decompose(image, self.decompose_proj.weight, self.decompose_proj.bias, self.sub_features)
+    def _params(self, dtype: torch.dtype):
+        """(w_q, b_q, w_f, b_f, w_o, b_o, slot_embed) in ``dtype``; the casts are autograd ops, so
+        gradients reach the parameters in their own dtype."""
+        tensors = (self.request_proj.weight, self.request_proj.bias, self.decompose_proj.weight,
+                   self.decompose_proj.bias, self.transmit_proj.weight, self.transmit_proj.bias, self.slot_embed)
+        return tuple(_as(t, dtype) for t in tensors)
+
+    def _requests_and_z(self, fns, params, hidden, request_pos, image, image_mask, device):
+        w_q, b_q, w_f, b_f = params[:4]
+        r = fns[0](hidden, request_pos, w_q, b_q, self.num_requests)
+        if self.interaction is None:
+            return fns[1](r, image, image_mask, w_f, b_f, self.num_heads, self.sub_features)
+        return self._interact(r, image, image_mask, w_f, b_f, device)
+
+    def _interact(self, r, image, image_mask, w_f, b_f, device):
+        feats = reference.decompose(image, w_f, b_f, self.sub_features)
         sequence = torch.cat([feats, r.to(feats.dtype)], dim=1)
         mask = None
         if image_mask is not None:
@@ -187,10 +207,11 @@ class InteractiveLayer(nn.Module):
         """The R transmitted tokens (B, R, D), without writing them anywhere."""
         traced = torch.compiler.is_compiling()
         device = self._check(hidden, request_pos, image, image_mask, None, None, validate, traced)
-        fns = self._ops(device, traced)
-        z = self._requests_and_z(fns, hidden, request_pos, image, image_mask, device)
-        transmit = self.transmit_proj
-        return fns[2](z, transmit.weight, transmit.bias, self.slot_embed)
+        dtype = self._compute_dtype(device)
+        params = self._params(dtype)
+        fns = self._ops(device, dtype, traced)
+        z = self._requests_and_z(fns, params, _as(hidden, dtype), request_pos, _as(image, dtype), image_mask, device)
+        return fns[2](z, *params[4:])
 
     def forward(
         self,
@@ -219,10 +240,11 @@ class InteractiveLayer(nn.Module):
         """
         traced = torch.compiler.is_compiling()
         device = self._check(hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced)
-        fns = self._ops(device, traced)
-        z = self._requests_and_z(fns, hidden, request_pos, image, image_mask, device)
-        transmit = self.transmit_proj
-        return fns[3](z, transmit.weight, transmit.bias, self.slot_embed, embeds, slot_pos, inplace)
+        dtype = self._compute_dtype(device)
+        params = self._params(dtype)
+        fns = self._ops(device, dtype, traced)
+        z = self._requests_and_z(fns, params, _as(hidden, dtype), request_pos, _as(image, dtype), image_mask, device)
+        return fns[3](z, *params[4:], embeds, slot_pos, inplace)
 
 
 class StaticVisualMapping(nn.Module):
@@ -263,5 +285,5 @@ class StaticVisualMapping(nn.Module):
         if slot_pos.shape[1] != image.shape[1]:
             raise ValueError(f"slot_pos: expected shape (B, N) = ({image.shape[0]}, {image.shape[1]}), "
                              f"got {tuple(slot_pos.shape)}")
-        interleave = ops.get("interleave", self.backend, embeds.device)
+        interleave = ops.get("interleave", self.backend, embeds.device, embeds.dtype)
         return interleave(embeds, tokens.to(embeds.dtype), slot_pos, inplace)

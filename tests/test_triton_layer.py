@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lmeye_fast import InteractiveLayer, backends  # noqa: E402
+from lmeye_fast import InteractiveLayer, backends, reference  # noqa: E402
 
 ok, why = backends.status("triton")
 pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
@@ -117,3 +117,48 @@ def test_layer_long_image_sequence():
     (gi,) = torch.autograd.grad(out, image, g)
     (wi,) = torch.autograd.grad(want, image, g)
     torch.testing.assert_close(gi, wi, atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_dtypes_compute_in_the_parameters_dtype():
+    """A half-precision LLM beside float32 adapter weights: activations are cast to the weights' dtype."""
+    layer = InteractiveLayer(24, 14, 12, num_requests=3, num_heads=3, backend="triton", device=DEVICE)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    hidden = torch.randn(2, 6, 24, device=DEVICE, dtype=torch.float16)
+    image = torch.randn(2, 5, 14, device=DEVICE, dtype=torch.float16)
+    embeds = torch.randn(2, 9, 24, device=DEVICE, dtype=torch.float16)
+    slots = torch.stack([torch.randperm(9, device=DEVICE)[:3] for _ in range(2)])
+    pos = torch.randint(0, 6, (2,), device=DEVICE)
+    out = layer(hidden, image, embeds, slots, request_pos=pos)
+    assert out.dtype == torch.float16
+    p = [t.detach().double() for t in (layer.request_proj.weight, layer.request_proj.bias,
+                                       layer.decompose_proj.weight, layer.decompose_proj.bias,
+                                       layer.transmit_proj.weight, layer.transmit_proj.bias, layer.slot_embed)]
+    want = reference.interactive(hidden.double(), pos, image.double(), None, embeds.double(), slots, *p, 3, 1)
+    err = (out.double() - want).abs().max().item()
+    assert err <= 2 * torch.finfo(torch.float16).eps * (1 + want.abs().max().item()), err
+    out.float().sum().backward()
+    assert all(q.grad is not None and q.grad.dtype == torch.float32 for q in layer.parameters())
+
+
+def test_autocast_runs_the_kernels_in_the_autocast_dtype():
+    layer = InteractiveLayer(24, 14, 12, num_requests=3, num_heads=3, backend="triton", device=DEVICE)
+    hidden = torch.randn(2, 6, 24, device=DEVICE)
+    image = torch.randn(2, 5, 14, device=DEVICE)
+    embeds = torch.randn(2, 9, 24, device=DEVICE)
+    slots = torch.stack([torch.randperm(9, device=DEVICE)[:3] for _ in range(2)])
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        tokens = layer.transmitted(hidden, image, request_pos=torch.randint(0, 6, (2,), device=DEVICE))
+        out = layer(hidden, image, embeds, slots, request_pos=torch.randint(0, 6, (2,), device=DEVICE))
+    assert tokens.dtype == torch.float16 and out.dtype == torch.float32
+    out.sum().backward()
+    assert layer.request_proj.weight.grad.dtype == torch.float32
+
+
+def test_auto_sends_float64_to_the_reference():
+    from lmeye_fast import ops
+
+    cuda = torch.device("cuda")
+    for op in ops.TABLE:
+        assert ops.resolve(op, "auto", cuda, torch.float64) == "reference"

@@ -94,12 +94,17 @@ def preload(backend: str) -> None:
                 _load(table[name])
 
 
-def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> str:
-    """The concrete backend that runs ``op`` for ``backend`` ('auto' or a name) on ``device``."""
+# The storage dtypes the kernels take; "auto" runs anything else (float64) on the reference.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve(op: str, backend: str, device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend that runs ``op`` for ``backend`` ('auto' or a name) on ``device`` in ``dtype``."""
     if op not in TABLE:
         raise ValueError(f"op: expected one of {tuple(TABLE)}, got {op!r}")
     if backend == "auto":
-        if device is None or device.type != "cuda":
+        if device is None or device.type != "cuda" or (dtype is not None and dtype not in KERNEL_DTYPES):
             return "reference"
         for name in AUTO_ORDER[op]:
             if name in TABLE[op] and backends.status(name)[0]:
@@ -114,13 +119,15 @@ def resolve(op: str, backend: str, device: Optional[torch.device] = None) -> str
     return backend
 
 
-_RESOLVED: Dict[Tuple[str, str, str], Callable] = {}
+_RESOLVED: Dict[Tuple[str, str, str, Optional[torch.dtype]], Callable] = {}
 
 
-def get(op: str, backend: str = "auto", device: Optional[torch.device] = None) -> Callable:
-    """The function that runs ``op`` for ``backend`` on ``device`` (resolved once per device type)."""
-    key = (op, backend, "" if device is None else device.type)
+def get(op: str, backend: str = "auto", device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None) -> Callable:
+    """The function that runs ``op`` for ``backend`` on ``device`` in ``dtype`` (resolved once per
+    device type and dtype)."""
+    key = (op, backend, "" if device is None else device.type, dtype)
     fn = _RESOLVED.get(key)
     if fn is None:
-        fn = _RESOLVED[key] = _load(TABLE[op][resolve(op, backend, device)])
+        fn = _RESOLVED[key] = _load(TABLE[op][resolve(op, backend, device, dtype)])
     return fn
