@@ -60,6 +60,22 @@ void same_dtype(const char* op, const char* name, const at::Tensor& t, const at:
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
+// The geometry both row kernels read: seq (B, T, D), rows (B, R, D), index (B, R).
+// The data pointers are set by the caller, which knows which side is written.
+void describe_rows(lmeye_rows_args& a, const at::Tensor& seq, const at::Tensor& rows, const at::Tensor& index) {
+  a.batch = seq.size(0);
+  a.count = index.size(1);
+  a.length = seq.size(1);
+  a.width = seq.size(2);
+  a.index = index.const_data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    a.seq_stride[d] = seq.stride(d);
+    a.rows_stride[d] = rows.stride(d);
+  }
+  a.index_stride[0] = index.stride(0);
+  a.index_stride[1] = index.stride(1);
+}
+
 // Checks shared by everything that adds rows (B, R, D) into seq (B, T, D) at
 // index (B, R), and the launch. `seq` may be written; the others are read.
 void add_rows(const char* op, const at::Tensor& seq, const char* seq_name, const at::Tensor& rows,
@@ -90,19 +106,9 @@ void add_rows(const char* op, const at::Tensor& seq, const char* seq_name, const
     a.slot_stride[0] = e.stride(0);
     a.slot_stride[1] = e.stride(1);
   }
-  a.batch = batch;
-  a.count = count;
-  a.length = seq.size(1);
-  a.width = width;
+  describe_rows(a, seq, rows, index);
   a.seq = seq.mutable_data_ptr();
   a.rows = const_cast<void*>(rows.const_data_ptr());
-  a.index = index.const_data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    a.seq_stride[d] = seq.stride(d);
-    a.rows_stride[d] = rows.stride(d);
-  }
-  a.index_stride[0] = index.stride(0);
-  a.index_stride[1] = index.stride(1);
   const c10::cuda::CUDAGuard guard(seq.device());
   C10_CUDA_CHECK(lmeye_interleave_add(&a, stream_of(seq)));
 }
@@ -157,19 +163,9 @@ at::Tensor gather_rows(const at::Tensor& seq, const at::Tensor& index) {
   a.dtype = float_dtype(op, "seq", seq);
   a.index_dtype = index_dtype(op, "index", index);
   at::Tensor out = at::empty({seq.size(0), index.size(1), seq.size(2)}, seq.options());
-  a.batch = seq.size(0);
-  a.count = index.size(1);
-  a.length = seq.size(1);
-  a.width = seq.size(2);
+  describe_rows(a, seq, out, index);
   a.seq = const_cast<void*>(seq.const_data_ptr());
   a.rows = out.mutable_data_ptr();
-  a.index = index.const_data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    a.seq_stride[d] = seq.stride(d);
-    a.rows_stride[d] = out.stride(d);
-  }
-  a.index_stride[0] = index.stride(0);
-  a.index_stride[1] = index.stride(1);
   const c10::cuda::CUDAGuard guard(seq.device());
   C10_CUDA_CHECK(lmeye_gather_rows(&a, stream_of(seq)));
   return out;

@@ -183,12 +183,20 @@ class InteractiveLayer(nn.Module):
                    self.decompose_proj.bias, self.transmit_proj.weight, self.transmit_proj.bias, self.slot_embed)
         return tuple(_as(t, dtype) for t in tensors)
 
-    def _requests_and_z(self, fns, params, hidden, request_pos, image, image_mask, device):
+    def _interaction_output(self, hidden, request_pos, image, image_mask, embeds, slot_pos, validate):
+        """Steps 1-3, shared by ``forward`` and ``transmitted``: (op functions, parameters in the compute
+        dtype, z (B, R, Di))."""
+        traced = torch.compiler.is_compiling()
+        device = self._check(hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced)
+        dtype = self._compute_dtype(device)
+        params = self._params(dtype)
+        fns = self._ops(device, dtype, traced)
         w_q, b_q, w_f, b_f = params[:4]
-        r = fns[0](hidden, request_pos, w_q, b_q, self.num_requests)
+        r = fns[0](_as(hidden, dtype), request_pos, w_q, b_q, self.num_requests)
+        image = _as(image, dtype)
         if self.interaction is None:
-            return fns[1](r, image, image_mask, w_f, b_f, self.num_heads, self.sub_features)
-        return self._interact(r, image, image_mask, w_f, b_f, device)
+            return fns, params, fns[1](r, image, image_mask, w_f, b_f, self.num_heads, self.sub_features)
+        return fns, params, self._interact(r, image, image_mask, w_f, b_f, device)
 
     def _interact(self, r, image, image_mask, w_f, b_f, device):
         feats = reference.decompose(image, w_f, b_f, self.sub_features)
@@ -205,12 +213,7 @@ class InteractiveLayer(nn.Module):
 
     def transmitted(self, hidden, image, request_pos=None, image_mask=None, validate: bool = False):
         """The R transmitted tokens (B, R, D), without writing them anywhere."""
-        traced = torch.compiler.is_compiling()
-        device = self._check(hidden, request_pos, image, image_mask, None, None, validate, traced)
-        dtype = self._compute_dtype(device)
-        params = self._params(dtype)
-        fns = self._ops(device, dtype, traced)
-        z = self._requests_and_z(fns, params, _as(hidden, dtype), request_pos, _as(image, dtype), image_mask, device)
+        fns, params, z = self._interaction_output(hidden, request_pos, image, image_mask, None, None, validate)
         return fns[2](z, *params[4:])
 
     def forward(
@@ -238,12 +241,8 @@ class InteractiveLayer(nn.Module):
         Returns:
             ``embeds`` with the slot rows updated (the same tensor when ``inplace``).
         """
-        traced = torch.compiler.is_compiling()
-        device = self._check(hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced)
-        dtype = self._compute_dtype(device)
-        params = self._params(dtype)
-        fns = self._ops(device, dtype, traced)
-        z = self._requests_and_z(fns, params, _as(hidden, dtype), request_pos, _as(image, dtype), image_mask, device)
+        fns, params, z = self._interaction_output(hidden, request_pos, image, image_mask, embeds, slot_pos,
+                                                  validate)
         return fns[3](z, *params[4:], embeds, slot_pos, inplace)
 
 

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import (CONFIGS, PlanCache, Rows, _gemm_kernel, as_is, cdiv, check_device, dense_bias, check_dtype, compiling,
-                            config_cache, device_index, dot_flags, gemm, gemm_plan, interpret, launch_gemm, launcher,
-                            needs_grad, op, pow2, rows2d)
+from .triton_launch import (CONFIGS, PlanCache, Rows, _gemm_kernel, as_is, cdiv, check_device, check_dtype,
+                            check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
+                            gemm_plan, interpret, launch_gemm, launcher, needs_grad, op, pow2, rows2d)
 
 
 @triton.jit
@@ -54,10 +54,7 @@ def _feature_tile(x_ptr, w_ptr, bf_ptr, x_base, rn, n_ok, wrow, d_ok, DV, x_sn, 
         if DOT_FP32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        if IEEE:
-            f = tl.dot(x, w, f, input_precision="ieee")
-        else:
-            f = tl.dot(x, w, f)
+        f = dot_acc(x, w, f, IEEE)
     if HAS_BIAS:
         f += tl.load(bf_ptr + wrow, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     f = f.to(x_ptr.dtype.element_ty)
@@ -80,6 +77,18 @@ def _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S
         f = _feature_tile(x_ptr, w_ptr, bf_ptr, x_base, rn, n_ok, k * DI + col, d_ok, DV, x_sn, x_sd,
                           w_sr, w_sd, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
     return f
+
+
+@triton.jit
+def _token_tile(n0, N, m_ptr, b, m_sb, m_sn, HAS_MASK: tl.constexpr, BN: tl.constexpr):
+    """Image tokens [n0, n0 + BN): their indices, which exist, and which exist and are unmasked."""
+    rn = n0 + tl.arange(0, BN)
+    n_ok = rn < N
+    valid = n_ok
+    if HAS_MASK:
+        keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
+        valid = valid & (keep != 0)
+    return rn, n_ok, valid
 
 
 @triton.jit
@@ -129,12 +138,7 @@ def _attend_fwd_kernel(
     l_i = tl.zeros((BE,), dtype=tl.float32)
     acc = tl.zeros((BE, BD), dtype=tl.float32)
     for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        n_ok = rn < N
-        valid = n_ok
-        if HAS_MASK:
-            keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
-            valid = valid & (keep != 0)
+        rn, n_ok, valid = _token_tile(n0, N, m_ptr, b, m_sb, m_sn, HAS_MASK, BN)
         for k in range(0, S):
             f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
                         w_sr, w_sd, SPLIT, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
@@ -185,12 +189,7 @@ def _attend_bwd_kernel(
     x_base = b.to(tl.int64) * x_sb
     dr = tl.zeros((BE, BD), dtype=tl.float32)
     for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        n_ok = rn < N
-        valid = n_ok
-        if HAS_MASK:
-            keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
-            valid = valid & (keep != 0)
+        rn, n_ok, valid = _token_tile(n0, N, m_ptr, b, m_sb, m_sn, HAS_MASK, BN)
         pmask = row_ok[:, None] & valid[None, :]
         for k in range(0, S):
             f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
@@ -391,11 +390,7 @@ def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
                          f"got {tuple(w_f.shape)}")
     check_dtype("w_f", w_f, dtype)
     check_device("w_f", w_f, device)
-    if b_f is not None:
-        if b_f.shape != (sub_features * width,):
-            raise ValueError(f"b_f: expected shape ({sub_features * width},), got {tuple(b_f.shape)}")
-        check_dtype("b_f", b_f, dtype)
-        check_device("b_f", b_f, device)
+    check_like("b_f", b_f, (sub_features * width,), dtype, device)
     if image_mask is not None:
         if image_mask.shape != image.shape[:2] or image_mask.dtype != torch.bool:
             raise ValueError(f"image_mask: expected a bool tensor of shape {tuple(image.shape[:2])}, "

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, dense_bias, check_dtype, compiling, device_index, gemm,
-                            gemm_plan, launch_gemm, needs_grad, op, rows2d)
+from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, check_dtype, check_like, compiling,
+                            dense_bias, device_index, gemm, gemm_plan, launch_gemm, needs_grad, op, rows2d)
 
 
 def _hidden_rows(hidden: torch.Tensor, request_pos: Optional[torch.Tensor]) -> Rows:
@@ -92,11 +92,7 @@ def _check(hidden, request_pos, w_q, b_q, num_requests):
                          f"with num_requests={num_requests}, got {tuple(w_q.shape)}")
     check_dtype("w_q", w_q, dtype)
     check_device("w_q", w_q, device)
-    if b_q is not None:
-        if b_q.shape != (w_q.shape[0],):
-            raise ValueError(f"b_q: expected shape ({w_q.shape[0]},), got {tuple(b_q.shape)}")
-        check_dtype("b_q", b_q, dtype)
-        check_device("b_q", b_q, device)
+    check_like("b_q", b_q, (w_q.shape[0],), dtype, device)
 
 
 _PLANS = PlanCache()

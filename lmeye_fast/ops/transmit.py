@@ -21,8 +21,9 @@ from typing import Optional, Tuple
 import torch
 
 from .interleave import check_slots, gather_slots
-from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, dense_bias, check_dtype, compiling, device_index, gemm,
-                            gemm_plan, interpret, launch_gemm, needs_grad, op, rows2d, rows3d)
+from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, check_dtype, check_like, compiling,
+                            dense_bias, device_index, gemm, gemm_plan, interpret, launch_gemm, needs_grad, op, rows2d,
+                            rows3d)
 
 
 def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
@@ -158,17 +159,8 @@ def _check(z, w_o, b_o, slot_embed):
         raise ValueError(f"w_o: expected shape (D, Di) with Di={z.shape[2]}, got {tuple(w_o.shape)}")
     check_dtype("w_o", w_o, dtype)
     check_device("w_o", w_o, device)
-    if b_o is not None:
-        if b_o.shape != (w_o.shape[0],):
-            raise ValueError(f"b_o: expected shape ({w_o.shape[0]},), got {tuple(b_o.shape)}")
-        check_dtype("b_o", b_o, dtype)
-        check_device("b_o", b_o, device)
-    if slot_embed is not None:
-        if slot_embed.shape != (z.shape[1], w_o.shape[0]):
-            raise ValueError(f"slot_embed: expected shape (R, D) = ({z.shape[1]}, {w_o.shape[0]}), "
-                             f"got {tuple(slot_embed.shape)}")
-        check_dtype("slot_embed", slot_embed, dtype)
-        check_device("slot_embed", slot_embed, device)
+    check_like("b_o", b_o, (w_o.shape[0],), dtype, device)
+    check_like("slot_embed", slot_embed, (z.shape[1], w_o.shape[0]), dtype, device, "(R, D) = ")
 
 
 _PLANS = PlanCache()

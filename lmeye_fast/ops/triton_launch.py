@@ -65,6 +65,17 @@ def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
                         f"got {str(dtype).replace('torch.', '')}")
 
 
+def check_like(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dtype,
+               device: torch.device, dims: str = "") -> None:
+    """An optional operand (bias, slot embedding): ``shape``, the inputs' dtype and device, or None."""
+    if tensor is None:
+        return
+    if tensor.shape != shape:
+        raise ValueError(f"{name}: expected shape {dims}{tuple(shape)}, got {tuple(tensor.shape)}")
+    check_dtype(name, tensor, dtype)
+    check_device(name, tensor, device)
+
+
 def dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels read a bias as a unit-stride vector (and launch plans are cached
     on that assumption), so a strided one is copied first; autograd sees the copy."""
@@ -172,6 +183,14 @@ def rows3d(t: torch.Tensor) -> Rows:
 
 
 @triton.jit
+def dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b``; IEEE keeps float32 products exact (no tf32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _row_offsets(i, g, s0, s1, idx_ptr, is0, is1, si, lim, valid, HAS_IDX: tl.constexpr):
     outer = i // g
     inner = i % g
@@ -220,10 +239,7 @@ def _gemm_kernel(
             b = b.to(tl.float32)
         else:
             b = b.to(a.dtype)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot_acc(a, b, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_ROWBIAS:
