@@ -7,6 +7,7 @@ before triton is imported), so shapes stay small and odd. Tolerances:
            + 2^-10 * (1 + max |reference|)   (a floor for outputs the fp16 reference gets exact)
 """
 
+import contextlib
 import os
 
 import pytest
@@ -126,22 +127,32 @@ ATTEND_CASES = [
 ]
 
 
-# Kernel variants (launch configs of attend_fwd / attend_bwd): F materialised or
-# formed on chip (SPLIT), and 1, 2 or 4 heads per program (HEADS).
-ATTEND_VARIANTS = {"split-h1": (1, 1), "fused-h2": (0, 2), "split-h4": (1, 4)}
+# Kernel variants (launch configs of attend_fwd / attend_bwd): F materialised
+# (SPLIT) or formed on chip, in the forward and the backward, and 1, 2 or 4 heads
+# per program (HEADS). A split forward hands its F to the backward; a fused
+# forward leaves the backward to form F again, by GEMM or on chip.
+ATTEND_VARIANTS = {"split-h1": (1, 1, 1), "fused-h2": (0, 0, 2), "split-h4": (1, 1, 4), "fused-fwd-h1": (0, 1, 1)}
+
+
+@contextlib.contextmanager
+def attend_configs(variant):
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    split_fwd, split_bwd, heads = ATTEND_VARIANTS[variant]
+    saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
+    try:
+        for name, split in (("attend_fwd", split_fwd), ("attend_bwd", split_bwd)):
+            set_config(name, {**saved[name], "SPLIT": split, "HEADS": heads})
+        yield
+    finally:
+        for name, cfg in saved.items():
+            set_config(name, cfg)
 
 
 @pytest.fixture(params=list(ATTEND_VARIANTS))
 def attend_variant(request):
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
-
-    split, heads = ATTEND_VARIANTS[request.param]
-    saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
-    for name, cfg in saved.items():
-        set_config(name, {**cfg, "SPLIT": split, "HEADS": heads})
-    yield request.param
-    for name, cfg in saved.items():
-        set_config(name, cfg)
+    with attend_configs(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,6 +187,23 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
     assert torch.equal(z[0], r[0].detach())
     compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
+
+
+@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0)])
+def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
+    """A split forward hands its F to the backward, which must not run the decomposition GEMM again."""
+    from lmeye_fast.ops import attend
+
+    calls = []
+    features = attend._features
+    monkeypatch.setattr(attend, "_features", lambda *a: calls.append(1) or features(*a))
+    r = leaf(2, 3, 16, dtype=torch.float32)
+    x = leaf(2, 5, 12, dtype=torch.float32)
+    w = leaf(16, 12, dtype=torch.float32)
+    with attend_configs(variant):
+        attend.attend_decomposed(r, x, None, w, None, 2, 1).sum().backward()
+    assert len(calls) == expected
+    assert r.grad is not None and x.grad is not None and w.grad is not None
 
 
 def slots(batch, num_slots, length):

@@ -15,10 +15,15 @@ GEMM at a far higher rate than the per-head tiles can), F is first formed by
 one dense GEMM (``_features``) and the same kernels read its tiles instead.
 
 Saved for backward: the log-sum-exp (B, H, R) and the attention output
-``A F`` (B, R, Di), both fp32 (4·B·R·(Di + H) bytes; 0.5 MB at the 7B shape).
-The backward recomputes F tile by tile, finishes ``d requests`` in the same
-kernel, and writes ``dF`` (B, N·S, Di) in the storage dtype (12.6 MB in bf16 at
-the 7B shape, the same tensor the reference's autograd holds); ``d image``,
+``A F`` (B, R, Di), both fp32 (4·B·R·(Di + H) bytes; 0.5 MB at the 7B shape),
+and, when the forward materialised F (``SPLIT``), F itself (B, N·S, Di) in the
+storage dtype: 12.6 MB in bf16 at the 7B shape, the same tensor the
+reference's autograd holds, and keeping it spares the backward the
+decomposition GEMM (13 GFLOP at that shape) that would form it again. A fused
+forward keeps no F; its backward recomputes F tile by tile in the kernel, or
+with one GEMM when the backward's own config is ``SPLIT``. The backward
+finishes ``d requests`` in the same kernel and writes ``dF`` (B, N·S, Di) in
+the storage dtype; ``d image``,
 ``d W_f`` and ``d b_f`` (fp32 column sums) then come from two dense GEMMs:
 ``torch.mm`` on a GPU (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE
 fp32 unless the caller enabled TF32), the Triton GEMM under the interpreter.
@@ -249,10 +254,16 @@ def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
+def _keeps_features() -> bool:
+    """Whether the forward materialises F (``SPLIT``), and so returns it for the backward to keep."""
+    return bool(CONFIGS["attend_fwd"]["SPLIT"])
+
+
 def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
     batch, num_req, width = requests.shape
+    feats_shape = (batch, image.shape[1], sub_features * width) if _keeps_features() else (0,)
     return (requests.new_empty(requests.shape), requests.new_empty(requests.shape, dtype=torch.float32),
-            requests.new_empty((batch, num_heads, num_req), dtype=torch.float32))
+            requests.new_empty((batch, num_heads, num_req), dtype=torch.float32), image.new_empty(feats_shape))
 
 
 def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
@@ -278,7 +289,8 @@ def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
 
 def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
     """Run the forward plan: z, and with ``save`` the fp32 ``A F`` and log-sum-exp kept for backward
-    (otherwise z stands in for them and the kernel skips those stores)."""
+    (otherwise z stands in for them and the kernel skips those stores); last, F where the plan
+    materialises it (``SPLIT``), else None."""
     shape, lse_shape, dtype, device, split, grid, scalars, constexprs = plan
     z = torch.empty(shape, device=device, dtype=dtype)
     if save:
@@ -286,24 +298,27 @@ def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
         lse = torch.empty(lse_shape, device=device, dtype=torch.float32)
     else:
         attn = lse = z
+    feats = _features(wrap, image, w_f, b_f) if split else None
     if grid is not None:
         # A bool tensor reinterpreted as bytes: no copy, and loads as plain integers.
         keep = image if image_mask is None else image_mask.view(torch.uint8)
-        feats = _features(wrap, image, w_f, b_f) if split else z
-        wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f, feats, z, attn, lse,
-                                       *scalars, SAVE=save, **constexprs)
-    return z, attn, lse
+        wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f,
+                                       z if feats is None else feats, z, attn, lse, *scalars, SAVE=save,
+                                       **constexprs)
+    return z, attn, lse, feats
 
 
 @op("attend_fwd_triton", _fwd_fake)
 def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, the fp32 ``A F`` and log-sum-exp, and F (empty when the forward is fused and forms none)."""
     plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    return _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
+    z, attn, lse, feats = _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
+    return z, attn, lse, image.new_empty((0,)) if feats is None else feats
 
 
-def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, num_heads, sub_features):
+def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, features, num_heads, sub_features):
     return (requests.new_empty(requests.shape), image.new_empty(image.shape), w_f.new_empty(w_f.shape),
             w_f.new_empty((w_f.shape[0],)))
 
@@ -311,8 +326,9 @@ def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, num_heads,
 @op("attend_bwd_triton", _bwd_fake)
 def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
-               attn: torch.Tensor, lse: torch.Tensor, num_heads: int,
+               attn: torch.Tensor, lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int,
                sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of requests, image, W_f and b_f; ``features`` is the F the forward kept, or None."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
@@ -321,7 +337,10 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     keep, m_sb, m_sn = _mask_arg(image_mask, image)
     dot_fp32, ieee = dot_flags(requests.dtype)
     split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd")
-    feats = _features(launcher, image, w_f, b_f) if split else d_feat
+    if features is not None:
+        feats, split = features, True
+    else:
+        feats = _features(launcher, image, w_f, b_f) if split else d_feat
     launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, heads))](
         requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, attn, lse, d_req, d_feat,
         num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
@@ -353,21 +372,22 @@ class AttendFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
         if plan is None:
-            z, attn, lse = torch.ops.lmeye_fast.attend_fwd_triton(
+            z, attn, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
                 requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+            feats = feats if _keeps_features() else None
         else:
-            z, attn, lse = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
-        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, attn, lse)
+            z, attn, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
+        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, attn, lse, feats)
         ctx.num_heads, ctx.sub_features = num_heads, sub_features
         ctx.mark_non_differentiable(attn, lse)
         return z, attn, lse
 
     @staticmethod
     def backward(ctx, grad, _grad_attn, _grad_lse):
-        requests, image, image_mask, w_f, b_f, attn, lse = ctx.saved_tensors
+        requests, image, image_mask, w_f, b_f, attn, lse, feats = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.attend_bwd_triton if compiling() else attend_bwd
         d_req, d_image, d_w, d_b = bwd(
-            grad, requests, image, image_mask, w_f, b_f, attn, lse, ctx.num_heads, ctx.sub_features)
+            grad, requests, image, image_mask, w_f, b_f, attn, lse, feats, ctx.num_heads, ctx.sub_features)
         return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None, None
 
 
