@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -46,8 +45,8 @@ def build_info() -> dict:
 
 def extension_status() -> Tuple[bool, str]:
     """Whether ``lmeye_fast._C`` loads (its ops are then registered under ``torch.ops.lmeye_fast``)."""
-    if "lmeye_fast._C" in sys.modules:
-        return True, "lmeye_fast._C loaded"
+    # import_module returns an already loaded module at once, and refuses a blocked one
+    # (a None entry in sys.modules), which a bare membership test would count as loaded.
     try:
         importlib.import_module("lmeye_fast._C")
     except Exception as exc:

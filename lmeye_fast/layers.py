@@ -27,6 +27,20 @@ def _check_slots(embeds, slot_pos, device, validate):
         check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
 
 
+def _available_backend(backend: str) -> str:
+    """The backend a module asked for (``LMEYE_FAST_BACKEND`` overrides it), refused at construction when it
+    is missing here, with the reason ``python -m lmeye_fast.info`` reports; its kernels are then imported,
+    so that a compiled forward finds them loaded."""
+    choice = backends.requested(backend)
+    if choice != "auto":
+        ok, reason = backends.status(choice)
+        if not ok:
+            raise RuntimeError(f"backend {choice!r} is not available here: {reason} "
+                               "(see `python -m lmeye_fast.info`)")
+    ops.preload(choice)
+    return choice
+
+
 def _as(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
@@ -80,12 +94,7 @@ class InteractiveLayer(nn.Module):
             raise ValueError(f"interaction: expected 'attention' or an nn.Module, got {interaction!r}")
         self.llm_dim, self.vision_dim, self.interaction_dim = llm_dim, vision_dim, interaction_dim
         self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
-        self.backend = backends.requested(backend)
-        if self.backend != "auto":
-            ok, reason = backends.status(self.backend)
-            if not ok:
-                raise RuntimeError(f"backend {self.backend!r} is not available here: {reason}")
-        ops.preload(self.backend)
+        self.backend = _available_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)
@@ -257,7 +266,7 @@ class StaticVisualMapping(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.vision_dim, self.llm_dim = vision_dim, llm_dim
-        self.backend = backends.requested(backend)
+        self.backend = _available_backend(backend)
         if hidden_dim is None:
             self.proj = nn.Linear(vision_dim, llm_dim, **factory)
             self.out_proj = None

@@ -136,12 +136,25 @@ def test_env_overrides_backend(monkeypatch):
         InteractiveLayer(8, 8, 8, num_requests=1, num_heads=1)
 
 
-def test_missing_backend_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("build", [
+    lambda backend: InteractiveLayer(8, 8, 8, num_requests=1, num_heads=1, backend=backend),
+    lambda backend: StaticVisualMapping(8, 8, backend=backend),
+    lambda backend: StaticVisualMapping(8, 8, hidden_dim=4, backend=backend),
+], ids=["InteractiveLayer", "StaticVisualMapping", "StaticVisualMapping-mlp"])
+def test_missing_backend_is_a_clear_error_at_construction(monkeypatch, build, backend):
+    """Refused when the module is built, naming the backend and the reason, not at its first forward."""
     from lmeye_fast import backends
 
-    monkeypatch.setattr(backends, "status", lambda name: (name == "reference", "not built here"))
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available here: not built here"):
-        InteractiveLayer(8, 8, 8, num_requests=1, num_heads=1, backend="cuda")
+    reason = f"{backend} is not built here"
+    monkeypatch.setattr(backends, "status", lambda name: (name == "reference", f"{name} is not built here"))
+    with pytest.raises(RuntimeError) as info:
+        build(backend)
+    assert f"backend {backend!r} is not available here: {reason}" in str(info.value)
+    assert "python -m lmeye_fast.info" in str(info.value)
+    monkeypatch.setenv("LMEYE_FAST_BACKEND", backend)  # the override is refused the same way
+    with pytest.raises(RuntimeError, match=f"backend {backend!r} is not available here: {reason}"):
+        build("reference")
 
 
 BAD_CALLS = [

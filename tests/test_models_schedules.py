@@ -2,7 +2,12 @@
 
 Tolerance: fp32 against fp32, relative error (max |a - b| / max |b|) at most 1e-4 on
 the logits of every non-pad column, the loss and the gradient of every trainable
-parameter; the same bound against the two-pass schedule run in float64.
+parameter (of ``special_embed`` row by row: its <img>, <img-q> and <img-d> rows are
+separate token embeddings whose gradients differ in scale, ~8x between <img-q> and
+<img-d>, so one bound over the whole tensor would let the small row go unchecked);
+the same bound against the two-pass schedule run in float64. The single-pass schedule
+on the Triton kernels (through the interpreter on the CPU) is held to the same bound
+against the reference two-pass schedule.
 """
 
 import copy
@@ -12,12 +17,14 @@ import warnings
 import pytest
 import torch
 
-from lmeye_fast.models import LMEyeModel, LMEyeProcessor
+from lmeye_fast import backends
+from lmeye_fast.models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from lmeye_fast.models.cache import cache_kwarg
 from lmeye_fast.models.tiny import ARCHITECTURES, tiny_llm, word_tokenizer
 
 WORDS = "what colour shape is the a circle square red blue green left right where of ? answer : and".split()
 TOL = 1e-4
+SPECIAL_TOKENS = ("<img>", "<img-q>", "<img-d>")  # the rows of LMEyeModel.special_embed
 
 
 def rel_err(a, b):
@@ -76,7 +83,15 @@ def assert_match(got, want, mask, what):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert ref_grads[name].abs().max() > 0, f"{name}: no gradient reached it"
-        assert rel_err(grads[name], ref_grads[name]) <= TOL, f"{what}: gradient of {name}"
+        if name == "special_embed":
+            # One token embedding per row, each with its own gradient scale: bound each row on its own.
+            for row, token in enumerate(SPECIAL_TOKENS):
+                assert ref_grads[name][row].abs().max() > 0, f"{name}[{token}]: no gradient reached it"
+                err = rel_err(grads[name][row], ref_grads[name][row])
+                assert err <= TOL, f"{what}: gradient of {name}[{token}]: relative error {err:.2e}"
+        else:
+            err = rel_err(grads[name], ref_grads[name])
+            assert err <= TOL, f"{what}: gradient of {name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -109,6 +124,41 @@ def test_single_pass_matches_two_pass(arch, trainable):
     suffix = mask.clone()
     suffix[:, : batch["prefix_len"]] = False
     assert rel_err(static[suffix], two[0][suffix]) > 1e-2
+
+
+def with_backend(model, backend):
+    """The same model (LLM, adapter weights) with its static mapping and IPN on ``backend``."""
+    config = LMEyeConfig.from_dict({**model.config.to_dict(), "backend": backend})
+    twin = LMEyeModel(copy.deepcopy(model.llm), config)
+    twin.load_state_dict(model.state_dict())
+    assert twin.ipn.backend == backend and twin.static.backend == backend
+    return twin.eval()
+
+
+@pytest.mark.skipif(not backends.status("triton")[0], reason=f"triton backend unavailable: "
+                                                               f"{backends.status('triton')[1]}")
+def test_single_pass_on_triton_matches_reference_two_pass():
+    """The fused Triton IPN (and interleave) inside the single-pass schedule, against the reference two-pass
+    original, everything trainable. Both are fp32 with fp32 accumulation, so the kernels differ from the
+    reference only in summation order (tiled GEMMs, online softmax): rounding of a few fp32 ulps per op,
+    carried through a two-layer LLM. Measured: at most 7e-7 relative on logits, loss and every gradient
+    (6 seeds), so the suite's 1e-4 keeps two orders of magnitude of margin while a wrong index, mask or
+    missing term (errors of 1e-2 and more, see the static-only check above) still fails; the float64
+    two-pass is checked too."""
+    proc, model = build("llama")
+    triton_model = with_backend(model, "triton")
+    for m in (model, triton_model):
+        m.set_stage(2, train_special_tokens=True)
+        m.static.requires_grad_(True)
+    batch = make_batch(proc, model)
+    mask = batch["attention_mask"].bool()
+
+    got = run(triton_model, batch, "single_pass")
+    want = run(model, batch, "two_pass")
+    assert_match(got, want, mask, "single_pass triton vs two_pass reference (fp32)")
+    wide = copy.deepcopy(model).double()
+    ref = run(wide, dict(batch, image_features=batch["image_features"].double()), "two_pass")
+    assert_match(got, ref, mask, "single_pass triton fp32 vs two_pass reference fp64")
 
 
 def test_static_schedule_is_one_plain_pass():
