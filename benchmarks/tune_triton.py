@@ -129,8 +129,8 @@ def run_kernel(name):
         fn = lambda: at.attend_fwd(reqs, image, None, w_f, b_f, H, S)  # noqa: E731
         return fn, lambda: [("z", fn()[0], z32, z_bf)]
     if name == "attend_bwd":
-        _, attn, lse, feats = attn_state["fwd"]
-        fn = lambda: at.attend_bwd(gz, reqs, image, None, w_f, b_f, attn, lse, feats, H, S)  # noqa: E731
+        _, lse, feats = attn_state["fwd"]
+        fn = lambda: at.attend_bwd(gz, reqs, image, None, w_f, b_f, lse, feats, H, S)  # noqa: E731
 
         def check():
             got = fn()

@@ -43,15 +43,15 @@ def op_cases():
     wo, bo, se = rnd(llm, width), rnd(llm), rnd(num_req, llm)
     embeds = rnd(batch, seq + 2, llm)
     sp = torch.stack([torch.randperm(seq + 2, device=DEVICE)[:num_req] for _ in range(batch)])
-    z, attn, lse, feats = L.attend_fwd_triton(r, x, mask, wf, bf, heads, subs)
+    z, lse, feats = L.attend_fwd_triton(r, x, mask, wf, bf, heads, subs)
     return [
         (L.request_fwd_triton, (h, q, w, b)),
         (L.request_fwd_triton, (h[:, 0], None, w, None)),
         (L.request_bwd_triton, (rnd(batch, num_req * width), h, q, w)),
         (L.attend_fwd_triton, (r, x, mask, wf, bf, heads, subs)),
         (L.attend_fwd_triton, (r, x, None, wf, None, heads, subs)),
-        (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, attn, lse, feats, heads, subs)),
-        (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, attn, lse, None, heads, subs)),
+        (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, feats, heads, subs)),
+        (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, None, heads, subs)),
         (L.transmit_fwd_triton, (z, wo, bo, se)),
         (L.transmit_fwd_triton, (z, wo, None, None)),
         (L.transmit_bwd_triton, (rnd(batch, num_req, llm), z, wo)),

@@ -14,17 +14,17 @@ With ``SPLIT`` set in the launch config (the default: measured faster at the
 GEMM at a far higher rate than the per-head tiles can), F is first formed by
 one dense GEMM (``_features``) and the same kernels read its tiles instead.
 
-Saved for backward: the log-sum-exp (B, H, R) and the attention output
-``A F`` (B, R, Di), both fp32 (4·B·R·(Di + H) bytes; 0.5 MB at the 7B shape),
-and, when the forward materialised F (``SPLIT``), F itself (B, N·S, Di) in the
-storage dtype: 12.6 MB in bf16 at the 7B shape, the same tensor the
-reference's autograd holds, and keeping it spares the backward the
-decomposition GEMM (13 GFLOP at that shape) that would form it again. A fused
-forward keeps no F; its backward recomputes F tile by tile in the kernel, or
-with one GEMM when the backward's own config is ``SPLIT``. The backward
-finishes ``d requests`` in the same kernel and writes ``dF`` (B, N·S, Di) in
-the storage dtype; ``d image``,
-``d W_f`` and ``d b_f`` (fp32 column sums) then come from two dense GEMMs:
+Saved for backward: the fp32 log-sum-exp (B, H, R) and, when the forward
+materialised F (``SPLIT``), F itself (B, N·S, Di) in the storage dtype: 12.6 MB
+in bf16 at the 7B shape, the same tensor the reference's autograd holds, and
+keeping it spares the backward the decomposition GEMM (13 GFLOP at that shape)
+that would form it again. A fused forward keeps no F; its backward recomputes
+F tile by tile in the kernel, or with one GEMM when the backward's own config
+is ``SPLIT``. The backward walks the sub-features twice: once for the
+normaliser and ``delta = Σ p·dp`` of the softmax of its own scores (see the
+kernel), once for ``d requests`` (finished in the kernel) and ``dF`` (B, N·S,
+Di), written in the storage dtype; ``d image``, ``d W_f`` and ``d b_f`` (fp32
+column sums) then come from two dense GEMMs:
 ``torch.mm`` on a GPU (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE
 fp32 unless the caller enabled TF32), the Triton GEMM under the interpreter.
 """
@@ -124,7 +124,7 @@ def _expanded(h0, R, DI, DH, H, HEADS: tl.constexpr, BR: tl.constexpr, BE: tl.co
 
 @triton.jit
 def _attend_fwd_kernel(
-    r_ptr, x_ptr, m_ptr, w_ptr, bf_ptr, f_ptr, z_ptr, o_ptr, lse_ptr,
+    r_ptr, x_ptr, m_ptr, w_ptr, bf_ptr, f_ptr, z_ptr, lse_ptr,
     R, N, DV, S, DI, DH, H, scale,
     r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
@@ -163,14 +163,13 @@ def _attend_fwd_kernel(
     out_off = (b.to(tl.int64) * R + rr[:, None]) * DI + col[None, :]
     tl.store(z_ptr + out_off, (o + r32).to(z_ptr.dtype.element_ty), mask=own)
     if SAVE:
-        tl.store(o_ptr + out_off, o, mask=own)
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
         tl.store(lse_ptr + (b.to(tl.int64) * H + h0 + j) * R + rr, lse, mask=row_ok)
 
 
 @triton.jit
 def _attend_bwd_kernel(
-    r_ptr, x_ptr, m_ptr, w_ptr, bf_ptr, f_ptr, dz_ptr, o_ptr, lse_ptr, dr_ptr, df_ptr,
+    r_ptr, x_ptr, m_ptr, w_ptr, bf_ptr, f_ptr, dz_ptr, lse_ptr, dr_ptr, df_ptr,
     R, N, DV, S, DI, DH, H, scale,
     r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd, dz_sb, dz_sr, dz_sd,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
@@ -187,11 +186,28 @@ def _attend_bwd_kernel(
     if DOT_FP32:
         r = r.to(tl.float32)
         dz = dz32
-    out_off = (b.to(tl.int64) * R + rr[:, None]) * DI + col[None, :]
-    o = tl.load(o_ptr + out_off, mask=own, other=0.0)
-    delta = tl.sum(dz32 * o, axis=1)
     lse = tl.load(lse_ptr + (b.to(tl.int64) * H + h0 + j) * R + rr, mask=row_ok, other=0.0)
     x_base = b.to(tl.int64) * x_sb
+    # Pass 1: the softmax of this kernel's own scores, exp(s - lse) / total, and
+    # delta = sum_j p_j dp_j under it. The forward's lse and output came from
+    # scores rounded along another path (an online softmax, F perhaps formed
+    # another way); taking delta from them leaves ds = p (dp - delta) a
+    # difference of two near-equal numbers that disagree by that rounding,
+    # many times the reference's error where the softmax is nearly one-hot.
+    total = tl.zeros((BE,), dtype=tl.float32)
+    weighted = tl.zeros((BE,), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn, n_ok, valid = _token_tile(n0, N, m_ptr, b, m_sb, m_sn, HAS_MASK, BN)
+        pmask = row_ok[:, None] & valid[None, :]
+        for k in range(0, S):
+            f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
+                        w_sr, w_sd, SPLIT, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
+            e = tl.where(pmask, tl.exp(_mm(r, tl.trans(f), IEEE) * scale - lse[:, None]), 0.0)
+            total += tl.sum(e, axis=1)
+            weighted += tl.sum(e * _mm(dz, tl.trans(f), IEEE), axis=1)
+    # A row with every image token masked has total 0: its p, ds and dF are 0.
+    inv = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
+    delta = weighted * inv
     dr = tl.zeros((BE, BD), dtype=tl.float32)
     for n0 in range(0, N, BN):
         rn, n_ok, valid = _token_tile(n0, N, m_ptr, b, m_sb, m_sn, HAS_MASK, BN)
@@ -200,7 +216,7 @@ def _attend_bwd_kernel(
             f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
                         w_sr, w_sd, SPLIT, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
             s = _mm(r, tl.trans(f), IEEE) * scale
-            p = tl.where(pmask, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(pmask, tl.exp(s - lse[:, None]), 0.0) * inv[:, None]
             dp = _mm(dz, tl.trans(f), IEEE)
             ds = p * (dp - delta[:, None])
             dr += _mm(ds.to(f.dtype), f, IEEE)
@@ -209,6 +225,7 @@ def _attend_bwd_kernel(
             df = _mm(tl.trans(p.to(f.dtype)), dz, IEEE) + _mm(tl.trans(ds.to(f.dtype)), r, IEEE) * scale
             df_off = (b.to(tl.int64) * N * S + rn[:, None] * S + k) * DI + col[None, :]
             tl.store(df_ptr + df_off, df.to(df_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    out_off = (b.to(tl.int64) * R + rr[:, None]) * DI + col[None, :]
     tl.store(dr_ptr + out_off, (dr * scale + dz32).to(dr_ptr.dtype.element_ty), mask=own)
 
 
@@ -262,8 +279,8 @@ def _keeps_features() -> bool:
 def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
     batch, num_req, width = requests.shape
     feats_shape = (batch, image.shape[1], sub_features * width) if _keeps_features() else (0,)
-    return (requests.new_empty(requests.shape), requests.new_empty(requests.shape, dtype=torch.float32),
-            requests.new_empty((batch, num_heads, num_req), dtype=torch.float32), image.new_empty(feats_shape))
+    return (requests.new_empty(requests.shape), requests.new_empty((batch, num_heads, num_req), dtype=torch.float32),
+            image.new_empty(feats_shape))
 
 
 def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
@@ -288,37 +305,32 @@ def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
 
 
 def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
-    """Run the forward plan: z, and with ``save`` the fp32 ``A F`` and log-sum-exp kept for backward
-    (otherwise z stands in for them and the kernel skips those stores); last, F where the plan
-    materialises it (``SPLIT``), else None."""
+    """Run the forward plan: z, and with ``save`` the fp32 log-sum-exp kept for backward (otherwise z
+    stands in for it and the kernel skips that store); last, F where the plan materialises it
+    (``SPLIT``), else None."""
     shape, lse_shape, dtype, device, split, grid, scalars, constexprs = plan
     z = torch.empty(shape, device=device, dtype=dtype)
-    if save:
-        attn = torch.empty(shape, device=device, dtype=torch.float32)
-        lse = torch.empty(lse_shape, device=device, dtype=torch.float32)
-    else:
-        attn = lse = z
+    lse = torch.empty(lse_shape, device=device, dtype=torch.float32) if save else z
     feats = _features(wrap, image, w_f, b_f) if split else None
     if grid is not None:
         # A bool tensor reinterpreted as bytes: no copy, and loads as plain integers.
         keep = image if image_mask is None else image_mask.view(torch.uint8)
         wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f,
-                                       z if feats is None else feats, z, attn, lse, *scalars, SAVE=save,
-                                       **constexprs)
-    return z, attn, lse, feats
+                                       z if feats is None else feats, z, lse, *scalars, SAVE=save, **constexprs)
+    return z, lse, feats
 
 
 @op("attend_fwd_triton", _fwd_fake)
 def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z, the fp32 ``A F`` and log-sum-exp, and F (empty when the forward is fused and forms none)."""
+               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, the fp32 log-sum-exp, and F (empty when the forward is fused and forms none)."""
     plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    z, attn, lse, feats = _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
-    return z, attn, lse, image.new_empty((0,)) if feats is None else feats
+    z, lse, feats = _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
+    return z, lse, image.new_empty((0,)) if feats is None else feats
 
 
-def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, features, num_heads, sub_features):
+def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_heads, sub_features):
     return (requests.new_empty(requests.shape), image.new_empty(image.shape), w_f.new_empty(w_f.shape),
             w_f.new_empty((w_f.shape[0],)))
 
@@ -326,7 +338,7 @@ def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, attn, lse, features, 
 @op("attend_bwd_triton", _bwd_fake)
 def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
-               attn: torch.Tensor, lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int,
+               lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int,
                sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of requests, image, W_f and b_f; ``features`` is the F the forward kept, or None."""
     batch, num_req, width = requests.shape
@@ -342,7 +354,7 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     else:
         feats = _features(launcher, image, w_f, b_f) if split else d_feat
     launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, heads))](
-        requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, attn, lse, d_req, d_feat,
+        requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
         num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
         requests.stride(0), requests.stride(1), requests.stride(2),
         image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
@@ -372,22 +384,22 @@ class AttendFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
         if plan is None:
-            z, attn, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
+            z, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
                 requests, image, image_mask, w_f, b_f, num_heads, sub_features)
             feats = feats if _keeps_features() else None
         else:
-            z, attn, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
-        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, attn, lse, feats)
+            z, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
+        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, lse, feats)
         ctx.num_heads, ctx.sub_features = num_heads, sub_features
-        ctx.mark_non_differentiable(attn, lse)
-        return z, attn, lse
+        ctx.mark_non_differentiable(lse)
+        return z, lse
 
     @staticmethod
-    def backward(ctx, grad, _grad_attn, _grad_lse):
-        requests, image, image_mask, w_f, b_f, attn, lse, feats = ctx.saved_tensors
+    def backward(ctx, grad, _grad_lse):
+        requests, image, image_mask, w_f, b_f, lse, feats = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.attend_bwd_triton if compiling() else attend_bwd
         d_req, d_image, d_w, d_b = bwd(
-            grad, requests, image, image_mask, w_f, b_f, attn, lse, feats, ctx.num_heads, ctx.sub_features)
+            grad, requests, image, image_mask, w_f, b_f, lse, feats, ctx.num_heads, ctx.sub_features)
         return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None, None
 
 

@@ -142,10 +142,11 @@ _launch_state = threading.local()
 
 
 def launcher(kernel):
-    """``kernel`` itself in a direct eager call; otherwise ``wrap_triton(kernel)``,
-    which a traced registered op records in the graph and a running one
-    hands back unwrapped."""
-    if getattr(_launch_state, "direct", False):
+    """``kernel`` itself in a direct eager call or under the interpreter (whose
+    ops are opaque custom ops, and whose kernels some torch releases refuse
+    to wrap); otherwise ``wrap_triton(kernel)``, which a traced registered op
+    records in the graph and a running one hands back unwrapped."""
+    if interpret() or getattr(_launch_state, "direct", False):
         return kernel
     return wrap_triton(kernel)
 
