@@ -7,6 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+if [ ! -x "$SANITIZER" ]; then
+    echo "sanitize: no compute-sanitizer at $SANITIZER (set COMPUTE_SANITIZER to its path)" >&2
+    exit 2
+fi
+if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "sanitize: needs a CUDA device; nothing was checked" >&2
+    exit 2
+fi
 SCRIPT="$(mktemp --suffix=.py)"
 trap 'rm -f "$SCRIPT"' EXIT
 cat > "$SCRIPT" <<'PY'
