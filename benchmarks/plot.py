@@ -4,7 +4,8 @@
 
 One panel per suite/case/configuration that sweeps the batch size. Solid lines are the
 speedup in GPU time (graph replay), dashed lines in wall time per eager call; on the CPU
-there is only the wall time. ``--table`` also prints the summary table.
+there is only the wall time. ``--table`` also prints the summary table and, from the ``ops`` suite on a
+GPU, the faster kernel backend per op.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def sweeps(rows):
         if len({b for points in providers.values() for b, _, _ in points}) > 1:
             out[key] = {p: sorted(points) for p, points in providers.items()}
     return out
+
+
+def kernel_backends(rows) -> list:
+    """Lines naming, per op and shape of the ``ops`` suite, the faster of the kernel backends (triton,
+    cuda) in GPU time: the measurement that ``AUTO_ORDER`` in lmeye_fast/ops/__init__.py follows."""
+    times = defaultdict(dict)
+    for row in rows:
+        if row["suite"] == "ops" and row["provider"] in ("triton", "cuda") and row.get("gpu_median_us") is not None:
+            times[(row["case"], row["shape"])][row["provider"]] = row["gpu_median_us"]
+    lines = []
+    for (case, shape), by_backend in sorted(times.items()):
+        ranked = sorted(by_backend.items(), key=lambda item: item[1])
+        measured = "  ".join(f"{backend} {us:.1f} us" for backend, us in ranked)
+        lines.append(f"{case:<26} {shape:<44} {measured}  -> {ranked[0][0]}")
+    return lines
 
 
 def plot(summary: dict, path: Path) -> int:
@@ -92,6 +108,10 @@ def main(argv=None) -> None:
     summary = json.loads(args.summary.read_text())
     if args.table:
         print(format_table(summary["rows"], summary.get("meta")))
+        backends = kernel_backends(summary["rows"])
+        if backends:
+            print("\nfaster kernel backend per op (GPU time), for AUTO_ORDER in lmeye_fast/ops/__init__.py:")
+            print("\n".join(backends))
     output = args.output or args.summary.with_name(args.summary.stem + "-speedup.png")
     panels = plot(summary, output)
     print(f"wrote {output} ({panels} panel{'s' if panels != 1 else ''})")
