@@ -3,8 +3,9 @@
 On the GPU machines an eager IPN call is host-bound, and that host time has two
 parts: Triton's launcher and everything lmeye_fast does around the launches
 (argument checks, dispatch, launch plans, allocations). This script measures
-the second part on any machine, GPU or not: it stubs out the Triton launches
-and the cuBLAS products (shape-only stand-ins), so what it times is our Python.
+the second part on any machine, GPU or not: it records the Triton launches
+instead of running them and stands in for the cuBLAS products
+(``launch_capture.py``), so what it times is our Python.
 
     python benchmarks/host_overhead.py            # add --profile for a cProfile listing
 
@@ -14,31 +15,13 @@ the number of kernel launches per call.
 
 import argparse
 import cProfile
-import os
 import pstats
 import statistics
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)  # the real launch path, not the interpreter's
+from launch_capture import LAUNCHES, install  # first: before triton is imported
 
 import torch  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
-LAUNCHES = []
-
-
-def _stub_launch(self, grid):
-    return lambda *args, **kwargs: LAUNCHES.append(grid)
-
-
-def _stub_products():
-    """Shape-only stand-ins: on a GPU these are cuBLAS calls whose host cost is the library's, not ours."""
-    def empty(rows, cols, dtype):
-        return torch.empty((rows, cols), dtype=dtype)
-
-    torch.mm = lambda a, b: empty(a.shape[0], b.shape[1], a.dtype)
-    torch.addmm = lambda c, a, b: empty(a.shape[0], b.shape[1], a.dtype)
-    torch.nn.functional.linear = lambda x, w, b=None: torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype)
 
 
 def main() -> None:
@@ -47,14 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    JITFunction.__getitem__ = _stub_launch
-    from lmeye_fast import backends
-    from lmeye_fast.ops import triton_launch
-
-    backends._STATUS["triton"] = (True, "launches stubbed out")
-    triton_launch._sm_count = lambda index: 132
-    torch.cuda.current_device = lambda: 0
-    _stub_products()
+    install(keep_args=False)
     from lmeye_fast import InteractiveLayer
 
     batch, seq, llm, vision, tokens, width, requests, heads = 32, 64, 256, 128, 17, 96, 5, 12

@@ -322,6 +322,10 @@ def _heuristic_blocks(m: int, n: int, k: int, device_index: int):
     bn = 128
     while bn > 16 and cdiv(n, bn) * cdiv(m, bm) < 2 * sms:
         bn //= 2
+    if bm * bn >= 64 * 128:
+        # At 4 warps a 64x128 tile spills registers (1.4 KB a thread in bf16, 8.8 KB in fp32 by
+        # ptxas for sm_90: benchmarks/compile_kernels.py); 8 warps with BK=32 keep it in registers.
+        return bm, bn, 32, 8, 3
     return bm, bn, bk, 4, 3
 
 
