@@ -52,6 +52,7 @@ def op_cases():
         (L.attend_fwd_triton, (r, x, None, wf, None, heads, subs)),
         (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, feats, heads, subs)),
         (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, None, heads, subs)),
+        (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, x.new_empty((0,)), heads, subs)),
         (L.transmit_fwd_triton, (z, wo, bo, se)),
         (L.transmit_fwd_triton, (z, wo, None, None)),
         (L.transmit_bwd_triton, (rnd(batch, num_req, llm), z, wo)),

@@ -253,6 +253,26 @@ def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     assert r.grad is not None and x.grad is not None and w.grad is not None
 
 
+def test_attend_bwd_takes_the_forwards_f_and_refuses_another():
+    """The registered ops compose: F from a split forward (or the empty tensor of a fused one) feeds the
+    backward, whose gradients equal those of a backward that forms F again; an F of another shape is refused."""
+    from lmeye_fast.ops import attend
+
+    r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 5, 12, dtype=torch.float32)
+    w, b = leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
+    grad = torch.randn(2, 3, 16, device=DEVICE)
+    with attend_configs("split-h1"):
+        _, lse, feats = attend.attend_fwd(r, x, None, w, b, 2, 2)
+        assert feats.shape == (2, 5, 32)
+        kept = attend.attend_bwd(grad, r, x, None, w, b, lse, feats, 2, 2)
+        formed = attend.attend_bwd(grad, r, x, None, w, b, lse, None, 2, 2)
+        empty = attend.attend_bwd(grad, r, x, None, w, b, lse, x.new_empty((0,)), 2, 2)
+        for a, c, e in zip(kept, formed, empty):
+            assert torch.equal(a, c) and torch.equal(a, e)
+        with pytest.raises(ValueError, match="features"):
+            attend.attend_bwd(grad, r, x, None, w, b, lse, feats[:, :4], 2, 2)
+
+
 def slots(batch, num_slots, length):
     return torch.stack([torch.randperm(length, device=DEVICE)[:num_slots] for _ in range(batch)])
 

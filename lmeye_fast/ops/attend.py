@@ -271,14 +271,10 @@ def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
-def _keeps_features() -> bool:
-    """Whether the forward materialises F (``SPLIT``), and so returns it for the backward to keep."""
-    return bool(CONFIGS["attend_fwd"]["SPLIT"])
-
-
 def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
     batch, num_req, width = requests.shape
-    feats_shape = (batch, image.shape[1], sub_features * width) if _keeps_features() else (0,)
+    # F comes back where the forward materialises it (SPLIT); empty from a fused forward.
+    feats_shape = (batch, image.shape[1], sub_features * width) if CONFIGS["attend_fwd"]["SPLIT"] else (0,)
     return (requests.new_empty(requests.shape), requests.new_empty((batch, num_heads, num_req), dtype=torch.float32),
             image.new_empty(feats_shape))
 
@@ -340,7 +336,8 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
                lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int,
                sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of requests, image, W_f and b_f; ``features`` is the F the forward kept, or None."""
+    """Gradients of requests, image, W_f and b_f; ``features`` is the F the forward returned (kept for
+    backward), or None or empty (what a fused forward returns) to form F again."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
@@ -349,7 +346,11 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     keep, m_sb, m_sn = _mask_arg(image_mask, image)
     dot_fp32, ieee = dot_flags(requests.dtype)
     split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd")
-    if features is not None:
+    if features is not None and features.numel():
+        expected = (batch, tokens, sub_features * width)
+        if features.shape != expected or not features.is_contiguous():
+            raise ValueError(f"features: expected the forward's contiguous F of shape {expected}, "
+                             f"got {tuple(features.shape)} with strides {features.stride()}")
         feats, split = features, True
     else:
         feats = _features(launcher, image, w_f, b_f) if split else d_feat
@@ -386,7 +387,6 @@ class AttendFunction(torch.autograd.Function):
         if plan is None:
             z, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
                 requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-            feats = feats if _keeps_features() else None
         else:
             z, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
         ctx.save_for_backward(requests, image, image_mask, w_f, b_f, lse, feats)
