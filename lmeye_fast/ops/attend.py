@@ -309,8 +309,7 @@ def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
     lse = torch.empty(lse_shape, device=device, dtype=torch.float32) if save else z
     feats = _features(wrap, image, w_f, b_f) if split else None
     if grid is not None:
-        # A bool tensor reinterpreted as bytes: no copy, and loads as plain integers.
-        keep = image if image_mask is None else image_mask.view(torch.uint8)
+        keep = _mask_arg(image_mask, image)[0]
         wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f,
                                        z if feats is None else feats, z, lse, *scalars, SAVE=save, **constexprs)
     return z, lse, feats
@@ -391,11 +390,10 @@ class AttendFunction(torch.autograd.Function):
             z, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
         ctx.save_for_backward(requests, image, image_mask, w_f, b_f, lse, feats)
         ctx.num_heads, ctx.sub_features = num_heads, sub_features
-        ctx.mark_non_differentiable(lse)
-        return z, lse
+        return z
 
     @staticmethod
-    def backward(ctx, grad, _grad_lse):
+    def backward(ctx, grad):
         requests, image, image_mask, w_f, b_f, lse, feats = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.attend_bwd_triton if compiling() else attend_bwd
         d_req, d_image, d_w, d_b = bwd(
@@ -443,7 +441,7 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     b_f = dense_bias(b_f)
     if compiling():
         _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)[0]
+        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)
     key = (requests.shape, requests.stride(), requests.dtype, requests.device, image.shape, image.stride(),
            image.dtype, image.device, w_f.shape, w_f.stride(), w_f.dtype, w_f.device, num_heads, sub_features,
            None if image_mask is None else (image_mask.shape, image_mask.stride(), image_mask.dtype,
@@ -454,5 +452,5 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
         _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         plan = _PLANS.add(key, _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
     if needs_grad(requests, image, w_f, b_f):
-        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)[0]
+        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)
     return _fwd_launch(as_is, plan, False, requests, image, image_mask, w_f, b_f)[0]
