@@ -37,8 +37,20 @@ OPTIONS = ("num_warps", "num_stages")
 
 
 def run_modules(dtype: torch.dtype) -> None:
-    """A forward and backward of InteractiveLayer (attention, image mask, in place and not, the
-    transmitted tokens) and StaticVisualMapping, launches recorded."""
+    """A forward and backward of InteractiveLayer (attention in both schedules, image mask, in
+    place and not, the transmitted tokens) and StaticVisualMapping, launches recorded."""
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    saved = dict(CONFIGS["attend_fwd"])
+    try:
+        for folded in (0, 1):
+            set_config("attend_fwd", {**saved, "FOLDED": folded})
+            run_layers(dtype)
+    finally:
+        set_config("attend_fwd", saved)
+
+
+def run_layers(dtype: torch.dtype) -> None:
     from lmeye_fast import InteractiveLayer, StaticVisualMapping
 
     batch, seq, llm, vision, tokens, width, requests, heads = 2, 12, 4096, 1024, 257, 768, 5, 12

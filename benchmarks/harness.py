@@ -57,6 +57,7 @@ puts benchmarks/ on ``sys.path``); ``run_case`` times a case and records it,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -67,7 +68,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-PROVIDERS = ("reference-eager", "reference-compile", "triton", "cuda", "auto")
+PROVIDERS = ("reference-eager", "reference-compile", "triton", "triton-folded", "cuda", "auto")
+# The lmeye_fast backend a provider runs: "triton-folded" is the Triton backend with the attention's
+# folded schedule (lmeye_fast/ops/attend_folded.py), set for its cases by ``schedule``.
+BACKEND_OF = {"reference-eager": "reference", "reference-compile": "reference", "triton": "triton",
+              "triton-folded": "triton", "cuda": "cuda", "auto": "auto"}
 BASELINE_OF = {"reference-eager": "eager", "reference-compile": "compile"}
 
 GPU_REPLAYS = 100
@@ -180,17 +185,37 @@ def provider_status(provider: str, dev: torch.device, op: Optional[str] = None) 
         return True, ""
     if provider == "reference-compile":
         return True, ""
-    if provider not in ("triton", "cuda"):
+    if provider not in ("triton", "triton-folded", "cuda"):
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+    backend = BACKEND_OF[provider]
     if dev.type != "cuda":
-        why = " (the Triton CPU interpreter is for tests, not timing)" if provider == "triton" else ""
+        why = " (the Triton CPU interpreter is for tests, not timing)" if backend == "triton" else ""
         return False, f"{provider} needs a CUDA device{why}"
-    ok, reason = backends.status(provider)
+    ok, reason = backends.status(backend)
     if not ok:
         return False, f"{provider} backend unavailable: {reason}"
-    if op is not None and provider not in ops.TABLE[op]:
-        return False, f"no {provider} kernel for {op} (the dispatch would run the reference)"
+    if op is not None and backend not in ops.TABLE[op]:
+        return False, f"no {backend} kernel for {op} (the dispatch would run the reference)"
+    if op is not None and provider == "triton-folded" and op != "attend_decomposed":
+        return False, f"the folded schedule changes attend_decomposed only; {op} is the triton provider's"
     return True, ""
+
+
+@contextlib.contextmanager
+def schedule(provider: str):
+    """The launch configuration ``provider`` is timed with: the folded attention for "triton-folded",
+    the configuration as it stands for every other provider."""
+    if provider != "triton-folded":
+        yield
+        return
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    saved = dict(CONFIGS["attend_fwd"])
+    set_config("attend_fwd", {**saved, "FOLDED": 1})
+    try:
+        yield
+    finally:
+        set_config("attend_fwd", saved)
 
 
 def require(provider: str, dev: torch.device, op: Optional[str] = None) -> None:

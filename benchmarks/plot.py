@@ -42,11 +42,13 @@ def sweeps(rows):
 
 
 def kernel_backends(rows) -> list:
-    """Lines naming, per op and shape of the ``ops`` suite, the faster of the kernel backends (triton,
-    cuda) in GPU time: the measurement that ``AUTO_ORDER`` in lmeye_fast/ops/__init__.py follows."""
+    """Lines naming, per op and shape of the ``ops`` suite, the fastest of the kernel providers (triton,
+    triton-folded, cuda) in GPU time: the measurement that ``AUTO_ORDER`` in lmeye_fast/ops/__init__.py
+    and the attention's ``FOLDED`` flag in lmeye_fast/ops/triton_launch.py follow."""
     times = defaultdict(dict)
+    kernel_providers = ("triton", "triton-folded", "cuda")
     for row in rows:
-        if row["suite"] == "ops" and row["provider"] in ("triton", "cuda") and row.get("gpu_median_us") is not None:
+        if row["suite"] == "ops" and row["provider"] in kernel_providers and row.get("gpu_median_us") is not None:
             times[(row["case"], row["shape"])][row["provider"]] = row["gpu_median_us"]
     lines = []
     for (case, shape), by_backend in sorted(times.items()):

@@ -4,6 +4,8 @@
 - ``reference-compile``: the same function under ``torch.compile`` (mode="default").
 - ``triton`` / ``cuda`` / ``auto``: ``InteractiveLayer(backend=...)``, as a user calls it
   (its argument checks and dispatch included in the wall time).
+- ``triton-folded``: the Triton backend with the folded attention schedule, which never forms
+  the decomposed features (``lmeye_fast/ops/attend_folded.py``).
 
 Every provider writes the slots in place (``inplace=True``): the IPN adds R rows into a
 sequence that the LLM reads next, and a copy of the sequence would dominate. Forward runs
@@ -75,7 +77,7 @@ def test_ipn(benchmark, ceilings, bench_device, bench_shape, case, provider):
     harness.require(provider, dev)
     if provider == "reference-compile":
         harness.require_compile(shape, case)
-    backend = provider if provider in ("triton", "cuda", "auto") else "reference"
+    backend = harness.BACKEND_OF[provider]
     layer = make_layer(shape, backend, dev)
     x = make_inputs(shape, dev)
     base = x["embeds"]

@@ -8,8 +8,9 @@ interleave             step 5: rows added into the slots in place
 =====================  ===========================================================
 
 Providers: ``reference-eager`` / ``reference-compile`` (the reference function of the op,
-eager or under ``torch.compile``), ``triton``, ``cuda`` (skipped where the dispatch table
-has no kernel of that backend for the op) and ``auto``. The two interleaving ops write in
+eager or under ``torch.compile``), ``triton``, ``triton-folded`` (``attend_decomposed`` in
+the folded schedule, which never forms the decomposed features), ``cuda`` (skipped where the
+dispatch table has no kernel of that backend for the op) and ``auto``. The two interleaving ops write in
 place (``inplace=True``, case names ``...-inplace``): the write into the sequence is the
 product, and a copy of the sequence would dominate (benchmarks/test_bench_interleave.py
 times the copying variants).
@@ -62,7 +63,7 @@ def embeds_index(op):
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, ceilings, bench_device, bench_shape, op, provider):
     dev, shape = bench_device, bench_shape
-    backend = {"reference-eager": "reference", "reference-compile": "reference"}.get(provider, provider)
+    backend = harness.BACKEND_OF[provider]
     harness.require(provider, dev, op if backend in ("triton", "cuda") else None)
     if provider == "reference-compile":
         harness.require_compile(shape, op)

@@ -6,6 +6,7 @@ Every test draws fresh random inputs: the seed is random per test and is
 printed with any failure so that it can be replayed (LMEYE_FAST_SEED=...).
 """
 
+import contextlib
 import os
 import random
 
@@ -31,3 +32,23 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 item.add_report_section(call.when, "seed", f"replay with LMEYE_FAST_SEED={value}")
+
+
+@pytest.fixture(params=["split", "folded"])
+def attention_schedule(request):
+    """Run the test once per attention schedule of the Triton backend: F formed by a GEMM
+    (split, the default) and the folded schedule that never forms it (ops/attend_folded.py)."""
+    with folded_attention(request.param == "folded"):
+        yield request.param
+
+
+@contextlib.contextmanager
+def folded_attention(folded: bool):
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    saved = dict(CONFIGS["attend_fwd"])
+    set_config("attend_fwd", {**saved, "FOLDED": int(folded)})
+    try:
+        yield
+    finally:
+        set_config("attend_fwd", saved)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("_attend_fwd_kernel", "_attend_bwd_kernel", "_gemm_kernel", "_slots_kernel")
+KERNELS = ("_attend_fwd_kernel", "_attend_bwd_kernel", "_gemm_kernel", "_slots_kernel", "_expand_kernel",
+           "_scores_kernel", "_weighted_kernel", "_reduce_kernel", "_image_grad_kernel", "_weight_grad_kernel")
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def op_cases():
     import lmeye_fast.ops.attend  # noqa: F401  (registers the ops)
+    import lmeye_fast.ops.attend_folded  # noqa: F401
     import lmeye_fast.ops.interleave  # noqa: F401
     import lmeye_fast.ops.request  # noqa: F401
     import lmeye_fast.ops.transmit  # noqa: F401
@@ -44,6 +45,7 @@ def op_cases():
     embeds = rnd(batch, seq + 2, llm)
     sp = torch.stack([torch.randperm(seq + 2, device=DEVICE)[:num_req] for _ in range(batch)])
     z, lse, feats = L.attend_fwd_triton(r, x, mask, wf, bf, heads, subs)
+    _, probs, q_f, u_f, sums = L.attend_folded_fwd_triton(r, x, mask, wf, bf, heads, subs)
     return [
         (L.request_fwd_triton, (h, q, w, b)),
         (L.request_fwd_triton, (h[:, 0], None, w, None)),
@@ -53,6 +55,10 @@ def op_cases():
         (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, feats, heads, subs)),
         (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, None, heads, subs)),
         (L.attend_bwd_triton, (rnd(batch, num_req, width), r, x, mask, wf, bf, lse, x.new_empty((0,)), heads, subs)),
+        (L.attend_folded_fwd_triton, (r, x, mask, wf, bf, heads, subs)),
+        (L.attend_folded_fwd_triton, (r, x, None, wf, None, heads, subs)),
+        (L.attend_folded_bwd_triton, (rnd(batch, num_req, width), r, x, wf, bf, probs, q_f, u_f, sums, heads, subs)),
+        (L.attend_folded_bwd_triton, (rnd(batch, num_req, width), r, x, wf, None, probs, q_f, u_f, sums, heads, subs)),
         (L.transmit_fwd_triton, (z, wo, bo, se)),
         (L.transmit_fwd_triton, (z, wo, None, None)),
         (L.transmit_bwd_triton, (rnd(batch, num_req, llm), z, wo)),
@@ -70,7 +76,7 @@ def test_opcheck_every_op():
         seen.add(packet._qualified_op_name if hasattr(packet, "_qualified_op_name") else str(packet))
         result = opcheck(packet.default, args)
         assert all(v == "SUCCESS" for v in result.values()), (packet, result)
-    assert len(seen) == 11
+    assert len(seen) == 13
 
 
 def make_layers(dtype=torch.float32):
@@ -114,11 +120,11 @@ def compiled_matches_eager(backend):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; the GPU runs the inductor test below")
-def test_compile_fullgraph_aot_eager():
+def test_compile_fullgraph_aot_eager(attention_schedule):
     compiled_matches_eager("aot_eager")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor over Triton kernels needs a CUDA device")
-def test_compile_fullgraph_inductor():
+def test_compile_fullgraph_inductor(attention_schedule):
     compiled_matches_eager("inductor")

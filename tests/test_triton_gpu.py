@@ -72,11 +72,11 @@ def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, he
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("shape", [(3, 9, 200, 72, 37, 48, 5, 2, 3), (2, 5, 64, 64, 1, 64, 16, 1, 1),
                                    (1, 4, 96, 40, 1024, 32, 1, 1, 2)], ids=str)
-def test_bf16_layer(shape, inplace):
+def test_bf16_layer(shape, inplace, attention_schedule):
     check_layer(torch.bfloat16, *shape, inplace=inplace)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_7b_shape(dtype):
+def test_7b_shape(dtype, attention_schedule):
     # LMEye-7B: B=32, T=512, D=4096, Dv=1024, N=257, Di=768, R=5, S=1, H=12
     check_layer(dtype, 32, 512, 4096, 1024, 257, 768, 5, 1, 12, inplace=True)

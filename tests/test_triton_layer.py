@@ -65,7 +65,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}D{}Dv{}N{}Di{}R{}S{}H{}m{}v{}s{}".format(*c))
-def test_layer_parity(dtype, inplace, case):
+def test_layer_parity(dtype, inplace, case, attention_schedule):
     batch, seq, llm, vision, tokens, width, num_req, subs, heads, masked, vectors, strided = case
     layer64 = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference",
                                device=DEVICE, dtype=torch.float64)

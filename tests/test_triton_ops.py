@@ -177,19 +177,22 @@ ATTEND_CASES = [
 # Kernel variants (launch configs of attend_fwd / attend_bwd): F materialised
 # (SPLIT) or formed on chip, in the forward and the backward, and 1, 2 or 4 heads
 # per program (HEADS). A split forward hands its F to the backward; a fused
-# forward leaves the backward to form F again, by GEMM or on chip.
-ATTEND_VARIANTS = {"split-h1": (1, 1, 1), "fused-h2": (0, 0, 2), "split-h4": (1, 1, 4), "fused-fwd-h1": (0, 1, 1)}
+# forward leaves the backward to form F again, by GEMM or on chip. The folded
+# schedule (FOLDED, ops/attend_folded.py) never forms F.
+ATTEND_VARIANTS = {"split-h1": (1, 1, 1, 0), "fused-h2": (0, 0, 2, 0), "split-h4": (1, 1, 4, 0),
+                   "fused-fwd-h1": (0, 1, 1, 0), "folded": (1, 1, 1, 1)}
 
 
 @contextlib.contextmanager
 def attend_configs(variant):
     from lmeye_fast.ops.triton_launch import CONFIGS, set_config
 
-    split_fwd, split_bwd, heads = ATTEND_VARIANTS[variant]
+    split_fwd, split_bwd, heads, folded = ATTEND_VARIANTS[variant]
     saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
     try:
         for name, split in (("attend_fwd", split_fwd), ("attend_bwd", split_bwd)):
             set_config(name, {**saved[name], "SPLIT": split, "HEADS": heads})
+        set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": folded})
         yield
     finally:
         for name, cfg in saved.items():
@@ -236,7 +239,7 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
-@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0)])
+@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0), ("folded", 0)])
 def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     """A split forward hands its F to the backward, which must not run the decomposition GEMM again."""
     from lmeye_fast.ops import attend

@@ -1,0 +1,507 @@
+"""Decomposition folded into the attention (DESIGN.md §3 steps 2-3) without ever forming F.
+
+Per head h and sub-feature k, with ``W_kh`` the (Dh, Dv) rows of W_f that make
+head h of sub-feature k and ``b_kh`` their bias,
+
+    r_h · F_(n,k),h = (r_h W_kh) · X_n + r_h · b_kh
+    Σ_(n,k) A F_(n,k),h = Σ_k (Σ_n A_(n,k) X_n) W_khᵀ + Σ_k (Σ_n A_(n,k)) b_kh
+
+so the attention runs over the raw image features with the requests pulled
+into the vision width, ``Q = r W`` (B·H·R·S rows of width Dv), and the
+weighted sums ``U = A X`` are pushed back through W_f. At the 7B shape (R=5,
+H=12, S=1, N=257, Dv=1024, Di=768) that is 1.3 GMAC in place of the 6.5 GMAC
+of forming F, and F (12.6 MB in bf16 there) is neither written nor kept.
+
+The rows ``e = (h, r, k)`` of one batch row are few (H·R·S = 60 there), so
+the scores (B, H·R·S, N) are a small fp32 tensor (2 MB there) and the work
+splits into four launches, each with plenty of programs:
+
+=================  =================================================  ===========
+kernel             computes                                           grid
+=================  =================================================  ===========
+``_expand``        ``Y[h, b·R+r, k·Dv+v] = Σ_d A[b, r, h·Dh+d] ·      (H, B·R, S·Dv)
+                   W_f[k·Di+h·Dh+d, v]``: Q from r (forward), dU
+                   from dz (backward)
+``_scores``        ``s[b, e, n] = scale · (Y_e · X_n + A_(b,r,h) ·    (B, rows, N)
+                   b_kh)``, masked tokens -inf: the scores (forward),
+                   dA (backward, scale 1, no mask)
+``_weighted``      the softmax of s over each (h, r)'s S·N entries    (B, H·R, Dv)
+                   and ``U = A X`` (forward; A and its sums over n
+                   kept), or ``dS = scale·A(dA - Σ A dA)`` and
+                   ``dQ = dS X`` (backward)
+``_reduce``        ``out[b, r, h·Dh+d] = Σ_(k,v) Y · W_f +             (H, B·R, Dh)
+                   Σ_k sums · b_kh + residual``: z from U, c and r
+                   (forward), d requests from dQ, Σ_n dS and dz
+``_image_grad``    ``d X = Aᵀ dU + dSᵀ Q`` (backward)                  (B, N, Dv)
+``_weight_grad``   ``d W_kh = dzᵀ U + rᵀ dQ``, ``d b_kh`` from the      (S·H, Dh, Dv)
+                   row sums, accumulated in fp32 (backward)
+=================  =================================================  ===========
+
+Saved for backward: A (fp32, the size of the scores), Q and U (storage
+dtype, B·H·R·S·Dv each: 3.9 MB in bf16 at the 7B shape) and the fp32 sums
+``c = Σ_n A``. Every dot accumulates in fp32; Q, U, dU and dQ are stored in
+the storage dtype, as the reference stores F.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_launch import (CONFIGS, PlanCache, cdiv, compiling, config_cache, dense_bias, dot_acc, dot_flags,
+                            interpret, launcher, needs_grad, op, pow2)
+
+
+@triton.jit
+def _load_dot(ptr, offs, mask, DOT_FP32: tl.constexpr):
+    t = tl.load(ptr + offs, mask=mask, other=0.0)
+    if DOT_FP32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _expand_kernel(
+    a_ptr, w_ptr, y_ptr, B, R, DH, DI, DV, S,
+    a_sb, a_sr, a_sd, w_sr, w_sd,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):
+    h = tl.program_id(0)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rc = tl.program_id(2) * BC + tl.arange(0, BC)
+    m_ok = rm < B * R
+    c_ok = rc < S * DV
+    k = rc // DV
+    v = rc % DV
+    a_row = (rm // R).to(tl.int64) * a_sb + (rm % R) * a_sr
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for d0 in range(0, DH, BK):
+        rd = d0 + tl.arange(0, BK)
+        d_ok = rd < DH
+        a = _load_dot(a_ptr, a_row[:, None] + (h * DH + rd)[None, :] * a_sd, m_ok[:, None] & d_ok[None, :], DOT_FP32)
+        w = _load_dot(w_ptr, (k[None, :] * DI + h * DH + rd[:, None]).to(tl.int64) * w_sr + v[None, :] * w_sd,
+                      d_ok[:, None] & c_ok[None, :], DOT_FP32)
+        acc = dot_acc(a, w, acc, IEEE)
+    y_off = (h * B * R + rm[:, None]).to(tl.int64) * S * DV + rc[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _scores_kernel(
+    y_ptr, x_ptr, a_ptr, bf_ptr, m_ptr, s_ptr, B, R, N, DH, DI, DV, S, M, scale,
+    x_sb, x_sn, x_sd, a_sb, a_sr, a_sd, m_sb, m_sn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    re = tl.program_id(1) * BE + tl.arange(0, BE)
+    rn = tl.program_id(2) * BN + tl.arange(0, BN)
+    e_ok = re < M
+    n_ok = rn < N
+    g = re // S
+    k = re % S
+    h = g // R
+    r = g % R
+    y_row = (((h * B + b) * R + r) * S + k).to(tl.int64) * DV
+    x_row = b.to(tl.int64) * x_sb + rn.to(tl.int64) * x_sn
+    acc = tl.zeros((BE, BN), dtype=tl.float32)
+    for v0 in range(0, DV, BK):
+        rv = v0 + tl.arange(0, BK)
+        v_ok = rv < DV
+        y = _load_dot(y_ptr, y_row[:, None] + rv[None, :], e_ok[:, None] & v_ok[None, :], DOT_FP32)
+        x = _load_dot(x_ptr, x_row[:, None] + rv[None, :] * x_sd, n_ok[:, None] & v_ok[None, :], DOT_FP32)
+        acc = dot_acc(y, tl.trans(x), acc, IEEE)
+    if HAS_BIAS:
+        # A_(b,r,h) · b_kh: constant over n, so it moves the softmax only across sub-features.
+        beta = tl.zeros((BE,), dtype=tl.float32)
+        a_row = b.to(tl.int64) * a_sb + r * a_sr
+        for d0 in range(0, DH, BD):
+            rd = d0 + tl.arange(0, BD)
+            ok = e_ok[:, None] & (rd < DH)[None, :]
+            a = tl.load(a_ptr + a_row[:, None] + (h[:, None] * DH + rd[None, :]) * a_sd, mask=ok, other=0.0)
+            bias = tl.load(bf_ptr + k[:, None] * DI + h[:, None] * DH + rd[None, :], mask=ok, other=0.0)
+            beta += tl.sum(a.to(tl.float32) * bias.to(tl.float32), axis=1)
+        acc += beta[:, None]
+    s = acc * scale
+    if HAS_MASK:
+        keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
+        s = tl.where((keep != 0)[None, :], s, float("-inf"))
+    tl.store(s_ptr + (b.to(tl.int64) * M + re[:, None]) * N + rn[None, :], s, mask=e_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _weighted_kernel(
+    s_ptr, p_ptr, x_ptr, out_ptr, w_ptr, sum_ptr, B, R, N, DV, S, M, G, scale,
+    x_sb, x_sn, x_sd,
+    BACKWARD: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BG: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+):
+    """Forward: ``s_ptr`` holds the scores; writes A to ``w_ptr``, Σ_n A to ``sum_ptr`` and U = A X.
+    Backward: ``s_ptr`` holds dA and ``p_ptr`` A; writes dS to ``w_ptr``, Σ_n dS to ``sum_ptr`` and
+    dQ = dS X. Only the first program along Dv writes the weights and sums."""
+    b = tl.program_id(0)
+    rg = tl.program_id(1) * BG + tl.arange(0, BG)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    first = tl.program_id(2) == 0
+    g_ok = rg < G
+    v_ok = rv < DV
+    h = rg // R
+    r = rg % R
+    # Offsets within one batch row fit int32; the batch's base moves the pointers.
+    x_b = x_ptr + b.to(tl.int64) * x_sb
+    s_b = s_ptr + b.to(tl.int64) * M * N
+    p_b = p_ptr + b.to(tl.int64) * M * N
+    w_b = w_ptr + b.to(tl.int64) * M * N
+    # Pass 1, over all S·N entries of each softmax row (h, r): the normaliser
+    # (forward) or delta = Σ A dA (backward).
+    if BACKWARD:
+        delta = tl.zeros((BG,), dtype=tl.float32)
+    else:
+        m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BG,), dtype=tl.float32)
+    for k in range(0, S):
+        row = (rg * S + k) * N
+        for n0 in range(0, N, BN):
+            rn = n0 + tl.arange(0, BN)
+            ok = g_ok[:, None] & (rn < N)[None, :]
+            if BACKWARD:
+                p = tl.load(p_b + row[:, None] + rn[None, :], mask=ok, other=0.0)
+                da = tl.load(s_b + row[:, None] + rn[None, :], mask=ok, other=0.0)
+                delta += tl.sum(p * da, axis=1)
+            else:
+                s = tl.load(s_b + row[:, None] + rn[None, :], mask=ok, other=float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                # A row that has seen only masked tokens keeps m = -inf; shifting
+                # by 0 then gives exp(-inf) = 0 instead of NaN.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+                m_i = m_new
+    if not BACKWARD:
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        # A row with every image token masked has l = 0: its A is 0, so z = r.
+        inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    for k in range(0, S):
+        row = (rg * S + k) * N
+        acc = tl.zeros((BG, BV), dtype=tl.float32)
+        total = tl.zeros((BG,), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            rn = n0 + tl.arange(0, BN)
+            n_ok = rn < N
+            ok = g_ok[:, None] & n_ok[None, :]
+            if BACKWARD:
+                p = tl.load(p_b + row[:, None] + rn[None, :], mask=ok, other=0.0)
+                da = tl.load(s_b + row[:, None] + rn[None, :], mask=ok, other=0.0)
+                wt = p * (da - delta[:, None]) * scale
+            else:
+                s = tl.load(s_b + row[:, None] + rn[None, :], mask=ok, other=float("-inf"))
+                wt = tl.exp(s - m_safe[:, None]) * inv[:, None]
+            tl.store(w_b + row[:, None] + rn[None, :], wt, mask=ok & first)
+            total += tl.sum(wt, axis=1)
+            x = tl.load(x_b + rn[:, None].to(tl.int64) * x_sn + rv[None, :] * x_sd,
+                        mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+            acc = dot_acc(wt.to(x.dtype), x, acc, IEEE)
+        out_row = (((h * B + b) * R + r) * S + k).to(tl.int64) * DV
+        tl.store(out_ptr + out_row[:, None] + rv[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & v_ok[None, :])
+        tl.store(sum_ptr + b.to(tl.int64) * M + rg * S + k, total, mask=g_ok & first)
+
+
+@triton.jit
+def _reduce_kernel(
+    y_ptr, w_ptr, bf_ptr, sum_ptr, res_ptr, out_ptr, B, R, DH, DI, DV, S, M,
+    w_sr, w_sd, res_sb, res_sr, res_sd,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+):
+    h = tl.program_id(0)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rd = tl.program_id(2) * BD + tl.arange(0, BD)
+    m_ok = rm < B * R
+    d_ok = rd < DH
+    bb = rm // R
+    r = rm % R
+    y_row = (h * B * R + rm).to(tl.int64) * S * DV
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for c0 in range(0, S * DV, BK):
+        rc = c0 + tl.arange(0, BK)
+        c_ok = rc < S * DV
+        y = _load_dot(y_ptr, y_row[:, None] + rc[None, :], m_ok[:, None] & c_ok[None, :], DOT_FP32)
+        w = _load_dot(w_ptr, ((rc // DV)[:, None] * DI + h * DH + rd[None, :]).to(tl.int64) * w_sr
+                      + (rc % DV)[:, None] * w_sd, c_ok[:, None] & d_ok[None, :], DOT_FP32)
+        acc = dot_acc(y, w, acc, IEEE)
+    if HAS_BIAS:
+        for k in range(0, S):
+            sums = tl.load(sum_ptr + bb.to(tl.int64) * M + (h * R + r) * S + k, mask=m_ok, other=0.0)
+            bias = tl.load(bf_ptr + k * DI + h * DH + rd, mask=d_ok, other=0.0).to(tl.float32)
+            acc += sums[:, None] * bias[None, :]
+    ok = m_ok[:, None] & d_ok[None, :]
+    res = tl.load(res_ptr + (bb.to(tl.int64) * res_sb + r * res_sr)[:, None] + (h * DH + rd)[None, :] * res_sd,
+                  mask=ok, other=0.0)
+    acc += res.to(tl.float32)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * DI + (h * DH + rd)[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
+def _image_grad_kernel(
+    p_ptr, du_ptr, ds_ptr, q_ptr, dx_ptr, B, R, N, DV, S, M,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    n_ok = rn < N
+    v_ok = rv < DV
+    acc = tl.zeros((BN, BV), dtype=tl.float32)
+    for e0 in range(0, M, BE):
+        re = e0 + tl.arange(0, BE)
+        e_ok = re < M
+        g = re // S
+        y_row = ((((g // R) * B + b) * R + g % R) * S + re % S).to(tl.int64) * DV
+        w_off = (b.to(tl.int64) * M + re[None, :]) * N + rn[:, None]
+        w_ok = n_ok[:, None] & e_ok[None, :]
+        y_ok = e_ok[:, None] & v_ok[None, :]
+        du = _load_dot(du_ptr, y_row[:, None] + rv[None, :], y_ok, DOT_FP32)
+        p = tl.load(p_ptr + w_off, mask=w_ok, other=0.0).to(du.dtype)
+        acc = dot_acc(p, du, acc, IEEE)
+        q = _load_dot(q_ptr, y_row[:, None] + rv[None, :], y_ok, DOT_FP32)
+        ds = tl.load(ds_ptr + w_off, mask=w_ok, other=0.0).to(q.dtype)
+        acc = dot_acc(ds, q, acc, IEEE)
+    tl.store(dx_ptr + (b.to(tl.int64) * N + rn[:, None]) * DV + rv[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_kernel(
+    dz_ptr, u_ptr, r_ptr, dq_ptr, c_ptr, sg_ptr, dw_ptr, db_ptr, B, R, H, DH, DI, DV, S, M,
+    dz_sb, dz_sr, dz_sd, r_sb, r_sr, r_sd,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+):
+    k = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    first = tl.program_id(2) == 0
+    d_ok = rd < DH
+    v_ok = rv < DV
+    acc = tl.zeros((BD, BV), dtype=tl.float32)
+    acc_b = tl.zeros((BD,), dtype=tl.float32)
+    for m0 in range(0, B * R, BM):
+        rm = m0 + tl.arange(0, BM)
+        m_ok = rm < B * R
+        bb = (rm // R).to(tl.int64)
+        r = rm % R
+        t_ok = d_ok[:, None] & m_ok[None, :]
+        y_off = (h * B * R + rm[:, None]).to(tl.int64) * S * DV + k * DV + rv[None, :]
+        y_ok = m_ok[:, None] & v_ok[None, :]
+        dz_t = _load_dot(dz_ptr, (bb * dz_sb + r * dz_sr)[None, :] + (h * DH + rd)[:, None] * dz_sd, t_ok, DOT_FP32)
+        acc = dot_acc(dz_t, _load_dot(u_ptr, y_off, y_ok, DOT_FP32), acc, IEEE)
+        r_t = _load_dot(r_ptr, (bb * r_sb + r * r_sr)[None, :] + (h * DH + rd)[:, None] * r_sd, t_ok, DOT_FP32)
+        acc = dot_acc(r_t, _load_dot(dq_ptr, y_off, y_ok, DOT_FP32), acc, IEEE)
+        # d b_kh, also without a bias (the registered op returns it either way).
+        e = bb * M + (h * R + r) * S + k
+        c = tl.load(c_ptr + e, mask=m_ok, other=0.0)
+        sg = tl.load(sg_ptr + e, mask=m_ok, other=0.0)
+        acc_b += tl.sum(dz_t.to(tl.float32) * c[None, :] + r_t.to(tl.float32) * sg[None, :], axis=1)
+    rows = k * DI + h * DH + rd
+    tl.store(dw_ptr + rows[:, None].to(tl.int64) * DV + rv[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=d_ok[:, None] & v_ok[None, :])
+    tl.store(db_ptr + rows, acc_b.to(db_ptr.dtype.element_ty), mask=d_ok & first)
+
+
+@config_cache
+def folded_blocks(head_dim: int, config: str = "attend_folded"):
+    """Block sizes of the folded kernels: (BM, BC, BK) of _expand, (BE, BN, BK, BD) of _scores,
+    (BG, BN, BV) of _weighted, (BM, BD, BK) of _reduce, (BN, BV, BE) of _image_grad,
+    (BD, BV, BM) of _weight_grad, then num_warps and num_stages."""
+    c = CONFIGS[config]
+    if interpret():
+        # Small tiles keep the interpreter quick on the tests' small shapes.
+        t = 16
+        return (t, t, t), (t, t, t, t), (t, t, t), (t, t, t), (t, t, t), (t, t, t), 4, 1
+    bd = pow2(head_dim, 16, 64)
+    # The scores kernel's bias term is a short vector sum: narrow chunks keep its registers low.
+    return ((c["BM"], c["BV"], bd), (c["BE"], c["BN"], c["BK"], 16), (c["BG"], c["BN"], c["BV"]),
+            (c["BM"], bd, c["BK"]), (c["BN"], c["BV"], c["BE"]), (bd, c["BV"], c["BM"]),
+            c["num_warps"], c["num_stages"])
+
+
+class _Dims:
+    """The sizes one call's launches share."""
+
+    __slots__ = ("B", "R", "H", "DH", "DI", "DV", "S", "N", "M", "G", "scale")
+
+    def __init__(self, requests, image, num_heads, sub_features):
+        self.B, self.R, self.DI = (int(s) for s in requests.shape)
+        self.N, self.DV = int(image.shape[1]), int(image.shape[2])
+        self.H, self.S = int(num_heads), int(sub_features)
+        self.DH = self.DI // self.H
+        self.G = self.H * self.R
+        self.M = self.G * self.S
+        self.scale = 1.0 / math.sqrt(self.DH)
+
+
+def _expand(d: _Dims, a, w_f, blocks, warps, stages, dot_fp32, ieee):
+    """Y (H, B·R, S·Dv): rows of ``a`` (B, R, Di) per head through W_f."""
+    y = torch.empty((d.H, d.B * d.R, d.S * d.DV), device=a.device, dtype=a.dtype)
+    bm, bc, bk = blocks
+    if y.numel():
+        launcher(_expand_kernel)[(d.H, cdiv(d.B * d.R, bm), cdiv(d.S * d.DV, bc))](
+            a, w_f, y, d.B, d.R, d.DH, d.DI, d.DV, d.S, a.stride(0), a.stride(1), a.stride(2),
+            w_f.stride(0), w_f.stride(1), DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BC=bc, BK=bk,
+            num_warps=warps, num_stages=stages)
+    return y
+
+
+def _scores(d: _Dims, y, image, a, b_f, keep, scale, blocks, warps, stages, dot_fp32, ieee):
+    """(B, H·R·S, N) fp32: ``scale · (Y X_nᵀ + a · b_kh)``, tokens not kept -inf."""
+    s = torch.empty((d.B, d.M, d.N), device=image.device, dtype=torch.float32)
+    be, bn, bk, bd = blocks
+    if s.numel():
+        m_sb, m_sn = (0, 0) if keep is None else (keep.stride(0), keep.stride(1))
+        launcher(_scores_kernel)[(d.B, cdiv(d.M, be), cdiv(d.N, bn))](
+            y, image, a, a if b_f is None else b_f, s if keep is None else keep, s,
+            d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, scale,
+            image.stride(0), image.stride(1), image.stride(2), a.stride(0), a.stride(1), a.stride(2), m_sb, m_sn,
+            HAS_BIAS=b_f is not None, HAS_MASK=keep is not None, DOT_FP32=dot_fp32, IEEE=ieee,
+            BE=be, BN=bn, BK=bk, BD=bd, num_warps=warps, num_stages=stages)
+    return s
+
+
+def _weighted(d: _Dims, scores, probs, image, dtype, blocks, warps, stages, dot_fp32, ieee):
+    """(weights fp32 like ``scores``, their sums over n (B, H·R·S) fp32, weights · X as Y)."""
+    backward = probs is not None
+    weights = torch.empty_like(scores)
+    sums = torch.empty((d.B, d.M), device=scores.device, dtype=torch.float32)
+    out = torch.empty((d.H, d.B * d.R, d.S * d.DV), device=scores.device, dtype=dtype)
+    bg, bn, bv = blocks
+    if sums.numel():
+        # At least one program along Dv, as the first one writes the weights and sums.
+        launcher(_weighted_kernel)[(d.B, cdiv(d.G, bg), max(1, cdiv(d.DV, bv)))](
+            scores, probs if backward else scores, image, out, weights, sums,
+            d.B, d.R, d.N, d.DV, d.S, d.M, d.G, d.scale, image.stride(0), image.stride(1), image.stride(2),
+            BACKWARD=backward, DOT_FP32=dot_fp32, IEEE=ieee, BG=bg, BN=bn, BV=bv,
+            num_warps=warps, num_stages=stages)
+    return weights, sums, out
+
+
+def _reduce(d: _Dims, y, w_f, b_f, sums, res, blocks, warps, stages, dot_fp32, ieee):
+    """(B, R, Di): Y back through W_f per head, plus ``sums · b_kh`` and ``res``."""
+    out = torch.empty((d.B, d.R, d.DI), device=res.device, dtype=res.dtype)
+    bm, bd, bk = blocks
+    if out.numel():
+        launcher(_reduce_kernel)[(d.H, cdiv(d.B * d.R, bm), cdiv(d.DH, bd))](
+            y, w_f, w_f if b_f is None else b_f, sums, res, out, d.B, d.R, d.DH, d.DI, d.DV, d.S, d.M,
+            w_f.stride(0), w_f.stride(1), res.stride(0), res.stride(1), res.stride(2),
+            HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BD=bd, BK=bk,
+            num_warps=warps, num_stages=stages)
+    return out
+
+
+def _fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    d = _Dims(requests, image, num_heads, sub_features)
+    dot_fp32, ieee = dot_flags(requests.dtype)
+    expand, scores, weighted, reduce, _, _, warps, stages = folded_blocks(d.DH)
+    keep = None if image_mask is None else image_mask.view(torch.uint8)
+    q = _expand(d, requests, w_f, expand, warps, stages, dot_fp32, ieee)
+    s = _scores(d, q, image, requests, b_f, keep, d.scale, scores, warps, stages, dot_fp32, ieee)
+    probs, sums, u = _weighted(d, s, None, image, image.dtype, weighted, warps, stages, dot_fp32, ieee)
+    z = _reduce(d, u, w_f, b_f, sums, requests, reduce, warps, stages, dot_fp32, ieee)
+    return z, probs, q, u, sums
+
+
+def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    batch, num_req, width = requests.shape
+    rows = num_heads * num_req * sub_features
+    f32 = torch.float32
+    y_shape = (num_heads, batch * num_req, sub_features * image.shape[2])
+    return (requests.new_empty(requests.shape), requests.new_empty((batch, rows, image.shape[1]), dtype=f32),
+            image.new_empty(y_shape), image.new_empty(y_shape), requests.new_empty((batch, rows), dtype=f32))
+
+
+@op("attend_folded_fwd_triton", _fwd_fake)
+def attend_folded_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+                      w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int, sub_features: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, then what the backward takes: A (B, H·R·S, N) fp32, Q and U (H, B·R, S·Dv), c = Σ_n A (B, H·R·S)."""
+    return _fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+
+
+def _bwd_fake(grad, requests, image, w_f, b_f, probs, q, u, sums, num_heads, sub_features):
+    return (requests.new_empty(requests.shape), image.new_empty(image.shape), w_f.new_empty(w_f.shape),
+            w_f.new_empty((w_f.shape[0],)))
+
+
+@op("attend_folded_bwd_triton", _bwd_fake)
+def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor, w_f: torch.Tensor,
+                      b_f: Optional[torch.Tensor], probs: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
+                      sums: torch.Tensor, num_heads: int, sub_features: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of requests, image, W_f and b_f from what ``attend_folded_fwd`` returned (no mask:
+    A is zero at masked tokens, so their gradients are too)."""
+    d = _Dims(requests, image, num_heads, sub_features)
+    expected = (d.H, d.B * d.R, d.S * d.DV)
+    for name, t in (("q", q), ("u", u)):
+        if t.shape != expected or not t.is_contiguous():
+            raise ValueError(f"{name}: expected the forward's contiguous tensor of shape {expected}, "
+                             f"got {tuple(t.shape)} with strides {t.stride()}")
+    dot_fp32, ieee = dot_flags(requests.dtype)
+    expand, scores, weighted, reduce, image_grad, weight_grad, warps, stages = folded_blocks(d.DH)
+    d_u = _expand(d, grad, w_f, expand, warps, stages, dot_fp32, ieee)
+    # dA = dU X + dz · b_kh (the bias reaches z through Σ_n A), unscaled and unmasked: A is 0 there.
+    d_a = _scores(d, d_u, image, grad, b_f, None, 1.0, scores, warps, stages, dot_fp32, ieee)
+    d_s, d_beta, d_q = _weighted(d, d_a, probs, image, image.dtype, weighted, warps, stages, dot_fp32, ieee)
+    d_req = _reduce(d, d_q, w_f, b_f, d_beta, grad, reduce, warps, stages, dot_fp32, ieee)
+    d_image = torch.empty((d.B, d.N, d.DV), device=image.device, dtype=image.dtype)
+    bn, bv, be = image_grad
+    if d_image.numel():
+        launcher(_image_grad_kernel)[(d.B, cdiv(d.N, bn), cdiv(d.DV, bv))](
+            probs, d_u, d_s, q, d_image, d.B, d.R, d.N, d.DV, d.S, d.M,
+            DOT_FP32=dot_fp32, IEEE=ieee, BN=bn, BV=bv, BE=be, num_warps=warps, num_stages=stages)
+    d_w = torch.empty(w_f.shape, device=w_f.device, dtype=w_f.dtype)
+    d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
+    bd, bv, bm = weight_grad
+    if d_b.numel():
+        launcher(_weight_grad_kernel)[(d.S * d.H, cdiv(d.DH, bd), max(1, cdiv(d.DV, bv)))](
+            grad, u, requests, d_q, sums, d_beta, d_w, d_b, d.B, d.R, d.H, d.DH, d.DI, d.DV, d.S, d.M,
+            grad.stride(0), grad.stride(1), grad.stride(2), requests.stride(0), requests.stride(1),
+            requests.stride(2), DOT_FP32=dot_fp32, IEEE=ieee, BD=bd, BV=bv, BM=bm,
+            num_warps=warps, num_stages=stages)
+    return d_req, d_image, d_w, d_b
+
+
+class AttendFoldedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+        fwd = torch.ops.lmeye_fast.attend_folded_fwd_triton if compiling() else attend_folded_fwd
+        z, probs, q, u, sums = fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        ctx.save_for_backward(requests, image, w_f, b_f, probs, q, u, sums)
+        ctx.num_heads, ctx.sub_features = num_heads, sub_features
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        requests, image, w_f, b_f, probs, q, u, sums = ctx.saved_tensors
+        bwd = torch.ops.lmeye_fast.attend_folded_bwd_triton if compiling() else attend_folded_bwd
+        d_req, d_image, d_w, d_b = bwd(grad, requests, image, w_f, b_f, probs, q, u, sums,
+                                       ctx.num_heads, ctx.sub_features)
+        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None
+
+
+def attend_folded(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+                  w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int, sub_features: int) -> torch.Tensor:
+    """``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head, F = X W_fᵀ + b_f never formed; arguments
+    already checked by ``attend.attend_decomposed``."""
+    b_f = dense_bias(b_f)
+    if needs_grad(requests, image, w_f, b_f):
+        return AttendFoldedFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    if compiling():
+        return torch.ops.lmeye_fast.attend_folded_fwd_triton(
+            requests, image, image_mask, w_f, b_f, num_heads, sub_features)[0]
+    return _fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)[0]
