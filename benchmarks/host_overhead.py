@@ -8,6 +8,7 @@ instead of running them and stands in for the cuBLAS products
 (``launch_capture.py``), so what it times is our Python.
 
     python benchmarks/host_overhead.py            # add --profile for a cProfile listing
+    python benchmarks/host_overhead.py --folded   # the folded attention schedule
 
 Reported: µs per no-grad forward (min and median of 5 rounds of 300 calls) and
 the number of kernel launches per call.
@@ -27,11 +28,15 @@ import torch  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="print a cProfile listing of 200 calls")
+    parser.add_argument("--folded", action="store_true", help="the folded attention schedule (attend_folded.py)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     install(keep_args=False)
     from lmeye_fast import InteractiveLayer
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": int(args.folded)})
 
     batch, seq, llm, vision, tokens, width, requests, heads = 32, 64, 256, 128, 17, 96, 5, 12
     layer = InteractiveLayer(llm, vision, width, requests, 1, heads, backend="triton")

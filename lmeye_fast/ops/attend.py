@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attend_folded import attend_folded
+from .attend_folded import FoldedPlan, attend_folded, plan_forward
 from .triton_launch import (CONFIGS, PlanCache, Rows, _gemm_kernel, as_is, cdiv, check_device, check_dtype,
                             check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
                             gemm_plan, interpret, launch_gemm, launcher, needs_grad, op, pow2, rows2d)
@@ -429,9 +429,8 @@ def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
         check_device("image_mask", image_mask, device)
 
 
+# Launch plans of both schedules: a FoldedPlan where CONFIGS["attend_fwd"]["FOLDED"] is set.
 _PLANS = PlanCache()
-# The plan of a call that the folded schedule runs (its launches need no precomputed plan).
-_FOLDED = object()
 
 
 def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
@@ -445,7 +444,7 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     if compiling():
         _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         if CONFIGS["attend_fwd"]["FOLDED"]:
-            return attend_folded(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+            return attend_folded(None, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)
     key = (requests.shape, requests.stride(), requests.dtype, requests.device, image.shape, image.stride(),
            image.dtype, image.device, w_f.shape, w_f.stride(), w_f.dtype, w_f.device, num_heads, sub_features,
@@ -455,10 +454,10 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     plan = _PLANS.get(key)
     if plan is None:
         _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        plan = _PLANS.add(key, _FOLDED if CONFIGS["attend_fwd"]["FOLDED"] else
-                          _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
-    if plan is _FOLDED:
-        return attend_folded(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        make = plan_forward if CONFIGS["attend_fwd"]["FOLDED"] else _fwd_plan
+        plan = _PLANS.add(key, make(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
+    if isinstance(plan, FoldedPlan):
+        return attend_folded(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     if needs_grad(requests, image, w_f, b_f):
         return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)
     return _fwd_launch(as_is, plan, False, requests, image, image_mask, w_f, b_f)[0]

@@ -46,14 +46,14 @@ the storage dtype, as the reference stores F.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import (CONFIGS, PlanCache, cdiv, compiling, config_cache, dense_bias, dot_acc, dot_flags,
-                            interpret, launcher, needs_grad, op, pow2)
+from .triton_launch import (CONFIGS, as_is, cdiv, compiling, config_cache, dot_acc, dot_flags, interpret, launcher,
+                            needs_grad, op, pow2)
 
 
 @triton.jit
@@ -332,87 +332,128 @@ def folded_blocks(head_dim: int, config: str = "attend_folded"):
             c["num_warps"], c["num_stages"])
 
 
-class _Dims:
+class _Dims(NamedTuple):
     """The sizes one call's launches share."""
 
-    __slots__ = ("B", "R", "H", "DH", "DI", "DV", "S", "N", "M", "G", "scale")
+    B: int
+    R: int
+    H: int
+    DH: int
+    DI: int
+    DV: int
+    S: int
+    N: int
+    M: int
+    G: int
+    scale: float
 
-    def __init__(self, requests, image, num_heads, sub_features):
-        self.B, self.R, self.DI = (int(s) for s in requests.shape)
-        self.N, self.DV = int(image.shape[1]), int(image.shape[2])
-        self.H, self.S = int(num_heads), int(sub_features)
-        self.DH = self.DI // self.H
-        self.G = self.H * self.R
-        self.M = self.G * self.S
-        self.scale = 1.0 / math.sqrt(self.DH)
+    @staticmethod
+    def of(requests, image, num_heads, sub_features) -> "_Dims":
+        batch, num_req, width = (int(s) for s in requests.shape)
+        heads, subs = int(num_heads), int(sub_features)
+        head_dim = width // heads
+        return _Dims(batch, num_req, heads, head_dim, width, int(image.shape[2]), subs, int(image.shape[1]),
+                     heads * num_req * subs, heads * num_req, 1.0 / math.sqrt(head_dim))
 
 
-def _expand(d: _Dims, a, w_f, blocks, warps, stages, dot_fp32, ieee):
-    """Y (H, B·R, S·Dv): rows of ``a`` (B, R, Di) per head through W_f."""
-    y = torch.empty((d.H, d.B * d.R, d.S * d.DV), device=a.device, dtype=a.dtype)
+class _Launch(NamedTuple):
+    """One kernel launch as metadata: its grid (None when there is nothing to compute), the scalar
+    arguments after the tensors, and the compile-time constants with num_warps/num_stages."""
+
+    grid: Optional[Tuple[int, int, int]]
+    scalars: tuple
+    constexprs: dict
+
+
+def _common(d: _Dims, dtype: torch.dtype):
+    """Block sizes of each kernel, and the constants every launch passes."""
+    expand, scores, weighted, reduce, image_grad, weight_grad, warps, stages = folded_blocks(d.DH)
+    dot_fp32, ieee = dot_flags(dtype)
+    return ((expand, scores, weighted, reduce, image_grad, weight_grad),
+            dict(DOT_FP32=dot_fp32, IEEE=ieee, num_warps=warps, num_stages=stages))
+
+
+def _expand_launch(d: _Dims, a_strides, w_strides, blocks, common) -> _Launch:
+    """Y (H, B·R, S·Dv) from rows of ``a`` (B, R, Di) per head through W_f."""
     bm, bc, bk = blocks
-    if y.numel():
-        launcher(_expand_kernel)[(d.H, cdiv(d.B * d.R, bm), cdiv(d.S * d.DV, bc))](
-            a, w_f, y, d.B, d.R, d.DH, d.DI, d.DV, d.S, a.stride(0), a.stride(1), a.stride(2),
-            w_f.stride(0), w_f.stride(1), DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BC=bc, BK=bk,
-            num_warps=warps, num_stages=stages)
-    return y
+    grid = (d.H, cdiv(d.B * d.R, bm), cdiv(d.S * d.DV, bc)) if d.H * d.B * d.R * d.S * d.DV else None
+    return _Launch(grid, (d.B, d.R, d.DH, d.DI, d.DV, d.S, *a_strides, *w_strides),
+                   dict(BM=bm, BC=bc, BK=bk, **common))
 
 
-def _scores(d: _Dims, y, image, a, b_f, keep, scale, blocks, warps, stages, dot_fp32, ieee):
-    """(B, H·R·S, N) fp32: ``scale · (Y X_nᵀ + a · b_kh)``, tokens not kept -inf."""
-    s = torch.empty((d.B, d.M, d.N), device=image.device, dtype=torch.float32)
+def _scores_launch(d: _Dims, x_strides, a_strides, m_strides, scale, has_bias, blocks, common) -> _Launch:
+    """(B, H·R·S, N) fp32 ``scale · (Y X_nᵀ + a · b_kh)``; with ``m_strides``, tokens not kept -inf."""
     be, bn, bk, bd = blocks
-    if s.numel():
-        m_sb, m_sn = (0, 0) if keep is None else (keep.stride(0), keep.stride(1))
-        launcher(_scores_kernel)[(d.B, cdiv(d.M, be), cdiv(d.N, bn))](
-            y, image, a, a if b_f is None else b_f, s if keep is None else keep, s,
-            d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, scale,
-            image.stride(0), image.stride(1), image.stride(2), a.stride(0), a.stride(1), a.stride(2), m_sb, m_sn,
-            HAS_BIAS=b_f is not None, HAS_MASK=keep is not None, DOT_FP32=dot_fp32, IEEE=ieee,
-            BE=be, BN=bn, BK=bk, BD=bd, num_warps=warps, num_stages=stages)
-    return s
+    grid = (d.B, cdiv(d.M, be), cdiv(d.N, bn)) if d.B * d.M * d.N else None
+    return _Launch(grid, (d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, scale, *x_strides, *a_strides,
+                          *(m_strides or (0, 0))),
+                   dict(HAS_BIAS=has_bias, HAS_MASK=m_strides is not None, BE=be, BN=bn, BK=bk, BD=bd, **common))
 
 
-def _weighted(d: _Dims, scores, probs, image, dtype, blocks, warps, stages, dot_fp32, ieee):
-    """(weights fp32 like ``scores``, their sums over n (B, H·R·S) fp32, weights · X as Y)."""
-    backward = probs is not None
-    weights = torch.empty_like(scores)
-    sums = torch.empty((d.B, d.M), device=scores.device, dtype=torch.float32)
-    out = torch.empty((d.H, d.B * d.R, d.S * d.DV), device=scores.device, dtype=dtype)
+def _weighted_launch(d: _Dims, x_strides, backward, blocks, common) -> _Launch:
+    """The weights (fp32, like the scores), their sums over n (B, H·R·S) fp32 and weights · X as Y."""
     bg, bn, bv = blocks
-    if sums.numel():
-        # At least one program along Dv, as the first one writes the weights and sums.
-        launcher(_weighted_kernel)[(d.B, cdiv(d.G, bg), max(1, cdiv(d.DV, bv)))](
-            scores, probs if backward else scores, image, out, weights, sums,
-            d.B, d.R, d.N, d.DV, d.S, d.M, d.G, d.scale, image.stride(0), image.stride(1), image.stride(2),
-            BACKWARD=backward, DOT_FP32=dot_fp32, IEEE=ieee, BG=bg, BN=bn, BV=bv,
-            num_warps=warps, num_stages=stages)
-    return weights, sums, out
+    # At least one program along Dv, as the first one writes the weights and sums.
+    grid = (d.B, cdiv(d.G, bg), max(1, cdiv(d.DV, bv))) if d.B * d.G else None
+    return _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M, d.G, d.scale, *x_strides),
+                   dict(BACKWARD=backward, BG=bg, BN=bn, BV=bv, **common))
 
 
-def _reduce(d: _Dims, y, w_f, b_f, sums, res, blocks, warps, stages, dot_fp32, ieee):
-    """(B, R, Di): Y back through W_f per head, plus ``sums · b_kh`` and ``res``."""
-    out = torch.empty((d.B, d.R, d.DI), device=res.device, dtype=res.dtype)
+def _reduce_launch(d: _Dims, w_strides, res_strides, has_bias, blocks, common) -> _Launch:
+    """(B, R, Di): Y back through W_f per head, plus ``sums · b_kh`` and the residual."""
     bm, bd, bk = blocks
-    if out.numel():
-        launcher(_reduce_kernel)[(d.H, cdiv(d.B * d.R, bm), cdiv(d.DH, bd))](
-            y, w_f, w_f if b_f is None else b_f, sums, res, out, d.B, d.R, d.DH, d.DI, d.DV, d.S, d.M,
-            w_f.stride(0), w_f.stride(1), res.stride(0), res.stride(1), res.stride(2),
-            HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BD=bd, BK=bk,
-            num_warps=warps, num_stages=stages)
-    return out
+    grid = (d.H, cdiv(d.B * d.R, bm), cdiv(d.DH, bd)) if d.B * d.R * d.DI else None
+    return _Launch(grid, (d.B, d.R, d.DH, d.DI, d.DV, d.S, d.M, *w_strides, *res_strides),
+                   dict(HAS_BIAS=has_bias, BM=bm, BD=bd, BK=bk, **common))
 
 
-def _fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-    d = _Dims(requests, image, num_heads, sub_features)
-    dot_fp32, ieee = dot_flags(requests.dtype)
-    expand, scores, weighted, reduce, _, _, warps, stages = folded_blocks(d.DH)
-    keep = None if image_mask is None else image_mask.view(torch.uint8)
-    q = _expand(d, requests, w_f, expand, warps, stages, dot_fp32, ieee)
-    s = _scores(d, q, image, requests, b_f, keep, d.scale, scores, warps, stages, dot_fp32, ieee)
-    probs, sums, u = _weighted(d, s, None, image, image.dtype, weighted, warps, stages, dot_fp32, ieee)
-    z = _reduce(d, u, w_f, b_f, sums, requests, reduce, warps, stages, dot_fp32, ieee)
+def _run(wrap, kernel, launch: _Launch, *tensors) -> None:
+    if launch.grid is not None:
+        wrap(kernel)[launch.grid](*tensors, *launch.scalars, **launch.constexprs)
+
+
+class FoldedPlan(NamedTuple):
+    """Everything of a forward's four launches that follows from the inputs' metadata."""
+
+    dims: _Dims
+    dtype: torch.dtype
+    device: torch.device
+    expand: _Launch
+    scores: _Launch
+    weighted: _Launch
+    reduce: _Launch
+
+
+def plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features) -> FoldedPlan:
+    d = _Dims.of(requests, image, num_heads, sub_features)
+    blocks, common = _common(d, requests.dtype)
+    w_strides, r_strides = (w_f.stride(0), w_f.stride(1)), requests.stride()
+    # The bool mask is read as bytes (same strides).
+    m_strides = None if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
+    return FoldedPlan(d, requests.dtype, requests.device,
+                      _expand_launch(d, r_strides, w_strides, blocks[0], common),
+                      _scores_launch(d, image.stride(), r_strides, m_strides, d.scale, b_f is not None, blocks[1],
+                                     common),
+                      _weighted_launch(d, image.stride(), False, blocks[2], common),
+                      _reduce_launch(d, w_strides, r_strides, b_f is not None, blocks[3], common))
+
+
+def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
+    """z, A (B, H·R·S, N) fp32, Q and U (H, B·R, S·Dv), c = Σ_n A (B, H·R·S) fp32. ``wrap`` is
+    ``launcher`` inside the registered op, ``as_is`` in a direct eager call."""
+    d, device = plan.dims, plan.device
+    y_shape = (d.H, d.B * d.R, d.S * d.DV)
+    q = torch.empty(y_shape, device=device, dtype=plan.dtype)
+    scores = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
+    probs = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
+    sums = torch.empty((d.B, d.M), device=device, dtype=torch.float32)
+    u = torch.empty(y_shape, device=device, dtype=plan.dtype)
+    z = torch.empty((d.B, d.R, d.DI), device=device, dtype=plan.dtype)
+    keep = scores if image_mask is None else image_mask.view(torch.uint8)
+    _run(wrap, _expand_kernel, plan.expand, requests, w_f, q)
+    _run(wrap, _scores_kernel, plan.scores, q, image, requests, requests if b_f is None else b_f, keep, scores)
+    _run(wrap, _weighted_kernel, plan.weighted, scores, scores, image, u, probs, sums)
+    _run(wrap, _reduce_kernel, plan.reduce, u, w_f, w_f if b_f is None else b_f, sums, requests, z)
     return z, probs, q, u, sums
 
 
@@ -430,7 +471,8 @@ def attend_folded_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: O
                       w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int, sub_features: int
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z, then what the backward takes: A (B, H·R·S, N) fp32, Q and U (H, B·R, S·Dv), c = Σ_n A (B, H·R·S)."""
-    return _fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    plan = plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    return run_forward(launcher, plan, requests, image, image_mask, w_f, b_f)
 
 
 def _bwd_fake(grad, requests, image, w_f, b_f, probs, q, u, sums, num_heads, sub_features):
@@ -445,42 +487,56 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of requests, image, W_f and b_f from what ``attend_folded_fwd`` returned (no mask:
     A is zero at masked tokens, so their gradients are too)."""
-    d = _Dims(requests, image, num_heads, sub_features)
+    d = _Dims.of(requests, image, num_heads, sub_features)
     expected = (d.H, d.B * d.R, d.S * d.DV)
     for name, t in (("q", q), ("u", u)):
         if t.shape != expected or not t.is_contiguous():
             raise ValueError(f"{name}: expected the forward's contiguous tensor of shape {expected}, "
                              f"got {tuple(t.shape)} with strides {t.stride()}")
-    dot_fp32, ieee = dot_flags(requests.dtype)
-    expand, scores, weighted, reduce, image_grad, weight_grad, warps, stages = folded_blocks(d.DH)
-    d_u = _expand(d, grad, w_f, expand, warps, stages, dot_fp32, ieee)
+    blocks, common = _common(d, requests.dtype)
+    device, dtype = requests.device, requests.dtype
+    w_strides, g_strides = (w_f.stride(0), w_f.stride(1)), grad.stride()
+    has_bias = b_f is not None
+    bias = w_f if b_f is None else b_f
+    d_u = torch.empty(expected, device=device, dtype=dtype)
+    _run(launcher, _expand_kernel, _expand_launch(d, g_strides, w_strides, blocks[0], common), grad, w_f, d_u)
     # dA = dU X + dz · b_kh (the bias reaches z through Σ_n A), unscaled and unmasked: A is 0 there.
-    d_a = _scores(d, d_u, image, grad, b_f, None, 1.0, scores, warps, stages, dot_fp32, ieee)
-    d_s, d_beta, d_q = _weighted(d, d_a, probs, image, image.dtype, weighted, warps, stages, dot_fp32, ieee)
-    d_req = _reduce(d, d_q, w_f, b_f, d_beta, grad, reduce, warps, stages, dot_fp32, ieee)
-    d_image = torch.empty((d.B, d.N, d.DV), device=image.device, dtype=image.dtype)
-    bn, bv, be = image_grad
-    if d_image.numel():
-        launcher(_image_grad_kernel)[(d.B, cdiv(d.N, bn), cdiv(d.DV, bv))](
-            probs, d_u, d_s, q, d_image, d.B, d.R, d.N, d.DV, d.S, d.M,
-            DOT_FP32=dot_fp32, IEEE=ieee, BN=bn, BV=bv, BE=be, num_warps=warps, num_stages=stages)
-    d_w = torch.empty(w_f.shape, device=w_f.device, dtype=w_f.dtype)
-    d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
-    bd, bv, bm = weight_grad
-    if d_b.numel():
-        launcher(_weight_grad_kernel)[(d.S * d.H, cdiv(d.DH, bd), max(1, cdiv(d.DV, bv)))](
-            grad, u, requests, d_q, sums, d_beta, d_w, d_b, d.B, d.R, d.H, d.DH, d.DI, d.DV, d.S, d.M,
-            grad.stride(0), grad.stride(1), grad.stride(2), requests.stride(0), requests.stride(1),
-            requests.stride(2), DOT_FP32=dot_fp32, IEEE=ieee, BD=bd, BV=bv, BM=bm,
-            num_warps=warps, num_stages=stages)
+    d_a = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
+    _run(launcher, _scores_kernel, _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, blocks[1], common),
+         d_u, image, grad, bias, d_a, d_a)
+    # dS (scaled) = A (dA - Σ A dA) / sqrt(Dh), its sums over n, and dQ = dS X.
+    d_s, d_beta = torch.empty_like(d_a), torch.empty((d.B, d.M), device=device, dtype=torch.float32)
+    d_q = torch.empty(expected, device=device, dtype=dtype)
+    _run(launcher, _weighted_kernel, _weighted_launch(d, image.stride(), True, blocks[2], common),
+         d_a, probs, image, d_q, d_s, d_beta)
+    d_req = torch.empty((d.B, d.R, d.DI), device=device, dtype=dtype)
+    _run(launcher, _reduce_kernel, _reduce_launch(d, w_strides, g_strides, has_bias, blocks[3], common),
+         d_q, w_f, bias, d_beta, grad, d_req)
+    d_image = torch.empty((d.B, d.N, d.DV), device=device, dtype=dtype)
+    bn, bv, be = blocks[4]
+    grid = (d.B, cdiv(d.N, bn), cdiv(d.DV, bv)) if d_image.numel() else None
+    _run(launcher, _image_grad_kernel, _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M), dict(BN=bn, BV=bv, BE=be, **common)),
+         probs, d_u, d_s, q, d_image)
+    d_w = torch.empty(w_f.shape, device=device, dtype=w_f.dtype)
+    d_b = torch.empty((w_f.shape[0],), device=device, dtype=w_f.dtype)
+    bd, bv, bm = blocks[5]
+    # At least one program along Dv, as the first one writes d b_f.
+    grid = (d.S * d.H, cdiv(d.DH, bd), max(1, cdiv(d.DV, bv))) if d_b.numel() else None
+    _run(launcher, _weight_grad_kernel,
+         _Launch(grid, (d.B, d.R, d.H, d.DH, d.DI, d.DV, d.S, d.M, *g_strides, *requests.stride()),
+                 dict(BD=bd, BV=bv, BM=bm, **common)),
+         grad, u, requests, d_q, sums, d_beta, d_w, d_b)
     return d_req, d_image, d_w, d_b
 
 
 class AttendFoldedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-        fwd = torch.ops.lmeye_fast.attend_folded_fwd_triton if compiling() else attend_folded_fwd
-        z, probs, q, u, sums = fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
+        if plan is None:
+            z, probs, q, u, sums = torch.ops.lmeye_fast.attend_folded_fwd_triton(
+                requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        else:
+            z, probs, q, u, sums = run_forward(as_is, plan, requests, image, image_mask, w_f, b_f)
         ctx.save_for_backward(requests, image, w_f, b_f, probs, q, u, sums)
         ctx.num_heads, ctx.sub_features = num_heads, sub_features
         return z
@@ -491,17 +547,18 @@ class AttendFoldedFunction(torch.autograd.Function):
         bwd = torch.ops.lmeye_fast.attend_folded_bwd_triton if compiling() else attend_folded_bwd
         d_req, d_image, d_w, d_b = bwd(grad, requests, image, w_f, b_f, probs, q, u, sums,
                                        ctx.num_heads, ctx.sub_features)
-        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None
+        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None, None
 
 
-def attend_folded(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
-                  w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int, sub_features: int) -> torch.Tensor:
-    """``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head, F = X W_fᵀ + b_f never formed; arguments
-    already checked by ``attend.attend_decomposed``."""
-    b_f = dense_bias(b_f)
+def attend_folded(plan: Optional[FoldedPlan], requests: torch.Tensor, image: torch.Tensor,
+                  image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
+                  num_heads: int, sub_features: int) -> torch.Tensor:
+    """``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head, F = X W_fᵀ + b_f never formed. Called by
+    ``attend.attend_decomposed`` with checked arguments (``b_f`` dense) and the cached plan of an
+    eager call, or None while torch.compile traces (the registered ops run then)."""
     if needs_grad(requests, image, w_f, b_f):
-        return AttendFoldedFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    if compiling():
+        return AttendFoldedFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)
+    if plan is None:
         return torch.ops.lmeye_fast.attend_folded_fwd_triton(
             requests, image, image_mask, w_f, b_f, num_heads, sub_features)[0]
-    return _fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)[0]
+    return run_forward(as_is, plan, requests, image, image_mask, w_f, b_f)[0]
