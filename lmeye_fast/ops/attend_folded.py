@@ -316,19 +316,21 @@ def _weight_grad_kernel(
 
 
 @config_cache
-def folded_blocks(head_dim: int, config: str = "attend_folded"):
+def folded_blocks(head_dim: int, exact: bool, config: str = "attend_folded"):
     """Block sizes of the folded kernels: (BM, BC, BK) of _expand, (BE, BN, BK, BD) of _scores,
     (BG, BN, BV) of _weighted, (BM, BD, BK) of _reduce, (BN, BV, BE) of _image_grad,
-    (BD, BV, BM) of _weight_grad, then num_warps and num_stages."""
+    (BD, BV, BM) of _weight_grad, then num_warps and num_stages. ``exact``: fp32 operands."""
     c = CONFIGS[config]
     if interpret():
         # Small tiles keep the interpreter quick on the tests' small shapes.
         t = 16
         return (t, t, t), (t, t, t, t), (t, t, t), (t, t, t), (t, t, t), (t, t, t), 4, 1
     bd = pow2(head_dim, 16, 64)
+    # fp32 operands take twice the registers: at the bf16 width ptxas spills (compile_kernels.py).
+    bv = max(16, c["BV"] // 2) if exact else c["BV"]
     # The scores kernel's bias term is a short vector sum: narrow chunks keep its registers low.
-    return ((c["BM"], c["BV"], bd), (c["BE"], c["BN"], c["BK"], 16), (c["BG"], c["BN"], c["BV"]),
-            (c["BM"], bd, c["BK"]), (c["BN"], c["BV"], c["BE"]), (bd, c["BV"], c["BM"]),
+    return ((c["BM"], bv, bd), (c["BE"], c["BN"], c["BK"], 16), (c["BG"], c["BN"], bv),
+            (c["BM"], bd, c["BK"]), (c["BN"], bv, c["BE"]), (bd, bv, c["BM"]),
             c["num_warps"], c["num_stages"])
 
 
@@ -367,8 +369,8 @@ class _Launch(NamedTuple):
 
 def _common(d: _Dims, dtype: torch.dtype):
     """Block sizes of each kernel, and the constants every launch passes."""
-    expand, scores, weighted, reduce, image_grad, weight_grad, warps, stages = folded_blocks(d.DH)
     dot_fp32, ieee = dot_flags(dtype)
+    expand, scores, weighted, reduce, image_grad, weight_grad, warps, stages = folded_blocks(d.DH, dot_fp32)
     return ((expand, scores, weighted, reduce, image_grad, weight_grad),
             dict(DOT_FP32=dot_fp32, IEEE=ieee, num_warps=warps, num_stages=stages))
 
