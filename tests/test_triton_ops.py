@@ -276,6 +276,25 @@ def test_attend_bwd_takes_the_forwards_f_and_refuses_another():
             attend.attend_bwd(grad, r, x, None, w, b, lse, feats[:, :4], 2, 2)
 
 
+def test_attend_folded_bwd_refuses_tensors_not_from_its_forward():
+    """The folded backward op takes the forward op's saved tensors; one of another shape, dtype or
+    layout is refused with an error naming it, before any kernel runs."""
+    from lmeye_fast.ops import attend_folded
+
+    r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 5, 12, dtype=torch.float32)
+    w, b = leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
+    grad = torch.randn(2, 3, 16, device=DEVICE)
+    _, probs, q, u, sums = attend_folded.attend_folded_fwd(r, x, None, w, b, 2, 2)
+    attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2)
+    bad = {"q": q[:, :-1], "u": u.transpose(1, 2).contiguous().transpose(1, 2), "probs": probs.half(),
+           "sums": sums[:1]}
+    for name, wrong in bad.items():
+        saved = {**dict(probs=probs, q=q, u=u, sums=sums), name: wrong}
+        with pytest.raises(ValueError, match=name):
+            attend_folded.attend_folded_bwd(grad, r, x, w, b, saved["probs"], saved["q"], saved["u"],
+                                            saved["sums"], 2, 2)
+
+
 def slots(batch, num_slots, length):
     return torch.stack([torch.randperm(length, device=DEVICE)[:num_slots] for _ in range(batch)])
 

@@ -491,10 +491,12 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
     A is zero at masked tokens, so their gradients are too)."""
     d = _Dims.of(requests, image, num_heads, sub_features)
     expected = (d.H, d.B * d.R, d.S * d.DV)
-    for name, t in (("q", q), ("u", u)):
-        if t.shape != expected or not t.is_contiguous():
-            raise ValueError(f"{name}: expected the forward's contiguous tensor of shape {expected}, "
-                             f"got {tuple(t.shape)} with strides {t.stride()}")
+    for name, t, shape, dtype in (("q", q, expected, requests.dtype), ("u", u, expected, requests.dtype),
+                                  ("probs", probs, (d.B, d.M, d.N), torch.float32),
+                                  ("sums", sums, (d.B, d.M), torch.float32)):
+        if t.shape != shape or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name}: expected the forward's contiguous {dtype} tensor of shape {shape}, "
+                             f"got {t.dtype} {tuple(t.shape)} with strides {t.stride()}")
     blocks, common = _common(d, requests.dtype)
     device, dtype = requests.device, requests.dtype
     w_strides, g_strides = (w_f.stride(0), w_f.stride(1)), grad.stride()
