@@ -239,6 +239,20 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
+def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
+    """Without gradients the forward runs from its cached launch plan outside autograd: the same
+    kernels, so the same bits."""
+    from lmeye_fast.ops.attend import attend_decomposed
+
+    r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 7, 12, dtype=torch.float32)
+    w, b = leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
+    mask = torch.rand(2, 7, device=DEVICE) > 0.3
+    with_grad = attend_decomposed(r, x, mask, w, b, 2, 2)
+    with torch.no_grad():
+        for _ in range(2):  # the second call takes the cached plan
+            assert torch.equal(attend_decomposed(r, x, mask, w, b, 2, 2), with_grad.detach())
+
+
 @pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0), ("folded", 0)])
 def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     """A split forward hands its F to the backward, which must not run the decomposition GEMM again."""

@@ -13,8 +13,9 @@ H=12, S=1, N=257, Dv=1024, Di=768) that is 1.3 GMAC in place of the 6.5 GMAC
 of forming F, and F (12.6 MB in bf16 there) is neither written nor kept.
 
 The rows ``e = (h, r, k)`` of one batch row are few (H·R·S = 60 there), so
-the scores (B, H·R·S, N) are a small fp32 tensor (2 MB there) and the work
-splits into four launches, each with plenty of programs:
+the scores (B, H·R·S, N) are a small fp32 tensor (2 MB there), and the
+forward is four launches and the backward six (``_kernel`` left off below),
+each with plenty of programs:
 
 =================  =================================================  ===========
 kernel             computes                                           grid
