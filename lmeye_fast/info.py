@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import __version__, backends
+from . import __version__, backends, ops
 
 
 def report() -> str:
@@ -33,7 +33,22 @@ def report() -> str:
     for name in backends.BACKENDS:
         ok, reason = backends.status(name)
         lines.append(f"  {name:<10} {'available' if ok else 'missing  '}  {reason}")
+    lines.append('dispatch   backend="auto" on CUDA tensors, first available of')
+    for op, order in ops.AUTO_ORDER.items():
+        lines.append(f"  {op:<20} {' > '.join(order)}")
+    lines.append(f"attention  {attention_schedule()}")
     return "\n".join(lines)
+
+
+def attention_schedule() -> str:
+    """The Triton attention schedule that ``CONFIGS["attend_fwd"]["FOLDED"]`` selects."""
+    try:
+        from .ops.triton_launch import CONFIGS
+    except Exception as exc:  # no triton: nothing to schedule
+        return f"none (triton not importable: {exc})"
+    if CONFIGS["attend_fwd"]["FOLDED"]:
+        return "folded: F never formed, the requests pulled through W_f (ops/attend_folded.py)"
+    return "split: F = X W_fᵀ + b_f by one GEMM, then the attention kernel (ops/attend.py)"
 
 
 def main() -> None:

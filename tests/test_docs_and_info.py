@@ -28,6 +28,10 @@ def test_info_command_reports_versions_and_every_backend():
     for name in backends.BACKENDS:
         ok, reason = backends.status(name)
         assert re.search(rf"^\s+{name}\s+{'available' if ok else 'missing'}\s+", out, flags=re.M), out
+    for op, order in lmeye_fast.ops.AUTO_ORDER.items():
+        assert re.search(rf"^\s+{op}\s+{' > '.join(order)}$", out, flags=re.M), out
+    from lmeye_fast.info import attention_schedule
+    assert f"attention  {attention_schedule()}" in out and attention_schedule().split(":")[0] in ("split", "folded")
     build = backends.build_info()
     if build.get("built"):
         assert "_C         built for " + ", ".join(build["archs"]) in out
