@@ -57,6 +57,11 @@ from .triton_launch import (CONFIGS, as_is, cdiv, compiling, config_cache, dot_a
                             needs_grad, op, pow2)
 
 
+# The batch, request and token counts are not specialised on (Triton would compile a variant per
+# count that is 1 or a multiple of 16, e.g. at every batch size a server sees): they only bound
+# loops and masks; the widths and strides that decide vectorised loads stay specialised.
+
+
 @triton.jit
 def _load_dot(ptr, offs, mask, DOT_FP32: tl.constexpr):
     t = tl.load(ptr + offs, mask=mask, other=0.0)
@@ -65,7 +70,7 @@ def _load_dot(ptr, offs, mask, DOT_FP32: tl.constexpr):
     return t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "R"])
 def _expand_kernel(
     a_ptr, w_ptr, y_ptr, B, R, DH, DI, DV, S,
     a_sb, a_sr, a_sd, w_sr, w_sd,
@@ -91,7 +96,7 @@ def _expand_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "R", "N", "M"])
 def _scores_kernel(
     y_ptr, x_ptr, a_ptr, bf_ptr, m_ptr, s_ptr, B, R, N, DH, DI, DV, S, M, scale,
     x_sb, x_sn, x_sd, a_sb, a_sr, a_sd, m_sb, m_sn,
@@ -134,7 +139,7 @@ def _scores_kernel(
     tl.store(s_ptr + (b.to(tl.int64) * M + re[:, None]) * N + rn[None, :], s, mask=e_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "R", "N", "M", "G"])
 def _weighted_kernel(
     s_ptr, p_ptr, x_ptr, out_ptr, w_ptr, sum_ptr, B, R, N, DV, S, M, G, scale,
     x_sb, x_sn, x_sd,
@@ -213,7 +218,7 @@ def _weighted_kernel(
         tl.store(sum_ptr + b.to(tl.int64) * M + rg * S + k, total, mask=g_ok & first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "R", "M"])
 def _reduce_kernel(
     y_ptr, w_ptr, bf_ptr, sum_ptr, res_ptr, out_ptr, B, R, DH, DI, DV, S, M,
     w_sr, w_sd, res_sb, res_sr, res_sd,
@@ -249,7 +254,7 @@ def _reduce_kernel(
              mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "R", "N", "M"])
 def _image_grad_kernel(
     p_ptr, du_ptr, ds_ptr, q_ptr, dx_ptr, B, R, N, DV, S, M,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BE: tl.constexpr,
@@ -278,7 +283,7 @@ def _image_grad_kernel(
              mask=n_ok[:, None] & v_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "R", "M"])
 def _weight_grad_kernel(
     dz_ptr, u_ptr, r_ptr, dq_ptr, c_ptr, sg_ptr, dw_ptr, db_ptr, B, R, H, DH, DI, DV, S, M,
     dz_sb, dz_sr, dz_sd, r_sb, r_sr, r_sd,
