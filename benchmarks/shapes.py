@@ -97,7 +97,7 @@ class Shape:
             return moved * e + B * 8, 2 * B * D * R * Di
         if op == "attend_decomposed":
             moved = B * N * Dv + S * Di * Dv + S * Di + 2 * B * R * Di
-            return moved * e, 2 * B * N * Dv * S * Di + 4 * B * R * N * S * Di
+            return moved * e, self.attention_flops(backward=False)
         if op == "transmit_interleave":
             moved = B * R * Di + D * Di + D + R * D + 2 * B * R * D
             return moved * e + B * R * 8, 2 * B * R * Di * D
@@ -107,6 +107,20 @@ class Shape:
             # int64 token ids in; int64 request and slot positions and an int32 status out.
             return B * T * 8 + B * 8 + B * R * 8 + B * 4, 0
         raise ValueError(f"op: expected one of {OPS + ('plan_slots',)}, got {op!r}")
+
+    def attention_flops(self, backward: bool) -> int:
+        """Decomposition + attention, by the cheaper of the two ways to compute them: forming
+        F = X W_fᵀ (split) or never forming it, the requests pulled through W_f into the vision
+        width (folded, lmeye_fast/ops/attend_folded.py: 5x fewer at the 7B shape). The backward
+        leaves the image without a gradient (a frozen vision encoder)."""
+        B, Dv, N, Di, R, H, S = self.B, self.Dv, self.N, self.Di, self.R, self.H, self.S
+        if backward:
+            split = 2 * B * N * Dv * S * Di + 8 * B * R * N * S * Di      # d W_f; d r, d F
+            folded = 8 * B * R * S * Di * Dv + 4 * B * H * R * S * N * Dv  # d U, d r, d W_f; d A, d Q
+        else:
+            split = 2 * B * N * Dv * S * Di + 4 * B * R * N * S * Di      # F; scores, A F
+            folded = 4 * B * R * S * Di * Dv + 4 * B * H * R * S * N * Dv  # Q, z; scores, U = A X
+        return min(split, folded)
 
     def ipn_cost(self, case: str) -> Tuple[int, int]:
         """The whole IPN, fused: what the forward (and backward) cannot avoid moving and computing.
@@ -130,8 +144,7 @@ class Shape:
         # slot rows of the output gradient, write every parameter gradient and dh (B, T, D).
         back_bytes = (R * Di * D + D * Di + B * N * Dv + B * R * D + params + B * T * D) * e
         back_flops = (2 * B * D * R * Di * 2           # dW_q, dh
-                      + 2 * B * N * Dv * S * Di         # dW_f (the image needs no gradient)
-                      + 8 * B * R * N * S * Di          # attention: dr, dF
+                      + self.attention_flops(backward=True)
                       + 2 * B * R * Di * D * 2)         # dW_o, dz
         return moved + back_bytes, flops + back_flops
 

@@ -34,7 +34,8 @@ def leaf(*shape, dtype, scale=1.0):
 
 
 def as64(tensors):
-    return [t.detach().double().requires_grad_() if t is not None and t.is_floating_point() else t for t in tensors]
+    return [t.detach().double().requires_grad_(t.requires_grad) if t is not None and t.is_floating_point() else t
+            for t in tensors]
 
 
 def grads(out, inputs, grad):
@@ -100,6 +101,22 @@ def test_request_vectors_noncontiguous_no_bias(dtype):
     compare(lambda h, w_: request(h, None, w_, None, num_req),
             lambda h, w_: reference.request(h, None, w_, None, num_req),
             [hidden, w], dtype, ["hidden", "w_q"])
+
+
+def test_request_frozen_hidden_gets_no_gradient_and_the_weights_still_match():
+    """A frozen prefix: the hidden states need no gradient, so the backward neither zeroes a (B, T, D)
+    gradient nor fills its rows (the op hands back an empty tensor); d W_q and d b_q still match."""
+    from lmeye_fast.ops.request import request, request_bwd
+
+    hidden = leaf(3, 6, 20, dtype=torch.float32).detach()
+    pos = torch.randint(0, 6, (3,), device=DEVICE)
+    w, b = leaf(2 * 8, 20, dtype=torch.float32), leaf(2 * 8, dtype=torch.float32)
+    compare(lambda h, q, w_, b_: request(h, q, w_, b_, 2), lambda h, q, w_, b_: reference.request(h, q, w_, b_, 2),
+            [hidden, pos, w, b], torch.float32, ["hidden", "request_pos", "w_q", "b_q"])
+    grad = torch.randn(3, 16, device=DEVICE)
+    full, part = request_bwd(grad, hidden, pos, w), request_bwd(grad, hidden, pos, w, False)
+    assert full[0].shape == hidden.shape and part[0].numel() == 0
+    assert torch.equal(full[1], part[1]) and torch.equal(full[2], part[2])
 
 
 def test_request_hidden_grad_only_in_request_rows():
@@ -237,6 +254,31 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
     assert torch.equal(z[0], r[0].detach())
     compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
+
+
+def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_variant):
+    """Image features from a frozen vision encoder need no gradient: the backward skips it (the
+    op hands back an empty tensor) and every other gradient still matches the reference."""
+    from lmeye_fast.ops import attend, attend_folded
+    from lmeye_fast.ops.attend import attend_decomposed
+
+    r, w, b = leaf(2, 3, 16, dtype=torch.float32), leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
+    x = leaf(2, 7, 12, dtype=torch.float32).detach()
+    mask = torch.rand(2, 7, device=DEVICE) > 0.3
+    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
+            [r, x, mask, w, b], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
+    grad = torch.randn(2, 3, 16, device=DEVICE)
+    if attend_variant == "folded":
+        _, probs, q, u, sums = attend_folded.attend_folded_fwd(r, x, mask, w, b, 2, 2)
+        full = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2)
+        part = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2, False)
+    else:
+        _, lse, feats = attend.attend_fwd(r, x, mask, w, b, 2, 2)
+        full = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2)
+        part = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, False)
+    assert full[1].shape == x.shape and part[1].numel() == 0
+    for i in (0, 2, 3):
+        assert torch.equal(full[i], part[i])
 
 
 def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):

@@ -326,18 +326,19 @@ def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional
     return z, lse, image.new_empty((0,)) if feats is None else feats
 
 
-def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_heads, sub_features):
-    return (requests.new_empty(requests.shape), image.new_empty(image.shape), w_f.new_empty(w_f.shape),
-            w_f.new_empty((w_f.shape[0],)))
+def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_heads, sub_features, image_grad=True):
+    return (requests.new_empty(requests.shape), image.new_empty(image.shape if image_grad else (0,)),
+            w_f.new_empty(w_f.shape), w_f.new_empty((w_f.shape[0],)))
 
 
 @op("attend_bwd_triton", _bwd_fake)
 def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
-               lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int,
-               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of requests, image, W_f and b_f; ``features`` is the F the forward returned (kept for
-    backward), or None or empty (what a fused forward returns) to form F again."""
+               lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int, sub_features: int,
+               image_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of requests, image (empty without ``image_grad``: a frozen vision encoder spares
+    the dF W_f GEMM), W_f and b_f; ``features`` is the F the forward returned (kept for backward),
+    or None or empty (what a fused forward returns) to form F again."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
@@ -366,15 +367,18 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     # Row n of dF viewed (B*N, S*Di) is token n's S sub-feature gradients side by side.
     d_feat_rows = d_feat.view(batch * tokens, sub_features * width)
     if not interpret():
-        d_image = torch.mm(d_feat_rows, w_f).view(batch, tokens, vision)
+        d_image = torch.mm(d_feat_rows, w_f).view(batch, tokens, vision) if image_grad else image.new_empty((0,))
         d_w = torch.mm(d_feat_rows.t(), image.reshape(batch * tokens, vision))
         d_b = d_feat_rows.sum(0, dtype=torch.float32).to(w_f.dtype)
         return d_req, d_image, d_w, d_b
-    d_image = torch.empty((batch, tokens, vision), device=image.device, dtype=image.dtype)
     d_w = torch.empty(w_f.shape, device=w_f.device, dtype=w_f.dtype)
     d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
-    gemm(rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
-         batch * tokens, vision, sub_features * width)
+    if image_grad:
+        d_image = torch.empty((batch, tokens, vision), device=image.device, dtype=image.dtype)
+        gemm(rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
+             batch * tokens, vision, sub_features * width)
+    else:
+        d_image = image.new_empty((0,))
     image_rows = Rows(image, tokens, image.stride(0), image.stride(1), image.stride(2))
     gemm(rows2d(d_feat_rows, transpose=True), image_rows, rows2d(d_w),
          sub_features * width, vision, batch * tokens, colsum=d_b)
@@ -397,9 +401,11 @@ class AttendFunction(torch.autograd.Function):
     def backward(ctx, grad):
         requests, image, image_mask, w_f, b_f, lse, feats = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.attend_bwd_triton if compiling() else attend_bwd
+        image_grad = ctx.needs_input_grad[1]
         d_req, d_image, d_w, d_b = bwd(
-            grad, requests, image, image_mask, w_f, b_f, lse, feats, ctx.num_heads, ctx.sub_features)
-        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None, None
+            grad, requests, image, image_mask, w_f, b_f, lse, feats, ctx.num_heads, ctx.sub_features, image_grad)
+        return (d_req, d_image if image_grad else None, None, d_w, (d_b if b_f is not None else None), None, None,
+                None)
 
 
 def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):

@@ -483,18 +483,19 @@ def attend_folded_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     return run_forward(launcher, plan, requests, image, image_mask, w_f, b_f)
 
 
-def _bwd_fake(grad, requests, image, w_f, b_f, probs, q, u, sums, num_heads, sub_features):
-    return (requests.new_empty(requests.shape), image.new_empty(image.shape), w_f.new_empty(w_f.shape),
-            w_f.new_empty((w_f.shape[0],)))
+def _bwd_fake(grad, requests, image, w_f, b_f, probs, q, u, sums, num_heads, sub_features, image_grad=True):
+    return (requests.new_empty(requests.shape), image.new_empty(image.shape if image_grad else (0,)),
+            w_f.new_empty(w_f.shape), w_f.new_empty((w_f.shape[0],)))
 
 
 @op("attend_folded_bwd_triton", _bwd_fake)
 def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor, w_f: torch.Tensor,
                       b_f: Optional[torch.Tensor], probs: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
-                      sums: torch.Tensor, num_heads: int, sub_features: int
+                      sums: torch.Tensor, num_heads: int, sub_features: int, image_grad: bool = True
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of requests, image, W_f and b_f from what ``attend_folded_fwd`` returned (no mask:
-    A is zero at masked tokens, so their gradients are too)."""
+    """Gradients of requests, image (empty without ``image_grad``: a frozen vision encoder spares
+    its kernel), W_f and b_f from what ``attend_folded_fwd`` returned (no mask: A is zero at masked
+    tokens, so their gradients are too)."""
     d = _Dims.of(requests, image, num_heads, sub_features)
     expected = (d.H, d.B * d.R, d.S * d.DV)
     for name, t, shape, dtype in (("q", q, expected, requests.dtype), ("u", u, expected, requests.dtype),
@@ -522,9 +523,9 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
     d_req = torch.empty((d.B, d.R, d.DI), device=device, dtype=dtype)
     _run(launcher, _reduce_kernel, _reduce_launch(d, w_strides, g_strides, has_bias, blocks[3], common),
          d_q, w_f, bias, d_beta, grad, d_req)
-    d_image = torch.empty((d.B, d.N, d.DV), device=device, dtype=dtype)
+    d_image = torch.empty((d.B, d.N, d.DV) if image_grad else (0,), device=device, dtype=dtype)
     bn, bv, be = blocks[4]
-    grid = (d.B, cdiv(d.N, bn), cdiv(d.DV, bv)) if d_image.numel() else None
+    grid = (d.B, cdiv(d.N, bn), cdiv(d.DV, bv)) if image_grad and d_image.numel() else None
     _run(launcher, _image_grad_kernel, _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M), dict(BN=bn, BV=bv, BE=be, **common)),
          probs, d_u, d_s, q, d_image)
     d_w = torch.empty(w_f.shape, device=device, dtype=w_f.dtype)
@@ -555,9 +556,11 @@ class AttendFoldedFunction(torch.autograd.Function):
     def backward(ctx, grad):
         requests, image, w_f, b_f, probs, q, u, sums = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.attend_folded_bwd_triton if compiling() else attend_folded_bwd
+        image_grad = ctx.needs_input_grad[1]
         d_req, d_image, d_w, d_b = bwd(grad, requests, image, w_f, b_f, probs, q, u, sums,
-                                       ctx.num_heads, ctx.sub_features)
-        return d_req, d_image, None, d_w, (d_b if b_f is not None else None), None, None, None
+                                       ctx.num_heads, ctx.sub_features, image_grad)
+        return (d_req, d_image if image_grad else None, None, d_w, (d_b if b_f is not None else None), None, None,
+                None)
 
 
 def attend_folded(plan: Optional[FoldedPlan], requests: torch.Tensor, image: torch.Tensor,

@@ -27,8 +27,9 @@ def _fwd_fake(hidden, request_pos, w_q, b_q):
     return hidden.new_empty((hidden.shape[0], w_q.shape[0]))
 
 
-def _bwd_fake(grad, hidden, request_pos, w_q):
-    return hidden.new_empty(hidden.shape), w_q.new_empty(w_q.shape), w_q.new_empty((w_q.shape[0],))
+def _bwd_fake(grad, hidden, request_pos, w_q, hidden_grad=True):
+    return (hidden.new_empty(hidden.shape if hidden_grad else (0,)), w_q.new_empty(w_q.shape),
+            w_q.new_empty((w_q.shape[0],)))
 
 
 @op("request_fwd_triton", _fwd_fake)
@@ -43,12 +44,17 @@ def request_fwd(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: 
 
 @op("request_bwd_triton", _bwd_fake)
 def request_bwd(grad: torch.Tensor, hidden: torch.Tensor, request_pos: Optional[torch.Tensor],
-                w_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                w_q: torch.Tensor, hidden_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d hidden (empty without ``hidden_grad``: a frozen prefix spares zeroing a (B, T, D) tensor),
+    d W_q and d b_q."""
     batch, width = hidden.shape[0], hidden.shape[-1]
     outs = w_q.shape[0]
-    # Only the request rows receive a gradient; every other row is exactly zero.
-    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
-    gemm(rows2d(grad), rows2d(w_q), _hidden_rows(d_hidden, request_pos), batch, width, outs)
+    if hidden_grad:
+        # Only the request rows receive a gradient; every other row is exactly zero.
+        d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+        gemm(rows2d(grad), rows2d(w_q), _hidden_rows(d_hidden, request_pos), batch, width, outs)
+    else:
+        d_hidden = hidden.new_empty((0,))
     d_w = torch.empty(w_q.shape, device=w_q.device, dtype=w_q.dtype)
     d_b = torch.empty((outs,), device=w_q.device, dtype=w_q.dtype)
     gemm(rows2d(grad, transpose=True), _hidden_rows(hidden, request_pos), rows2d(d_w),
@@ -69,9 +75,10 @@ class RequestFunction(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, request_pos, w_q = ctx.saved_tensors
         bwd = torch.ops.lmeye_fast.request_bwd_triton if compiling() else request_bwd
+        hidden_grad = ctx.needs_input_grad[0]
         # The eager forward returns (B, R, Di), the registered op (B, R*Di).
-        d_hidden, d_w, d_b = bwd(grad.reshape(grad.shape[0], w_q.shape[0]), hidden, request_pos, w_q)
-        return d_hidden, None, d_w, (d_b if ctx.has_bias else None), None
+        d_hidden, d_w, d_b = bwd(grad.reshape(grad.shape[0], w_q.shape[0]), hidden, request_pos, w_q, hidden_grad)
+        return (d_hidden if hidden_grad else None), None, d_w, (d_b if ctx.has_bias else None), None
 
 
 def _check(hidden, request_pos, w_q, b_q, num_requests):
