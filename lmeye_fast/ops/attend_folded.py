@@ -25,11 +25,14 @@ kernel             computes                                           grid
                    from dz (backward)
 ``_scores``        ``s[b, e, n] = scale · (Y_e · X_n + A_(b,r,h) ·    (B, rows, N)
                    b_kh)``, masked tokens -inf: the scores (forward),
-                   dA (backward, scale 1, no mask)
+                   dA (backward, scale 1, no mask); and per tile of
+                   tokens the max and Σ exp (forward) or Σ A dA
+                   (backward), the partials of the softmax's sums
 ``_weighted``      the softmax of s over each (h, r)'s S·N entries    (B, H·R, Dv)
                    and ``U = A X`` (forward; A and its sums over n
                    kept), or ``dS = scale·A(dA - Σ A dA)`` and
-                   ``dQ = dS X`` (backward)
+                   ``dQ = dS X`` (backward); every program along Dv
+                   takes the row sums from the partials
 ``_reduce``        ``out[b, r, h·Dh+d] = Σ_(k,v) Y · W_f +             (H, B·R, Dh)
                    Σ_k sums · b_kh + residual``: z from U, c and r
                    (forward), d requests from dQ, Σ_n dS and dz
@@ -98,11 +101,14 @@ def _expand_kernel(
 
 @triton.jit(do_not_specialize=["B", "R", "N", "M"])
 def _scores_kernel(
-    y_ptr, x_ptr, a_ptr, bf_ptr, m_ptr, s_ptr, B, R, N, DH, DI, DV, S, M, scale,
+    y_ptr, x_ptr, a_ptr, bf_ptr, m_ptr, s_ptr, p_ptr, part_ptr, part2_ptr, B, R, N, DH, DI, DV, S, M, NT, scale,
     x_sb, x_sn, x_sd, a_sb, a_sr, a_sd, m_sb, m_sn,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    BE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIALS: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
+    """Also, per row and tile of tokens (B, rows, NT): with PARTIALS=1 the tile's max score and
+    Σ exp(s - max) (forward), with PARTIALS=2 Σ A dA from the A at ``p_ptr`` (backward), so that
+    ``_weighted`` reads these instead of passing over every score for its normaliser."""
     b = tl.program_id(0)
     re = tl.program_id(1) * BE + tl.arange(0, BE)
     rn = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -136,18 +142,32 @@ def _scores_kernel(
     if HAS_MASK:
         keep = tl.load(m_ptr + b.to(tl.int64) * m_sb + rn * m_sn, mask=n_ok, other=0)
         s = tl.where((keep != 0)[None, :], s, float("-inf"))
-    tl.store(s_ptr + (b.to(tl.int64) * M + re[:, None]) * N + rn[None, :], s, mask=e_ok[:, None] & n_ok[None, :])
+    ok = e_ok[:, None] & n_ok[None, :]
+    s_off = (b.to(tl.int64) * M + re[:, None]) * N + rn[None, :]
+    tl.store(s_ptr + s_off, s, mask=ok)
+    part_off = (b.to(tl.int64) * M + re) * NT + tl.program_id(2)
+    if PARTIALS == 1:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_t = tl.max(s, axis=1)
+        # A tile whose tokens are all masked: m = -inf and Σ = 0 (shifting by 0, not by -inf).
+        l_t = tl.sum(tl.exp(s - tl.where(m_t == float("-inf"), 0.0, m_t)[:, None]), axis=1)
+        tl.store(part_ptr + part_off, m_t, mask=e_ok)
+        tl.store(part2_ptr + part_off, l_t, mask=e_ok)
+    if PARTIALS == 2:
+        p = tl.load(p_ptr + s_off, mask=ok, other=0.0)
+        tl.store(part_ptr + part_off, tl.sum(p * s, axis=1), mask=e_ok)
 
 
 @triton.jit(do_not_specialize=["B", "R", "N", "M", "G"])
 def _weighted_kernel(
-    s_ptr, p_ptr, x_ptr, out_ptr, w_ptr, sum_ptr, B, R, N, DV, S, M, G, scale,
+    s_ptr, p_ptr, part_ptr, part2_ptr, x_ptr, out_ptr, w_ptr, sum_ptr, B, R, N, DV, S, M, G, NT, scale,
     x_sb, x_sn, x_sd,
     BACKWARD: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    BG: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+    BG: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
-    """Forward: ``s_ptr`` holds the scores; writes A to ``w_ptr``, Σ_n A to ``sum_ptr`` and U = A X.
-    Backward: ``s_ptr`` holds dA and ``p_ptr`` A; writes dS to ``w_ptr``, Σ_n dS to ``sum_ptr`` and
+    """Forward: ``s_ptr`` holds the scores and the partials ``_scores`` wrote their tile maxima and
+    sums; writes A to ``w_ptr``, Σ_n A to ``sum_ptr`` and U = A X. Backward: ``s_ptr`` holds dA,
+    ``p_ptr`` A and the partials Σ A dA per tile; writes dS to ``w_ptr``, Σ_n dS to ``sum_ptr`` and
     dQ = dS X. Only the first program along Dv writes the weights and sums."""
     b = tl.program_id(0)
     rg = tl.program_id(1) * BG + tl.arange(0, BG)
@@ -162,29 +182,30 @@ def _weighted_kernel(
     s_b = s_ptr + b.to(tl.int64) * M * N
     p_b = p_ptr + b.to(tl.int64) * M * N
     w_b = w_ptr + b.to(tl.int64) * M * N
-    # Pass 1, over all S·N entries of each softmax row (h, r): the normaliser
-    # (forward) or delta = Σ A dA (backward).
+    # Pass 1, over the per-tile partials of all S·N entries of each softmax row
+    # (h, r): the normaliser (forward) or delta = Σ A dA (backward).
+    part_b = part_ptr + b.to(tl.int64) * M * NT
+    part2_b = part2_ptr + b.to(tl.int64) * M * NT
     if BACKWARD:
         delta = tl.zeros((BG,), dtype=tl.float32)
     else:
         m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BG,), dtype=tl.float32)
     for k in range(0, S):
-        row = (rg * S + k) * N
-        for n0 in range(0, N, BN):
-            rn = n0 + tl.arange(0, BN)
-            ok = g_ok[:, None] & (rn < N)[None, :]
+        prow = (rg * S + k) * NT
+        for t0 in range(0, NT, BT):
+            rt = t0 + tl.arange(0, BT)
+            ok = g_ok[:, None] & (rt < NT)[None, :]
             if BACKWARD:
-                p = tl.load(p_b + row[:, None] + rn[None, :], mask=ok, other=0.0)
-                da = tl.load(s_b + row[:, None] + rn[None, :], mask=ok, other=0.0)
-                delta += tl.sum(p * da, axis=1)
+                delta += tl.sum(tl.load(part_b + prow[:, None] + rt[None, :], mask=ok, other=0.0), axis=1)
             else:
-                s = tl.load(s_b + row[:, None] + rn[None, :], mask=ok, other=float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_t = tl.load(part_b + prow[:, None] + rt[None, :], mask=ok, other=float("-inf"))
+                l_t = tl.load(part2_b + prow[:, None] + rt[None, :], mask=ok, other=0.0)
+                m_new = tl.maximum(m_i, tl.max(m_t, axis=1))
                 # A row that has seen only masked tokens keeps m = -inf; shifting
                 # by 0 then gives exp(-inf) = 0 instead of NaN.
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(l_t * tl.exp(m_t - m_safe[:, None]), axis=1)
                 m_i = m_new
     if not BACKWARD:
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -389,22 +410,30 @@ def _expand_launch(d: _Dims, a_strides, w_strides, blocks, common) -> _Launch:
                    dict(BM=bm, BC=bc, BK=bk, **common))
 
 
-def _scores_launch(d: _Dims, x_strides, a_strides, m_strides, scale, has_bias, blocks, common) -> _Launch:
-    """(B, H·R·S, N) fp32 ``scale · (Y X_nᵀ + a · b_kh)``; with ``m_strides``, tokens not kept -inf."""
-    be, bn, bk, bd = blocks
+def _tiles(d: _Dims, blocks) -> int:
+    """The tiles of tokens a row of scores spans: the partials per row (``_scores_kernel``)."""
+    return cdiv(d.N, blocks[1][1])
+
+
+def _scores_launch(d: _Dims, x_strides, a_strides, m_strides, scale, has_bias, backward, blocks, common) -> _Launch:
+    """(B, H·R·S, N) fp32 ``scale · (Y X_nᵀ + a · b_kh)``; with ``m_strides``, tokens not kept -inf;
+    and the per-tile partials, (B, H·R·S, tiles) each."""
+    be, bn, bk, bd = blocks[1]
     grid = (d.B, cdiv(d.M, be), cdiv(d.N, bn)) if d.B * d.M * d.N else None
-    return _Launch(grid, (d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, scale, *x_strides, *a_strides,
-                          *(m_strides or (0, 0))),
-                   dict(HAS_BIAS=has_bias, HAS_MASK=m_strides is not None, BE=be, BN=bn, BK=bk, BD=bd, **common))
+    return _Launch(grid, (d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, _tiles(d, blocks), scale, *x_strides,
+                          *a_strides, *(m_strides or (0, 0))),
+                   dict(HAS_BIAS=has_bias, HAS_MASK=m_strides is not None, PARTIALS=2 if backward else 1,
+                        BE=be, BN=bn, BK=bk, BD=bd, **common))
 
 
 def _weighted_launch(d: _Dims, x_strides, backward, blocks, common) -> _Launch:
     """The weights (fp32, like the scores), their sums over n (B, H·R·S) fp32 and weights · X as Y."""
-    bg, bn, bv = blocks
+    bg, bn, bv = blocks[2]
+    tiles = _tiles(d, blocks)
     # At least one program along Dv, as the first one writes the weights and sums.
     grid = (d.B, cdiv(d.G, bg), max(1, cdiv(d.DV, bv))) if d.B * d.G else None
-    return _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M, d.G, d.scale, *x_strides),
-                   dict(BACKWARD=backward, BG=bg, BN=bn, BV=bv, **common))
+    return _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M, d.G, tiles, d.scale, *x_strides),
+                   dict(BACKWARD=backward, BG=bg, BN=bn, BV=bv, BT=pow2(tiles, 16, 64), **common))
 
 
 def _reduce_launch(d: _Dims, w_strides, res_strides, has_bias, blocks, common) -> _Launch:
@@ -424,6 +453,7 @@ class FoldedPlan(NamedTuple):
     """Everything of a forward's four launches that follows from the inputs' metadata."""
 
     dims: _Dims
+    tiles: int
     dtype: torch.dtype
     device: torch.device
     expand: _Launch
@@ -438,11 +468,11 @@ def plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     w_strides, r_strides = (w_f.stride(0), w_f.stride(1)), requests.stride()
     # The bool mask is read as bytes (same strides).
     m_strides = None if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
-    return FoldedPlan(d, requests.dtype, requests.device,
+    return FoldedPlan(d, _tiles(d, blocks), requests.dtype, requests.device,
                       _expand_launch(d, r_strides, w_strides, blocks[0], common),
-                      _scores_launch(d, image.stride(), r_strides, m_strides, d.scale, b_f is not None, blocks[1],
+                      _scores_launch(d, image.stride(), r_strides, m_strides, d.scale, b_f is not None, False, blocks,
                                      common),
-                      _weighted_launch(d, image.stride(), False, blocks[2], common),
+                      _weighted_launch(d, image.stride(), False, blocks, common),
                       _reduce_launch(d, w_strides, r_strides, b_f is not None, blocks[3], common))
 
 
@@ -453,14 +483,17 @@ def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
     y_shape = (d.H, d.B * d.R, d.S * d.DV)
     q = torch.empty(y_shape, device=device, dtype=plan.dtype)
     scores = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
+    # The per-tile maxima and sums, side by side.
+    partials = torch.empty((2, d.B, d.M, plan.tiles), device=device, dtype=torch.float32)
     probs = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
     sums = torch.empty((d.B, d.M), device=device, dtype=torch.float32)
     u = torch.empty(y_shape, device=device, dtype=plan.dtype)
     z = torch.empty((d.B, d.R, d.DI), device=device, dtype=plan.dtype)
     keep = scores if image_mask is None else image_mask.view(torch.uint8)
     _run(wrap, _expand_kernel, plan.expand, requests, w_f, q)
-    _run(wrap, _scores_kernel, plan.scores, q, image, requests, requests if b_f is None else b_f, keep, scores)
-    _run(wrap, _weighted_kernel, plan.weighted, scores, scores, image, u, probs, sums)
+    _run(wrap, _scores_kernel, plan.scores, q, image, requests, requests if b_f is None else b_f, keep, scores,
+         scores, partials[0], partials[1])
+    _run(wrap, _weighted_kernel, plan.weighted, scores, scores, partials[0], partials[1], image, u, probs, sums)
     _run(wrap, _reduce_kernel, plan.reduce, u, w_f, w_f if b_f is None else b_f, sums, requests, z)
     return z, probs, q, u, sums
 
@@ -513,13 +546,15 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
     _run(launcher, _expand_kernel, _expand_launch(d, g_strides, w_strides, blocks[0], common), grad, w_f, d_u)
     # dA = dU X + dz · b_kh (the bias reaches z through Σ_n A), unscaled and unmasked: A is 0 there.
     d_a = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
-    _run(launcher, _scores_kernel, _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, blocks[1], common),
-         d_u, image, grad, bias, d_a, d_a)
+    delta_parts = torch.empty((d.B, d.M, _tiles(d, blocks)), device=device, dtype=torch.float32)
+    _run(launcher, _scores_kernel, _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, True, blocks,
+                                                  common),
+         d_u, image, grad, bias, d_a, d_a, probs, delta_parts, delta_parts)
     # dS (scaled) = A (dA - Σ A dA) / sqrt(Dh), its sums over n, and dQ = dS X.
     d_s, d_beta = torch.empty_like(d_a), torch.empty((d.B, d.M), device=device, dtype=torch.float32)
     d_q = torch.empty(expected, device=device, dtype=dtype)
-    _run(launcher, _weighted_kernel, _weighted_launch(d, image.stride(), True, blocks[2], common),
-         d_a, probs, image, d_q, d_s, d_beta)
+    _run(launcher, _weighted_kernel, _weighted_launch(d, image.stride(), True, blocks, common),
+         d_a, probs, delta_parts, delta_parts, image, d_q, d_s, d_beta)
     d_req = torch.empty((d.B, d.R, d.DI), device=device, dtype=dtype)
     _run(launcher, _reduce_kernel, _reduce_launch(d, w_strides, g_strides, has_bias, blocks[3], common),
          d_q, w_f, bias, d_beta, grad, d_req)
