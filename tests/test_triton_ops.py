@@ -11,6 +11,7 @@ pass-through and must equal the upstream gradient exactly.
 """
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -299,6 +300,67 @@ def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
     with torch.no_grad():
         for _ in range(2):  # the second call takes the cached plan
             assert torch.equal(attend_decomposed(r, x, mask, w, b, 2, 2), with_grad.detach())
+
+
+def folded_association(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    """The attention of DESIGN.md §3 in the folded association, in plain PyTorch (autograd for the
+    backward): the requests pulled through W_f, ``softmax((r W_kh) X_nᵀ + r b_kh) X`` pushed back.
+    A second correct implementation whose rounding differs from the reference's."""
+    batch, num_req, width = requests.shape
+    head_dim = width // num_heads
+    w4 = w_f.view(sub_features, num_heads, head_dim, -1)
+    r4 = requests.view(batch, num_req, num_heads, head_dim)
+    q = torch.einsum("brhd,khdv->bhrkv", r4, w4)
+    s = torch.einsum("bhrkv,bnv->bhrkn", q, image)
+    if b_f is not None:
+        s = s + torch.einsum("brhd,khd->bhrk", r4, b_f.view(sub_features, num_heads, head_dim))[..., None]
+    s = s / math.sqrt(head_dim)
+    if image_mask is not None:
+        s = s.masked_fill(~image_mask[:, None, None, None, :], float("-inf"))
+    flat = s.reshape(batch, num_heads, num_req, -1)
+    top = flat.amax(-1, keepdim=True).detach()
+    e = torch.exp(flat - torch.where(torch.isinf(top), torch.zeros_like(top), top))
+    total = e.sum(-1, keepdim=True)
+    a = (e / torch.where(total > 0, total, torch.ones_like(total))).view_as(s)
+    u = torch.einsum("bhrkn,bnv->bhrkv", a, image)
+    z = torch.einsum("bhrkv,khdv->brhd", u, w4)
+    if b_f is not None:
+        z = z + torch.einsum("bhrk,khd->brhd", a.sum(-1), b_f.view(sub_features, num_heads, head_dim))
+    return z.reshape(batch, num_req, width) + requests
+
+
+def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_variant):
+    """Scores of +-20 make rows one-hot to 1e-5, where the fp32 softmax backward carries an error of
+    order eps * |dA| in any implementation; one sample of the reference's error can be far below
+    that. Here the bound takes the larger error of two correct fp32 implementations (the reference,
+    and the folded association in PyTorch), so a kernel several times worse than both still fails
+    (as the split backward did when it took delta from the forward's output: 10-37x)."""
+    from lmeye_fast.ops.attend import attend_decomposed
+
+    r = leaf(3, 4, 16, dtype=torch.float32)
+    x = leaf(3, 5, 18, dtype=torch.float32)
+    w, b = leaf(32, 18, dtype=torch.float32), leaf(32, dtype=torch.float32)
+    mask = torch.rand(3, 5, device=DEVICE) > 0.5
+    mask[:, 0] = True
+    args = [r, x, mask, w, b]
+    grad = torch.randn(3, 4, 16, device=DEVICE)
+
+    def run(fn, tensors):
+        out = fn(*tensors, 2, 2)
+        wanted = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+        return [out] + list(torch.autograd.grad(out, wanted, grad.to(out.dtype)))
+
+    exact = run(ops.attend_decomposed, as64(args))
+    got = run(attend_decomposed, args)
+    ref32 = run(ops.attend_decomposed, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
+                                        for t in args])
+    alt32 = run(folded_association, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
+                                     for t in args])
+    for name, g, e, a, c in zip(["z", "d requests", "d image", "d w_f", "d b_f"], got, exact, ref32, alt32):
+        spread = max((a.double() - e).abs().max().item(), (c.double() - e).abs().max().item())
+        err = (g.double() - e).abs().max().item()
+        limit = 2 * spread + 2.0 ** -18 * e.abs().max().item()
+        assert err <= limit, f"{name}: max error {err:.3e} > {limit:.3e} (fp32 implementations: {spread:.3e})"
 
 
 @pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0), ("folded", 0)])
