@@ -3,8 +3,10 @@
 Times every candidate config of each kernel by CUDA-graph replay (20 calls per
 graph, divided by 20, median of 30 replays), checks each candidate against a
 float32 reference (bf16 error <= 2x the bf16 reference's error + 2^-8 scale),
-then times the whole layer (graph + eager wall) with the winners and prints
-the CONFIGS dict to paste into lmeye_fast/ops/triton_launch.py.
+then times the whole layer (graph + eager wall; forward+backward with the image
+frozen, as LMEye's vision encoder is) with the winners in both attention
+schedules, and prints the CONFIGS dict to paste into
+lmeye_fast/ops/triton_launch.py, FOLDED set to the faster forward+backward.
 
 Run from the repository root on a GPU:  python benchmarks/tune_triton.py
 """
@@ -207,15 +209,16 @@ def fwd():
         layer(hidden, image, embeds, slot, request_pos=qpos, inplace=True)
 
 
-hg, ig = hidden.clone().requires_grad_(), image.clone().requires_grad_()
+hg = hidden.clone().requires_grad_()
 eg = embeds.clone().requires_grad_()
 gout = torch.randn_like(embeds)
 params = list(layer.parameters())
 
 
 def fwd_bwd():
-    out = layer(hg, ig, eg * 1, slot, request_pos=qpos)
-    torch.autograd.grad(out, [hg, ig, eg] + params, gout)
+    # The image features come from a frozen vision encoder (LMEye's setting): no gradient.
+    out = layer(hg, image, eg * 1, slot, request_pos=qpos)
+    torch.autograd.grad(out, [hg, eg] + params, gout)
 
 
 # Both attention schedules with their winning configs; FOLDED takes the faster forward+backward.
