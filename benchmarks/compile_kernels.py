@@ -39,15 +39,15 @@ OPTIONS = ("num_warps", "num_stages")
 def run_modules(dtype: torch.dtype) -> None:
     """A forward and backward of InteractiveLayer (attention in both schedules, image mask, in
     place and not, the transmitted tokens) and StaticVisualMapping, launches recorded."""
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+    from lmeye_fast import ops
 
-    saved = dict(CONFIGS["attend_fwd"])
+    saved = ops.attention_schedule()
     try:
-        for folded in (0, 1):
-            set_config("attend_fwd", {**saved, "FOLDED": folded})
+        for schedule in ops.ATTENTION_SCHEDULES:
+            ops.set_attention_schedule(schedule)
             run_layers(dtype)
     finally:
-        set_config("attend_fwd", saved)
+        ops.set_attention_schedule(saved)
 
 
 def run_layers(dtype: torch.dtype) -> None:

@@ -208,14 +208,14 @@ def schedule(provider: str):
     if provider != "triton-folded":
         yield
         return
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+    from lmeye_fast import ops
 
-    saved = dict(CONFIGS["attend_fwd"])
-    set_config("attend_fwd", {**saved, "FOLDED": 1})
+    saved = ops.attention_schedule()
+    ops.set_attention_schedule("folded")
     try:
         yield
     finally:
-        set_config("attend_fwd", saved)
+        ops.set_attention_schedule(saved)
 
 
 def require(provider: str, dev: torch.device, op: Optional[str] = None) -> None:

@@ -33,10 +33,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     install(keep_args=False)
-    from lmeye_fast import InteractiveLayer
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+    from lmeye_fast import InteractiveLayer, ops
 
-    set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": int(args.folded)})
+    ops.set_attention_schedule("folded" if args.folded else "split")
 
     batch, seq, llm, vision, tokens, width, requests, heads = 32, 64, 256, 128, 17, 96, 5, 12
     layer = InteractiveLayer(llm, vision, width, requests, 1, heads, backend="triton")

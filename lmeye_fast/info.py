@@ -41,12 +41,12 @@ def report() -> str:
 
 
 def attention_schedule() -> str:
-    """The Triton attention schedule that ``CONFIGS["attend_fwd"]["FOLDED"]`` selects."""
+    """The Triton attention schedule in use (``lmeye_fast.ops.set_attention_schedule``)."""
     try:
-        from .ops.triton_launch import CONFIGS
+        schedule = ops.attention_schedule()
     except Exception as exc:  # no triton: nothing to schedule
         return f"none (triton not importable: {exc})"
-    if CONFIGS["attend_fwd"]["FOLDED"]:
+    if schedule == "folded":
         return "folded: F never formed, the requests pulled through W_f (ops/attend_folded.py)"
     return "split: F = X W_fᵀ + b_f by one GEMM, then the attention kernel (ops/attend.py)"
 

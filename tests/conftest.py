@@ -44,11 +44,11 @@ def attention_schedule(request):
 
 @contextlib.contextmanager
 def folded_attention(folded: bool):
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+    from lmeye_fast import ops
 
-    saved = dict(CONFIGS["attend_fwd"])
-    set_config("attend_fwd", {**saved, "FOLDED": int(folded)})
+    saved = ops.attention_schedule()
+    ops.set_attention_schedule("folded" if folded else "split")
     try:
         yield
     finally:
-        set_config("attend_fwd", saved)
+        ops.set_attention_schedule(saved)

@@ -155,3 +155,24 @@ def test_environment_variable_overrides_the_argument(monkeypatch):
         backends.requested("auto")
     monkeypatch.delenv(backends.ENV_BACKEND)
     assert backends.requested(None) == "auto"
+
+
+def test_attention_schedule_is_set_for_later_calls_and_refuses_unknown_names():
+    pytest.importorskip("triton", reason="the attention schedules are the Triton backend's")
+    from lmeye_fast.ops import attend
+    from lmeye_fast.ops.attend_folded import FoldedPlan
+
+    r, x, w = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(8, 6)
+    before = ops.attention_schedule()
+    try:
+        for schedule, folded in (("folded", True), ("split", False)):
+            ops.set_attention_schedule(schedule)
+            assert ops.attention_schedule() == schedule
+            # The plan cache was emptied: the next plan is the new schedule's.
+            with torch.no_grad():
+                attend.attend_decomposed(r, x, None, w, None, 2, 1)
+            assert any(isinstance(p, FoldedPlan) for p in attend._PLANS.values()) == folded
+        with pytest.raises(ValueError, match="schedule"):
+            ops.set_attention_schedule("fused")
+    finally:
+        ops.set_attention_schedule(before)

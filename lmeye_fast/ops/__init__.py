@@ -76,6 +76,26 @@ AUTO_ORDER = {
 }
 
 
+ATTENTION_SCHEDULES = ("split", "folded")
+
+
+def attention_schedule() -> str:
+    """The Triton backend's attention schedule: "split" (F = X W_fᵀ + b_f by one GEMM, then the
+    attention kernel; ops/attend.py) or "folded" (F never formed; ops/attend_folded.py)."""
+    from .triton_launch import CONFIGS
+
+    return "folded" if CONFIGS["attend_fwd"]["FOLDED"] else "split"
+
+
+def set_attention_schedule(schedule: str) -> None:
+    """Select the Triton backend's attention schedule for every later call (see ``attention_schedule``)."""
+    if schedule not in ATTENTION_SCHEDULES:
+        raise ValueError(f"schedule: expected one of {ATTENTION_SCHEDULES}, got {schedule!r}")
+    from .triton_launch import CONFIGS, set_config
+
+    set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": int(schedule == "folded")})
+
+
 def _load(path: str) -> Callable:
     module, name = path.split(":")
     # torch.compile traces a sys.modules lookup but breaks the graph on an import.

@@ -101,14 +101,15 @@ def _expand_kernel(
 
 @triton.jit(do_not_specialize=["B", "R", "N", "M"])
 def _scores_kernel(
-    y_ptr, x_ptr, a_ptr, bf_ptr, m_ptr, s_ptr, p_ptr, part_ptr, part2_ptr, B, R, N, DH, DI, DV, S, M, NT, scale,
+    y_ptr, x_ptr, a_ptr, bf_ptr, m_ptr, s_ptr, p_ptr, part_ptr, B, R, N, DH, DI, DV, S, M, NT, scale,
     x_sb, x_sn, x_sd, a_sb, a_sr, a_sd, m_sb, m_sn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIALS: tl.constexpr, DOT_FP32: tl.constexpr,
     IEEE: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     """Also, per row and tile of tokens (B, rows, NT): with PARTIALS=1 the tile's max score and
-    Σ exp(s - max) (forward), with PARTIALS=2 Σ A dA from the A at ``p_ptr`` (backward), so that
-    ``_weighted`` reads these instead of passing over every score for its normaliser."""
+    Σ exp(s - max) (forward; ``part_ptr`` holds both, the sums after the maxima), with PARTIALS=2
+    Σ A dA from the A at ``p_ptr`` (backward), so that ``_weighted`` reads these instead of
+    passing over every score for its normaliser."""
     b = tl.program_id(0)
     re = tl.program_id(1) * BE + tl.arange(0, BE)
     rn = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -152,7 +153,7 @@ def _scores_kernel(
         # A tile whose tokens are all masked: m = -inf and Σ = 0 (shifting by 0, not by -inf).
         l_t = tl.sum(tl.exp(s - tl.where(m_t == float("-inf"), 0.0, m_t)[:, None]), axis=1)
         tl.store(part_ptr + part_off, m_t, mask=e_ok)
-        tl.store(part2_ptr + part_off, l_t, mask=e_ok)
+        tl.store(part_ptr + B.to(tl.int64) * M * NT + part_off, l_t, mask=e_ok)
     if PARTIALS == 2:
         p = tl.load(p_ptr + s_off, mask=ok, other=0.0)
         tl.store(part_ptr + part_off, tl.sum(p * s, axis=1), mask=e_ok)
@@ -160,7 +161,7 @@ def _scores_kernel(
 
 @triton.jit(do_not_specialize=["B", "R", "N", "M", "G"])
 def _weighted_kernel(
-    s_ptr, p_ptr, part_ptr, part2_ptr, x_ptr, out_ptr, w_ptr, sum_ptr, B, R, N, DV, S, M, G, NT, scale,
+    s_ptr, p_ptr, part_ptr, x_ptr, out_ptr, w_ptr, sum_ptr, B, R, N, DV, S, M, G, NT, scale,
     x_sb, x_sn, x_sd,
     BACKWARD: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
@@ -185,7 +186,8 @@ def _weighted_kernel(
     # Pass 1, over the per-tile partials of all S·N entries of each softmax row
     # (h, r): the normaliser (forward) or delta = Σ A dA (backward).
     part_b = part_ptr + b.to(tl.int64) * M * NT
-    part2_b = part2_ptr + b.to(tl.int64) * M * NT
+    # Forward: the sums follow the maxima of every batch row.
+    part2_b = part_b + B.to(tl.int64) * M * NT
     if BACKWARD:
         delta = tl.zeros((BG,), dtype=tl.float32)
     else:
@@ -483,7 +485,7 @@ def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
     y_shape = (d.H, d.B * d.R, d.S * d.DV)
     q = torch.empty(y_shape, device=device, dtype=plan.dtype)
     scores = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
-    # The per-tile maxima and sums, side by side.
+    # The per-tile maxima of every batch row, then their sums.
     partials = torch.empty((2, d.B, d.M, plan.tiles), device=device, dtype=torch.float32)
     probs = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
     sums = torch.empty((d.B, d.M), device=device, dtype=torch.float32)
@@ -492,8 +494,8 @@ def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
     keep = scores if image_mask is None else image_mask.view(torch.uint8)
     _run(wrap, _expand_kernel, plan.expand, requests, w_f, q)
     _run(wrap, _scores_kernel, plan.scores, q, image, requests, requests if b_f is None else b_f, keep, scores,
-         scores, partials[0], partials[1])
-    _run(wrap, _weighted_kernel, plan.weighted, scores, scores, partials[0], partials[1], image, u, probs, sums)
+         scores, partials)
+    _run(wrap, _weighted_kernel, plan.weighted, scores, scores, partials, image, u, probs, sums)
     _run(wrap, _reduce_kernel, plan.reduce, u, w_f, w_f if b_f is None else b_f, sums, requests, z)
     return z, probs, q, u, sums
 
@@ -549,12 +551,12 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
     delta_parts = torch.empty((d.B, d.M, _tiles(d, blocks)), device=device, dtype=torch.float32)
     _run(launcher, _scores_kernel, _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, True, blocks,
                                                   common),
-         d_u, image, grad, bias, d_a, d_a, probs, delta_parts, delta_parts)
+         d_u, image, grad, bias, d_a, d_a, probs, delta_parts)
     # dS (scaled) = A (dA - Σ A dA) / sqrt(Dh), its sums over n, and dQ = dS X.
     d_s, d_beta = torch.empty_like(d_a), torch.empty((d.B, d.M), device=device, dtype=torch.float32)
     d_q = torch.empty(expected, device=device, dtype=dtype)
     _run(launcher, _weighted_kernel, _weighted_launch(d, image.stride(), True, blocks, common),
-         d_a, probs, delta_parts, delta_parts, image, d_q, d_s, d_beta)
+         d_a, probs, delta_parts, image, d_q, d_s, d_beta)
     d_req = torch.empty((d.B, d.R, d.DI), device=device, dtype=dtype)
     _run(launcher, _reduce_kernel, _reduce_launch(d, w_strides, g_strides, has_bias, blocks[3], common),
          d_q, w_f, bias, d_beta, grad, d_req)
