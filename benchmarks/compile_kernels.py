@@ -41,13 +41,9 @@ def run_modules(dtype: torch.dtype) -> None:
     place and not, the transmitted tokens) and StaticVisualMapping, launches recorded."""
     from lmeye_fast import ops
 
-    saved = ops.attention_schedule()
-    try:
-        for schedule in ops.ATTENTION_SCHEDULES:
-            ops.set_attention_schedule(schedule)
+    for schedule in ops.ATTENTION_SCHEDULES:
+        with ops.using_attention_schedule(schedule):
             run_layers(dtype)
-    finally:
-        ops.set_attention_schedule(saved)
 
 
 def run_layers(dtype: torch.dtype) -> None:

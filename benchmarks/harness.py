@@ -210,12 +210,8 @@ def schedule(provider: str):
         return
     from lmeye_fast import ops
 
-    saved = ops.attention_schedule()
-    ops.set_attention_schedule("folded")
-    try:
+    with ops.using_attention_schedule("folded"):
         yield
-    finally:
-        ops.set_attention_schedule(saved)
 
 
 def require(provider: str, dev: torch.device, op: Optional[str] = None) -> None:

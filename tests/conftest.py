@@ -6,7 +6,6 @@ Every test draws fresh random inputs: the seed is random per test and is
 printed with any failure so that it can be replayed (LMEYE_FAST_SEED=...).
 """
 
-import contextlib
 import os
 import random
 
@@ -38,17 +37,7 @@ def pytest_runtest_makereport(item, call):
 def attention_schedule(request):
     """Run the test once per attention schedule of the Triton backend: F formed by a GEMM
     (split, the default) and the folded schedule that never forms it (ops/attend_folded.py)."""
-    with folded_attention(request.param == "folded"):
-        yield request.param
-
-
-@contextlib.contextmanager
-def folded_attention(folded: bool):
     from lmeye_fast import ops
 
-    saved = ops.attention_schedule()
-    ops.set_attention_schedule("folded" if folded else "split")
-    try:
-        yield
-    finally:
-        ops.set_attention_schedule(saved)
+    with ops.using_attention_schedule(request.param):
+        yield request.param

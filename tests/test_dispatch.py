@@ -164,15 +164,13 @@ def test_attention_schedule_is_set_for_later_calls_and_refuses_unknown_names():
 
     r, x, w = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(8, 6)
     before = ops.attention_schedule()
-    try:
-        for schedule, folded in (("folded", True), ("split", False)):
-            ops.set_attention_schedule(schedule)
+    for schedule, folded in (("folded", True), ("split", False)):
+        with ops.using_attention_schedule(schedule):
             assert ops.attention_schedule() == schedule
             # The plan cache was emptied: the next plan is the new schedule's.
             with torch.no_grad():
                 attend.attend_decomposed(r, x, None, w, None, 2, 1)
             assert any(isinstance(p, FoldedPlan) for p in attend._PLANS.values()) == folded
-        with pytest.raises(ValueError, match="schedule"):
-            ops.set_attention_schedule("fused")
-    finally:
-        ops.set_attention_schedule(before)
+        assert ops.attention_schedule() == before
+    with pytest.raises(ValueError, match="schedule"):
+        ops.set_attention_schedule("fused")

@@ -21,9 +21,10 @@ measured), and the reference elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -94,6 +95,17 @@ def set_attention_schedule(schedule: str) -> None:
     from .triton_launch import CONFIGS, set_config
 
     set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": int(schedule == "folded")})
+
+
+@contextlib.contextmanager
+def using_attention_schedule(schedule: str) -> Iterator[None]:
+    """``set_attention_schedule(schedule)`` for the ``with`` block, the one before restored after."""
+    saved = attention_schedule()
+    set_attention_schedule(schedule)
+    try:
+        yield
+    finally:
+        set_attention_schedule(saved)
 
 
 def _load(path: str) -> Callable:
