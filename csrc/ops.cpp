@@ -78,8 +78,12 @@ void describe_rows(lmeye_rows_args& a, const at::Tensor& seq, const at::Tensor& 
 
 // Checks shared by everything that adds rows (B, R, D) into seq (B, T, D) at
 // index (B, R), and the launch. `seq` may be written; the others are read.
+// `kernel` is lmeye_interleave_add (distinct positions) or lmeye_scatter_add (repeats summed).
+using rows_kernel = cudaError_t (*)(const lmeye_rows_args*, cudaStream_t);
+
 void add_rows(const char* op, const at::Tensor& seq, const char* seq_name, const at::Tensor& rows,
-              const at::Tensor& index, const char* index_name, const std::optional<at::Tensor>& slot_embed) {
+              const at::Tensor& index, const char* index_name, const std::optional<at::Tensor>& slot_embed,
+              rows_kernel kernel = lmeye_interleave_add) {
   check_cuda(op, seq_name, seq, seq, seq_name);
   check_cuda(op, "rows", rows, seq, seq_name);
   check_cuda(op, index_name, index, seq, seq_name);
@@ -110,7 +114,7 @@ void add_rows(const char* op, const at::Tensor& seq, const char* seq_name, const
   a.seq = seq.mutable_data_ptr();
   a.rows = const_cast<void*>(rows.const_data_ptr());
   const c10::cuda::CUDAGuard guard(seq.device());
-  C10_CUDA_CHECK(lmeye_interleave_add(&a, stream_of(seq)));
+  C10_CUDA_CHECK(kernel(&a, stream_of(seq)));
 }
 
 at::Tensor interleave(const at::Tensor& embeds, const at::Tensor& rows, const at::Tensor& slot_pos,
@@ -177,7 +181,8 @@ at::Tensor scatter_rows(const at::Tensor& rows, const at::Tensor& index, int64_t
   check_dim(op, "rows", rows, 3, "(B, R, D)");
   TORCH_CHECK_VALUE(length >= 0, op, ": length must be >= 0, got ", length);
   at::Tensor out = at::zeros({rows.size(0), length, rows.size(2)}, rows.options());
-  add_rows(op, out, "out", rows, index, "index", std::nullopt);
+  // A gather may read one position several times, so its backward sums repeats.
+  add_rows(op, out, "out", rows, index, "index", std::nullopt, lmeye_scatter_add);
   return out;
 }
 

@@ -62,6 +62,12 @@ typedef struct lmeye_rows_args {
 // one batch entry must be distinct (no atomics).
 cudaError_t lmeye_interleave_add(const lmeye_rows_args* args, cudaStream_t stream);
 
+// lmeye_interleave_add for positions that may repeat within a batch entry (the
+// backward of a gather): the rows that share a position are summed, in order
+// of j, by the first of them, so the result is exact and deterministic. Costs
+// a scan of the entry's R positions per row.
+cudaError_t lmeye_scatter_add(const lmeye_rows_args* args, cudaStream_t stream);
+
 // rows[b, j] = seq[b, index[b, j]]; a row whose index lies outside [0, T) is
 // filled with zeros. slot_embed is ignored.
 cudaError_t lmeye_gather_rows(const lmeye_rows_args* args, cudaStream_t stream);
@@ -81,7 +87,9 @@ typedef struct lmeye_plan_args {
 } lmeye_plan_args;
 
 // Per row b: request_pos[b] = first request token (0 if none); slot_pos[b] =
-// the first R slot tokens in order, missing ones set to 0; status[b] as above.
+// the first R slot tokens in order when the row is well formed, and -1 (a
+// position every row kernel skips) throughout when it is not, so a malformed
+// row is never written and never written twice; status[b] as above.
 // One block per row, no host synchronisation.
 cudaError_t lmeye_plan_slots(const lmeye_plan_args* args, cudaStream_t stream);
 

@@ -21,6 +21,7 @@ __global__ void __launch_bounds__(kMaxThreads) plan_slots_kernel(lmeye_plan_args
   __shared__ unsigned long long first_request;
   __shared__ unsigned long long requests;
   __shared__ long long first_slot;
+  __shared__ int32_t row_status;
 
   const int64_t b = blockIdx.x;
   const I* ids = static_cast<const I*>(a.input_ids) + b * a.ids_stride[0];
@@ -74,7 +75,6 @@ __global__ void __launch_bounds__(kMaxThreads) plan_slots_kernel(lmeye_plan_args
   }
   __syncthreads();
 
-  for (int64_t k = seen + tid; k < a.num_slots; k += blockDim.x) a.slot_pos[b * a.num_slots + k] = 0;
   if (tid == 0) {
     const unsigned long long n_requests = requests;
     const int64_t request = n_requests ? static_cast<int64_t>(first_request) : 0;
@@ -92,6 +92,13 @@ __global__ void __launch_bounds__(kMaxThreads) plan_slots_kernel(lmeye_plan_args
     }
     a.request_pos[b] = request;
     a.status[b] = status;
+    row_status = status;
+  }
+  __syncthreads();
+  // A malformed row gets no slot at all: with too few slot tokens its missing
+  // slots would otherwise repeat a position, and repeated writes race.
+  if (row_status != LMEYE_PLAN_OK) {
+    for (int64_t k = tid; k < a.num_slots; k += blockDim.x) a.slot_pos[b * a.num_slots + k] = -1;
   }
 }
 

@@ -1,6 +1,7 @@
 // Indexed row moves between a sequence (B, T, D) and dense rows (B, R, D):
-// the interleave (add R rows into their slot rows) and the gather (read rows
-// at positions), which is also the interleave's backward.
+// the interleave (add R rows into their slot rows), the gather (read rows
+// at positions), which is also the interleave's backward, and the scatter-add
+// (the gather's backward), whose positions may repeat.
 //
 // One block per (b, j) row and width chunk. A row moves through 16-byte
 // vector accesses when every pointer involved shares the same alignment
@@ -78,7 +79,32 @@ __device__ __forceinline__ Span split(int64_t lo, int64_t hi, bool vec, int64_t 
   return s;
 }
 
+enum class Move { kAdd, kScatterAdd, kGather };
+
+template <typename I>
+__device__ __forceinline__ int64_t position(const lmeye_rows_args& a, int64_t b, int64_t j) {
+  return load_index<I>(a.index, b * a.index_stride[0] + j * a.index_stride[1]);
+}
+
+// The rows j..R-1 of entry b that share position pos, summed in Acc into the
+// sequence row, for elements [lo, hi). Scalar: repeated positions are rare.
 template <typename T, typename I>
+__device__ void add_repeated(const lmeye_rows_args& a, int64_t b, int64_t j, int64_t pos, int64_t lo, int64_t hi) {
+  using M = Math<T>;
+  using Acc = typename M::Acc;
+  T* dst = static_cast<T*>(a.seq) + b * a.seq_stride[0] + pos * a.seq_stride[1];
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+    Acc x = M::up(dst[i * a.seq_stride[2]]);
+    for (int64_t k = j; k < a.count; ++k) {
+      if (position<I>(a, b, k) != pos) continue;
+      x += M::up(static_cast<const T*>(a.rows)[b * a.rows_stride[0] + k * a.rows_stride[1] + i * a.rows_stride[2]]);
+      if (a.slot_embed) x += M::up(static_cast<const T*>(a.slot_embed)[k * a.slot_stride[0] + i * a.slot_stride[1]]);
+    }
+    dst[i * a.seq_stride[2]] = M::down(x);
+  }
+}
+
+template <typename T, typename I, bool kMergeRepeats>
 __global__ void __launch_bounds__(kThreads) interleave_add_kernel(lmeye_rows_args a) {
   using M = Math<T>;
   using Acc = typename M::Acc;
@@ -86,17 +112,31 @@ __global__ void __launch_bounds__(kThreads) interleave_add_kernel(lmeye_rows_arg
   const int64_t row = blockIdx.x;
   const int64_t b = row / a.count;
   const int64_t j = row - b * a.count;
-  const int64_t pos = load_index<I>(a.index, b * a.index_stride[0] + j * a.index_stride[1]);
+  const int64_t pos = position<I>(a, b, j);
   if (pos < 0 || pos >= a.length) return;  // never write outside the sequence
+
+  const int64_t chunk = static_cast<int64_t>(kThreads) * V * kUnroll;
+  const int64_t lo = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t hi = lo + chunk < a.width ? lo + chunk : a.width;
+  if (kMergeRepeats) {
+    // The first row at a position adds every row that shares it; the others
+    // leave, so no two blocks write one sequence row.
+    bool repeated = false;
+    for (int64_t k = 0; k < a.count; ++k) {
+      if (k == j || position<I>(a, b, k) != pos) continue;
+      if (k < j) return;
+      repeated = true;
+    }
+    if (repeated) {
+      add_repeated<T, I>(a, b, j, pos, lo, hi);
+      return;
+    }
+  }
 
   T* dst = static_cast<T*>(a.seq) + b * a.seq_stride[0] + pos * a.seq_stride[1];
   const T* src = static_cast<const T*>(a.rows) + b * a.rows_stride[0] + j * a.rows_stride[1];
   const T* emb = a.slot_embed ? static_cast<const T*>(a.slot_embed) + j * a.slot_stride[0] : nullptr;
   const int64_t ds = a.seq_stride[2], rs = a.rows_stride[2], es = a.slot_stride[1];
-
-  const int64_t chunk = static_cast<int64_t>(kThreads) * V * kUnroll;
-  const int64_t lo = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t hi = lo + chunk < a.width ? lo + chunk : a.width;
   const unsigned mis = misalignment(dst);
   const bool vec = ds == 1 && rs == 1 && mis % sizeof(T) == 0 && misalignment(src) == mis &&
                    (emb == nullptr || (es == 1 && misalignment(emb) == mis));
@@ -148,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) gather_rows_kernel(lmeye_rows_args a
   const int64_t row = blockIdx.x;
   const int64_t b = row / a.count;
   const int64_t j = row - b * a.count;
-  const int64_t pos = load_index<I>(a.index, b * a.index_stride[0] + j * a.index_stride[1]);
+  const int64_t pos = position<I>(a, b, j);
   const bool inside = pos >= 0 && pos < a.length;
 
   T* dst = static_cast<T*>(a.rows) + b * a.rows_stride[0] + j * a.rows_stride[1];
@@ -190,38 +230,38 @@ constexpr int64_t chunk_of() {
   return static_cast<int64_t>(kThreads) * Pack<T>::kSize * kUnroll;
 }
 
-template <bool kAdd, typename T, typename I>
+template <Move kMove, typename T, typename I>
 cudaError_t launch(const lmeye_rows_args& a, cudaStream_t stream) {
   const int64_t rows = a.batch * a.count;
   const int64_t chunks = (a.width + chunk_of<T>() - 1) / chunk_of<T>();
   if (rows == 0 || chunks == 0) return cudaSuccess;
   if (rows > 0x7fffffffLL || chunks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
-  if (kAdd) {
-    interleave_add_kernel<T, I><<<grid, kThreads, 0, stream>>>(a);
-  } else {
-    gather_rows_kernel<T, I><<<grid, kThreads, 0, stream>>>(a);
+  switch (kMove) {
+    case Move::kAdd: interleave_add_kernel<T, I, false><<<grid, kThreads, 0, stream>>>(a); break;
+    case Move::kScatterAdd: interleave_add_kernel<T, I, true><<<grid, kThreads, 0, stream>>>(a); break;
+    case Move::kGather: gather_rows_kernel<T, I><<<grid, kThreads, 0, stream>>>(a); break;
   }
   return cudaGetLastError();
 }
 
-template <bool kAdd, typename T>
+template <Move kMove, typename T>
 cudaError_t launch_index(const lmeye_rows_args& a, cudaStream_t stream) {
   switch (a.index_dtype) {
-    case LMEYE_INT32: return launch<kAdd, T, int32_t>(a, stream);
-    case LMEYE_INT64: return launch<kAdd, T, int64_t>(a, stream);
+    case LMEYE_INT32: return launch<kMove, T, int32_t>(a, stream);
+    case LMEYE_INT64: return launch<kMove, T, int64_t>(a, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <bool kAdd>
+template <Move kMove>
 cudaError_t dispatch(const lmeye_rows_args* a, cudaStream_t stream) {
   if (a == nullptr || a->batch < 0 || a->count < 0 || a->length < 0 || a->width < 0) return cudaErrorInvalidValue;
   switch (a->dtype) {
-    case LMEYE_FLOAT32: return launch_index<kAdd, float>(*a, stream);
-    case LMEYE_FLOAT16: return launch_index<kAdd, __half>(*a, stream);
-    case LMEYE_BFLOAT16: return launch_index<kAdd, __nv_bfloat16>(*a, stream);
-    case LMEYE_FLOAT64: return launch_index<kAdd, double>(*a, stream);
+    case LMEYE_FLOAT32: return launch_index<kMove, float>(*a, stream);
+    case LMEYE_FLOAT16: return launch_index<kMove, __half>(*a, stream);
+    case LMEYE_BFLOAT16: return launch_index<kMove, __nv_bfloat16>(*a, stream);
+    case LMEYE_FLOAT64: return launch_index<kMove, double>(*a, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -229,9 +269,13 @@ cudaError_t dispatch(const lmeye_rows_args* a, cudaStream_t stream) {
 }  // namespace
 
 extern "C" cudaError_t lmeye_interleave_add(const lmeye_rows_args* args, cudaStream_t stream) {
-  return dispatch<true>(args, stream);
+  return dispatch<Move::kAdd>(args, stream);
+}
+
+extern "C" cudaError_t lmeye_scatter_add(const lmeye_rows_args* args, cudaStream_t stream) {
+  return dispatch<Move::kScatterAdd>(args, stream);
 }
 
 extern "C" cudaError_t lmeye_gather_rows(const lmeye_rows_args* args, cudaStream_t stream) {
-  return dispatch<false>(args, stream);
+  return dispatch<Move::kGather>(args, stream);
 }

@@ -197,6 +197,25 @@ def test_gather_scatter_gradcheck(cuda_ops):
         lambda e, r, s: cuda_ops.interleave(e, r, index, slot_embed=s), (embeds, rows, slot_embed))
 
 
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+def test_gather_backward_sums_repeated_positions(cuda_ops, dtype):
+    """A gather may read one row several times; its backward (scatter_rows) must add every read's
+    gradient, deterministically (not one of them at random, as a racing read-modify-write would)."""
+    batch, length, width, count = 4, 9, 300, 6
+    seq = torch.randn(batch, length, width, device=DEV, dtype=dtype, requires_grad=True)
+    index = torch.randint(0, 3, (batch, count), device=DEV)  # many repeats in every row
+    index[0] = 2
+    grad = torch.randn(batch, count, width, device=DEV, dtype=dtype)
+    (got,) = torch.autograd.grad(cuda_ops.gather_rows(seq, index), seq, grad)
+    seq64 = seq.detach().double().requires_grad_()
+    (want64,) = torch.autograd.grad(reference.gather_rows(seq64, index), seq64, grad.double())
+    seq_low = seq.detach().clone().requires_grad_()
+    (want_low,) = torch.autograd.grad(reference.gather_rows(seq_low, index), seq_low, grad)
+    assert_close(got, want64, want_low, "d seq")
+    again = torch.autograd.grad(cuda_ops.gather_rows(seq, index), seq, grad)[0]
+    assert torch.equal(got, again), "scatter_rows is not deterministic"
+
+
 @pytest.mark.parametrize("name", ["interleave", "interleave_", "gather_rows", "scatter_rows", "plan_slots"])
 def test_opcheck(cuda_ops, name):
     batch, length, width, count = 3, 20, 257, 4
@@ -257,7 +276,7 @@ def test_planner_kernel_matches_twin(batch, length, num_slots):
 
 def test_planner_kernel_empty_rows():
     got = plan_slots(torch.empty(4, 0, dtype=torch.int64, device=DEV), REQ, SLOT, 3, backend="cuda")
-    assert got[0].tolist() == [0] * 4 and got[1].tolist() == [[0] * 3] * 4
+    assert got[0].tolist() == [0] * 4 and got[1].tolist() == [[-1] * 3] * 4
     assert got[2].tolist() == [PlanStatus.MISSING_REQUEST] * 4
 
 

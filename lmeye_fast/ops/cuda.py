@@ -11,11 +11,12 @@ operator                                       computes
 ``interleave(embeds, rows, slot_pos, e)``      copy of embeds with ``E[b, s[b,j]] += rows[b,j] + e[j]``
 ``interleave_(embeds, rows, slot_pos, e)``     the same, in place
 ``gather_rows(seq, index)``                    ``seq[b, index[b, j]]`` -> (B, R, D)
-``scatter_rows(rows, index, length)``          zeros (B, length, D) with ``rows[b, j]`` at ``index[b, j]``
+``scatter_rows(rows, index, length)``          zeros (B, length, D) with ``rows[b, j]`` added at ``index[b, j]``
 ``plan_slots(input_ids, req, slot, R)``        request / slot positions and a status per row
 =============================================  ============================================
 
-Positions of one row must be distinct (interleave, scatter_rows: no atomics).
+Positions of one row must be distinct for the interleave (no atomics); ``scatter_rows``,
+the gather's backward, sums rows that share a position (in order, deterministic).
 A position outside the sequence is never written: its row is skipped by the
 interleave and gathered as zeros. ``e`` (the slot embedding, (R, D)) is optional.
 """
@@ -157,7 +158,8 @@ def gather_rows(seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_rows(rows: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
-    """Zeros (B, length, D) with ``rows[b, j]`` at ``index[b, j]`` (distinct per row)."""
+    """Zeros (B, length, D) with ``rows[b, j]`` added at ``index[b, j]``; rows that share a position are
+    summed (so it is ``gather_rows``' exact backward), rows outside [0, length) dropped."""
     return _ops.scatter_rows(rows, index, length)
 
 
