@@ -13,9 +13,12 @@ positions stay inside the row so that nothing downstream indexes out of
 bounds:
 
 - ``request_pos`` is the first request token, or 0 if there is none;
-- ``slot_pos`` holds the first R slot tokens in order; slots that do not
-  exist are 0 (so a row with too few slots repeats position 0, and its
-  interleave result is unspecified: validate such input).
+- ``slot_pos`` is -1 throughout: a position outside every row, which every
+  interleave backend skips, so a malformed row is left as it is (never
+  written twice at a repeated position, as a row with too few slots would
+  otherwise be). ``validate=True`` refuses such input instead.
+
+A well-formed row's ``slot_pos`` holds its R slot tokens in order.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def plan_slots_torch(
     status.masked_fill_(slots < num_slots, int(PlanStatus.TOO_FEW_SLOTS))
     status.masked_fill_(requests > 1, int(PlanStatus.MULTIPLE_REQUESTS))
     status.masked_fill_(requests == 0, int(PlanStatus.MISSING_REQUEST))
+    slot_pos.masked_fill_((status != PlanStatus.OK)[:, None], -1)
     return first_request, slot_pos, status
 
 

@@ -118,13 +118,29 @@ def interleave(
     """Step 5: ``E[b, s[b, j]] += t[b, j]``; every other row of E is untouched.
 
     ``embeds`` (B, T', D), ``rows`` (B, R, D), ``slot_pos`` (B, R) distinct per
-    row. The sum is formed in float32 and rounded once to E's dtype.
+    row. The sum is formed in float32 and rounded once to E's dtype. A position
+    outside ``[0, T')`` (such as the -1 the planner gives a malformed row) is
+    skipped, as every kernel skips it, and its row's gradient is zero.
     """
     out = embeds if inplace else embeds.clone()
-    batch = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand_as(slot_pos)
+    batch, num_slots = slot_pos.shape
+    length = embeds.shape[1]
+    if batch * num_slots == 0 or length == 0:
+        return out
+    inside = (slot_pos >= 0) & (slot_pos < length)
+    pos = slot_pos.clamp(0, length - 1)
     acc = compute_dtype(embeds.dtype)
-    summed = out[batch, slot_pos].to(acc) + rows.to(acc)
-    out[batch, slot_pos] = summed.to(out.dtype)
+    rows_in = torch.where(inside[..., None], rows.to(acc), torch.zeros((), dtype=acc, device=rows.device))
+    summed = (out[torch.arange(batch, device=embeds.device)[:, None], pos].to(acc) + rows_in).to(out.dtype)
+    # A skipped slot cannot simply be left out without a host sync, so it writes too: at the row's
+    # first valid slot, with that slot's own (detached) value, a repeat of one write that neither
+    # races nor counts a gradient twice. A row with no valid slot rewrites its first (clamped)
+    # position with its own value.
+    column = torch.arange(num_slots, device=slot_pos.device).expand(batch, num_slots)
+    target = torch.where(inside, column, inside.to(torch.uint8).argmax(1, keepdim=True))
+    repeat = summed.detach().gather(1, target[..., None].expand_as(summed))
+    values = torch.where((target == column)[..., None], summed, repeat)
+    out[torch.arange(batch, device=embeds.device)[:, None], pos.gather(1, target)] = values
     return out
 
 

@@ -19,9 +19,7 @@ def plan_loop(input_ids, request_id, slot_id, num_slots):
     for row in input_ids.tolist():
         requests = [t for t, tok in enumerate(row) if tok == request_id]
         slots = [t for t, tok in enumerate(row) if tok == slot_id]
-        first = slots[:num_slots]
         request_pos.append(requests[0] if requests else 0)
-        slot_pos.append(first + [0] * (num_slots - len(first)))
         if not requests:
             code = PlanStatus.MISSING_REQUEST
         elif len(requests) > 1:
@@ -35,6 +33,7 @@ def plan_loop(input_ids, request_id, slot_id, num_slots):
         else:
             code = PlanStatus.OK
         status.append(int(code))
+        slot_pos.append(slots if code == PlanStatus.OK else [-1] * num_slots)
     return (torch.tensor(request_pos, dtype=torch.int64).reshape(-1),
             torch.tensor(slot_pos, dtype=torch.int64).reshape(len(slot_pos), num_slots),
             torch.tensor(status, dtype=torch.int32).reshape(-1))
@@ -111,8 +110,11 @@ def test_every_case(case):
                 "missing_and_few": PlanStatus.MISSING_REQUEST}.get(case)
     if expected is not None:
         assert bool((got[2] == expected).all()), got[2]
-    # Whatever the row, positions stay inside it.
-    assert bool((got[0] >= 0).all() and (got[0] < 64).all() and (got[1] >= 0).all() and (got[1] < 64).all())
+    # Whatever the row, the request position stays inside it; slot positions too where the row is
+    # well formed, and every one is -1 (skipped by the interleave) where it is not.
+    assert bool((got[0] >= 0).all() and (got[0] < 64).all())
+    well_formed = (got[2] == PlanStatus.OK)[:, None]
+    assert bool(torch.where(well_formed, (got[1] >= 0) & (got[1] < 64), got[1] == -1).all())
 
 
 def test_int32_and_non_contiguous_ids():
@@ -129,7 +131,7 @@ def test_int32_and_non_contiguous_ids():
 
 def test_empty_rows_and_batch():
     request_pos, slot_pos, status = plan_slots_torch(torch.empty(3, 0, dtype=torch.int64), REQ, SLOT, 2)
-    assert request_pos.tolist() == [0, 0, 0] and slot_pos.tolist() == [[0, 0]] * 3
+    assert request_pos.tolist() == [0, 0, 0] and slot_pos.tolist() == [[-1, -1]] * 3
     assert status.tolist() == [PlanStatus.MISSING_REQUEST] * 3
     request_pos, slot_pos, status = plan_slots_torch(torch.empty(0, 5, dtype=torch.int64), REQ, SLOT, 2)
     assert request_pos.shape == (0,) and slot_pos.shape == (0, 2) and status.shape == (0,)
