@@ -80,3 +80,32 @@ def test_bf16_layer(shape, inplace, attention_schedule):
 def test_7b_shape(dtype, attention_schedule):
     # LMEye-7B: B=32, T=512, D=4096, Dv=1024, N=257, Di=768, R=5, S=1, H=12
     check_layer(dtype, 32, 512, 4096, 1024, 257, 768, 5, 1, 12, inplace=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices: the layer runs on cuda:1 while cuda:0 is current")
+@pytest.mark.parametrize("schedule", ["split", "folded"])
+def test_layer_on_a_device_that_is_not_current(schedule):
+    """Triton launches on the current device unless told otherwise: every launch must follow its
+    tensors to cuda:1 (and its stream), forward and backward, while cuda:0 stays current."""
+    from lmeye_fast import ops
+
+    batch, seq, llm, vision, tokens, width, num_req, heads = 2, 7, 96, 40, 9, 32, 3, 2
+    with ops.using_attention_schedule(schedule):
+        layers = {dev: InteractiveLayer(llm, vision, width, num_req, 1, heads, backend="triton", device=dev)
+                  for dev in ("cuda:0", "cuda:1")}
+        layers["cuda:1"].load_state_dict(layers["cuda:0"].state_dict())
+        inputs = [torch.randn(batch, seq, llm), torch.randn(batch, tokens, vision),
+                  torch.randn(batch, seq + num_req, llm)]
+        slot_pos = torch.arange(seq, seq + num_req).expand(batch, num_req)
+        request_pos = torch.tensor([seq - 1, seq - 2])
+        results = {}
+        torch.cuda.set_device(0)
+        for dev, layer in layers.items():
+            h, x, e = (t.to(dev).requires_grad_() for t in inputs)
+            out = layer(h, x, e * 1, slot_pos.to(dev), request_pos=request_pos.to(dev), inplace=True)
+            grads = torch.autograd.grad(out, [h, x, *layer.parameters()], torch.ones_like(out))
+            results[dev] = [out, *grads]
+            assert torch.cuda.current_device() == 0
+        for got, want in zip(results["cuda:1"], results["cuda:0"]):
+            torch.testing.assert_close(got.to("cuda:0"), want)

@@ -189,6 +189,7 @@ ATTEND_CASES = [
     (1, 1, 16, 1, 16, 1, 1, False),
     (2, 16, 32, 37, 12, 1, 4, True),
     (1, 5, 48, 3, 33, 3, 3, False),
+    (2, 2, 72, 4, 20, 2, 1, True),  # one head wider than the split kernels take: folded in every variant
 ]
 
 
@@ -378,6 +379,30 @@ def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
         attend.attend_decomposed(r, x, None, w, None, 2, 1).sum().backward()
     assert len(calls) == expected
     assert r.grad is not None and x.grad is not None and w.grad is not None
+
+
+def test_heads_too_wide_for_the_split_kernels_take_the_folded_schedule(monkeypatch):
+    """The split kernels hold a head group's whole width on chip (a 768-wide head asked for 270 KB of
+    shared memory on sm_90); wider heads run the folded schedule, which tiles it, and narrower groups
+    are capped at the same width."""
+    from lmeye_fast.ops import attend
+
+    calls = []
+    features = attend._features
+    monkeypatch.setattr(attend, "_features", lambda *a: calls.append(1) or features(*a))
+    with attend_configs("split-h4"):
+        cap = attend.MAX_HEAD_GROUP_WIDTH
+        assert attend.folds(cap + 1) and not attend.folds(cap)
+        assert attend.attend_blocks(5, cap // 2, 12, "attend_fwd")[1] == 2  # 4 heads asked, 2 fit
+        assert attend.attend_blocks(5, cap, 12, "attend_fwd")[1] == 1
+        r = leaf(2, 3, 160, dtype=torch.float32)
+        x = leaf(2, 5, 12, dtype=torch.float32)
+        w = leaf(160, 12, dtype=torch.float32)
+        out = attend.attend_decomposed(r, x, None, w, None, 1, 1)
+        out.sum().backward()
+    assert not calls, "the split schedule formed F for a head it cannot hold"
+    want = ops.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 1, 1)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
 def test_attend_bwd_takes_the_forwards_f_and_refuses_another():

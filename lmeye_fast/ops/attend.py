@@ -41,7 +41,7 @@ import triton.language as tl
 from .attend_folded import FoldedPlan, attend_folded, plan_forward
 from .triton_launch import (CONFIGS, PlanCache, Rows, _gemm_kernel, as_is, cdiv, check_device, check_dtype,
                             check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
-                            gemm_plan, interpret, launch_gemm, launcher, needs_grad, op, pow2, rows2d)
+                            gemm_plan, interpret, launch_gemm, launcher, needs_grad, on_device, op, pow2, rows2d)
 
 
 @triton.jit
@@ -230,13 +230,27 @@ def _attend_bwd_kernel(
     tl.store(dr_ptr + out_off, (dr * scale + dz32).to(dr_ptr.dtype.element_ty), mask=own)
 
 
+# The widest head group (HEADS x head width, padded to a power of two) the kernels above hold on
+# chip: each keeps (BN, BD) tiles of F and a (BE, BD) fp32 accumulator whole. ptxas for sm_90
+# (benchmarks/compile_kernels.py): one 768-wide head asked for 270 KB of shared memory and
+# spilled 23 KB a thread; at 128 the backward still spilled (32 B a thread in bf16, 1.7 KB in
+# fp32, even with BN halved). Wider heads take the folded schedule, which tiles the head width.
+MAX_HEAD_GROUP_WIDTH = 64
+
+
+def folds(head_dim: int) -> bool:
+    """Whether attention with heads ``head_dim`` wide runs the folded schedule (ops/attend_folded.py):
+    when it is selected, or when one head is too wide for these kernels."""
+    return bool(CONFIGS["attend_fwd"]["FOLDED"]) or pow2(head_dim, 1) > MAX_HEAD_GROUP_WIDTH
+
+
 @config_cache
 def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str):
     """(SPLIT, HEADS, BR, BE, BD, BN, BK, num_warps, num_stages): all requests and
-    ``HEADS`` heads per program (expanded to BE = HEADS*BR score rows); SPLIT
-    reads a materialised F instead of forming it in the kernel."""
+    ``HEADS`` heads per program (expanded to BE = HEADS*BR score rows), as many as fit
+    ``MAX_HEAD_GROUP_WIDTH``; SPLIT reads a materialised F instead of forming it in the kernel."""
     c = CONFIGS[config]
-    heads = min(c["HEADS"], num_heads)
+    heads = max(1, min(c["HEADS"], num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
     if interpret():
         bn, bk, warps, stages = 16, 32, 4, 1
     else:
@@ -311,8 +325,9 @@ def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
     feats = _features(wrap, image, w_f, b_f) if split else None
     if grid is not None:
         keep = _mask_arg(image_mask, image)[0]
-        wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f,
-                                       z if feats is None else feats, z, lse, *scalars, SAVE=save, **constexprs)
+        with on_device(z):
+            wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f,
+                                           z if feats is None else feats, z, lse, *scalars, SAVE=save, **constexprs)
     return z, lse, feats
 
 
@@ -355,15 +370,16 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
         feats, split = features, True
     else:
         feats = _features(launcher, image, w_f, b_f) if split else d_feat
-    launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, heads))](
-        requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
-        num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
-        requests.stride(0), requests.stride(1), requests.stride(2),
-        image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
-        SPLIT=split, HEADS=heads, BR=br, BE=be, BD=bd, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
-    )
+    with on_device(d_req):
+        launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, heads))](
+            requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
+            num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
+            requests.stride(0), requests.stride(1), requests.stride(2),
+            image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
+            SPLIT=split, HEADS=heads, BR=br, BE=be, BD=bd, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+        )
     # Row n of dF viewed (B*N, S*Di) is token n's S sub-feature gradients side by side.
     d_feat_rows = d_feat.view(batch * tokens, sub_features * width)
     if not interpret():
@@ -435,7 +451,7 @@ def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
         check_device("image_mask", image_mask, device)
 
 
-# Launch plans of both schedules: a FoldedPlan where CONFIGS["attend_fwd"]["FOLDED"] is set.
+# Launch plans of both schedules: a FoldedPlan where ``folds`` says so.
 _PLANS = PlanCache()
 
 
@@ -449,7 +465,7 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     b_f = dense_bias(b_f)
     if compiling():
         _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        if CONFIGS["attend_fwd"]["FOLDED"]:
+        if folds(requests.shape[2] // num_heads):
             return attend_folded(None, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)
     key = (requests.shape, requests.stride(), requests.dtype, requests.device, image.shape, image.stride(),
@@ -460,7 +476,7 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     plan = _PLANS.get(key)
     if plan is None:
         _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        make = plan_forward if CONFIGS["attend_fwd"]["FOLDED"] else _fwd_plan
+        make = plan_forward if folds(requests.shape[2] // num_heads) else _fwd_plan
         plan = _PLANS.add(key, make(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
     if isinstance(plan, FoldedPlan):
         return attend_folded(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)

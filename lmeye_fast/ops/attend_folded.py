@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .triton_launch import (CONFIGS, as_is, cdiv, compiling, config_cache, dot_acc, dot_flags, interpret, launcher,
-                            needs_grad, op, pow2)
+                            needs_grad, on_device, op, pow2)
 
 
 # The batch, request and token counts are not specialised on (Triton would compile a variant per
@@ -448,7 +448,8 @@ def _reduce_launch(d: _Dims, w_strides, res_strides, has_bias, blocks, common) -
 
 def _run(wrap, kernel, launch: _Launch, *tensors) -> None:
     if launch.grid is not None:
-        wrap(kernel)[launch.grid](*tensors, *launch.scalars, **launch.constexprs)
+        with on_device(tensors[0]):
+            wrap(kernel)[launch.grid](*tensors, *launch.scalars, **launch.constexprs)
 
 
 class FoldedPlan(NamedTuple):

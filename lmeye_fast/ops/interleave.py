@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import cdiv, check_device, compiling, interpret, launcher, needs_grad, op, pow2
+from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, check_writable, compiling, interpret,
+                            launcher, needs_grad, on_device, op, pow2)
 
 
 @triton.jit
@@ -23,14 +24,17 @@ def _slots_kernel(
     GATHER: tl.constexpr, BD: tl.constexpr,
 ):
     slot = tl.program_id(0)
-    b = slot // R
-    j = slot % R
+    b = (slot // R).to(tl.int64)
+    j = (slot % R).to(tl.int64)
     pos = tl.load(pos_ptr + b * p_sb + j * p_sr).to(tl.int64)
     inside = (pos >= 0) & (pos < T)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = rd < D
-    e_ptrs = e_ptr + b.to(tl.int64) * e_sb + pos * e_st + rd * e_sd
-    w_ptrs = rows_ptr + b.to(tl.int64) * w_sb + j * w_sr + rd * w_sd
+    # Offsets in int64 throughout: a view of E with a large stride along D (a (D, B, T) buffer
+    # permuted to (B, T, D)) passes 2^31 elements within one row.
+    rd64 = rd.to(tl.int64)
+    e_ptrs = e_ptr + b * e_sb + pos * e_st + rd64 * e_sd
+    w_ptrs = rows_ptr + b * w_sb + j * w_sr + rd64 * w_sd
     if GATHER:
         v = tl.load(e_ptrs, mask=d_ok & inside, other=0.0)
         tl.store(w_ptrs, v.to(rows_ptr.dtype.element_ty), mask=d_ok)
@@ -46,12 +50,13 @@ def _launch(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, ga
     if batch * num_slots == 0 or width == 0:
         return
     block = pow2(width, 16, 256 if interpret() else 1024)
-    launcher(_slots_kernel)[(batch * num_slots, cdiv(width, block))](
-        embeds, rows, slot_pos, num_slots, embeds.shape[1], width,
-        embeds.stride(0), embeds.stride(1), embeds.stride(2), rows.stride(0), rows.stride(1), rows.stride(2),
-        slot_pos.stride(0), slot_pos.stride(1),
-        GATHER=gather, BD=block, num_warps=4,
-    )
+    with on_device(embeds):
+        launcher(_slots_kernel)[(batch * num_slots, cdiv(width, block))](
+            embeds, rows, slot_pos, num_slots, embeds.shape[1], width,
+            embeds.stride(0), embeds.stride(1), embeds.stride(2), rows.stride(0), rows.stride(1), rows.stride(2),
+            slot_pos.stride(0), slot_pos.stride(1),
+            GATHER=gather, BD=block, num_warps=4,
+        )
 
 
 def _out_fake(embeds, rows, slot_pos):
@@ -116,6 +121,10 @@ def check_slots(embeds: torch.Tensor, rows_shape, slot_pos: torch.Tensor) -> Non
     if embeds.dim() != 3 or not embeds.is_floating_point():
         raise ValueError(f"embeds: expected a floating tensor of shape (B, T', D), got {embeds.dtype} "
                          f"{tuple(embeds.shape)}")
+    if embeds.dtype not in FLOAT_OPS_DTYPES:
+        # The kernels sum in float32: a float64 sequence would lose precision silently.
+        raise TypeError(f"embeds: the Triton backend supports float16, bfloat16 and float32, got "
+                        f"{str(embeds.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
     batch, num_slots, width = rows_shape
     if embeds.shape[0] != batch or embeds.shape[2] != width:
         raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {width}), got {tuple(embeds.shape)}")
@@ -129,11 +138,19 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
     """``E[b, slot_pos[b, j]] += rows[b, j]`` (see ``reference.interleave``); ``inplace`` writes into ``embeds``."""
     if rows.dim() != 3 or not rows.is_floating_point():
         raise ValueError(f"rows: expected a floating tensor of shape (B, R, D), got {rows.dtype} {tuple(rows.shape)}")
+    if rows.dtype not in FLOAT_OPS_DTYPES:
+        raise TypeError(f"rows: the Triton backend supports float16, bfloat16 and float32, got "
+                        f"{str(rows.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
     check_slots(embeds, rows.shape, slot_pos)
     check_device("rows", rows, embeds.device)
-    if compiling() or needs_grad(embeds, rows):
+    if compiling():
+        return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))
+    if inplace:
+        check_writable(embeds, "interleave", rows=rows)
+    if needs_grad(embeds, rows):
         return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))
     if inplace:
         interleave_inplace(embeds, rows, slot_pos)
+        bump_version(embeds)
         return embeds
     return interleave_out(embeds, rows, slot_pos)

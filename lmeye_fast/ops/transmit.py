@@ -21,9 +21,9 @@ from typing import Optional, Tuple
 import torch
 
 from .interleave import check_slots, gather_slots
-from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, check_dtype, check_like, compiling,
-                            dense_bias, device_index, gemm, gemm_plan, interpret, launch_gemm, needs_grad, op, rows2d,
-                            rows3d)
+from .triton_launch import (PlanCache, Rows, _gemm_kernel, bump_version, check_device, check_dtype, check_like,
+                            check_writable, compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
+                            launch_gemm, needs_grad, op, rows2d, rows3d)
 
 
 def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
@@ -223,6 +223,11 @@ def transmit_interleave(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.
     plan = _PLANS.get(key, False)  # a cached plan may be None: nothing to launch
     if plan is False:
         plan = _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+    if inplace:
+        check_writable(embeds, "transmit_interleave", z=z, w_o=w_o, b_o=b_o, slot_embed=slot_embed)
     if needs_grad(z, w_o, b_o, slot_embed, embeds):
         return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace, plan)
-    return _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+    out = _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+    if inplace:
+        bump_version(embeds)
+    return out

@@ -16,6 +16,7 @@ memory outside the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -87,6 +88,53 @@ def dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def on_device(tensor: torch.Tensor):
+    """A context in which ``tensor``'s CUDA device is current. Triton launches on the current
+    device and its current stream, so without it a model on cuda:1 while cuda:0 is current would
+    launch on the wrong device (an illegal access), or unordered against cuda:1's stream (as
+    csrc's launches avoid with ``CUDAGuard``)."""
+    if tensor.device.type != "cuda":
+        return _NO_GUARD
+    return torch.cuda.device(tensor.device)
+
+
+def _extent(t: torch.Tensor) -> Tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+    start = t.storage_offset() * t.element_size()
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    return t.untyped_storage().data_ptr(), start, start + span * t.element_size()
+
+
+def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Tensor]) -> None:
+    """Refuse an in-place write into ``target`` (named ``embeds``) that would race: ``target`` with
+    elements that share memory (an expanded tensor), or a tensor in ``read`` that shares memory with
+    it (the kernels read those while other programs write ``target``). The same refusals as csrc's."""
+    if any(stride == 0 and size > 1 for size, stride in zip(target.shape, target.stride())):
+        raise ValueError(f"embeds: has elements that share memory (an expanded tensor, strides "
+                         f"{target.stride()}); the in-place {op_name} needs distinct rows: pass "
+                         f"embeds.contiguous() or use inplace=False")
+    if target.numel() == 0:
+        return
+    storage, lo, hi = _extent(target)
+    for name, t in read.items():
+        if t is None or t.numel() == 0:
+            continue
+        other, t_lo, t_hi = _extent(t)
+        if other == storage and t_lo < hi and lo < t_hi:
+            raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
+                             f"pass a copy ({name}.clone())")
+
+
+def bump_version(tensor: torch.Tensor) -> None:
+    """Record an in-place write that autograd did not see (a kernel launched outside it), as
+    built-in in-place ops do, so that a graph that saved ``tensor`` refuses to run its backward
+    instead of silently using the new values."""
+    torch.autograd.graph.increment_version(tensor)
 
 
 def needs_grad(*tensors) -> bool:
@@ -386,7 +434,8 @@ def launch_gemm(kernel, plan, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_id
     tensor of the call (``c``), as its constexpr flag keeps the kernel from reading it."""
     if plan is not None:
         grid, scalars, constexprs = plan
-        kernel[grid](a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx, *scalars, **constexprs)
+        with on_device(c):
+            kernel[grid](a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx, *scalars, **constexprs)
 
 
 def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
