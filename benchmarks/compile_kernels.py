@@ -11,9 +11,10 @@ reports.
     python benchmarks/compile_kernels.py                 # sm_90 (H100/H200) and sm_80 (A100)
     python benchmarks/compile_kernels.py --arch 90 --dtype bfloat16
 
-Exit status 1 when a kernel fails to compile. Shapes: the LMEye-7B configuration (D=4096,
-Dv=1024, Di=768, H=12, R=5, N=257) at a small batch and sequence, which set every block size
-and flag that the 7B launches use.
+Exit status 1 when a kernel fails to compile or asks for more shared memory than one program
+may have. Shapes: the LMEye-7B configuration (D=4096, Dv=1024, Di=768, H=12, R=5, N=257) at a
+small batch and sequence, which set every block size and flag that the 7B launches use, and the
+same widths with 1, 2, 4 and 16 heads (``HEADS``).
 """
 
 import argparse
@@ -34,22 +35,30 @@ from triton.compiler import ASTSource  # noqa: E402
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
            torch.bool: "*i1", torch.int32: "*i32", torch.int64: "*i64"}
 OPTIONS = ("num_warps", "num_stages")
+# The most shared memory one program may take (the opt-in maximum per block): a kernel over it
+# compiles, but its launch fails with "out of resource" on the GPU.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def run_modules(dtype: torch.dtype) -> None:
+# The 7B model's 12 heads, and head counts whose head width (Di/H = 768, 384, 192, 48) sets
+# other tile widths in the attention kernels (heads over 64 wide take the folded schedule).
+HEADS = (12, 1, 2, 4, 16)
+
+
+def run_modules(dtype: torch.dtype, heads: int) -> None:
     """A forward and backward of InteractiveLayer (attention in both schedules, image mask, in
     place and not, the transmitted tokens) and StaticVisualMapping, launches recorded."""
     from lmeye_fast import ops
 
     for schedule in ops.ATTENTION_SCHEDULES:
         with ops.using_attention_schedule(schedule):
-            run_layers(dtype)
+            run_layers(dtype, heads)
 
 
-def run_layers(dtype: torch.dtype) -> None:
+def run_layers(dtype: torch.dtype, heads: int) -> None:
     from lmeye_fast import InteractiveLayer, StaticVisualMapping
 
-    batch, seq, llm, vision, tokens, width, requests, heads = 2, 12, 4096, 1024, 257, 768, 5, 12
+    batch, seq, llm, vision, tokens, width, requests = 2, 12, 4096, 1024, 257, 768, 5
     layer = InteractiveLayer(llm, vision, width, requests, 1, heads, backend="triton", dtype=dtype)
     mapping = StaticVisualMapping(vision, llm, backend="triton", dtype=dtype)
     hidden = torch.randn(batch, seq, llm, dtype=dtype, requires_grad=True)
@@ -112,18 +121,22 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
     parser.add_argument("--dtype", action="append", choices=("bfloat16", "float16", "float32"),
                         help="the modules' dtype (default: all three)")
+    parser.add_argument("--heads", type=int, action="append",
+                        help=f"attention heads at Di=768 (default: {', '.join(map(str, HEADS))})")
     args = parser.parse_args(argv)
     archs = args.arch or [90, 80]
     dtypes = [getattr(torch, name) for name in (args.dtype or ("bfloat16", "float16", "float32"))]
     install()
     launches = {}
     for dtype in dtypes:
-        LAUNCHES.clear()
-        run_modules(dtype)
-        for kernel, _, call_args, call_kwargs in LAUNCHES:
-            sig, constexprs, options = signature(kernel, call_args, call_kwargs)
-            key = (kernel.__name__, tuple(sig.items()), tuple(sorted(constexprs.items())), tuple(options.items()))
-            launches.setdefault(key, (kernel, sig, constexprs, options, dtype))
+        for heads in args.heads or HEADS:
+            LAUNCHES.clear()
+            run_modules(dtype, heads)
+            for kernel, _, call_args, call_kwargs in LAUNCHES:
+                sig, constexprs, options = signature(kernel, call_args, call_kwargs)
+                key = (kernel.__name__, tuple(sig.items()), tuple(sorted(constexprs.items())),
+                       tuple(options.items()))
+                launches.setdefault(key, (kernel, sig, constexprs, options, dtype))
     failed = 0
     print(f"{len(launches)} distinct launches; triton {triton.__version__}")
     for arch in archs:
@@ -137,10 +150,14 @@ def main(argv=None) -> int:
                 failed += 1
                 print(f"{label} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}  [{flags}]")
                 continue
-            print(f"{label} {ptxas_report(compiled.asm['ptx'])}  {compiled.metadata.shared:>6} B shared  "
-                  f"warps={options.get('num_warps')} stages={options.get('num_stages')}  [{flags}]")
+            shared = compiled.metadata.shared
+            over = shared > SHARED_LIMIT.get(arch, 227 * 1024)
+            failed += over
+            print(f"{label} {ptxas_report(compiled.asm['ptx'])}  {shared:>6} B shared  "
+                  f"warps={options.get('num_warps')} stages={options.get('num_stages')}  [{flags}]"
+                  + ("  EXCEEDS the shared memory of one program" if over else ""))
     if failed:
-        print(f"{failed} launch(es) failed to compile")
+        print(f"{failed} launch(es) failed to compile or would not launch")
     return 1 if failed else 0
 
 
