@@ -13,17 +13,20 @@ import torch
 from torch import nn
 
 from . import backends, ops, reference
-from .checks import INDEX_DTYPES, check_positions, check_tensor
+from .checks import INDEX_DTYPES, check_positions, check_tensor, check_writable, validating
 
 
 _OPS = ("request", "attend_decomposed", "transmit", "transmit_interleave")
 
 
-def _check_slots(embeds, slot_pos, device, validate):
-    batch = embeds.shape[0]
+def _check_slots(embeds, slot_pos, device, validate, batch=None):
     check_tensor("embeds", embeds, (None, None, None), device=device, dims="(B, T', D)")
+    if batch is not None and embeds.shape[0] != batch:
+        raise ValueError(f"embeds: expected shape (B, T', D) with B = {batch} (the image's batch), "
+                         f"got {tuple(embeds.shape)}")
+    batch = embeds.shape[0]
     check_tensor("slot_pos", slot_pos, (batch, None), INDEX_DTYPES, device, dims="(B, R)")
-    if validate:
+    if validating(validate):
         check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
 
 
@@ -150,7 +153,7 @@ class InteractiveLayer(nn.Module):
                 if len(self._checked) >= 256:
                     self._checked.clear()
                 self._checked.add(key)
-        if validate:
+        if validating(validate):
             if embeds is not None:
                 check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
             if request_pos is not None:
@@ -158,22 +161,24 @@ class InteractiveLayer(nn.Module):
         return image.device
 
     def _check_metadata(self, hidden, request_pos, image, image_mask, embeds, slot_pos):
-        if embeds is not None:
-            _check_slots(embeds, slot_pos, image.device if isinstance(image, torch.Tensor) else None, False)
-            if slot_pos.shape[1] != self.num_requests:
-                raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
-                                 f"got {tuple(slot_pos.shape)}")
         device = image.device if isinstance(image, torch.Tensor) else None
         check_tensor("image", image, (None, None, self.vision_dim), device=device, dims="(B, N, Dv)")
         batch = image.shape[0]
-        if embeds is not None and (embeds.shape[0] != batch or embeds.shape[2] != self.llm_dim):
-            raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {self.llm_dim}), "
-                             f"got {tuple(embeds.shape)}")
+        if embeds is not None:
+            _check_slots(embeds, slot_pos, device, False, batch)
+            if embeds.shape[2] != self.llm_dim:
+                raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {self.llm_dim}), "
+                                 f"got {tuple(embeds.shape)}")
+            if slot_pos.shape[1] != self.num_requests:
+                raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
+                                 f"got {tuple(slot_pos.shape)}")
         if request_pos is None:
             check_tensor("hidden", hidden, (batch, self.llm_dim), device=device, dims="(B, D) request vectors")
         else:
             check_tensor("hidden", hidden, (batch, None, self.llm_dim), device=device, dims="(B, T, D)")
             check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
+            if hidden.shape[1] == 0 and batch:
+                raise ValueError("hidden (B, T, D): has no positions (T = 0) to read the request from")
         if image_mask is not None:
             check_tensor("image_mask", image_mask, (batch, image.shape[1]), (torch.bool,), device, dims="(B, N)")
 
@@ -250,6 +255,9 @@ class InteractiveLayer(nn.Module):
         Returns:
             ``embeds`` with the slot rows updated (the same tensor when ``inplace``).
         """
+        if inplace and not torch.compiler.is_compiling():
+            # Written in place, embeds must not be expanded nor share memory with what the IPN reads.
+            check_writable(embeds, "interleave", hidden=hidden, image=image)
         fns, params, z = self._interaction_output(hidden, request_pos, image, image_mask, embeds, slot_pos,
                                                   validate)
         return fns[3](z, *params[4:], embeds, slot_pos, inplace)
@@ -289,9 +297,14 @@ class StaticVisualMapping(nn.Module):
             return tokens
         if slot_pos is None:
             raise ValueError("slot_pos: required (shape (B, N)) when embeds is given")
-        _check_slots(embeds, slot_pos, image.device, validate)
+        _check_slots(embeds, slot_pos, image.device, validate, image.shape[0])
+        if embeds.shape[2] != self.llm_dim:
+            raise ValueError(f"embeds: expected shape (B, T', D) = ({image.shape[0]}, ?, {self.llm_dim}), "
+                             f"got {tuple(embeds.shape)}")
         if slot_pos.shape[1] != image.shape[1]:
             raise ValueError(f"slot_pos: expected shape (B, N) = ({image.shape[0]}, {image.shape[1]}), "
                              f"got {tuple(slot_pos.shape)}")
+        if inplace and not torch.compiler.is_compiling():
+            check_writable(embeds, "interleave", image=image)
         interleave = ops.get("interleave", self.backend, embeds.device, embeds.dtype)
         return interleave(embeds, tokens.to(embeds.dtype), slot_pos, inplace)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
-from ..checks import INDEX_DTYPES, check_positions, check_tensor
+from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
@@ -174,6 +174,10 @@ class LMEyeModel(nn.Module):
         check_tensor("input_ids", input_ids, (None, None), INDEX_DTYPES, dims="(B, T)")
         batch, total = input_ids.shape
         device = input_ids.device
+        limit = _max_positions(self.llm)
+        if limit is not None and total > limit:
+            raise ValueError(f"input_ids: {total} tokens, more than the LLM's {limit} positions "
+                             f"(config.max_position_embeddings); shorten the prompts")
         check_tensor("attention_mask", attention_mask, (batch, total), INDEX_DTYPES + (torch.bool,), device,
                      dims="(B, T)")
         if not isinstance(prefix_len, int) or not 1 <= prefix_len < total:
@@ -195,7 +199,7 @@ class LMEyeModel(nn.Module):
             slot_pos = prefix_len + torch.arange(self.config.num_requests, device=device).expand(batch, -1)
         check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
         check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
-        if validate:
+        if validating(validate):
             check_positions("image_pos", image_pos, prefix_len, distinct=True)
             check_positions("request_pos", request_pos, prefix_len)
             check_positions("slot_pos", slot_pos - prefix_len, total - prefix_len, distinct=True)
@@ -413,6 +417,16 @@ class LMEyeModel(nn.Module):
                 value.copy_(tensors[key])
 
 
+def _max_positions(llm: nn.Module) -> Optional[int]:
+    """How many positions the LLM's config says it has (GPT-2 names it n_positions), or None."""
+    config = getattr(llm, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _read_adapter(directory, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, torch.Tensor]:
     """The saved adapter tensors, after checking their names and shapes against ``expected``."""
     path = Path(directory) / ADAPTER_FILE
@@ -428,6 +442,14 @@ def _read_adapter(directory, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, 
         problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
         problems += [f"{k}: saved shape {shapes[k]}, expected {expected[k]}"
                      for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
+        # Floating tensors load into parameters of any floating dtype (cast as copy_ casts);
+        # integers or booleans where a parameter belongs mean the file is not an adapter.
+        dtypes = {k: f.get_slice(k).get_dtype() for k in set(shapes) & set(expected)}
+        problems += [f"{k}: saved as {dtypes[k]}, expected a floating dtype" for k in sorted(dtypes)
+                     if dtypes[k] not in ("F16", "BF16", "F32", "F64")]
         if problems:
             raise ValueError(f"{path}: does not match this model's adapter (" + "; ".join(problems) + ")")
-        return {k: f.get_tensor(k) for k in expected}
+        try:
+            return {k: f.get_tensor(k) for k in expected}
+        except Exception as exc:  # a file cut short passes the header checks and fails here
+            raise ValueError(f"{path}: its tensors cannot be read, the file is damaged or truncated ({exc})") from None

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
+from ..checks import check_writable  # noqa: F401  (re-exported for the ops)
+
 FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -101,33 +103,6 @@ def on_device(tensor: torch.Tensor):
     if tensor.device.type != "cuda":
         return _NO_GUARD
     return torch.cuda.device(tensor.device)
-
-
-def _extent(t: torch.Tensor) -> Tuple[int, int, int]:
-    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
-    start = t.storage_offset() * t.element_size()
-    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-    return t.untyped_storage().data_ptr(), start, start + span * t.element_size()
-
-
-def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Tensor]) -> None:
-    """Refuse an in-place write into ``target`` (named ``embeds``) that would race: ``target`` with
-    elements that share memory (an expanded tensor), or a tensor in ``read`` that shares memory with
-    it (the kernels read those while other programs write ``target``). The same refusals as csrc's."""
-    if any(stride == 0 and size > 1 for size, stride in zip(target.shape, target.stride())):
-        raise ValueError(f"embeds: has elements that share memory (an expanded tensor, strides "
-                         f"{target.stride()}); the in-place {op_name} needs distinct rows: pass "
-                         f"embeds.contiguous() or use inplace=False")
-    if target.numel() == 0:
-        return
-    storage, lo, hi = _extent(target)
-    for name, t in read.items():
-        if t is None or t.numel() == 0:
-            continue
-        other, t_lo, t_hi = _extent(t)
-        if other == storage and t_lo < hi and lo < t_hi:
-            raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
-                             f"pass a copy ({name}.clone())")
 
 
 def bump_version(tensor: torch.Tensor) -> None:
