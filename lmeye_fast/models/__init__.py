@@ -15,6 +15,7 @@ from .modeling import LMEyeModel, LMEyeOutput
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
 from .presets import patch_tokens, published
 from .training import train
+from .vision import CLIPImageEncoder
 
 __all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch", "IGNORE_INDEX", "train",
-           "CLIPTextInteraction", "published", "patch_tokens"]
+           "CLIPTextInteraction", "CLIPImageEncoder", "published", "patch_tokens"]

@@ -17,7 +17,7 @@ from torch import nn
 from .clip_interaction import CLIPTextInteraction
 from .modeling import LMEyeModel
 from .processor import LMEyeProcessor
-from .vision import feature_shape
+from .vision import CLIPImageEncoder, feature_shape
 
 __all__ = ["published", "patch_tokens"]
 
@@ -49,7 +49,8 @@ def published(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str =
 
     Args:
         clip: a Hugging Face ``CLIPModel``; its vision tower and projection are the
-            vision module, its text tower the interaction (both frozen).
+            vision module (``CLIPImageEncoder``), its text tower the interaction
+            (both frozen).
         config_overrides: further ``LMEyeConfig`` fields (e.g. ``static_hidden_dim``).
     """
     interaction = CLIPTextInteraction(clip, PUBLISHED_REQUESTS)
@@ -57,7 +58,8 @@ def published(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str =
     settings = dict(static_feature="projected", ipn_feature="projected", sub_features=PUBLISHED_SUB_FEATURES,
                     interaction_dim=interaction.width, num_heads=1)
     settings.update(config_overrides)
-    return _build(tokenizer, llm, clip, response_prefix, PUBLISHED_REQUESTS, interaction, **settings)
+    return _build(tokenizer, llm, CLIPImageEncoder(clip), response_prefix, PUBLISHED_REQUESTS, interaction,
+                  **settings)
 
 
 def patch_tokens(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str = "", num_requests: int = 5,

@@ -19,7 +19,27 @@ from torch import nn
 
 from .config import VISION_FEATURES
 
-__all__ = ["feature_shape", "vision_features"]
+__all__ = ["CLIPImageEncoder", "feature_shape", "vision_features"]
+
+
+class CLIPImageEncoder(nn.Module):
+    """A ``CLIPModel``'s image side alone: its vision tower and visual projection (shared, not copied).
+
+    The vision module of the published preset, so that freezing the vision module
+    leaves the text tower (the interaction) as the user set it. Called on its own
+    it returns the projected image embedding (B, P), as ``get_image_features``.
+    """
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        tower, projection = getattr(clip, "vision_model", None), getattr(clip, "visual_projection", None)
+        if not isinstance(tower, nn.Module) or not isinstance(projection, nn.Module):
+            raise ValueError(f"clip: expected a CLIPModel with vision_model and visual_projection, got "
+                             f"{type(clip).__name__}")
+        self.vision_model, self.visual_projection = tower, projection
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
 
 
 def _tower(vision: nn.Module) -> Tuple[nn.Module, Optional[nn.Module]]:
