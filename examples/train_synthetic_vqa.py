@@ -32,7 +32,7 @@ in two settings (``lmeye_fast.models.published`` and ``patch_tokens``):
 Held-out accuracy (greedy decoding of the answer word) is printed per seed and
 as mean ± sample std over the seeds.
 
-    python examples/train_synthetic_vqa.py                 # 5 seeds, both settings, about 10 min on 2 cores
+    python examples/train_synthetic_vqa.py                 # 5 seeds, both settings: about 13 min of one idle core
     python examples/train_synthetic_vqa.py --json out.json # also write every number
 """
 
