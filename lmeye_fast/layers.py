@@ -66,9 +66,10 @@ class InteractiveLayer(nn.Module):
         interaction: ``"attention"`` (fused kernels) or an ``nn.Module`` called
             as ``module(sequence, mask)`` on ``[sub-features ; requests]``
             (B, N*S + R, Di) with a (B, N*S + R) bool keep-mask (or None); it
-            returns (B, N*S + R, Di) (or an object with ``last_hidden_state``),
-            read at the last R positions, as the original work did with a
-            frozen text encoder.
+            returns (B, N*S + R, Di) or just its last R positions (or an object
+            with ``last_hidden_state``), read at the last R positions, as the
+            original work did with a frozen text encoder
+            (``lmeye_fast.models.CLIPTextInteraction``).
         backend: ``"auto" | "reference" | "triton" | "cuda"``; the environment
             variable ``LMEYE_FAST_BACKEND`` overrides it.
     """
