@@ -237,7 +237,9 @@ class LMEyeModel(nn.Module):
         num_image = self.config.num_image_tokens
         check_tensor("image_features", image_features, (batch, None, self.config.vision_dim), device=device,
                      dims="(B, M, Dv)")
-        check_tensor("static_features", static_features, (batch, num_image, self.config.static_vision_dim),
+        # One tensor read by both consumers is named as the caller passed it.
+        static_name = "image_features" if static_features is image_features else "static_features"
+        check_tensor(static_name, static_features, (batch, num_image, self.config.static_vision_dim),
                      device=device, dims="(B, N, Ds)")
         check_tensor("image_pos", image_pos, (batch, num_image), INDEX_DTYPES, device, dims="(B, N)")
         if request_pos is None:
