@@ -51,7 +51,7 @@ class InteractiveLayer(nn.Module):
     Turns the LLM's hidden state at the request token into ``num_requests``
     requests, lets them attend over the decomposed image features, and adds the
     transmitted tokens into the slot rows of an embedding sequence
-    (DESIGN.md §3).
+    (docs/design.md §2).
 
     Args:
         llm_dim: LLM width D.

@@ -304,7 +304,7 @@ def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
 
 
 def folded_association(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-    """The attention of DESIGN.md §3 in the folded association, in plain PyTorch (autograd for the
+    """The attention of docs/design.md §2 in the folded association, in plain PyTorch (autograd for the
     backward): the requests pulled through W_f, ``softmax((r W_kh) X_nᵀ + r b_kh) X`` pushed back.
     A second correct implementation whose rounding differs from the reference's."""
     batch, num_req, width = requests.shape

@@ -1,4 +1,4 @@
-"""Decomposition fused with the attention (DESIGN.md §3 steps 2-3), flash style.
+"""Decomposition fused with the attention (docs/design.md §2 steps 2-3), flash style.
 
 One program per (batch row, group of ``HEADS`` heads): a group shares each
 tile of X, so X is re-read from L2 H/HEADS times instead of H times. It walks

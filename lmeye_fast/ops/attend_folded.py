@@ -1,4 +1,4 @@
-"""Decomposition folded into the attention (DESIGN.md §3 steps 2-3) without ever forming F.
+"""Decomposition folded into the attention (docs/design.md §2 steps 2-3) without ever forming F.
 
 Per head h and sub-feature k, with ``W_kh`` the (Dh, Dv) rows of W_f that make
 head h of sub-feature k and ``b_kh`` their bias,

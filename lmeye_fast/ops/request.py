@@ -1,4 +1,4 @@
-"""Request acquisition (DESIGN.md §3 step 1) in Triton: the gather of the
+"""Request acquisition (docs/design.md §2 step 1) in Triton: the gather of the
 request rows ``hidden[b, request_pos[b]]`` is the A-operand addressing of the
 projection GEMM, so no (B, D) copy and no host sync happen.
 

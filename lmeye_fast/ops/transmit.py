@@ -1,4 +1,4 @@
-"""Transmission (DESIGN.md §3 step 4) with the interleave (step 5) as its epilogue.
+"""Transmission (docs/design.md §2 step 4) with the interleave (step 5) as its epilogue.
 
 ``t = z W_oᵀ + b_o + e_slot`` is one GEMM over the B·R rows of z (any
 strides); bias and slot embedding (``e_slot[row % R]``) are added in the
