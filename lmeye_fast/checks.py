@@ -54,3 +54,11 @@ def check_positions(name: str, positions: torch.Tensor, length: int, distinct: b
         ordered = positions.sort(dim=1).values
         if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
             raise ValueError(f"{name}: slot positions of one row must be distinct")
+
+
+def metadata_key(*parts) -> tuple:
+    """A cache key over everything a cached launch plan or argument check depends on: each tensor's
+    shape, strides, dtype and device, and every other part (None for an absent tensor, a flag, a
+    count) as it is. Every such cache keys through here, so that none can leave a property out and
+    hand back a stale plan without an error."""
+    return tuple((p.shape, p.stride(), p.dtype, p.device) if isinstance(p, torch.Tensor) else p for p in parts)
