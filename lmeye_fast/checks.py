@@ -61,4 +61,8 @@ def metadata_key(*parts) -> tuple:
     shape, strides, dtype and device, and every other part (None for an absent tensor, a flag, a
     count) as it is. Every such cache keys through here, so that none can leave a property out and
     hand back a stale plan without an error."""
-    return tuple((p.shape, p.stride(), p.dtype, p.device) if isinstance(p, torch.Tensor) else p for p in parts)
+    # A list comprehension, not a generator: this runs several times per forward on the eager hot path.
+    return tuple([(p.shape, p.stride(), p.dtype, p.device) if isinstance(p, _Tensor) else p for p in parts])
+
+
+_Tensor = torch.Tensor

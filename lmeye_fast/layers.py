@@ -90,6 +90,10 @@ class InteractiveLayer(nn.Module):
             frozen text encoder.
         backend: ``"auto" | "reference" | "triton" | "cuda"``; the environment
             variable ``LMEYE_FAST_BACKEND`` overrides it.
+        attention: the Triton backend's attention schedule (docs/design.md §5):
+            ``"split"`` forms F by one GEMM, ``"folded"`` never forms it,
+            ``"auto"`` is split except for heads wider than 64, which fold
+            (split stays the default until both are measured on a GPU).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class InteractiveLayer(nn.Module):
         num_heads: int = 12,
         interaction: Union[str, nn.Module] = "attention",
         backend: str = "auto",
+        attention: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -117,6 +122,7 @@ class InteractiveLayer(nn.Module):
         self.llm_dim, self.vision_dim, self.interaction_dim = llm_dim, vision_dim, interaction_dim
         self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
         self.backend = _available_backend(backend)
+        self.attention = ops.check_schedule(attention)
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)
@@ -139,7 +145,7 @@ class InteractiveLayer(nn.Module):
     def extra_repr(self) -> str:
         kind = "attention" if self.interaction is None else type(self.interaction).__name__
         return (f"requests={self.num_requests}, sub_features={self.sub_features}, heads={self.num_heads}, "
-                f"interaction={kind}, backend={self.backend}")
+                f"interaction={kind}, backend={self.backend}, attention={self.attention}")
 
     def _ops(self, device: torch.device, dtype: torch.dtype, traced: bool) -> _Ops:
         """The step functions for ``device`` and ``dtype``, resolved once per device type and dtype. A
@@ -219,7 +225,8 @@ class InteractiveLayer(nn.Module):
         r = fns.request(_as(hidden, dtype), request_pos, p.w_q, p.b_q, self.num_requests)
         image = _as(image, dtype)
         if self.interaction is None:
-            z = fns.attend_decomposed(r, image, image_mask, p.w_f, p.b_f, self.num_heads, self.sub_features)
+            z = fns.attend_decomposed(r, image, image_mask, p.w_f, p.b_f, self.num_heads, self.sub_features,
+                                      self.attention)
         else:
             z = self._interact(r, image, image_mask, p.w_f, p.b_f, device)
         return fns, p, z

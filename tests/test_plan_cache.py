@@ -65,6 +65,7 @@ def test_attention_plans_miss_on_every_keyed_change():
         "stride": lambda: attend.attend_decomposed(r, x, mask, w.t().contiguous().t(), None, 2, 1),
         "mask": lambda: attend.attend_decomposed(r, x, None, w, None, 2, 1),
         "heads": lambda: attend.attend_decomposed(r, x, mask, w, None, 4, 1),
+        "schedule": lambda: attend.attend_decomposed(r, x, mask, w, None, 2, 1, "folded"),
     })
 
 

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ..checks import metadata_key
+from . import check_schedule
 from .attend_folded import FoldedPlan, attend_folded, plan_forward
 from .triton_launch import (CONFIGS, Launch, PlanCache, Rows, as_is, cdiv, check_device, check_dtype,
                             check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
@@ -239,10 +240,10 @@ def _attend_bwd_kernel(
 MAX_HEAD_GROUP_WIDTH = 64
 
 
-def folds(head_dim: int) -> bool:
+def folds(head_dim: int, schedule: str = "auto") -> bool:
     """Whether attention with heads ``head_dim`` wide runs the folded schedule (ops/attend_folded.py):
-    when it is selected, or when one head is too wide for these kernels."""
-    return bool(CONFIGS["attend_fwd"]["FOLDED"]) or pow2(head_dim, 1) > MAX_HEAD_GROUP_WIDTH
+    when it is asked for, or when one head is too wide for these kernels."""
+    return schedule == "folded" or pow2(head_dim, 1) > MAX_HEAD_GROUP_WIDTH
 
 
 class AttendBlocks(NamedTuple):
@@ -305,10 +306,10 @@ def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
-def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features=True):
     batch, num_req, width = requests.shape
-    # F comes back where the forward materialises it (SPLIT); empty from a fused forward.
-    feats_shape = (batch, image.shape[1], sub_features * width) if CONFIGS["attend_fwd"]["SPLIT"] else (0,)
+    # F comes back where the forward materialises it; empty from a fused forward.
+    feats_shape = (batch, image.shape[1], sub_features * width) if form_features else (0,)
     return (requests.new_empty(requests.shape), requests.new_empty((batch, num_heads, num_req), dtype=torch.float32),
             image.new_empty(feats_shape))
 
@@ -325,12 +326,17 @@ class SplitPlan(NamedTuple):
     attend: Launch
 
 
-def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features) -> SplitPlan:
+def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
+              form_features: Optional[bool] = None) -> SplitPlan:
+    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, when the
+    launch config says ``SPLIT``)."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
     dot_fp32, ieee = dot_flags(requests.dtype)
     blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_fwd")
+    if form_features is not None:
+        blocks = blocks._replace(split=bool(form_features))
     # The bool mask is read as bytes (same strides).
     m_sb, m_sn = (0, 0) if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
     scalars = (num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
@@ -359,9 +365,10 @@ def _fwd_launch(wrap, plan: SplitPlan, save, requests, image, image_mask, w_f, b
 @op("attend_fwd_triton", _fwd_fake)
 def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z, the fp32 log-sum-exp, and F (empty when the forward is fused and forms none)."""
-    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+               sub_features: int, form_features: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, the fp32 log-sum-exp, and F (formed by a GEMM first with ``form_features``; empty when the
+    forward is fused and forms none)."""
+    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features)
     z, lse, feats = _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
     return z, lse, image.new_empty((0,)) if feats is None else feats
 
@@ -432,7 +439,8 @@ class AttendFunction(torch.autograd.Function):
     def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
         if plan is None:
             z, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
-                requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+                requests, image, image_mask, w_f, b_f, num_heads, sub_features,
+                bool(CONFIGS["attend_fwd"]["SPLIT"]))
         else:
             z, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
         ctx.save_for_backward(requests, image, image_mask, w_f, b_f, lse, feats)
@@ -450,7 +458,8 @@ class AttendFunction(torch.autograd.Function):
                 None)
 
 
-def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule):
+    check_schedule(schedule)
     device, dtype = requests.device, requests.dtype
     if requests.dim() != 3:
         raise ValueError(f"requests: expected shape (B, R, Di), got {tuple(requests.shape)}")
@@ -483,22 +492,23 @@ _PLANS = PlanCache()
 
 def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                       w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-                      sub_features: int) -> torch.Tensor:
+                      sub_features: int, schedule: str = "auto") -> torch.Tensor:
     """Decomposition + attention, ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head -> (B, R, Di).
 
-    Same semantics as ``reference.decompose`` followed by ``reference.attend``.
+    Same semantics as ``reference.decompose`` followed by ``reference.attend``; ``schedule`` is one of
+    ``ops.ATTENTION_SCHEDULES`` (docs/design.md §5).
     """
     b_f = dense_bias(b_f)
     if compiling():
-        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        if folds(requests.shape[2] // num_heads):
+        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
+        if folds(requests.shape[2] // num_heads, schedule):
             return attend_folded(None, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)
-    key = metadata_key(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    key = metadata_key(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
     plan = _PLANS.get(key)
     if plan is None:
-        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        make = plan_forward if folds(requests.shape[2] // num_heads) else _fwd_plan
+        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
+        make = plan_forward if folds(requests.shape[2] // num_heads, schedule) else _fwd_plan
         plan = _PLANS.add(key, make(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
     if isinstance(plan, FoldedPlan):
         return attend_folded(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
