@@ -59,14 +59,6 @@ def pytest_configure(config):
         print(f"lmeye_fast benchmarks: ignoring LMEYE_FAST_BACKEND={overridden}; each case picks its provider")
 
 
-@pytest.fixture(autouse=True)
-def provider_schedule(request):
-    """Run each case under its provider's launch configuration (``harness.schedule``)."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    with harness.schedule(params.get("provider", "")):
-        yield
-
-
 def shape_set(config) -> str:
     try:
         return config.getoption("--shape-set") or shapes.default_set()

@@ -57,7 +57,6 @@ puts benchmarks/ on ``sys.path``); ``run_case`` times a case and records it,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -70,7 +69,7 @@ import torch
 
 PROVIDERS = ("reference-eager", "reference-compile", "triton", "triton-folded", "cuda", "auto")
 # The lmeye_fast backend a provider runs: "triton-folded" is the Triton backend with the attention's
-# folded schedule (lmeye_fast/ops/attend_folded.py), set for its cases by ``schedule``.
+# folded schedule (lmeye_fast/ops/attend_folded.py), passed to its layers and ops by ``attention``.
 BACKEND_OF = {"reference-eager": "reference", "reference-compile": "reference", "triton": "triton",
               "triton-folded": "triton", "cuda": "cuda", "auto": "auto"}
 BASELINE_OF = {"reference-eager": "eager", "reference-compile": "compile"}
@@ -201,17 +200,10 @@ def provider_status(provider: str, dev: torch.device, op: Optional[str] = None) 
     return True, ""
 
 
-@contextlib.contextmanager
-def schedule(provider: str):
-    """The launch configuration ``provider`` is timed with: the folded attention for "triton-folded",
-    the configuration as it stands for every other provider."""
-    if provider != "triton-folded":
-        yield
-        return
-    from lmeye_fast import ops
-
-    with ops.using_attention_schedule("folded"):
-        yield
+def attention(provider: str) -> str:
+    """The attention schedule ``provider`` is timed with (``InteractiveLayer(attention=...)``, the
+    ``schedule`` argument of ``attend_decomposed``): folded for "triton-folded", else the default."""
+    return "folded" if provider == "triton-folded" else "auto"
 
 
 def require(provider: str, dev: torch.device, op: Optional[str] = None) -> None:

@@ -44,7 +44,7 @@ def sweeps(rows):
 def kernel_backends(rows) -> list:
     """Lines naming, per op and shape of the ``ops`` suite, the fastest of the kernel providers (triton,
     triton-folded, cuda) in GPU time: the measurement that ``AUTO_ORDER`` in lmeye_fast/ops/__init__.py
-    and the attention's ``FOLDED`` flag in lmeye_fast/ops/triton_launch.py follow."""
+    and the attention's ``"auto"`` schedule in lmeye_fast/ops/__init__.py follow."""
     times = defaultdict(dict)
     kernel_providers = ("triton", "triton-folded", "cuda")
     for row in rows:

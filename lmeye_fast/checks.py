@@ -88,3 +88,15 @@ def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Te
         if other == storage and t_lo < hi and lo < t_hi:
             raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
                              f"pass a copy ({name}.clone())")
+
+
+def metadata_key(*parts) -> tuple:
+    """A cache key over everything a cached launch plan or argument check depends on: each tensor's
+    shape, strides, dtype and device, and every other part (None for an absent tensor, a flag, a
+    count) as it is. Every such cache keys through here, so that none can leave a property out and
+    hand back a stale plan without an error."""
+    # A list comprehension, not a generator: this runs several times per forward on the eager hot path.
+    return tuple([(p.shape, p.stride(), p.dtype, p.device) if isinstance(p, _Tensor) else p for p in parts])
+
+
+_Tensor = torch.Tensor

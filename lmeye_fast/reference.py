@@ -1,4 +1,4 @@
-"""The LMEye math in plain PyTorch (DESIGN.md §3).
+"""The LMEye math in plain PyTorch (docs/design.md §2).
 
 This module is the single source of truth: every Triton and CUDA kernel is
 tested against it, and the benchmarks use it as the eager / torch.compile

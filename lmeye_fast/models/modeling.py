@@ -334,7 +334,8 @@ class LMEyeModel(nn.Module):
                         logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
 
     def _prefill(self, input_ids, mask, pos, static_image, image_pos, prefix_len, prefix_logits=False):
-        """Run the prefix with a fresh KV cache: (cache, prefix hidden states, prefix logits or None)."""
+        """Run the prefix with a fresh KV cache: (cache, prefix hidden states, prefix logits or None,
+        prefix embeddings)."""
         embeds = self.static(static_image, self.embed(input_ids[:, :prefix_len]), image_pos, inplace=True)
         cache = new_cache(self.llm.config)
         common = dict(inputs_embeds=embeds, attention_mask=mask[:, :prefix_len], position_ids=pos[:, :prefix_len],

@@ -1,4 +1,4 @@
-"""The interleave (DESIGN.md §3 step 5) in Triton: ``E[b, slot_pos[b, j]] += rows[b, j]``.
+"""The interleave (docs/design.md §2 step 5) in Triton: ``E[b, slot_pos[b, j]] += rows[b, j]``.
 
 One program per (slot, column block). Each slot row of E belongs to exactly
 one (b, j) (slots of a row are distinct), so the add needs no atomics. The sum
