@@ -147,6 +147,7 @@ def meta(config) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),  # what a CPU timing (or the host side of a GPU one) ran on
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "shape_set": shape_set(config),

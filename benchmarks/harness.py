@@ -503,15 +503,19 @@ def meta_lines(meta: Optional[dict]) -> List[str]:
 def format_table(rows: List[dict], meta: Optional[dict] = None) -> str:
     """The summary as a plain-text table, one row per shape x provider."""
     cells = [[name for name, _ in COLUMNS]] + [[get(r) for _, get in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = meta_lines(meta)
+    return "\n".join(meta_lines(meta) + aligned(cells, labels=3))
+
+
+def aligned(cells: List[List[str]], labels: int) -> List[str]:
+    """A header row and data rows as text columns: the first ``labels`` left-aligned, the numbers right-aligned."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = []
     for i, row in enumerate(cells):
-        # Labels left-aligned, numbers right-aligned.
-        lines.append("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w)
+        lines.append("  ".join(cell.ljust(w) if j < labels else cell.rjust(w)
                                for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
 
 
 # ---- the schedules summary ------------------------------------------------------------------
@@ -587,12 +591,7 @@ def format_schedules(rows: List[dict]) -> List[str]:
             if case == "generate" and "new_tokens" in single:
                 label = f"{label} {single['new_tokens']} tokens"
             cells.append([label, *times, f"{speedup:.2f}x" if speedup else "-", f"{ratio:.2f}" if ratio else "-"])
-        widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-        for i, row in enumerate(cells):
-            lines.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
-                                   for j, (cell, w) in enumerate(zip(row, widths))))
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines += aligned(cells, labels=1)
         ipn = by_key.get(IPN_SHARE)
         if ipn is not None:
             share = ipn.get("share_of_single_pass_step_pct")
