@@ -108,7 +108,7 @@ def plan():
     """(extension, build record) for the torch and toolkit found here; raises CannotBuild."""
     torch, isolated = import_torch()
     if torch.version.cuda is None:
-        raise CannotBuild(f"torch {torch.__version__} is a CPU-only build",
+        raise CannotBuild(f"torch {torch.__version__} is not a CUDA build (a CPU-only or ROCm one)",
                           "install a CUDA build of torch (https://pytorch.org/get-started/locally/ gives the "
                           "command for your CUDA version), then reinstall", REINSTALL)
     cuda_home, missing = find_cuda_home()

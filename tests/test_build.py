@@ -100,7 +100,7 @@ def test_missing_toolchain_stops_the_install_and_says_why(tmp_path):
 
 def test_cpu_only_torch_stops_the_install_and_says_why():
     record = plan("import torch\ntorch.version.cuda = None\n")
-    assert_stops(record["stops"], f"torch {torch.__version__} is a CPU-only build", "pip install -e .")
+    assert_stops(record["stops"], f"torch {torch.__version__} is not a CUDA build (a CPU-only or ROCm one)", "pip install -e .")
 
 
 def test_no_torch_anywhere_stops_the_install_and_says_why():
