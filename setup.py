@@ -159,8 +159,8 @@ def build_command(record):
 
 def main():
     if os.environ.get(SKIP_FLAG, "0") == "1":
-        write_record(ROOT / PACKAGE, {"built": False, "reason": f"skipped: {SKIP_FLAG}=1 at install time; "
-                                                                f"to build it, reinstall without the flag: {REINSTALL}"})
+        reason = f"skipped: {SKIP_FLAG}=1 at install time; to build it, reinstall without the flag: {REINSTALL}"
+        write_record(ROOT / PACKAGE, {"built": False, "reason": reason})
         setup()
         return
     try:
