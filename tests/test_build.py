@@ -226,11 +226,11 @@ def test_ci_requires_the_extension():
 
 
 def run_extension_tests(tmp_path, required):
-    """tests/test_extension.py in a fresh interpreter where lmeye_fast._C does not load and setup.py recorded
-    that it was skipped: (exit status, output)."""
+    """tests/test_extension.py in a fresh interpreter where lmeye_fast._C does not load and its build record
+    gives a reason: (exit status, output)."""
     record = tmp_path / "_build_info.json"
-    reason = ("skipped: LMEYE_FAST_SKIP_CUDA_BUILD=1 at install time; "
-              "to build it, reinstall without the flag: pip install -e .")
+    # Free of the word "skipped", which the caller looks for in pytest's summary.
+    reason = "no CUDA toolchain found: CUDA_HOME=/nowhere has no bin/nvcc"
     record.write_text(json.dumps({"built": False, "reason": reason}))
     code = BLOCK_EXTENSION + (
         "from pathlib import Path\n"
