@@ -240,11 +240,14 @@ class EvalModel:
         return text.replace("<image>", self.processor.image_token)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], images: Sequence, max_new_tokens: int) -> List[str]:
+    def generate(self, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
+                 **generate_kwargs) -> List[str]:
+        """Answers to ``prompts``: greedy unless ``generate_kwargs`` (for ``model.generate``) ask otherwise."""
         batch = self.processor([self.prompt(p) for p in prompts], images=self.pixels(images))
         batch = batch.to(self.model.special_embed.device)
+        generate_kwargs.setdefault("do_sample", False)
         tokens = self.model.generate(**batch, schedule=self.schedule, max_new_tokens=max_new_tokens,
-                                     do_sample=False)
+                                     **generate_kwargs)
         return [text.strip() for text in self.processor.decode(tokens)]
 
     def score(self, prompts: Sequence[str], images: Sequence, options: Sequence[Sequence[str]]):

@@ -90,7 +90,8 @@ class StubScorer(EvalModel):
             scores = torch.full((len(choices),), -5.0)
             scores[self.prefer(choices)] = -1.0
             summed.append(scores)
-        return OptionScores(summed=summed, num_tokens=[torch.ones(len(s)) for s in summed])
+        ones = [torch.ones(len(s)) for s in summed]
+        return OptionScores(summed=summed, num_tokens=ones, greedy=[o.bool() for o in ones])
 
 
 def test_circular_evaluation_needs_every_rotation_right():

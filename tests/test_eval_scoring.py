@@ -95,3 +95,23 @@ def test_bad_options_are_refused_by_name():
         score_options(model, proc, ["red", "blue"], [["red"], []], image_features=image)
     with pytest.raises(ValueError, match=r"options\[0\]: '' encodes to no token"):
         score_options(model, proc, ["red", "blue"], [["", "red"], ["blue"]], image_features=image)
+
+
+def test_greedy_flags_say_whether_greedy_decoding_gives_the_option():
+    proc, model = build("llama")
+    prompts, options = random_questions(3)
+    image = torch.randn(3, 5, 19)
+    # Add each prompt's own greedy continuation as an option where it decodes to plain words.
+    tokens = model.generate(**proc(prompts), image_features=image, max_new_tokens=3, min_new_tokens=3,
+                            do_sample=False)
+    for choices, text, ids in zip(options, proc.decode(tokens), tokens.tolist()):
+        if proc._encode(text) == ids:
+            choices.append(text)
+    scores = score_options(model, proc, prompts, options, image_features=image)
+    for row, (prompt, choices) in enumerate(zip(prompts, options)):
+        for option, flag in zip(choices, scores.greedy[row].tolist()):
+            batch = proc([prompt], [option])
+            logits = model(**batch, image_features=image[row:row + 1], schedule="two_pass").logits[0, :-1]
+            targets = batch["labels"][0, batch["prefix_len"] + 1:]
+            answer = (targets != -100) & (targets != proc.eos_token_id)
+            assert flag == bool((logits.argmax(-1) == targets)[answer].all()), option

@@ -30,10 +30,12 @@ __all__ = ["OptionScores", "score_options", "answer_log_likelihood"]
 @dataclass
 class OptionScores:
     """Per question, one entry per option: ``summed`` log-likelihood of its answer tokens
-    (float32) and ``num_tokens``, the number of those tokens."""
+    (float32), ``num_tokens``, the number of those tokens, and ``greedy``: whether greedy
+    decoding would produce exactly those tokens."""
 
     summed: List[torch.Tensor]
     num_tokens: List[torch.Tensor]
+    greedy: List[torch.Tensor]
 
     @property
     def normalised(self) -> List[torch.Tensor]:
@@ -108,6 +110,7 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
     lengths = torch.tensor([len(tokens) for tokens in flat], device=device)
 
     summed = torch.log_softmax(first_logits.float(), dim=-1)[rows, answers[:, 0]]
+    greedy = first_logits.argmax(dim=-1)[rows] == answers[:, 0]
     if longest > 1:
         # Each question's cache rows, repeated once per option; answer token j+1 is read off the
         # output at answer token j, so the last answer column never needs to run. Right padding
@@ -122,8 +125,10 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
         token_ll = torch.log_softmax(logits.float(), dim=-1).gather(-1, answers[:, 1:, None]).squeeze(-1)
         real = torch.arange(1, longest, device=device) < lengths[:, None]
         summed = summed + torch.where(real, token_ll, 0.0).sum(dim=1)
+        greedy &= ((logits.argmax(dim=-1) == answers[:, 1:]) | ~real).all(dim=1)
     splits = counts.tolist()
-    return OptionScores(summed=list(summed.split(splits)), num_tokens=list(lengths.float().split(splits)))
+    return OptionScores(summed=list(summed.split(splits)), num_tokens=list(lengths.float().split(splits)),
+                        greedy=list(greedy.split(splits)))
 
 
 @torch.no_grad()
