@@ -11,6 +11,7 @@ import torch
 from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, exact_match, main, normalize_answer,
                              read_examples, rotations, vqa_accuracy)
 from lmeye_fast.models.scoring import OptionScores
+from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model
 
 
 @pytest.mark.parametrize("raw, normalised", [
@@ -120,37 +121,15 @@ def test_circular_evaluation_needs_every_rotation_right():
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    """A tiny random LLM, CLIP tower, tokenizer, image processor and adapter, saved as a user would."""
-    from transformers import CLIPImageProcessor
-
-    from lmeye_fast.models import LMEyeModel, LMEyeProcessor
-    from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
-
     root = tmp_path_factory.mktemp("saved")
-    words = "what colour is the circle square red blue green yellow ? answer : A. B. C. D.".split()
-    processor = LMEyeProcessor(word_tokenizer(words), num_image_tokens=17, num_requests=3,
-                               response_prefix="answer :")
-    model = LMEyeModel(tiny_llm("llama", len(processor), hidden=32), processor.make_config(
-        interaction_dim=16, num_heads=2), vision=tiny_clip())
-    with torch.no_grad():
-        for p in list(model.ipn.parameters()) + [model.special_embed]:
-            p.normal_(0.0, 0.3)
-    model.llm.save_pretrained(root / "llm")
-    processor.tokenizer.save_pretrained(root / "llm")
-    model.vision.save_pretrained(root / "vision")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        root / "vision")
-    model.save_pretrained(root / "adapter")
-    return root, model.eval(), processor
+    model, processor = save_tiny_model(root)
+    return root, model, processor
 
 
 def write_images(folder, count):
-    from PIL import Image
-
     folder.mkdir()
     for index in range(count):
-        pixels = (torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{index}.png")
+        random_image().save(folder / f"{index}.png")
 
 
 def test_command_line_vqa_and_circular_choice(saved_model, tmp_path, capsys):
@@ -164,7 +143,7 @@ def test_command_line_vqa_and_circular_choice(saved_model, tmp_path, capsys):
     (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in vqa))
     (tmp_path / "choice.json").write_text(json.dumps(choice))
     common = ["--adapter", str(root / "adapter"), "--llm", str(root / "llm"), "--vision", str(root / "vision"),
-              "--response-prefix", "answer :", "--image-folder", str(tmp_path / "images"), "--batch-size", "2",
+              "--response-prefix", RESPONSE_PREFIX, "--image-folder", str(tmp_path / "images"), "--batch-size", "2",
               "--no-progress"]
 
     results = main(common + ["--data", str(tmp_path / "vqa.jsonl"), "--max-new-tokens", "2",
