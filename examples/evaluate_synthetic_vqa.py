@@ -41,47 +41,52 @@ def held_out(scenes, images, rng: random.Random):
     return open_ended, choice
 
 
+def trained_model(steps, train_images: int, batch_size: int, rng: random.Random):
+    """The synthetic-VQA model after the stand-in LLM's text training, stage 1 and stage 2."""
+    text_steps, stage1_steps, stage2_steps = steps
+    tok = word_tokenizer(WORDS)
+    processor = LMEyeProcessor(tok, num_image_tokens=GRID * GRID + 1, num_requests=REQUESTS,
+                               response_prefix="answer :")
+    print(f"training: stand-in LLM ({text_steps} steps), stage 1 ({stage1_steps}), stage 2 ({stage2_steps})")
+    llm = pretrain_llm(tiny_llm("llama", len(tok), hidden=96, layers=3, heads=4), tok, text_steps, batch_size, rng)
+    vision = tiny_clip(image_size=32, patch_size=8, hidden=64, layers=2, heads=4).eval()
+    model = LMEyeModel(llm, processor.make_config(interaction_dim=64, num_heads=4), vision=vision)
+    scenes, images = make_split(train_images, rng)
+    with torch.no_grad():
+        features = model.image_features(images)
+    model.set_stage(1)
+    model.special_embed.requires_grad_(True)
+    train(model, batches(processor, scenes, features, batch_size, rng, "caption"), stage1_steps, lr=3e-3,
+          warmup_steps=50, schedule="static", description="stage 1")
+    model.set_stage(2, train_special_tokens=True)
+    train(model, batches(processor, scenes, features, batch_size, rng, "question"), stage2_steps, lr=3e-3,
+          warmup_steps=50, schedule="single_pass", description="stage 2")
+    return model.eval(), processor
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", default="800,400,500",
+                        help="training steps: stand-in LLM, stage 1, stage 2 (comma-separated)")
     parser.add_argument("--train-images", type=int, default=3072)
     parser.add_argument("--test-images", type=int, default=512)
-    parser.add_argument("--text-steps", type=int, default=800)
-    parser.add_argument("--stage1-steps", type=int, default=400)
-    parser.add_argument("--stage2-steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    if len(steps) != 3:
+        parser.error(f"--steps: expected three comma-separated counts, got {args.steps!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     began = time.time()
-
-    tok = word_tokenizer(WORDS)
-    processor = LMEyeProcessor(tok, num_image_tokens=GRID * GRID + 1, num_requests=REQUESTS,
-                               response_prefix="answer :")
-    print(f"training: stand-in LLM ({args.text_steps} steps), stage 1 ({args.stage1_steps}), "
-          f"stage 2 ({args.stage2_steps})")
-    llm = pretrain_llm(tiny_llm("llama", len(tok), hidden=96, layers=3, heads=4), tok, args.text_steps,
-                       args.batch_size, rng)
-    vision = tiny_clip(image_size=32, patch_size=8, hidden=64, layers=2, heads=4).eval()
-    model = LMEyeModel(llm, processor.make_config(interaction_dim=64, num_heads=4), vision=vision)
-    train_scenes, train_images = make_split(args.train_images, rng)
-    with torch.no_grad():
-        train_features = model.image_features(train_images)
-    model.set_stage(1)
-    model.special_embed.requires_grad_(True)
-    train(model, batches(processor, train_scenes, train_features, args.batch_size, rng, "caption"),
-          args.stage1_steps, lr=3e-3, warmup_steps=50, schedule="static", description="stage 1")
-    model.set_stage(2, train_special_tokens=True)
-    train(model, batches(processor, train_scenes, train_features, args.batch_size, rng, "question"),
-          args.stage2_steps, lr=3e-3, warmup_steps=50, schedule="single_pass", description="stage 2")
+    model, processor = trained_model(steps, args.train_images, 64, rng)
     trained = time.time()
 
     test_scenes, test_images = make_split(args.test_images, rng)
     open_ended, choice = held_out(test_scenes, test_images, rng)
-    runner = EvalModel(model.eval(), processor)  # the images are pixel tensors already
+    runner = EvalModel(model, processor)  # the images are pixel tensors already
     _, vqa = evaluate_open(runner, open_ended, batch_size=64, max_new_tokens=1)
     _, plain = evaluate_choice(runner, choice, batch_size=64, template="{question}")
     _, listed = evaluate_choice(runner, choice, batch_size=64, template="{options} {question}", circular=True)
