@@ -1,0 +1,437 @@
+"""Evaluate an LMEye adapter as the benchmarks do: open-ended VQA and multiple choice.
+
+    python -m lmeye_fast.eval --adapter ADAPTER_DIR --llm LLM --vision VISION \\
+        --data questions.jsonl --image-folder images/ --output results.json
+
+Data is LLaVA-style JSON (a list) or JSONL, one record per question:
+
+- ``image``: a path, relative to ``--image-folder``;
+- the question: ``question`` or ``text``, or the first human turn of
+  ``conversations`` (LLaVA's training format), where ``<image>`` marks the
+  image's place (the image goes first without it);
+- open-ended: ``answers``, the annotators' answers (VQAv2 gives ten); else the
+  single ``answer``, or the first ``gpt`` turn of ``conversations``;
+- multiple choice: ``options`` (or ``choices``), a list of answer texts, and
+  ``answer``: the right option's index, its letter (``"B"``) or its text.
+
+Open-ended questions are answered by batched greedy generation and scored
+with VQAv2's accuracy and exact match, both after VQAv2's answer
+normalisation. Multiple-choice questions are answered by likelihood: every
+option's answer text is scored on one shared prefix
+(``lmeye_fast.models.scoring.score_options``) and the argmax of the summed and
+of the per-token log-likelihood are the two predictions. ``--circular`` is
+MMBench's circular evaluation: the question is asked once per rotation of its
+options and counts as right only if every rotation is answered right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import LMEyeModel, LMEyeProcessor
+from .models.scoring import score_options
+
+__all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
+           "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "format_table", "main"]
+
+# ---------------------------------------------------------------- VQAv2 answers
+
+NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+# Contractions written without their apostrophe, as annotators often type them. Words that are
+# also ordinary words without one ("its", "well", "were", "shell", "id") are left alone.
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
+    "havent": "haven't", "hes": "he's", "howd": "how'd", "hows": "how's", "im": "i'm", "isnt": "isn't",
+    "itd": "it'd", "itll": "it'll", "ive": "i've", "mightnt": "mightn't", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "shant": "shan't", "shed": "she'd",
+    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "thered": "there'd",
+    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "wasnt": "wasn't", "werent": "weren't", "weve": "we've", "whats": "what's", "whered": "where'd",
+    "wheres": "where's", "whod": "who'd", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyd": "why'd", "wont": "won't", "wouldnt": "wouldn't", "wouldve": "would've", "youd": "you'd",
+    "youll": "you'll", "youre": "you're", "youve": "you've", "yall": "y'all",
+}
+_KEEP = {"'", ":"}  # apostrophes keep possessives apart from plurals, colons keep times ("2:50")
+_PUNCTUATION = re.compile("[" + re.escape("".join(c for c in string.punctuation if c not in _KEEP)) + "]")
+_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def normalize_answer(answer: str) -> str:
+    """VQAv2's answer normalisation: lower case; periods dropped except decimal points; commas
+    between digits dropped (``100,978`` -> ``100978``); other punctuation but apostrophes and
+    colons becomes a space; number words become digits; articles go; contractions missing their
+    apostrophe get it back (``dont`` -> ``don't``)."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer: expected a string, got {type(answer).__name__}")
+    text = _DIGIT_COMMA.sub("", answer.lower())
+    text = _DECIMAL_POINT.sub("\0", text)  # protect decimal points from the punctuation pass
+    text = _PUNCTUATION.sub(" ", text).replace("\0", ".")
+    words = [NUMBER_WORDS.get(w, CONTRACTIONS.get(w, w)) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQAv2's accuracy: min(#annotators who gave the prediction / 3, 1), averaged over every
+    set of all annotators but one (the 10 choose 9 sets for VQAv2's ten answers), so that it
+    matches how human accuracy is measured. Both sides are normalised first; a single
+    reference answer is used as the one set there is."""
+    if isinstance(answers, str) or len(answers) == 0:
+        raise ValueError(f"answers: expected a non-empty list of reference answers, got {answers!r}")
+    predicted = normalize_answer(prediction)
+    matches = [normalize_answer(a) == predicted for a in answers]
+    if len(matches) == 1:
+        return min(matches[0] / 3.0, 1.0)
+    total = sum(matches)
+    return sum(min((total - left_out) / 3.0, 1.0) for left_out in matches) / len(matches)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference answer."""
+    predicted = normalize_answer(prediction)
+    return float(any(normalize_answer(a) == predicted for a in answers))
+
+
+# ---------------------------------------------------------------- data
+
+LETTERS = string.ascii_uppercase
+
+
+@dataclass
+class Example:
+    """One evaluation question. ``image`` is a path, a PIL image or a pixel tensor (C, H, W);
+    ``answer`` is the right option's index for multiple choice."""
+
+    id: str
+    question: str
+    image: object = None
+    answers: List[str] = field(default_factory=list)
+    options: List[str] = field(default_factory=list)
+    answer: Optional[int] = None
+
+    @property
+    def is_choice(self) -> bool:
+        return bool(self.options)
+
+
+def _question_and_answer(record: dict, where: str):
+    if "conversations" in record:
+        turns = record["conversations"]
+        human = [t["value"] for t in turns if t.get("from") == "human"]
+        model = [t["value"] for t in turns if t.get("from") == "gpt"]
+        if not human:
+            raise ValueError(f"{where}: 'conversations' has no human turn")
+        return human[0], (model[0] if model else None)
+    for key in ("question", "text"):
+        if key in record:
+            return record[key], None
+    raise ValueError(f"{where}: no question (expected 'question', 'text' or 'conversations')")
+
+
+def _choice_index(answer, options: List[str], where: str) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+        return answer
+    if isinstance(answer, str):
+        if answer in options:
+            return options.index(answer)
+        letter = answer.strip().rstrip(".").upper()
+        if len(letter) == 1 and letter in LETTERS[:len(options)]:
+            return LETTERS.index(letter)
+    raise ValueError(f"{where}: 'answer' {answer!r} is neither an option's index, letter nor text "
+                     f"(options: {options})")
+
+
+def read_examples(path, image_folder=None) -> List[Example]:
+    """Read LLaVA-style evaluation records (JSON list or JSONL; see the module's docstring)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records (or a .jsonl file)")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    examples = []
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        question, model_answer = _question_and_answer(record, where)
+        options = list(record.get("options", record.get("choices", [])))
+        if options:
+            if "answer" not in record:
+                raise ValueError(f"{where}: a multiple-choice record needs 'answer'")
+            answers, answer = [], _choice_index(record["answer"], options, where)
+        else:
+            answers = record.get("answers") or [a for a in (record.get("answer"), model_answer) if a is not None][:1]
+            if isinstance(answers, str):
+                answers = [answers]
+            answers = [a["answer"] if isinstance(a, dict) else a for a in answers]  # VQAv2 annotation dicts
+            if not answers:
+                raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a gpt turn")
+            answer = None
+        image = record.get("image")
+        examples.append(Example(id=str(record.get("question_id", record.get("id", index))), question=question,
+                                image=None if image is None else folder / image, answers=answers, options=options,
+                                answer=answer))
+    return examples
+
+
+def rotations(example: Example) -> List[Example]:
+    """MMBench's circular evaluation: the question once per rotation of its options, the right
+    answer's index moving with them (the first rotation is the question as given)."""
+    count = len(example.options)
+    if count == 0:
+        raise ValueError(f"example {example.id}: has no options to rotate")
+    return [Example(id=example.id, question=example.question, image=example.image, answers=example.answers,
+                    options=example.options[shift:] + example.options[:shift],
+                    answer=(example.answer - shift) % count) for shift in range(count)]
+
+
+# ---------------------------------------------------------------- the model
+
+def _load_vision(path, dtype):
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel
+
+    kind = AutoConfig.from_pretrained(path).model_type
+    # A full CLIP checkpoint (text and vision) loads its vision tower only.
+    loader = CLIPVisionModel if kind in ("clip", "clip_vision_model") else AutoModel
+    return loader.from_pretrained(path, dtype=dtype)
+
+
+@dataclass
+class EvalModel:
+    """A model, its processor and how images become pixel values (``image_processor``: a Hugging
+    Face image processor, or None when the images are pixel tensors already)."""
+
+    model: LMEyeModel
+    processor: LMEyeProcessor
+    image_processor: Optional[Callable] = None
+    schedule: Optional[str] = None
+
+    def pixels(self, images: Sequence) -> torch.Tensor:
+        """Pixel values (B, C, H, W) for paths, PIL images or (C, H, W) tensors."""
+        if any(image is None for image in images):
+            raise ValueError("images: every question needs an image")
+        if all(isinstance(image, torch.Tensor) for image in images):
+            return torch.stack(list(images))
+        if self.image_processor is None:
+            raise ValueError("images: image files or PIL images need an image_processor to become pixel values")
+        from PIL import Image
+
+        opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
+                  for image in images]
+        return self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+
+    def prompt(self, text: str) -> str:
+        """LLaVA's ``<image>`` placeholder becomes the processor's image token."""
+        return text.replace("<image>", self.processor.image_token)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
+                 **generate_kwargs) -> List[str]:
+        """Answers to ``prompts``: greedy unless ``generate_kwargs`` (for ``model.generate``) ask otherwise."""
+        batch = self.processor([self.prompt(p) for p in prompts], images=self.pixels(images))
+        batch = batch.to(self.model.special_embed.device)
+        generate_kwargs.setdefault("do_sample", False)
+        tokens = self.model.generate(**batch, schedule=self.schedule, max_new_tokens=max_new_tokens,
+                                     **generate_kwargs)
+        return [text.strip() for text in self.processor.decode(tokens)]
+
+    def score(self, prompts: Sequence[str], images: Sequence, options: Sequence[Sequence[str]]):
+        return score_options(self.model, self.processor, [self.prompt(p) for p in prompts], options,
+                             pixel_values=self.pixels(images), schedule=self.schedule)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, response_prefix: str = "",
+                    device: Union[str, torch.device] = "cpu", dtype: str = "float32",
+                    schedule: Optional[str] = None) -> EvalModel:
+    """Load an adapter saved by ``LMEyeModel.save_pretrained`` around its LLM and vision tower.
+
+    ``llm`` and ``vision`` are Hugging Face model names or directories; the tokenizer and the
+    image processor default to theirs. ``response_prefix`` must be the one the adapter was
+    trained with (it is text of the prompt, not part of the adapter).
+    """
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    from .models.config import LMEyeConfig
+
+    config = LMEyeConfig.load(adapter)
+    processor = LMEyeProcessor(AutoTokenizer.from_pretrained(tokenizer or llm),
+                               num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,
+                               response_prefix=response_prefix)
+    ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
+    if ids != config.token_ids():
+        raise ValueError(f"tokenizer: its special-token ids {ids} differ from the adapter's {config.token_ids()}; "
+                         "load the tokenizer the adapter was trained with")
+    model = LMEyeModel.from_pretrained(adapter, AutoModelForCausalLM.from_pretrained(llm, dtype=DTYPES[dtype]),
+                                       vision=_load_vision(vision, DTYPES[dtype]))
+    images = AutoImageProcessor.from_pretrained(image_processor or vision)
+    return EvalModel(model.to(device).eval(), processor, images, schedule)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _batches(items: Sequence, batch_size: int, description: str, progress: bool):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    with tqdm(total=len(items), desc=description, disable=not progress) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            yield chunk
+            bar.update(len(chunk))
+
+
+def evaluate_open(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 16,
+                  template: str = "{question}", progress: bool = True):
+    """Answer open-ended questions by greedy generation: (records, metrics)."""
+    records = []
+    for chunk in _batches(examples, batch_size, "vqa", progress):
+        predictions = runner.generate([template.format(question=e.question) for e in chunk],
+                                      [e.image for e in chunk], max_new_tokens)
+        for example, prediction in zip(chunk, predictions):
+            records.append({"id": example.id, "question": example.question, "prediction": prediction,
+                            "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
+                            "exact_match": exact_match(prediction, example.answers)})
+    return records, _means(records, ("vqa_accuracy", "exact_match"))
+
+
+def _options_text(options: Sequence[str]) -> str:
+    return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+
+
+def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8,
+                    template: str = "{question}\n{options}", circular: bool = False, progress: bool = True):
+    """Answer multiple-choice questions by the likelihood of each option's text: (records, metrics).
+
+    ``template`` formats the prompt from ``{question}`` and ``{options}`` (one ``A. text`` line
+    per option, in the order of the rotation asked). With ``circular`` every rotation of the
+    options is asked, and ``circular_accuracy`` counts a question only if all are right.
+    """
+    for example in examples:
+        if not example.is_choice or example.answer is None:
+            raise ValueError(f"examples: {example.id} is not a multiple-choice question (options and answer)")
+    asked = [(index, variant) for index, example in enumerate(examples)
+             for variant in (rotations(example) if circular else [example])]
+    results: Dict[int, List[dict]] = {index: [] for index in range(len(examples))}
+    for chunk in _batches(asked, batch_size, "choice", progress):
+        variants = [variant for _, variant in chunk]
+        prompts = [template.format(question=v.question, options=_options_text(v.options)) for v in variants]
+        scores = runner.score(prompts, [v.image for v in variants], [v.options for v in variants])
+        for (index, variant), summed, normalised in zip(chunk, scores.summed, scores.normalised):
+            results[index].append({"options": variant.options, "answer": variant.answer,
+                                   "prediction": int(summed.argmax()), "prediction_norm": int(normalised.argmax()),
+                                   "log_likelihood": summed.tolist()})
+    records = []
+    for index, example in enumerate(examples):
+        asks = results[index]
+        first = asks[0]
+        record = {"id": example.id, "question": example.question, "options": example.options,
+                  "answer": example.answer, "prediction": first["prediction"],
+                  "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
+                  "accuracy": float(first["prediction"] == example.answer),
+                  "accuracy_norm": float(first["prediction_norm"] == example.answer)}
+        if circular:
+            record["rotations"] = asks
+            record["circular_accuracy"] = float(all(a["prediction"] == a["answer"] for a in asks))
+            record["circular_accuracy_norm"] = float(all(a["prediction_norm"] == a["answer"] for a in asks))
+        records.append(record)
+    keys = ("accuracy", "accuracy_norm") + (("circular_accuracy", "circular_accuracy_norm") if circular else ())
+    return records, _means(records, keys)
+
+
+def _means(records: Sequence[dict], keys: Sequence[str]) -> Dict[str, float]:
+    return {key: sum(r[key] for r in records) / max(1, len(records)) for key in keys}
+
+
+def format_table(metrics: Dict[str, float], count: int) -> str:
+    """A Markdown table of the metrics (in percent) over ``count`` questions."""
+    lines = ["| metric | value |", "|---|---:|"]
+    lines += [f"| {name} | {100 * value:.1f}% |" for name, value in metrics.items()]
+    lines.append(f"| questions | {count} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="directory written by LMEyeModel.save_pretrained")
+    parser.add_argument("--llm", required=True, help="the LLM the adapter was trained on (name or directory)")
+    parser.add_argument("--vision", required=True, help="the vision tower (name or directory)")
+    parser.add_argument("--tokenizer", help="default: the LLM's")
+    parser.add_argument("--image-processor", help="default: the vision tower's")
+    parser.add_argument("--response-prefix", default="", help="text between the <img-d> slots and the answer")
+    parser.add_argument("--data", required=True, help="LLaVA-style JSON or JSONL questions")
+    parser.add_argument("--image-folder", help="where the records' image paths start (default: the data's folder)")
+    parser.add_argument("--task", choices=("auto", "vqa", "choice"), default="auto",
+                        help="auto: multiple choice when the records have options")
+    parser.add_argument("--circular", action="store_true", help="MMBench's circular evaluation (multiple choice)")
+    parser.add_argument("--template", help="prompt template; default '{question}' (vqa), "
+                                           "'{question}\\n{options}' (choice)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="evaluate the first LIMIT questions only")
+    parser.add_argument("--schedule", choices=("single_pass", "two_pass", "static"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--output", help="results JSON (metrics, settings and every answer)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
+        template: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True):
+    """Evaluate ``examples`` with ``runner``: ``{"task", "num_examples", "metrics", "records"}``."""
+    if not examples:
+        raise ValueError("examples: nothing to evaluate")
+    if task == "auto":
+        task = "choice" if examples[0].is_choice else "vqa"
+    if task == "choice":
+        records, metrics = evaluate_choice(runner, examples, batch_size, template or "{question}\n{options}",
+                                           circular, progress)
+    elif task == "vqa":
+        if circular:
+            raise ValueError("circular: applies to multiple-choice questions only")
+        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens, template or "{question}",
+                                         progress)
+    else:
+        raise ValueError(f"task: expected 'auto', 'vqa' or 'choice', got {task!r}")
+    return {"task": task, "circular": circular, "num_examples": len(examples), "metrics": metrics,
+            "records": records}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _parser().parse_args(argv)
+    examples = read_examples(args.data, args.image_folder)[:args.limit]
+    runner = load_eval_model(args.adapter, args.llm, args.vision, args.tokenizer, args.image_processor,
+                             args.response_prefix, args.device, args.dtype, args.schedule)
+    results = run(runner, examples, args.task, args.circular, args.template, args.batch_size, args.max_new_tokens,
+                  not args.no_progress)
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress")}
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results["metrics"], results["num_examples"]))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

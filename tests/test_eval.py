@@ -1,0 +1,166 @@
+"""lmeye_fast.eval: VQAv2's normalisation and accuracy on hand-made cases, the LLaVA-style
+reader, circular evaluation with stub scorers whose answers are known, and the command line
+end to end on a tiny random model saved to disk with its own images and questions."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, exact_match, main, normalize_answer,
+                             read_examples, rotations, vqa_accuracy)
+from lmeye_fast.models.scoring import OptionScores
+from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model
+
+
+@pytest.mark.parametrize("raw, normalised", [
+    ("Yes", "yes"),
+    ("yes.", "yes"),
+    ("The dog", "dog"),
+    ("a red and an apple", "red and apple"),
+    ("Two", "2"),
+    ("ten cats", "10 cats"),
+    ("3.5", "3.5"),
+    ("100,978", "100978"),
+    ("red, white", "red white"),
+    ("2:50 pm", "2:50 pm"),
+    ("girl's", "girl's"),
+    ("dont know", "don't know"),
+    ("isnt", "isn't"),
+    ("red-and-white!", "red and white"),
+    ("  many   spaces ", "many spaces"),
+    ("its", "its"),
+])
+def test_vqa_normalisation(raw, normalised):
+    assert normalize_answer(raw) == normalised
+
+
+def test_vqa_accuracy_counts_annotators_over_the_ten_choose_nine_sets():
+    ten = lambda hits: ["two"] * hits + ["three"] * (10 - hits)  # noqa: E731
+    assert vqa_accuracy("2", ten(0)) == 0.0
+    assert vqa_accuracy("2", ten(1)) == pytest.approx(0.3)   # 9 sets hold it once, one set not at all
+    assert vqa_accuracy("2", ten(2)) == pytest.approx(0.6)   # 2 sets hold it once, 8 twice
+    assert vqa_accuracy("2", ten(3)) == pytest.approx(0.9)   # 3 sets hold it twice, 7 three times
+    assert vqa_accuracy("2", ten(4)) == pytest.approx(1.0)
+    assert vqa_accuracy("The two.", ten(10)) == pytest.approx(1.0)
+    assert vqa_accuracy("yes", ["yes"]) == pytest.approx(1 / 3)
+    assert exact_match("The Two", ["2", "three"]) == 1.0 and exact_match("four", ["2"]) == 0.0
+    with pytest.raises(ValueError, match="answers: expected a non-empty list"):
+        vqa_accuracy("yes", [])
+
+
+def test_reader_takes_llava_conversations_vqa_answers_and_options(tmp_path):
+    records = [
+        {"id": "q1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour ?"},
+                                                         {"from": "gpt", "value": "red"}]},
+        {"question_id": 7, "image": "b.png", "question": "how many ?",
+         "answers": [{"answer": "two"}, {"answer": "2"}]},
+        {"image": "c.png", "text": "which ?", "options": ["red", "blue", "green"], "answer": "C"},
+        {"image": "d.png", "question": "which ?", "choices": ["red", "blue"], "answer": "blue"},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    a, b, c, d = read_examples(path, image_folder=tmp_path / "images")
+    assert (a.id, a.question, a.answers, a.is_choice) == ("q1", "<image>\nwhat colour ?", ["red"], False)
+    assert a.image == tmp_path / "images" / "a.png"
+    assert (b.id, b.answers) == ("7", ["two", "2"])
+    assert (c.options, c.answer, c.is_choice) == (["red", "blue", "green"], 2, True)
+    assert d.answer == 1
+    (tmp_path / "bad.json").write_text(json.dumps([{"question": "q", "options": ["x", "y"], "answer": "Z"}]))
+    with pytest.raises(ValueError, match="record 0: 'answer' 'Z' is neither"):
+        read_examples(tmp_path / "bad.json")
+
+
+def test_rotations_move_the_answer_with_its_option():
+    example = Example(id="q", question="?", options=["a", "b", "c", "d"], answer=1)
+    for variant in rotations(example):
+        assert variant.options[variant.answer] == "b"
+    assert [v.options[0] for v in rotations(example)] == ["a", "b", "c", "d"]
+
+
+class StubScorer(EvalModel):
+    """Scores options without a model: ``prefer(options) -> index`` gets the highest score."""
+
+    def __init__(self, prefer):
+        self.prefer = prefer
+
+    def score(self, prompts, images, options):
+        summed = []
+        for choices in options:
+            scores = torch.full((len(choices),), -5.0)
+            scores[self.prefer(choices)] = -1.0
+            summed.append(scores)
+        ones = [torch.ones(len(s)) for s in summed]
+        return OptionScores(summed=summed, num_tokens=ones, greedy=[o.bool() for o in ones])
+
+
+def test_circular_evaluation_needs_every_rotation_right():
+    colours = ["red", "blue", "green", "yellow"]
+    examples = []
+    for index in range(40):
+        options = ["red"] + random.sample(colours[1:], random.randint(1, 3))
+        random.shuffle(options)
+        examples.append(Example(id=str(index), question="?", image=torch.zeros(1), options=options,
+                                answer=random.randrange(len(options))))
+    # Picks "red" wherever it stands: right under every rotation exactly when red is right.
+    knows = StubScorer(lambda choices: choices.index("red"))
+    _, metrics = evaluate_choice(knows, examples, batch_size=7, circular=True, progress=False)
+    red_right = sum(e.options[e.answer] == "red" for e in examples) / len(examples)
+    assert metrics["accuracy"] == pytest.approx(red_right)
+    assert metrics["circular_accuracy"] == pytest.approx(red_right)
+    # Always picks the first option: right in one rotation only, so never circularly right.
+    first = StubScorer(lambda choices: 0)
+    records, metrics = evaluate_choice(first, examples, batch_size=5, circular=True, progress=False)
+    assert metrics["accuracy"] == pytest.approx(sum(e.answer == 0 for e in examples) / len(examples))
+    assert metrics["circular_accuracy"] == 0.0
+    assert [len(r["rotations"]) for r in records] == [len(e.options) for e in examples]
+    _, plain = evaluate_choice(first, examples, batch_size=5, progress=False)
+    assert "circular_accuracy" not in plain and plain["accuracy"] == metrics["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    model, processor = save_tiny_model(root)
+    return root, model, processor
+
+
+def write_images(folder, count):
+    folder.mkdir()
+    for index in range(count):
+        random_image().save(folder / f"{index}.png")
+
+
+def test_command_line_vqa_and_circular_choice(saved_model, tmp_path, capsys):
+    root, model, processor = saved_model
+    write_images(tmp_path / "images", 5)
+    colours = ["red", "blue", "green", "yellow"]
+    vqa = [{"question_id": i, "image": f"{i}.png", "question": "what colour is the circle ?",
+            "answers": random.choices(colours, k=10)} for i in range(5)]
+    choice = [{"id": i, "image": f"{i}.png", "question": "what colour is the square ?",
+               "options": random.sample(colours, 3), "answer": random.randrange(3)} for i in range(5)]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in vqa))
+    (tmp_path / "choice.json").write_text(json.dumps(choice))
+    common = ["--adapter", str(root / "adapter"), "--llm", str(root / "llm"), "--vision", str(root / "vision"),
+              "--response-prefix", RESPONSE_PREFIX, "--image-folder", str(tmp_path / "images"), "--batch-size", "2",
+              "--no-progress"]
+
+    results = main(common + ["--data", str(tmp_path / "vqa.jsonl"), "--max-new-tokens", "2",
+                             "--output", str(tmp_path / "vqa.json")])
+    assert results["task"] == "vqa" and results["num_examples"] == 5
+    saved = json.loads((tmp_path / "vqa.json").read_text())
+    assert saved["metrics"] == results["metrics"] and len(saved["records"]) == 5
+    for record in saved["records"]:
+        assert record["vqa_accuracy"] == pytest.approx(vqa_accuracy(record["prediction"], record["answers"]))
+    assert "| vqa_accuracy |" in capsys.readouterr().out
+
+    results = main(common + ["--data", str(tmp_path / "choice.json"), "--circular"])
+    assert results["task"] == "choice"
+    metrics = results["metrics"]
+    assert 0.0 <= metrics["circular_accuracy"] <= metrics["accuracy"] <= 1.0
+    for record in results["records"]:
+        assert len(record["rotations"]) == 3 and len(record["log_likelihood"]) == 3
+        assert record["prediction"] == max(range(3), key=lambda k: record["log_likelihood"][k])
+        assert record["circular_accuracy"] == float(all(r["prediction"] == r["answer"]
+                                                        for r in record["rotations"]))
