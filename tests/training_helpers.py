@@ -37,6 +37,13 @@ def tiny_model(stage=2):
     return processor, model.set_stage(stage, train_special_tokens=stage == 2)
 
 
+def relative_difference(got, expected):
+    """||got - expected|| / ||expected|| of one tensor: the parity measure of the training tests (Adam's
+    normalised update turns float noise in a near-zero gradient element into a large relative change of
+    that one element, so elements are not compared one by one)."""
+    return float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
 def write_llava(directory, count=8, text_only=0):
     """``count`` LLaVA-format records (two turns each, PNGs in ``directory/images``) and ``text_only`` more
     without image; returns the JSON file's path."""
