@@ -100,6 +100,10 @@ class InteractiveLayer(nn.Module):
             (split stays the default until both are measured on a GPU).
     """
 
+    # Metadata keys whose argument checks passed, kept per layer; emptied when full, so a
+    # sequence length that changes on every call cannot grow it without bound.
+    CHECKED_LIMIT = 256
+
     def __init__(
         self,
         llm_dim: int,
@@ -173,7 +177,7 @@ class InteractiveLayer(nn.Module):
         if not known:
             self._check_metadata(hidden, request_pos, image, image_mask, embeds, slot_pos)
             if key is not None:
-                if len(self._checked) >= 256:
+                if len(self._checked) >= self.CHECKED_LIMIT:
                     self._checked.clear()
                 self._checked.add(key)
         if validating(validate):

@@ -297,12 +297,18 @@ CONFIGS = {
 
 
 _CONFIG_CACHES = []
+CONFIG_CACHED = []  # the memoised configuration functions, for their cache_info()
+
+
+CONFIG_CACHE_LIMIT = 1024
 
 
 def config_cache(fn):
-    """Memoise a launch-configuration function; ``set_config`` invalidates it."""
-    cached = functools.lru_cache(maxsize=1024)(fn)
+    """Memoise a launch-configuration function (at most ``CONFIG_CACHE_LIMIT`` shapes, least
+    recently used dropped first); ``set_config`` invalidates it."""
+    cached = functools.lru_cache(maxsize=CONFIG_CACHE_LIMIT)(fn)
     _CONFIG_CACHES.append(cached.cache_clear)
+    CONFIG_CACHED.append(cached)
     return cached
 
 
@@ -325,6 +331,9 @@ class Launch(NamedTuple):
 NOTHING = Launch(None, (), {})
 
 
+PLAN_CACHES = []  # every op's PlanCache
+
+
 class PlanCache(dict):
     """Launch plans of one op keyed by its inputs' metadata (shapes, strides,
     dtypes, devices, flags). A key is stored only after the op's argument
@@ -337,6 +346,7 @@ class PlanCache(dict):
     def __init__(self):
         super().__init__()
         _CONFIG_CACHES.append(self.clear)
+        PLAN_CACHES.append(self)
 
     def add(self, key, plan):
         if len(self) >= self.LIMIT:
