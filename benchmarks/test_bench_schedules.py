@@ -16,8 +16,8 @@ On a GPU the shape is Llama-3.2-1B-like (2048 wide, 16 layers, 32 heads, 8 KV
 heads, vocabulary 128256), bfloat16, B=8, T=1024, 256 image tokens (1024 wide),
 prefix 801 (the request at column 800), R=5 slots, random weights. On the CPU a
 512-wide, 8-layer float32 Llama (8 heads, 4 KV heads, vocabulary 4096), B=2,
-T=384, 64 image tokens, prefix 300: the LLM's work dominates there as on a GPU,
-and the suite takes about a minute and a half on 2 cores. Wall time per call,
+T=384, 64 image tokens, prefix 300: the LLM's work dominates there as on a GPU
+(the suite is about 4 minutes of CPU work, some 2 minutes on 2 idle cores). Wall time per call,
 synchronised inside the timed function; the end-of-run summary puts these
 cases first (``harness.format_schedules``).
 """
