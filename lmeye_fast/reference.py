@@ -90,6 +90,8 @@ def attend(
     """
     acc = compute_dtype(requests.dtype)
     batch, num_req, width = requests.shape
+    if feats.shape[1] == 0:  # no image tokens: nothing to attend to, as if all were masked
+        return requests.clone()
     head_dim = width // num_heads
     r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim).transpose(1, 2)
     f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, head_dim).transpose(1, 2)

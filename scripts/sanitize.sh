@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the lmeye_fast CUDA operators under compute-sanitizer (memcheck,
-# racecheck, synccheck, initcheck) on valid and malformed input: out-of-range
-# slot and request positions, odd widths, misaligned and strided rows, and
-# malformed token rows for the planner. Needs a GPU and a built extension:
+# Runs the lmeye_fast CUDA operators and the Triton ops (InteractiveLayer in both
+# attention schedules, StaticVisualMapping, the interleave) under compute-sanitizer
+# (memcheck, racecheck, synccheck, initcheck) on valid and malformed input:
+# out-of-range slot and request positions, repeated gather positions, odd widths,
+# misaligned and strided rows, and malformed token rows for the planner. Needs a GPU and a built extension:
 #   pip install -e . && scripts/sanitize.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,8 +53,30 @@ for length, num_slots in ((0, 2), (1, 1), (37, 3), (2048, 5), (3000, 1500)):
     ids = torch.randint(0, 12, (5, length), device=dev)  # ids 7 and 9 appear at random: every malformed case
     for candidate in (ids, ids.to(torch.int32), ids.t().contiguous().t()):
         plan_slots(candidate, 7, 9, num_slots, backend="cuda")
+# Repeated positions: the gather's backward sums them (racecheck would flag a racing update).
+seq = torch.randn(2, 9, 300, device=dev, requires_grad=True)
+ops.gather_rows(seq, torch.tensor([[2, 2, 5, 2]] * 2, device=dev)).sum().backward()
+# The Triton ops, forward and backward, both attention schedules, valid and malformed positions.
+from lmeye_fast import InteractiveLayer, StaticVisualMapping
+from lmeye_fast.ops.interleave import interleave
+
+for schedule in ("split", "folded"):
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = InteractiveLayer(96, 40, 64, 5, 2, 4, backend="triton", attention=schedule, device=dev, dtype=dtype)
+        mapping = StaticVisualMapping(40, 96, backend="triton", device=dev, dtype=dtype)
+        hidden = torch.randn(3, 13, 96, device=dev, dtype=dtype, requires_grad=True)
+        image = torch.randn(3, 7, 40, device=dev, dtype=dtype, requires_grad=True)
+        mask = torch.rand(3, 7, device=dev) > 0.3
+        for slots, request_pos in ((torch.arange(13, 18, device=dev).expand(3, 5), torch.tensor([12, 4, 0], device=dev)),
+                                   (torch.tensor([[-1, 13, 40, 14, 15]] * 3, device=dev), torch.tensor([-3, 13, 99], device=dev))):
+            embeds = torch.randn(3, 18, 96, device=dev, dtype=dtype, requires_grad=True)
+            out = layer(hidden, image, embeds * 1, slots, request_pos=request_pos, image_mask=mask, inplace=True)
+            out.float().square().mean().backward()
+            mapped = mapping(image, embeds, torch.arange(7, device=dev).expand(3, 7) * (1 if slots.min() >= 0 else -1))
+            mapped.float().sum().backward()
+            interleave(embeds.detach().clone(), torch.randn(3, 5, 96, device=dev, dtype=dtype), slots, inplace=True)
 torch.cuda.synchronize()
-print("sanitize: all CUDA operators ran")
+print("sanitize: all CUDA and Triton operators ran")
 PY
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # exact allocations, so memcheck sees out-of-bounds accesses
 for tool in memcheck racecheck synccheck initcheck; do

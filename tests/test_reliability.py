@@ -106,6 +106,9 @@ def test_deterministic_mode_gives_identical_runs(backend, schedule):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threads_running_different_layers_give_the_serial_results(backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("Triton's CPU interpreter keeps the launch grid in module state, so it cannot run "
+                    "kernels from several threads; the GPU check runs this case")
     seeds = [11, 12, 13, 14]
     serial = {seed: _layer_run(backend, seed) for seed in seeds}
     results, errors = {}, []
