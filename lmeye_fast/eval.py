@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .models import LMEyeModel, LMEyeProcessor
+from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from .models.scoring import score_options
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
@@ -222,18 +222,22 @@ class EvalModel:
     schedule: Optional[str] = None
 
     def pixels(self, images: Sequence) -> torch.Tensor:
-        """Pixel values (B, C, H, W) for paths, PIL images or (C, H, W) tensors."""
+        """Pixel values (B, C, H, W) for paths, PIL images or (C, H, W) tensors, on the vision
+        tower's device and in its dtype."""
         if any(image is None for image in images):
             raise ValueError("images: every question needs an image")
         if all(isinstance(image, torch.Tensor) for image in images):
-            return torch.stack(list(images))
-        if self.image_processor is None:
+            pixels = torch.stack(list(images))
+        elif self.image_processor is None:
             raise ValueError("images: image files or PIL images need an image_processor to become pixel values")
-        from PIL import Image
+        else:
+            from PIL import Image
 
-        opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
-                  for image in images]
-        return self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+            opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
+                      for image in images]
+            pixels = self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+        tower = next(self.model.vision.parameters(), None) if self.model.vision is not None else None
+        return pixels if tower is None else pixels.to(tower.device, tower.dtype)
 
     def prompt(self, text: str) -> str:
         """LLaVA's ``<image>`` placeholder becomes the processor's image token."""
@@ -271,8 +275,6 @@ def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    from .models.config import LMEyeConfig
-
     config = LMEyeConfig.load(adapter)
     processor = LMEyeProcessor(AutoTokenizer.from_pretrained(tokenizer or llm),
                                num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,
