@@ -59,14 +59,6 @@ def pytest_configure(config):
         print(f"lmeye_fast benchmarks: ignoring LMEYE_FAST_BACKEND={overridden}; each case picks its provider")
 
 
-@pytest.fixture(autouse=True)
-def provider_schedule(request):
-    """Run each case under its provider's launch configuration (``harness.schedule``)."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    with harness.schedule(params.get("provider", "")):
-        yield
-
-
 def shape_set(config) -> str:
     try:
         return config.getoption("--shape-set") or shapes.default_set()
@@ -147,6 +139,7 @@ def meta(config) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),  # what a CPU timing (or the host side of a GPU one) ran on
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "shape_set": shape_set(config),
@@ -158,7 +151,7 @@ def meta(config) -> dict:
 
 
 def write_summary(config) -> Path:
-    rows = harness.add_speedups(config.stash[ROWS])
+    rows = harness.add_schedule_ratios(harness.add_speedups(config.stash[ROWS]))
     path = Path(config.getoption("--bench-summary"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta(config), "rows": rows}, indent=1, default=str) + "\n")
@@ -172,5 +165,5 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     path = write_summary(config)
     terminalreporter.write_sep("=", "lmeye_fast benchmark summary")
-    terminalreporter.write_line(harness.format_table(rows, meta(config)))
+    terminalreporter.write_line(harness.format_summary(rows, meta(config)))
     terminalreporter.write_line(f"summary JSON: {path}  (plot: python benchmarks/plot.py {path})")

@@ -57,7 +57,6 @@ puts benchmarks/ on ``sys.path``); ``run_case`` times a case and records it,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -70,7 +69,7 @@ import torch
 
 PROVIDERS = ("reference-eager", "reference-compile", "triton", "triton-folded", "cuda", "auto")
 # The lmeye_fast backend a provider runs: "triton-folded" is the Triton backend with the attention's
-# folded schedule (lmeye_fast/ops/attend_folded.py), set for its cases by ``schedule``.
+# folded schedule (lmeye_fast/ops/attend_folded.py), passed to its layers and ops by ``attention``.
 BACKEND_OF = {"reference-eager": "reference", "reference-compile": "reference", "triton": "triton",
               "triton-folded": "triton", "cuda": "cuda", "auto": "auto"}
 BASELINE_OF = {"reference-eager": "eager", "reference-compile": "compile"}
@@ -201,17 +200,10 @@ def provider_status(provider: str, dev: torch.device, op: Optional[str] = None) 
     return True, ""
 
 
-@contextlib.contextmanager
-def schedule(provider: str):
-    """The launch configuration ``provider`` is timed with: the folded attention for "triton-folded",
-    the configuration as it stands for every other provider."""
-    if provider != "triton-folded":
-        yield
-        return
-    from lmeye_fast import ops
-
-    with ops.using_attention_schedule("folded"):
-        yield
+def attention(provider: str) -> str:
+    """The attention schedule ``provider`` is timed with (``InteractiveLayer(attention=...)``, the
+    ``schedule`` argument of ``attend_decomposed``): folded for "triton-folded", else the default."""
+    return "folded" if provider == "triton-folded" else "auto"
 
 
 def require(provider: str, dev: torch.device, op: Optional[str] = None) -> None:
@@ -488,23 +480,132 @@ def _num(value) -> str:
     return f"{value:.2g}" if magnitude >= 1e-3 else f"{value:.1e}"
 
 
+def meta_lines(meta: Optional[dict]) -> List[str]:
+    """The run's device, versions, commit and date, and the ceilings it measured."""
+    if not meta:
+        return []
+    lines = [" | ".join(f"{k}: {v}" for k, v in meta.items() if k != "ceilings")]
+    if meta.get("ceilings"):
+        c = meta["ceilings"]
+        peaks = ", ".join(f"{k} {_num(v)}" for k, v in c.get("matmul_TFLOPs", {}).items())
+        lines.append(f"ceilings measured in this run: copy {_num(c['copy_TBps'])} TB/s; matmul TFLOP/s: {peaks}")
+    return lines
+
+
 def format_table(rows: List[dict], meta: Optional[dict] = None) -> str:
     """The summary as a plain-text table, one row per shape x provider."""
     cells = [[name for name, _ in COLUMNS]] + [[get(r) for _, get in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join(meta_lines(meta) + aligned(cells, labels=3))
+
+
+def aligned(cells: List[List[str]], labels: int) -> List[str]:
+    """A header row and data rows as text columns: the first ``labels`` left-aligned, the numbers right-aligned."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = []
-    if meta:
-        lines.append(" | ".join(f"{k}: {v}" for k, v in meta.items() if k != "ceilings"))
-        if meta.get("ceilings"):
-            c = meta["ceilings"]
-            peaks = ", ".join(f"{k} {_num(v)}" for k, v in c.get("matmul_TFLOPs", {}).items())
-            lines.append(f"ceilings measured in this run: copy {_num(c['copy_TBps'])} TB/s; matmul TFLOP/s: {peaks}")
     for i, row in enumerate(cells):
-        # Labels left-aligned, numbers right-aligned.
-        lines.append("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w)
+        lines.append("  ".join(cell.ljust(w) if j < labels else cell.rjust(w)
                                for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+# ---- the schedules summary ------------------------------------------------------------------
+# The end-to-end comparison a user comes for (benchmarks/test_bench_schedules.py), printed first.
+
+STATIC_ONLY, TWO_PASS, SINGLE_PASS = "static-only", "lmeye-two-pass", "lmeye-single-pass"
+SCHEDULE_PROVIDERS = (STATIC_ONLY, TWO_PASS, SINGLE_PASS)
+IPN_SHARE = ("ipn-share", "ipn-forward-backward")
+# The schedules suite's cases in the summary's order, with what each one times.
+SCHEDULE_CASES = {"prefill": "prefill", "train-step": "train step, prefix trainable",
+                  "train-step-frozen-prefix": "train step, prefix frozen", "generate": "generate"}
+NO_GPU_LINE = ("no CUDA GPU here: kernel timings need one (the triton and cuda providers skip, auto runs the "
+               "PyTorch reference); recorded GPU runs are in benchmarks/RESULTS.md")
+
+
+def _schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]:
+    """{shape: {(case, provider): row}} of the schedules suite's rows, shapes in the order they ran."""
+    groups: Dict[str, Dict[Tuple[str, str], dict]] = {}
+    for row in rows:
+        if row["suite"] == "schedules":
+            groups.setdefault(row.get("shape", ""), {})[(row["case"], row["provider"])] = row
+    return groups
+
+
+def add_schedule_ratios(rows: List[dict]) -> List[dict]:
+    """On each single-pass row, ``speedup_vs_two_pass`` (two-pass time / single-pass time) and
+    ``ratio_to_static_only``; on the IPN's own row, its share of the single-pass training step."""
+    for by_key in _schedule_groups(rows).values():
+        for case in SCHEDULE_CASES:
+            single = by_key.get((case, SINGLE_PASS))
+            if single is None:
+                continue
+            for name, other, ratio in (("speedup_vs_two_pass", TWO_PASS, lambda o, s: o / s),
+                                       ("ratio_to_static_only", STATIC_ONLY, lambda o, s: s / o)):
+                if (case, other) in by_key:
+                    single[name] = ratio(by_key[(case, other)]["median_us"], single["median_us"])
+        ipn, step = by_key.get(IPN_SHARE), by_key.get(("train-step", SINGLE_PASS))
+        if ipn is not None and step is not None:
+            ipn["share_of_single_pass_step_pct"] = 100.0 * ipn["median_us"] / step["median_us"]
+    return rows
+
+
+def _duration(us: float) -> str:
+    if us >= 1e6:
+        return f"{_num(us / 1e6)} s"
+    return f"{_num(us / 1e3)} ms" if us >= 1e3 else f"{_num(us)} us"
+
+
+def format_schedules(rows: List[dict]) -> List[str]:
+    """Single pass against two passes and against static-only, one table per shape; no lines
+    without schedules rows. Times are medians per call; generation is also given in tokens/s."""
+    lines: List[str] = []
+    for shape, by_key in _schedule_groups(add_schedule_ratios(rows)).items():
+        first = next(iter(by_key.values()))
+        lines.append(f"LMEye schedules, single pass against two passes and static-only: {shape}, "
+                     f"{first.get('dtype', '')}, {first.get('device', '')}; median time per call")
+        cells = [["case", *SCHEDULE_PROVIDERS, "single vs two-pass", "single / static-only"]]
+        for case, label in SCHEDULE_CASES.items():
+            if not any((case, p) in by_key for p in SCHEDULE_PROVIDERS):
+                continue
+            times = []
+            for provider in SCHEDULE_PROVIDERS:
+                row = by_key.get((case, provider))
+                if row is None:
+                    times.append("-")
+                elif "throughput" in row:
+                    times.append(f"{_duration(row['median_us'])} ({_num(row['throughput'])} "
+                                 f"{row.get('throughput_unit', '')})")
+                else:
+                    times.append(_duration(row["median_us"]))
+            single = by_key.get((case, SINGLE_PASS), {})
+            speedup, ratio = single.get("speedup_vs_two_pass"), single.get("ratio_to_static_only")
+            if case == "generate" and "new_tokens" in single:
+                label = f"{label} {single['new_tokens']} tokens"
+            cells.append([label, *times, f"{speedup:.2f}x" if speedup else "-", f"{ratio:.2f}" if ratio else "-"])
+        lines += aligned(cells, labels=1)
+        ipn = by_key.get(IPN_SHARE)
+        if ipn is not None:
+            share = ipn.get("share_of_single_pass_step_pct")
+            lines.append(f"the IPN's own forward+backward: {_duration(ipn['median_us'])}"
+                         + (f", {share:.1f}% of the single-pass train step" if share is not None else ""))
+        peaks = [f"{SCHEDULE_CASES[case]}, {provider}: {_num(row['peak_mem_mb'])} MB"
+                 for (case, provider), row in by_key.items() if row.get("peak_mem_mb") is not None]
+        if peaks:
+            lines.append("peak memory beyond the inputs: " + "; ".join(peaks))
+    return lines
+
+
+def format_summary(rows: List[dict], meta: Optional[dict] = None) -> str:
+    """What the main job prints last: the schedules first, then (after a line saying that kernel
+    timings need a GPU, on a machine without one) the table of every other suite."""
+    lines = format_schedules(rows)
+    if meta and meta.get("device") == "cpu":
+        lines.append(NO_GPU_LINE)
+    kernel_rows = [r for r in rows if r["suite"] != "schedules"]
+    if lines:
+        lines.append("")
+    lines.append(format_table(kernel_rows, meta) if kernel_rows else "\n".join(meta_lines(meta)))
     return "\n".join(lines)
 
 

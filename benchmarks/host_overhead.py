@@ -33,12 +33,11 @@ def main() -> None:
 
     torch.set_num_threads(1)
     install(keep_args=False)
-    from lmeye_fast import InteractiveLayer, ops
-
-    ops.set_attention_schedule("folded" if args.folded else "split")
+    from lmeye_fast import InteractiveLayer
 
     batch, seq, llm, vision, tokens, width, requests, heads = 32, 64, 256, 128, 17, 96, 5, 12
-    layer = InteractiveLayer(llm, vision, width, requests, 1, heads, backend="triton")
+    layer = InteractiveLayer(llm, vision, width, requests, 1, heads, backend="triton",
+                             attention="folded" if args.folded else "split")
     hidden, image = torch.randn(batch, seq, llm), torch.randn(batch, tokens, vision)
     embeds = torch.randn(batch, seq, llm)
     slots = torch.arange(40, 40 + requests).expand(batch, requests).contiguous()

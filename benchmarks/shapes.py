@@ -18,8 +18,9 @@ device is present, else ``cpu``):
   forward+backward), plus the other LLM widths, the 336 px encoder and
   R = 1 / 16 at B = 32 (forward); torch.compile at B = 32 only. Sized so
   that the whole suite fits the few minutes of scripts/gpu_check.sh.
-- ``cpu``: small float32 shapes that run every suite on a laptop in well
-  under five minutes (timings there say nothing about a GPU).
+- ``cpu``: small float32 shapes that run every kernel suite on a laptop in
+  about a minute (timings there say nothing about a GPU); the schedules
+  suite's CPU case is its own (benchmarks/test_bench_schedules.py).
 - ``full``: every combination of the table, every case compiled (long).
 
 Every ``Shape`` also carries the cost model of each benchmarked case: the

@@ -31,9 +31,9 @@ SUITE = "ipn"
 LAYER_OPS = ("request", "attend_decomposed", "transmit_interleave")
 
 
-def make_layer(shape, backend, dev):
+def make_layer(shape, backend, dev, attention="auto"):
     layer = InteractiveLayer(shape.D, shape.Dv, shape.Di, shape.R, shape.S, shape.H, backend=backend,
-                             device=dev, dtype=shape.dtype)
+                             attention=attention, device=dev, dtype=shape.dtype)
     with torch.no_grad():
         # A trained layer, not the near-zero initial one: every stage then shapes the output.
         for linear in (layer.request_proj, layer.decompose_proj, layer.transmit_proj):
@@ -78,7 +78,7 @@ def test_ipn(benchmark, ceilings, bench_device, bench_shape, case, provider):
     if provider == "reference-compile":
         harness.require_compile(shape, case)
     backend = harness.BACKEND_OF[provider]
-    layer = make_layer(shape, backend, dev)
+    layer = make_layer(shape, backend, dev, harness.attention(provider))
     x = make_inputs(shape, dev)
     base = x["embeds"]
 

@@ -68,6 +68,8 @@ def test_op(benchmark, ceilings, bench_device, bench_shape, op, provider):
     if provider == "reference-compile":
         harness.require_compile(shape, op)
     args = make_args(op, shape, dev)
+    if op == "attend_decomposed":
+        args.append(harness.attention(provider))
     ref_fn = ops.get(op, "reference", dev)
     fn_op = ops.get(op, backend, dev)
     if provider == "reference-compile":

@@ -6,7 +6,8 @@ float32 reference (bf16 error <= 2x the bf16 reference's error + 2^-8 scale),
 then times the whole layer (graph + eager wall; forward+backward with the image
 frozen, as LMEye's vision encoder is) with the winners in both attention
 schedules, and prints the CONFIGS dict to paste into
-lmeye_fast/ops/triton_launch.py, FOLDED set to the faster forward+backward.
+lmeye_fast/ops/triton_launch.py, and which schedule's forward+backward was faster (what
+``attention="auto"`` in lmeye_fast/ops/__init__.py should follow).
 
 Run from the repository root on a GPU:  python benchmarks/tune_triton.py
 """
@@ -106,7 +107,7 @@ t32 = reference.interleave(embeds.float(), reference.transmit(*f32(reqs, w_o, b_
 t_bf = reference.interleave(embeds, reference.transmit(reqs, w_o, b_o, slot_e), slot)
 
 CANDIDATES = {
-    "attend_fwd": [dict(FOLDED=0, SPLIT=sp, HEADS=h, BN=bn, BK=bk, num_warps=w, num_stages=s) for sp, h, bn, bk, w, s in [
+    "attend_fwd": [dict(SPLIT=sp, HEADS=h, BN=bn, BK=bk, num_warps=w, num_stages=s) for sp, h, bn, bk, w, s in [
         (0, 1, 64, 64, 4, 3), (0, 2, 64, 64, 4, 3), (1, 1, 64, 64, 4, 3), (1, 2, 64, 64, 4, 3),
         (1, 4, 64, 64, 8, 3), (1, 1, 128, 64, 4, 3), (1, 2, 128, 64, 8, 3), (1, 1, 32, 64, 4, 3),
         (1, 2, 32, 64, 4, 3), (1, 4, 32, 64, 4, 3), (1, 1, 64, 64, 8, 3)]],
@@ -221,10 +222,10 @@ def fwd_bwd():
     torch.autograd.grad(out, [hg, eg] + params, gout)
 
 
-# Both attention schedules with their winning configs; FOLDED takes the faster forward+backward.
+# Both attention schedules with their winning configs; the faster forward+backward is printed last.
 schedule_us = {}
 for folded in (0, 1):
-    tlm.set_config("attend_fwd", {**tlm.CONFIGS["attend_fwd"], "FOLDED": folded})
+    layer.attention = "folded" if folded else "split"
     for label, fn in (("layer fwd", fwd), ("layer fwd+bwd", fwd_bwd)):
         for kind, timer in (("GPU graph", graph_us), ("eager wall", wall_us)):
             try:
@@ -236,8 +237,8 @@ for folded in (0, 1):
                 print(f"{label:<14} {kind:<11} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             sys.stdout.flush()
 if schedule_us:
-    us, cfg = best.get("attend_fwd", (0, tlm.CONFIGS["attend_fwd"]))
-    best["attend_fwd"] = (us, {**cfg, "FOLDED": min(schedule_us, key=schedule_us.get)})
+    faster = "folded" if min(schedule_us, key=schedule_us.get) else "split"
+    print(f"faster attention schedule (layer fwd+bwd, GPU graph): {faster}")
 
 print("best per kernel:", {k: round(v[0], 1) for k, v in best.items()})
 print("CONFIGS = {")

@@ -6,8 +6,10 @@
 implementation; ``python -m lmeye_fast.info`` says what is available here.
 """
 
-from . import ops, reference
+from . import backends, ops, reference
 from .layers import InteractiveLayer, StaticVisualMapping
+
+backends.warn_if_built_for_another_torch()
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -35,24 +36,56 @@ def triton_status() -> Tuple[bool, str]:
     return False, "no CUDA device; set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slow, for tests)"
 
 
+# The command that builds lmeye_fast._C against the torch in use (setup.py compiles against the
+# torch of the Python that runs it); named by every reason the extension is missing.
+REBUILD = "reinstall lmeye_fast from its source folder: pip install -e ."
+
+
 def build_info() -> dict:
     """What setup.py recorded about the extension build (architectures, torch version, or why it was skipped)."""
     try:
         return json.loads(BUILD_INFO.read_text())
     except (OSError, ValueError):
-        return {"built": False, "reason": "no build record: the package was not installed with `pip install -e .`"}
+        return {"built": False, "reason": f"no build record: lmeye_fast was not installed by its setup.py; {REBUILD}"}
+
+
+def torch_mismatch(info: dict) -> Optional[str]:
+    """Why an extension built as ``info`` records must not be loaded into the running torch, or None."""
+    if info.get("torch") == torch.__version__:
+        return None
+    # torch's C++ ABI changes between releases: loading the extension would fail on an undefined
+    # symbol at best, so it is refused before it is loaded.
+    return (f"lmeye_fast._C was built against torch {info.get('torch')}, but torch {torch.__version__} is "
+            f"running; the CUDA backend is off until it is rebuilt against this torch: {REBUILD}")
 
 
 def extension_status() -> Tuple[bool, str]:
-    """Whether ``lmeye_fast._C`` loads (its ops are then registered under ``torch.ops.lmeye_fast``)."""
+    """Whether ``lmeye_fast._C`` loads (its ops are then registered under ``torch.ops.lmeye_fast``).
+
+    The build record decides first: an extension it does not vouch for, or one built against
+    another torch, is never loaded."""
+    info = build_info()
+    if not info.get("built"):
+        return False, info.get("reason") or f"lmeye_fast._C was not built; {REBUILD}"
+    mismatch = torch_mismatch(info)
+    if mismatch:
+        return False, mismatch
     # import_module returns an already loaded module at once, and refuses a blocked one
     # (a None entry in sys.modules), which a bare membership test would count as loaded.
     try:
         importlib.import_module("lmeye_fast._C")
     except Exception as exc:
-        reason = build_info().get("reason") or f"lmeye_fast._C failed to load ({exc})"
-        return False, reason
+        return False, f"lmeye_fast._C failed to load ({exc}); {REBUILD}"
     return True, "lmeye_fast._C loaded"
+
+
+def warn_if_built_for_another_torch() -> None:
+    """At ``import lmeye_fast``: a warning with the fix when the extension was built against
+    another torch (upgraded since the install). A package installed without one stays quiet."""
+    info = build_info()
+    mismatch = torch_mismatch(info) if info.get("built") else None
+    if mismatch:
+        warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
 
 
 def cuda_status() -> Tuple[bool, str]:

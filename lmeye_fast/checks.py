@@ -8,7 +8,8 @@ distinct slots) need a host sync, so they run only where indices are built
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +44,12 @@ def check_tensor(
     return value
 
 
+def validating(validate: bool) -> bool:
+    """``validate``, or True everywhere while ``LMEYE_FAST_VALIDATE=1`` (a debugging switch: every
+    position is then checked where it is used, at the cost of a host sync per call)."""
+    return validate or os.environ.get("LMEYE_FAST_VALIDATE") == "1"
+
+
 def check_positions(name: str, positions: torch.Tensor, length: int, distinct: bool = False) -> None:
     """Value check (host sync): every position in ``[0, length)``; rows distinct if asked."""
     if positions.numel() == 0:
@@ -54,3 +61,42 @@ def check_positions(name: str, positions: torch.Tensor, length: int, distinct: b
         ordered = positions.sort(dim=1).values
         if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
             raise ValueError(f"{name}: slot positions of one row must be distinct")
+
+
+def _extent(t: torch.Tensor) -> Tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+    start = t.storage_offset() * t.element_size()
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    return t.untyped_storage().data_ptr(), start, start + span * t.element_size()
+
+
+def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Tensor]) -> None:
+    """Refuse an in-place write into ``target`` (named ``embeds``) that would race: ``target`` with
+    elements that share memory (an expanded tensor), or a tensor in ``read`` that shares memory with
+    it (the kernels read those while other programs write ``target``). The same refusals as csrc's."""
+    if any(stride == 0 and size > 1 for size, stride in zip(target.shape, target.stride())):
+        raise ValueError(f"embeds: has elements that share memory (an expanded tensor, strides "
+                         f"{target.stride()}); the in-place {op_name} needs distinct rows: pass "
+                         f"embeds.contiguous() or use inplace=False")
+    if target.numel() == 0 or target.device.type == "meta":  # meta tensors have no memory to share
+        return
+    storage, lo, hi = _extent(target)
+    for name, t in read.items():
+        if t is None or t.numel() == 0:
+            continue
+        other, t_lo, t_hi = _extent(t)
+        if other == storage and t_lo < hi and lo < t_hi:
+            raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
+                             f"pass a copy ({name}.clone())")
+
+
+def metadata_key(*parts) -> tuple:
+    """A cache key over everything a cached launch plan or argument check depends on: each tensor's
+    shape, strides, dtype and device, and every other part (None for an absent tensor, a flag, a
+    count) as it is. Every such cache keys through here, so that none can leave a property out and
+    hand back a stale plan without an error."""
+    # A list comprehension, not a generator: this runs several times per forward on the eager hot path.
+    return tuple([(p.shape, p.stride(), p.dtype, p.device) if isinstance(p, _Tensor) else p for p in parts])
+
+
+_Tensor = torch.Tensor

@@ -41,14 +41,14 @@ def report() -> str:
 
 
 def attention_schedule() -> str:
-    """The Triton attention schedule in use (``lmeye_fast.ops.set_attention_schedule``)."""
+    """The Triton attention schedule a layer gets by default (``InteractiveLayer(attention="auto")``)."""
     try:
-        schedule = ops.attention_schedule()
+        from .ops.attend import MAX_HEAD_GROUP_WIDTH
     except Exception as exc:  # no triton: nothing to schedule
         return f"none (triton not importable: {exc})"
-    if schedule == "folded":
-        return "folded: F never formed, the requests pulled through W_f (ops/attend_folded.py)"
-    return "split: F = X W_fᵀ + b_f by one GEMM, then the attention kernel (ops/attend.py)"
+    return (f"split: F = X W_fᵀ + b_f by one GEMM, then the attention kernel (ops/attend.py), by default; "
+            f"heads wider than {MAX_HEAD_GROUP_WIDTH} and attention=\"folded\" take the folded schedule "
+            f"(ops/attend_folded.py)")
 
 
 def main() -> None:

@@ -7,23 +7,48 @@ optimizers see ordinary modules; all arithmetic goes through ``lmeye_fast.ops``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from . import backends, ops, reference
-from .checks import INDEX_DTYPES, check_positions, check_tensor
+from .checks import INDEX_DTYPES, check_positions, check_tensor, check_writable, metadata_key, validating
 
 
-_OPS = ("request", "attend_decomposed", "transmit", "transmit_interleave")
+class _Ops(NamedTuple):
+    """The dispatched functions of the IPN's steps (see ``lmeye_fast.ops``)."""
+
+    request: Callable
+    attend_decomposed: Callable
+    transmit: Callable
+    transmit_interleave: Callable
+
+    @staticmethod
+    def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> "_Ops":
+        return _Ops(*(ops.get(name, backend, device, dtype) for name in _Ops._fields))
 
 
-def _check_slots(embeds, slot_pos, device, validate):
-    batch = embeds.shape[0]
+class _Params(NamedTuple):
+    """The IPN's parameters in the compute dtype."""
+
+    w_q: torch.Tensor
+    b_q: Optional[torch.Tensor]
+    w_f: torch.Tensor
+    b_f: Optional[torch.Tensor]
+    w_o: torch.Tensor
+    b_o: Optional[torch.Tensor]
+    slot_embed: torch.Tensor
+
+
+def _check_slots(embeds, slot_pos, device, validate, batch=None):
     check_tensor("embeds", embeds, (None, None, None), device=device, dims="(B, T', D)")
+    if batch is not None and embeds.shape[0] != batch:
+        raise ValueError(f"embeds: expected shape (B, T', D) with B = {batch} (the image's batch), "
+                         f"got {tuple(embeds.shape)}")
+    batch = embeds.shape[0]
     check_tensor("slot_pos", slot_pos, (batch, None), INDEX_DTYPES, device, dims="(B, R)")
-    if validate:
+    if validating(validate):
         check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
 
 
@@ -51,7 +76,7 @@ class InteractiveLayer(nn.Module):
     Turns the LLM's hidden state at the request token into ``num_requests``
     requests, lets them attend over the decomposed image features, and adds the
     transmitted tokens into the slot rows of an embedding sequence
-    (DESIGN.md §3).
+    (docs/design.md §2).
 
     Args:
         llm_dim: LLM width D.
@@ -63,11 +88,16 @@ class InteractiveLayer(nn.Module):
         interaction: ``"attention"`` (fused kernels) or an ``nn.Module`` called
             as ``module(sequence, mask)`` on ``[sub-features ; requests]``
             (B, N*S + R, Di) with a (B, N*S + R) bool keep-mask (or None); it
-            returns (B, N*S + R, Di) (or an object with ``last_hidden_state``),
-            read at the last R positions, as the original work did with a
-            frozen text encoder.
+            returns (B, N*S + R, Di) or just its last R positions (or an object
+            with ``last_hidden_state``), read at the last R positions, as the
+            original work did with a frozen text encoder
+            (``lmeye_fast.models.CLIPTextInteraction``).
         backend: ``"auto" | "reference" | "triton" | "cuda"``; the environment
             variable ``LMEYE_FAST_BACKEND`` overrides it.
+        attention: the Triton backend's attention schedule (docs/design.md §5):
+            ``"split"`` forms F by one GEMM, ``"folded"`` never forms it,
+            ``"auto"`` is split except for heads wider than 64, which fold
+            (split stays the default until both are measured on a GPU).
     """
 
     def __init__(
@@ -80,6 +110,7 @@ class InteractiveLayer(nn.Module):
         num_heads: int = 12,
         interaction: Union[str, nn.Module] = "attention",
         backend: str = "auto",
+        attention: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -95,6 +126,7 @@ class InteractiveLayer(nn.Module):
         self.llm_dim, self.vision_dim, self.interaction_dim = llm_dim, vision_dim, interaction_dim
         self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
         self.backend = _available_backend(backend)
+        self.attention = ops.check_schedule(attention)
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)
@@ -117,40 +149,34 @@ class InteractiveLayer(nn.Module):
     def extra_repr(self) -> str:
         kind = "attention" if self.interaction is None else type(self.interaction).__name__
         return (f"requests={self.num_requests}, sub_features={self.sub_features}, heads={self.num_heads}, "
-                f"interaction={kind}, backend={self.backend}")
+                f"interaction={kind}, backend={self.backend}, attention={self.attention}")
 
-    def _ops(self, device: torch.device, dtype: torch.dtype, traced: bool):
-        """(request, attend_decomposed, transmit, transmit_interleave) for ``device``, resolved once per
-        device type. A compiled forward asks ``ops.get`` (resolved at construction by ``ops.preload``)."""
+    def _ops(self, device: torch.device, dtype: torch.dtype, traced: bool) -> _Ops:
+        """The step functions for ``device`` and ``dtype``, resolved once per device type and dtype. A
+        compiled forward asks ``ops.get`` (resolved at construction by ``ops.preload``)."""
         if traced:
-            return tuple(ops.get(name, self.backend, device, dtype) for name in _OPS)
+            return _Ops.resolve(self.backend, device, dtype)
         fns = self._resolved.get((device.type, dtype))
         if fns is None:
-            fns = self._resolved[(device.type, dtype)] = tuple(ops.get(name, self.backend, device, dtype)
-                                                               for name in _OPS)
+            fns = self._resolved[(device.type, dtype)] = _Ops.resolve(self.backend, device, dtype)
         return fns
 
     def _check(self, hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced):
         """The argument checks, run once per inputs' metadata in eager mode (the
         ops check the parameters against them on every call); the value checks
         of ``validate`` run every time."""
-        key = None
-        if not traced:
-            try:
-                key = (hidden.shape, hidden.dtype, hidden.device, image.shape, image.dtype, image.device,
-                       None if request_pos is None else (request_pos.shape, request_pos.dtype, request_pos.device),
-                       None if image_mask is None else (image_mask.shape, image_mask.dtype, image_mask.device),
-                       None if embeds is None else (embeds.shape, embeds.dtype, embeds.device, slot_pos.shape,
-                                                    slot_pos.dtype, slot_pos.device))
-            except AttributeError:  # not a tensor: the checks below name it
-                key = None
-        if key is None or key not in self._checked:
+        key = None if traced else metadata_key(hidden, request_pos, image, image_mask, embeds, slot_pos)
+        try:
+            known = key is not None and key in self._checked
+        except TypeError:  # an unhashable argument, not a tensor: the checks below name it
+            key, known = None, False
+        if not known:
             self._check_metadata(hidden, request_pos, image, image_mask, embeds, slot_pos)
             if key is not None:
                 if len(self._checked) >= 256:
                     self._checked.clear()
                 self._checked.add(key)
-        if validate:
+        if validating(validate):
             if embeds is not None:
                 check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
             if request_pos is not None:
@@ -158,22 +184,24 @@ class InteractiveLayer(nn.Module):
         return image.device
 
     def _check_metadata(self, hidden, request_pos, image, image_mask, embeds, slot_pos):
-        if embeds is not None:
-            _check_slots(embeds, slot_pos, image.device if isinstance(image, torch.Tensor) else None, False)
-            if slot_pos.shape[1] != self.num_requests:
-                raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
-                                 f"got {tuple(slot_pos.shape)}")
         device = image.device if isinstance(image, torch.Tensor) else None
         check_tensor("image", image, (None, None, self.vision_dim), device=device, dims="(B, N, Dv)")
         batch = image.shape[0]
-        if embeds is not None and (embeds.shape[0] != batch or embeds.shape[2] != self.llm_dim):
-            raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {self.llm_dim}), "
-                             f"got {tuple(embeds.shape)}")
+        if embeds is not None:
+            _check_slots(embeds, slot_pos, device, False, batch)
+            if embeds.shape[2] != self.llm_dim:
+                raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {self.llm_dim}), "
+                                 f"got {tuple(embeds.shape)}")
+            if slot_pos.shape[1] != self.num_requests:
+                raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
+                                 f"got {tuple(slot_pos.shape)}")
         if request_pos is None:
             check_tensor("hidden", hidden, (batch, self.llm_dim), device=device, dims="(B, D) request vectors")
         else:
             check_tensor("hidden", hidden, (batch, None, self.llm_dim), device=device, dims="(B, T, D)")
             check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
+            if hidden.shape[1] == 0 and batch:
+                raise ValueError("hidden (B, T, D): has no positions (T = 0) to read the request from")
         if image_mask is not None:
             check_tensor("image_mask", image_mask, (batch, image.shape[1]), (torch.bool,), device, dims="(B, N)")
 
@@ -185,27 +213,29 @@ class InteractiveLayer(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.request_proj.weight.dtype
 
-    def _params(self, dtype: torch.dtype):
-        """(w_q, b_q, w_f, b_f, w_o, b_o, slot_embed) in ``dtype``; the casts are autograd ops, so
-        gradients reach the parameters in their own dtype."""
+    def _params(self, dtype: torch.dtype) -> _Params:
+        """The parameters in ``dtype``; the casts are autograd ops, so gradients reach the parameters in
+        their own dtype."""
         tensors = (self.request_proj.weight, self.request_proj.bias, self.decompose_proj.weight,
                    self.decompose_proj.bias, self.transmit_proj.weight, self.transmit_proj.bias, self.slot_embed)
-        return tuple(_as(t, dtype) for t in tensors)
+        return _Params(*(_as(t, dtype) for t in tensors))
 
     def _interaction_output(self, hidden, request_pos, image, image_mask, embeds, slot_pos, validate):
-        """Steps 1-3, shared by ``forward`` and ``transmitted``: (op functions, parameters in the compute
-        dtype, z (B, R, Di))."""
+        """Steps 1-3, shared by ``forward`` and ``transmitted``: (step functions, parameters in the
+        compute dtype, z (B, R, Di))."""
         traced = torch.compiler.is_compiling()
         device = self._check(hidden, request_pos, image, image_mask, embeds, slot_pos, validate, traced)
         dtype = self._compute_dtype(device)
-        params = self._params(dtype)
+        p = self._params(dtype)
         fns = self._ops(device, dtype, traced)
-        w_q, b_q, w_f, b_f = params[:4]
-        r = fns[0](_as(hidden, dtype), request_pos, w_q, b_q, self.num_requests)
+        r = fns.request(_as(hidden, dtype), request_pos, p.w_q, p.b_q, self.num_requests)
         image = _as(image, dtype)
         if self.interaction is None:
-            return fns, params, fns[1](r, image, image_mask, w_f, b_f, self.num_heads, self.sub_features)
-        return fns, params, self._interact(r, image, image_mask, w_f, b_f, device)
+            z = fns.attend_decomposed(r, image, image_mask, p.w_f, p.b_f, self.num_heads, self.sub_features,
+                                      self.attention)
+        else:
+            z = self._interact(r, image, image_mask, p.w_f, p.b_f, device)
+        return fns, p, z
 
     def _interact(self, r, image, image_mask, w_f, b_f, device):
         feats = reference.decompose(image, w_f, b_f, self.sub_features)
@@ -222,8 +252,8 @@ class InteractiveLayer(nn.Module):
 
     def transmitted(self, hidden, image, request_pos=None, image_mask=None, validate: bool = False):
         """The R transmitted tokens (B, R, D), without writing them anywhere."""
-        fns, params, z = self._interaction_output(hidden, request_pos, image, image_mask, None, None, validate)
-        return fns[2](z, *params[4:])
+        fns, p, z = self._interaction_output(hidden, request_pos, image, image_mask, None, None, validate)
+        return fns.transmit(z, p.w_o, p.b_o, p.slot_embed)
 
     def forward(
         self,
@@ -250,9 +280,11 @@ class InteractiveLayer(nn.Module):
         Returns:
             ``embeds`` with the slot rows updated (the same tensor when ``inplace``).
         """
-        fns, params, z = self._interaction_output(hidden, request_pos, image, image_mask, embeds, slot_pos,
-                                                  validate)
-        return fns[3](z, *params[4:], embeds, slot_pos, inplace)
+        if inplace and not torch.compiler.is_compiling():
+            # Written in place, embeds must not be expanded nor share memory with what the IPN reads.
+            check_writable(embeds, "interleave", hidden=hidden, image=image)
+        fns, p, z = self._interaction_output(hidden, request_pos, image, image_mask, embeds, slot_pos, validate)
+        return fns.transmit_interleave(z, p.w_o, p.b_o, p.slot_embed, embeds, slot_pos, inplace)
 
 
 class StaticVisualMapping(nn.Module):
@@ -289,9 +321,14 @@ class StaticVisualMapping(nn.Module):
             return tokens
         if slot_pos is None:
             raise ValueError("slot_pos: required (shape (B, N)) when embeds is given")
-        _check_slots(embeds, slot_pos, image.device, validate)
+        _check_slots(embeds, slot_pos, image.device, validate, image.shape[0])
+        if embeds.shape[2] != self.llm_dim:
+            raise ValueError(f"embeds: expected shape (B, T', D) = ({image.shape[0]}, ?, {self.llm_dim}), "
+                             f"got {tuple(embeds.shape)}")
         if slot_pos.shape[1] != image.shape[1]:
             raise ValueError(f"slot_pos: expected shape (B, N) = ({image.shape[0]}, {image.shape[1]}), "
                              f"got {tuple(slot_pos.shape)}")
+        if inplace and not torch.compiler.is_compiling():
+            check_writable(embeds, "interleave", image=image)
         interleave = ops.get("interleave", self.backend, embeds.device, embeds.dtype)
         return interleave(embeds, tokens.to(embeds.dtype), slot_pos, inplace)

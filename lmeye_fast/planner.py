@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends
-from .checks import INDEX_DTYPES, check_tensor
+from .checks import INDEX_DTYPES, check_tensor, validating
 
 __all__ = ["PlanStatus", "plan_slots", "plan_slots_torch", "check_plan"]
 
@@ -177,6 +177,6 @@ def plan_slots(
         plan = torch.ops.lmeye_fast.plan_slots(input_ids, request_token_id, slot_token_id, num_slots)
     else:
         plan = plan_slots_torch(input_ids, request_token_id, slot_token_id, num_slots)
-    if validate:
+    if validating(validate):
         check_plan(plan[2], input_ids, request_token_id, slot_token_id, num_slots)
     return plan

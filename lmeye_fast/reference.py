@@ -1,4 +1,4 @@
-"""The LMEye math in plain PyTorch (DESIGN.md §3).
+"""The LMEye math in plain PyTorch (docs/design.md §2).
 
 This module is the single source of truth: every Triton and CUDA kernel is
 tested against it, and the benchmarks use it as the eager / torch.compile
@@ -37,9 +37,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gather_rows(hidden: torch.Tensor, request_pos: torch.Tensor) -> torch.Tensor:
-    """``hidden[b, request_pos[b]]`` for every row b, as an index gather (no host sync)."""
-    batch = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[batch, request_pos]
+    """``hidden[b, request_pos[b]]`` for every row b, as an index gather (no host sync). A position
+    outside ``[0, T)`` reads a zero row, as the kernels read it."""
+    batch, length = hidden.shape[0], hidden.shape[1]
+    if length == 0:
+        return hidden.new_zeros((batch, hidden.shape[2]))
+    inside = (request_pos >= 0) & (request_pos < length)
+    rows = hidden[torch.arange(batch, device=hidden.device), request_pos.clamp(0, length - 1)]
+    return torch.where(inside[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 def request(
@@ -57,7 +62,7 @@ def request(
     h = hidden if request_pos is None else gather_rows(hidden, request_pos)
     acc = compute_dtype(h.dtype)
     r = F.linear(h.to(acc), w_q.to(acc), None if b_q is None else b_q.to(acc))
-    return r.reshape(h.shape[0], num_requests, -1).to(h.dtype)
+    return r.reshape(h.shape[0], num_requests, w_q.shape[0] // num_requests).to(h.dtype)
 
 
 def decompose(
@@ -67,7 +72,7 @@ def decompose(
     acc = compute_dtype(image.dtype)
     f = F.linear(image.to(acc), w_f.to(acc), None if b_f is None else b_f.to(acc))
     batch, tokens = image.shape[:2]
-    return f.reshape(batch, tokens * sub_features, -1).to(image.dtype)
+    return f.reshape(batch, tokens * sub_features, w_f.shape[0] // sub_features).to(image.dtype)
 
 
 def attend(
@@ -87,7 +92,7 @@ def attend(
     batch, num_req, width = requests.shape
     head_dim = width // num_heads
     r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim).transpose(1, 2)
-    f = feats.to(acc).reshape(batch, -1, num_heads, head_dim).transpose(1, 2)
+    f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, head_dim).transpose(1, 2)
     scores = torch.matmul(r, f.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, R, N*S)
     if image_mask is not None:
         keep = image_mask.to(torch.bool).repeat_interleave(sub_features, dim=1)[:, None, None, :]

@@ -47,7 +47,7 @@ step info 20 250 "$PY" -m lmeye_fast.info
 # First the tests that only a GPU can run: bf16 and the 7B shape through the whole layer
 # (both attention schedules), the CUDA extension, opcheck on real triton_ops and inductor.
 step gpu-tests 150 230 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton_gpu.py tests/test_cuda_gpu.py \
-    tests/test_triton_compile.py
+    tests/test_triton_compile.py tests/test_write_safety.py
 # The benchmark budget leaves room for the case in flight, the sanitizer and the summary after it.
 BENCH_LIMIT=200
 BENCH_LEFT=$((DEADLINE - SECONDS - 70))

@@ -3,7 +3,7 @@
 # racecheck, synccheck, initcheck) on valid and malformed input: out-of-range
 # slot and request positions, odd widths, misaligned and strided rows, and
 # malformed token rows for the planner. Needs a GPU and a built extension:
-#   pip install -e . --no-build-isolation && scripts/sanitize.sh
+#   pip install -e . && scripts/sanitize.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"

@@ -35,9 +35,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(params=["split", "folded"])
 def attention_schedule(request):
-    """Run the test once per attention schedule of the Triton backend: F formed by a GEMM
-    (split, the default) and the folded schedule that never forms it (ops/attend_folded.py)."""
-    from lmeye_fast import ops
-
-    with ops.using_attention_schedule(request.param):
-        yield request.param
+    """Run the test once per attention schedule of the Triton backend (``InteractiveLayer(attention=...)``):
+    F formed by a GEMM (split, the default) and the folded schedule that never forms it
+    (ops/attend_folded.py)."""
+    return request.param

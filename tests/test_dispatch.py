@@ -157,20 +157,27 @@ def test_environment_variable_overrides_the_argument(monkeypatch):
     assert backends.requested(None) == "auto"
 
 
-def test_attention_schedule_is_set_for_later_calls_and_refuses_unknown_names():
+def test_attention_schedule_is_a_layer_argument_and_refuses_unknown_names():
+    """Two layers with different schedules in one process each run their own: the schedule is an
+    argument of the op and part of its launch plan's key, not process state."""
     pytest.importorskip("triton", reason="the attention schedules are the Triton backend's")
     from lmeye_fast.ops import attend
     from lmeye_fast.ops.attend_folded import FoldedPlan
 
-    r, x, w = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(8, 6)
-    before = ops.attention_schedule()
-    for schedule, folded in (("folded", True), ("split", False)):
-        with ops.using_attention_schedule(schedule):
-            assert ops.attention_schedule() == schedule
-            # The plan cache was emptied: the next plan is the new schedule's.
-            with torch.no_grad():
-                attend.attend_decomposed(r, x, None, w, None, 2, 1)
-            assert any(isinstance(p, FoldedPlan) for p in attend._PLANS.values()) == folded
-        assert ops.attention_schedule() == before
-    with pytest.raises(ValueError, match="schedule"):
-        ops.set_attention_schedule("fused")
+    hidden, image, embeds = torch.randn(2, 8), torch.randn(2, 4, 6), torch.randn(2, 5, 8)
+    slots = torch.tensor([[1, 3], [0, 4]])
+    layers = {schedule: InteractiveLayer(8, 6, 8, 2, 1, 2, backend="triton", attention=schedule)
+              for schedule in ("folded", "split")}
+    layers["split"].load_state_dict(layers["folded"].state_dict())
+    want = InteractiveLayer(8, 6, 8, 2, 1, 2, backend="reference")
+    want.load_state_dict(layers["folded"].state_dict())
+    attend._PLANS.clear()
+    for schedule in ("folded", "split", "folded"):
+        with torch.no_grad():
+            out = layers[schedule](hidden, image, embeds, slots)
+            torch.testing.assert_close(out, want(hidden, image, embeds, slots), rtol=1e-4, atol=1e-4)
+        assert layers[schedule].attention == schedule
+    # One plan per schedule, both kept.
+    assert sorted(isinstance(p, FoldedPlan) for p in attend._PLANS.values()) == [False, True]
+    with pytest.raises(ValueError, match="attention"):
+        InteractiveLayer(8, 6, 8, 2, 1, 2, attention="fused")

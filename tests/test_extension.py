@@ -4,8 +4,8 @@ Nothing here runs a CUDA kernel; tests/test_cuda_gpu.py does, on a GPU.
 Meta tensors stand in for device data: they run the operators' fake
 implementations and autograd formulas with shapes only.
 
-Without the extension (a machine with no CUDA toolchain) its tests skip with the
-reason setup.py recorded; with ``LMEYE_FAST_REQUIRE_EXTENSION=1`` (set by .ci/run)
+Without the extension (installed with ``LMEYE_FAST_SKIP_CUDA_BUILD=1``) its tests skip with
+the reason setup.py recorded; with ``LMEYE_FAST_REQUIRE_EXTENSION=1`` (set by .ci/run)
 they fail with it instead, so CI cannot pass on a build that produced no ``_C``.
 """
 

@@ -1,6 +1,6 @@
 """The reference against an independent float64 loop implementation, and gradcheck.
 
-The loop version below is written from DESIGN.md §3 directly, one row, head
+The loop version below is written from docs/design.md §2 directly, one row, head
 and request at a time, sharing no code with lmeye_fast.reference.
 Tolerance: both run in float64, so they agree to 1e-10 relative.
 """

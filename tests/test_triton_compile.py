@@ -83,8 +83,8 @@ def test_opcheck_every_op():
     assert len(seen) == 13
 
 
-def make_layers(dtype=torch.float32):
-    layer = InteractiveLayer(40, 24, 32, 3, 2, 2, backend="triton", device=DEVICE, dtype=dtype)
+def make_layers(dtype=torch.float32, attention="auto"):
+    layer = InteractiveLayer(40, 24, 32, 3, 2, 2, backend="triton", attention=attention, device=DEVICE, dtype=dtype)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
@@ -102,9 +102,9 @@ def inputs(dtype=torch.float32):
     return hidden, image, embeds, slot_pos, request_pos, mask
 
 
-def compiled_matches_eager(backend):
+def compiled_matches_eager(backend, attention):
     torch._dynamo.reset()
-    layer = make_layers()
+    layer = make_layers(attention=attention)
     hidden, image, embeds, slot_pos, request_pos, mask = inputs()
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     params = list(layer.parameters())
@@ -125,10 +125,10 @@ def compiled_matches_eager(backend):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; the GPU runs the inductor test below")
 def test_compile_fullgraph_aot_eager(attention_schedule):
-    compiled_matches_eager("aot_eager")
+    compiled_matches_eager("aot_eager", attention_schedule)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor over Triton kernels needs a CUDA device")
 def test_compile_fullgraph_inductor(attention_schedule):
-    compiled_matches_eager("inductor")
+    compiled_matches_eager("inductor", attention_schedule)

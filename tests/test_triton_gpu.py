@@ -30,7 +30,8 @@ def run(layer, inputs, grad, inplace):
     return out, dict(zip(list(named) + ["hidden", "image", "embeds"], got))
 
 
-def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, heads, inplace, masked=True):
+def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, heads, inplace, masked=True,
+                attention="auto"):
     assert backends.status("triton")[0]
     dev = "cuda"
     layer64 = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev,
@@ -40,7 +41,8 @@ def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, he
         for p in layer64.parameters():
             p.copy_((torch.randn_like(p) / p.shape[-1] ** 0.5).to(dtype))
     low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev, dtype=dtype)
-    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", device=dev, dtype=dtype)
+    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", attention=attention, device=dev,
+                           dtype=dtype)
     low.load_state_dict(layer64.state_dict())
     tri.load_state_dict(layer64.state_dict())
     length = seq + num_req
@@ -73,13 +75,13 @@ def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, he
 @pytest.mark.parametrize("shape", [(3, 9, 200, 72, 37, 48, 5, 2, 3), (2, 5, 64, 64, 1, 64, 16, 1, 1),
                                    (1, 4, 96, 40, 1024, 32, 1, 1, 2)], ids=str)
 def test_bf16_layer(shape, inplace, attention_schedule):
-    check_layer(torch.bfloat16, *shape, inplace=inplace)
+    check_layer(torch.bfloat16, *shape, inplace=inplace, attention=attention_schedule)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_7b_shape(dtype, attention_schedule):
     # LMEye-7B: B=32, T=512, D=4096, Dv=1024, N=257, Di=768, R=5, S=1, H=12
-    check_layer(dtype, 32, 512, 4096, 1024, 257, 768, 5, 1, 12, inplace=True)
+    check_layer(dtype, 32, 512, 4096, 1024, 257, 768, 5, 1, 12, inplace=True, attention=attention_schedule)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,
@@ -88,24 +90,21 @@ def test_7b_shape(dtype, attention_schedule):
 def test_layer_on_a_device_that_is_not_current(schedule):
     """Triton launches on the current device unless told otherwise: every launch must follow its
     tensors to cuda:1 (and its stream), forward and backward, while cuda:0 stays current."""
-    from lmeye_fast import ops
-
     batch, seq, llm, vision, tokens, width, num_req, heads = 2, 7, 96, 40, 9, 32, 3, 2
-    with ops.using_attention_schedule(schedule):
-        layers = {dev: InteractiveLayer(llm, vision, width, num_req, 1, heads, backend="triton", device=dev)
-                  for dev in ("cuda:0", "cuda:1")}
-        layers["cuda:1"].load_state_dict(layers["cuda:0"].state_dict())
-        inputs = [torch.randn(batch, seq, llm), torch.randn(batch, tokens, vision),
-                  torch.randn(batch, seq + num_req, llm)]
-        slot_pos = torch.arange(seq, seq + num_req).expand(batch, num_req)
-        request_pos = torch.tensor([seq - 1, seq - 2])
-        results = {}
-        torch.cuda.set_device(0)
-        for dev, layer in layers.items():
-            h, x, e = (t.to(dev).requires_grad_() for t in inputs)
-            out = layer(h, x, e * 1, slot_pos.to(dev), request_pos=request_pos.to(dev), inplace=True)
-            grads = torch.autograd.grad(out, [h, x, *layer.parameters()], torch.ones_like(out))
-            results[dev] = [out, *grads]
-            assert torch.cuda.current_device() == 0
-        for got, want in zip(results["cuda:1"], results["cuda:0"]):
-            torch.testing.assert_close(got.to("cuda:0"), want)
+    layers = {dev: InteractiveLayer(llm, vision, width, num_req, 1, heads, backend="triton", attention=schedule,
+                                    device=dev) for dev in ("cuda:0", "cuda:1")}
+    layers["cuda:1"].load_state_dict(layers["cuda:0"].state_dict())
+    inputs = [torch.randn(batch, seq, llm), torch.randn(batch, tokens, vision),
+              torch.randn(batch, seq + num_req, llm)]
+    slot_pos = torch.arange(seq, seq + num_req).expand(batch, num_req)
+    request_pos = torch.tensor([seq - 1, seq - 2])
+    results = {}
+    torch.cuda.set_device(0)
+    for dev, layer in layers.items():
+        h, x, e = (t.to(dev).requires_grad_() for t in inputs)
+        out = layer(h, x, e * 1, slot_pos.to(dev), request_pos=request_pos.to(dev), inplace=True)
+        grads = torch.autograd.grad(out, [h, x, *layer.parameters()], torch.ones_like(out))
+        results[dev] = [out, *grads]
+        assert torch.cuda.current_device() == 0
+    for got, want in zip(results["cuda:1"], results["cuda:0"]):
+        torch.testing.assert_close(got.to("cuda:0"), want)

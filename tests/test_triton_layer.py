@@ -75,7 +75,8 @@ def test_layer_parity(dtype, inplace, case, attention_schedule):
         for p in layer64.parameters():
             p.copy_((torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5).to(dtype))
     low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=DEVICE, dtype=dtype)
-    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", device=DEVICE, dtype=dtype)
+    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", attention=attention_schedule,
+                           device=DEVICE, dtype=dtype)
     low.load_state_dict(layer64.state_dict())
     tri.load_state_dict(layer64.state_dict())
     assert all(torch.equal(a.double(), b) for a, b in zip(tri.parameters(), layer64.parameters()))

@@ -11,6 +11,7 @@ pass-through and must equal the upstream gradient exactly.
 """
 
 import contextlib
+import functools
 import math
 import os
 
@@ -193,26 +194,27 @@ ATTEND_CASES = [
 ]
 
 
-# Kernel variants (launch configs of attend_fwd / attend_bwd): F materialised
-# (SPLIT) or formed on chip, in the forward and the backward, and 1, 2 or 4 heads
-# per program (HEADS). A split forward hands its F to the backward; a fused
-# forward leaves the backward to form F again, by GEMM or on chip. The folded
-# schedule (FOLDED, ops/attend_folded.py) never forms F.
-ATTEND_VARIANTS = {"split-h1": (1, 1, 1, 0), "fused-h2": (0, 0, 2, 0), "split-h4": (1, 1, 4, 0),
-                   "fused-fwd-h1": (0, 1, 1, 0), "folded": (1, 1, 1, 1)}
+# Kernel variants: launch configs of attend_fwd / attend_bwd, F materialised (SPLIT) or formed on
+# chip, in the forward and the backward, and 1, 2 or 4 heads per program (HEADS); and the schedule
+# (the ``schedule`` argument). A split forward hands its F to the backward; a fused forward leaves
+# the backward to form F again, by GEMM or on chip. The folded schedule (ops/attend_folded.py) never
+# forms F.
+ATTEND_VARIANTS = {"split-h1": (1, 1, 1, "split"), "fused-h2": (0, 0, 2, "split"), "split-h4": (1, 1, 4, "split"),
+                   "fused-fwd-h1": (0, 1, 1, "split"), "folded": (1, 1, 1, "folded")}
 
 
 @contextlib.contextmanager
 def attend_configs(variant):
+    """The variant's launch configs for the ``with`` block; yields ``attend_decomposed`` with its schedule."""
+    from lmeye_fast.ops.attend import attend_decomposed
     from lmeye_fast.ops.triton_launch import CONFIGS, set_config
 
-    split_fwd, split_bwd, heads, folded = ATTEND_VARIANTS[variant]
+    split_fwd, split_bwd, heads, schedule = ATTEND_VARIANTS[variant]
     saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
     try:
         for name, split in (("attend_fwd", split_fwd), ("attend_bwd", split_bwd)):
             set_config(name, {**saved[name], "SPLIT": split, "HEADS": heads})
-        set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": folded})
-        yield
+        yield functools.partial(attend_decomposed, schedule=schedule)
     finally:
         for name, cfg in saved.items():
             set_config(name, cfg)
@@ -220,14 +222,14 @@ def attend_configs(variant):
 
 @pytest.fixture(params=list(ATTEND_VARIANTS))
 def attend_variant(request):
-    with attend_configs(request.param):
-        yield request.param
+    with attend_configs(request.param) as attend_decomposed:
+        yield request.param, attend_decomposed
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTEND_CASES, ids=lambda c: "B{}R{}Di{}N{}Dv{}S{}H{}m{}".format(*c))
 def test_attend_decomposed(dtype, case, attend_variant):
-    from lmeye_fast.ops.attend import attend_decomposed
+    _, attend_decomposed = attend_variant
 
     batch, num_req, width, tokens, vision, subs, heads, masked = case
     r = leaf(batch, num_req, width, dtype=dtype)
@@ -245,7 +247,7 @@ def test_attend_decomposed(dtype, case, attend_variant):
 
 
 def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
-    from lmeye_fast.ops.attend import attend_decomposed
+    _, attend_decomposed = attend_variant
 
     r = noncontig(leaf(2, 3, 16, dtype=torch.float32))
     x = noncontig(leaf(2, 4, 18, dtype=torch.float32))
@@ -268,7 +270,7 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
     """Image features from a frozen vision encoder need no gradient: the backward skips it (the
     op hands back an empty tensor) and every other gradient still matches the reference."""
     from lmeye_fast.ops import attend, attend_folded
-    from lmeye_fast.ops.attend import attend_decomposed
+    variant, attend_decomposed = attend_variant
 
     r, w, b = leaf(2, 3, 16, dtype=torch.float32), leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
     x = leaf(2, 7, 12, dtype=torch.float32).detach()
@@ -276,7 +278,7 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
     compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, b], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
     grad = torch.randn(2, 3, 16, device=DEVICE)
-    if attend_variant == "folded":
+    if variant == "folded":
         _, probs, q, u, sums = attend_folded.attend_folded_fwd(r, x, mask, w, b, 2, 2)
         full = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2)
         part = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2, False)
@@ -292,7 +294,7 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
 def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
     """Without gradients the forward runs from its cached launch plan outside autograd: the same
     kernels, so the same bits."""
-    from lmeye_fast.ops.attend import attend_decomposed
+    _, attend_decomposed = attend_variant
 
     r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 7, 12, dtype=torch.float32)
     w, b = leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
@@ -304,7 +306,7 @@ def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
 
 
 def folded_association(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-    """The attention of DESIGN.md §3 in the folded association, in plain PyTorch (autograd for the
+    """The attention of docs/design.md §2 in the folded association, in plain PyTorch (autograd for the
     backward): the requests pulled through W_f, ``softmax((r W_kh) X_nᵀ + r b_kh) X`` pushed back.
     A second correct implementation whose rounding differs from the reference's."""
     batch, num_req, width = requests.shape
@@ -336,7 +338,7 @@ def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_v
     that. Here the bound takes the larger error of two correct fp32 implementations (the reference,
     and the folded association in PyTorch), so a kernel several times worse than both still fails
     (as the split backward did when it took delta from the forward's output: 10-37x)."""
-    from lmeye_fast.ops.attend import attend_decomposed
+    variant, attend_decomposed = attend_variant
 
     r = leaf(3, 4, 16, dtype=torch.float32)
     x = leaf(3, 5, 18, dtype=torch.float32)
@@ -375,8 +377,8 @@ def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     r = leaf(2, 3, 16, dtype=torch.float32)
     x = leaf(2, 5, 12, dtype=torch.float32)
     w = leaf(16, 12, dtype=torch.float32)
-    with attend_configs(variant):
-        attend.attend_decomposed(r, x, None, w, None, 2, 1).sum().backward()
+    with attend_configs(variant) as attend_decomposed:
+        attend_decomposed(r, x, None, w, None, 2, 1).sum().backward()
     assert len(calls) == expected
     assert r.grad is not None and x.grad is not None and w.grad is not None
 

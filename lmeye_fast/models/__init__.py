@@ -5,11 +5,17 @@
     batch = processor(prompts, answers, images=pixel_values)
     loss = model(**batch).loss                   # single pass: the prefix runs once, on a KV cache
     tokens = model.generate(**processor(prompts, images=pixel_values), max_new_tokens=8)
+
+    processor, model = published(tokenizer, llm, clip_model)   # LMEye as released: one global <img> token
 """
 
+from .clip_interaction import CLIPTextInteraction
 from .config import LMEyeConfig
 from .modeling import LMEyeModel, LMEyeOutput
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
+from .presets import patch_tokens, published
 from .training import train
+from .vision import CLIPImageEncoder
 
-__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch", "IGNORE_INDEX", "train"]
+__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch", "IGNORE_INDEX", "train",
+           "CLIPTextInteraction", "CLIPImageEncoder", "published", "patch_tokens"]

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["LMEyeConfig", "SCHEDULES", "CONFIG_FILE"]
+__all__ = ["LMEyeConfig", "SCHEDULES", "VISION_FEATURES", "CONFIG_FILE"]
 
 SCHEDULES = ("single_pass", "two_pass", "static")
-VISION_FEATURES = ("tokens", "pooled")
+VISION_FEATURES = ("tokens", "pooled", "projected")
 CONFIG_FILE = "lmeye_config.json"
 FORMAT_VERSION = 1
 
@@ -25,15 +25,23 @@ class LMEyeConfig:
 
     Attributes:
         num_image_tokens: static image tokens (``<img>`` slots) per image, equal
-            to the number of vision features N the vision module returns.
+            to the number of features N of ``static_feature`` (1 for the pooled or
+            projected embedding, every patch token plus the class token for ``"tokens"``).
         num_requests: R, request / transmitted tokens (``<img-d>`` slots).
         interaction_dim, sub_features, num_heads: the IPN's Di, S and H.
         static_hidden_dim: hidden width of a two-layer static mapping, or None
             for the linear mapping.
-        vision_dim: Dv; read off ``vision.config.hidden_size`` when None.
-        vision_feature: ``"tokens"`` (``last_hidden_state``, all tokens) or
-            ``"pooled"`` (``pooler_output``, one token) of a Hugging Face vision
-            model; a module returning a tensor is used as it is.
+        vision_dim: Dv, the width of the IPN's image features; read off the
+            vision module when None.
+        static_vision_dim: the width of the static mapping's image features;
+            read off the vision module when None, else equal to ``vision_dim``.
+        static_feature, ipn_feature: which output of the vision module the
+            static mapping and the IPN read: ``"tokens"`` (``last_hidden_state``,
+            all tokens), ``"pooled"`` (``pooler_output``, one token) or
+            ``"projected"`` (CLIP's projected image embedding, one token, as
+            ``CLIPModel.get_image_features`` or ``CLIPVisionModelWithProjection``
+            give it). One vision pass serves both; a module returning a tensor
+            is used as it is by both.
         schedule: default schedule, ``"single_pass"``, ``"two_pass"`` or
             ``"static"`` (no IPN: the static-only model).
         interaction: ``"attention"``, or the class name of a user interaction
@@ -48,7 +56,9 @@ class LMEyeConfig:
     static_hidden_dim: Optional[int] = None
     vision_dim: Optional[int] = None
     llm_dim: Optional[int] = None
-    vision_feature: str = "tokens"
+    static_vision_dim: Optional[int] = None
+    static_feature: str = "tokens"
+    ipn_feature: str = "tokens"
     image_token_id: Optional[int] = None
     request_token_id: Optional[int] = None
     slot_token_id: Optional[int] = None
@@ -66,8 +76,9 @@ class LMEyeConfig:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-        if self.vision_feature not in VISION_FEATURES:
-            raise ValueError(f"vision_feature: expected one of {VISION_FEATURES}, got {self.vision_feature!r}")
+        for name in ("static_feature", "ipn_feature"):
+            if getattr(self, name) not in VISION_FEATURES:
+                raise ValueError(f"{name}: expected one of {VISION_FEATURES}, got {getattr(self, name)!r}")
 
     def token_ids(self):
         return self.image_token_id, self.request_token_id, self.slot_token_id
@@ -77,6 +88,13 @@ class LMEyeConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LMEyeConfig":
+        data = dict(data)
+        if "vision_feature" in data:
+            # Configs written before the two consumers could read different outputs.
+            feature = data.pop("vision_feature")
+            data.setdefault("static_feature", feature)
+            data.setdefault("ipn_feature", feature)
+            data.setdefault("static_vision_dim", data.get("vision_dim"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

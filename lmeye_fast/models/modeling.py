@@ -31,11 +31,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
-from ..checks import INDEX_DTYPES, check_positions, check_tensor
+from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
 from .processor import IGNORE_INDEX
+from .vision import feature_shape, vision_features
 
 __all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE"]
 
@@ -52,14 +53,43 @@ class LMEyeOutput:
     logits: torch.Tensor
 
 
-def _adapter_modules(config: LMEyeConfig, llm_dim: int, vision_dim: int, interaction: Optional[nn.Module],
+def _adapter_modules(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn.Module],
                      device=None, dtype=None) -> Tuple[StaticVisualMapping, InteractiveLayer]:
-    static = StaticVisualMapping(vision_dim, llm_dim, config.static_hidden_dim, backend=config.backend,
+    static = StaticVisualMapping(config.static_vision_dim, llm_dim, config.static_hidden_dim, backend=config.backend,
                                  device=device, dtype=dtype)
-    ipn = InteractiveLayer(llm_dim, vision_dim, config.interaction_dim, config.num_requests, config.sub_features,
+    ipn = InteractiveLayer(llm_dim, config.vision_dim, config.interaction_dim, config.num_requests, config.sub_features,
                            config.num_heads, interaction if interaction is not None else "attention",
                            backend=config.backend, device=device, dtype=dtype)
     return static, ipn
+
+
+def _ipn_state(ipn: InteractiveLayer) -> Dict[str, torch.Tensor]:
+    """The IPN's tensors for the adapter file: a frozen user interaction module (a CLIP text encoder)
+    comes from its own checkpoint and is passed again when loading, so its weights are left out; one
+    with trainable parameters is part of the adapter."""
+    state = ipn.state_dict()
+    interaction = ipn.interaction
+    if interaction is not None and not any(p.requires_grad for p in interaction.parameters()):
+        state = {k: v for k, v in state.items() if not k.startswith("interaction.")}
+    return state
+
+
+def _feature_widths(config: LMEyeConfig, vision: Optional[nn.Module]) -> Tuple[int, int]:
+    """(IPN feature width Dv, static feature width): the config's, else read off the vision module."""
+    def read(feature):
+        return None if vision is None else feature_shape(vision, feature)[1]
+
+    vision_dim = config.vision_dim if config.vision_dim is not None else read(config.ipn_feature)
+    if vision_dim is None:
+        raise ValueError(f"config.vision_dim: required when the vision module does not tell the width of its "
+                         f"{config.ipn_feature!r} features (the IPN's)")
+    static_dim = config.static_vision_dim if config.static_vision_dim is not None else read(config.static_feature)
+    if static_dim is None:
+        if vision is not None and config.static_feature != config.ipn_feature:
+            raise ValueError(f"config.static_vision_dim: required when the vision module does not tell the width "
+                             f"of its {config.static_feature!r} features (the static mapping's)")
+        static_dim = vision_dim
+    return vision_dim, static_dim
 
 
 class LMEyeModel(nn.Module):
@@ -70,9 +100,11 @@ class LMEyeModel(nn.Module):
             to ``config.vocab_size`` when the special tokens lie beyond them.
         config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
         vision: a module called as ``vision(pixel_values)`` that returns image
-            features (B, N, Dv) or (B, Dv), or a Hugging Face vision model
-            (``config.vision_feature`` picks its token or pooled output). None
-            when the caller passes ``image_features`` directly.
+            features (B, N, Dv) or (B, Dv), or a Hugging Face CLIP model
+            (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel``)
+            whose outputs ``config.static_feature`` and ``config.ipn_feature``
+            pick (see ``lmeye_fast.models.vision``). None when the caller passes
+            ``image_features`` (and ``static_features``) directly.
         interaction: an optional user interaction module for the IPN
             (see ``InteractiveLayer``).
 
@@ -96,16 +128,17 @@ class LMEyeModel(nn.Module):
         if config.llm_dim is not None and config.llm_dim != llm_dim:
             raise ValueError(f"llm: its embeddings are {llm_dim} wide, but the config was made for "
                              f"llm_dim={config.llm_dim}")
-        vision_dim = config.vision_dim
-        if vision_dim is None:
-            vision_dim = getattr(getattr(vision, "config", None), "hidden_size", None)
-            if vision_dim is None:
-                raise ValueError("config.vision_dim: required when the vision module has no config.hidden_size")
+        vision_dim, static_dim = _feature_widths(config, vision)
+        count = None if vision is None else feature_shape(vision, config.static_feature)[0]
+        if count is not None and count != config.num_image_tokens:
+            raise ValueError(f"num_image_tokens: the config has {config.num_image_tokens} <img> slots, but the "
+                             f"vision module's {config.static_feature!r} features are {count} tokens per image "
+                             f"(build the processor with num_image_tokens={count})")
         if interaction is None and config.interaction != "attention":
             raise ValueError(f"interaction: the config names a user interaction module ({config.interaction}); "
                              "pass an instance of it")
         self.config = LMEyeConfig.from_dict({**config.to_dict(), "llm_dim": llm_dim, "vision_dim": vision_dim,
-                                             "interaction": "attention" if interaction is None
+                                             "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
                                              else type(interaction).__name__})
         if max(config.token_ids()) >= embedding.num_embeddings:
             llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
@@ -114,7 +147,7 @@ class LMEyeModel(nn.Module):
         self.llm = llm.requires_grad_(False)
         self.vision = vision.requires_grad_(False) if vision is not None else None
         device = embedding.weight.device
-        self.static, self.ipn = _adapter_modules(self.config, llm_dim, vision_dim, interaction, device=device)
+        self.static, self.ipn = _adapter_modules(self.config, llm_dim, interaction, device=device)
         with torch.no_grad():
             # <img> rows become exactly the mapped image tokens (the mapping adds
             # into them); <img-q> and <img-d> start as an average word.
@@ -130,11 +163,15 @@ class LMEyeModel(nn.Module):
 
     def set_stage(self, stage: int, train_special_tokens: bool = False) -> "LMEyeModel":
         """Stage 1 trains the static mapping (captioning); stage 2 the IPN and, if asked,
-        the special-token embeddings (instructions). The LLM and vision stay frozen."""
+        the special-token embeddings (instructions). The LLM and vision stay frozen, and a
+        user interaction module keeps the ``requires_grad`` it came with (a frozen CLIP text
+        encoder stays frozen; one the user made trainable trains)."""
         if stage not in (1, 2):
             raise ValueError(f"stage: expected 1 or 2, got {stage!r}")
         self.static.requires_grad_(stage == 1)
-        self.ipn.requires_grad_(stage == 2)
+        for name, param in self.ipn.named_parameters():
+            if not name.startswith("interaction."):
+                param.requires_grad_(stage == 2)
         self.special_embed.requires_grad_(stage == 2 and train_special_tokens)
         return self
 
@@ -148,16 +185,17 @@ class LMEyeModel(nn.Module):
 
     # ------------------------------------------------------------- pieces
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The vision module's features (B, N, Dv) for ``pixel_values``."""
+    def encode_images(self, pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One vision pass over ``pixel_values``: ``{"image_features": (B, M, Dv) for the IPN,
+        "static_features": (B, N, Ds) for the static mapping}`` (one tensor twice when both read
+        the same output), to pass to ``forward`` / ``generate`` in place of ``pixel_values``."""
         if self.vision is None:
-            raise ValueError("pixel_values: this model has no vision module; pass image_features (B, N, Dv)")
+            raise ValueError("pixel_values: this model has no vision module; pass image_features (B, M, Dv) "
+                             "and static_features (B, N, Ds)")
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self.vision(pixel_values)
-        if not isinstance(out, torch.Tensor):
-            out = out.pooler_output if self.config.vision_feature == "pooled" else out.last_hidden_state
-        return out[:, None] if out.dim() == 2 else out
+            out = vision_features(self.vision, pixel_values, (self.config.static_feature, self.config.ipn_feature))
+        return {"image_features": out[self.config.ipn_feature], "static_features": out[self.config.static_feature]}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the special tokens' rows taken from ``special_embed`` (trainable on its own)."""
@@ -167,13 +205,17 @@ class LMEyeModel(nn.Module):
         return torch.where(match.any(dim=-1, keepdim=True), special, embeds)
 
     def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
-                image_features, image_mask, request_pos, slot_pos, schedule, validate):
+                image_features, static_features, image_mask, request_pos, slot_pos, schedule, validate):
         schedule = schedule or self.config.schedule
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
         check_tensor("input_ids", input_ids, (None, None), INDEX_DTYPES, dims="(B, T)")
         batch, total = input_ids.shape
         device = input_ids.device
+        limit = _max_positions(self.llm)
+        if limit is not None and total > limit:
+            raise ValueError(f"input_ids: {total} tokens, more than the LLM's {limit} positions "
+                             f"(config.max_position_embeddings); shorten the prompts")
         check_tensor("attention_mask", attention_mask, (batch, total), INDEX_DTYPES + (torch.bool,), device,
                      dims="(B, T)")
         if not isinstance(prefix_len, int) or not 1 <= prefix_len < total:
@@ -184,10 +226,21 @@ class LMEyeModel(nn.Module):
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("pixel_values / image_features: one of them is required")
-            image_features = self.image_features(pixel_values)
+            encoded = self.encode_images(pixel_values)
+            image_features, static_features = encoded["image_features"], encoded["static_features"]
+        if static_features is None:
+            if self.config.static_feature != self.config.ipn_feature:
+                raise ValueError(f"static_features: required with image_features, since the static mapping reads "
+                                 f"the {self.config.static_feature!r} features and the IPN the "
+                                 f"{self.config.ipn_feature!r} ones (model.encode_images gives both)")
+            static_features = image_features
         num_image = self.config.num_image_tokens
-        check_tensor("image_features", image_features, (batch, num_image, self.config.vision_dim), device=device,
-                     dims="(B, N, Dv)")
+        check_tensor("image_features", image_features, (batch, None, self.config.vision_dim), device=device,
+                     dims="(B, M, Dv)")
+        # One tensor read by both consumers is named as the caller passed it.
+        static_name = "image_features" if static_features is image_features else "static_features"
+        check_tensor(static_name, static_features, (batch, num_image, self.config.static_vision_dim),
+                     device=device, dims="(B, N, Ds)")
         check_tensor("image_pos", image_pos, (batch, num_image), INDEX_DTYPES, device, dims="(B, N)")
         if request_pos is None:
             request_pos = torch.full((batch,), prefix_len - 1, dtype=torch.long, device=device)
@@ -195,11 +248,11 @@ class LMEyeModel(nn.Module):
             slot_pos = prefix_len + torch.arange(self.config.num_requests, device=device).expand(batch, -1)
         check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
         check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
-        if validate:
+        if validating(validate):
             check_positions("image_pos", image_pos, prefix_len, distinct=True)
             check_positions("request_pos", request_pos, prefix_len)
             check_positions("slot_pos", slot_pos - prefix_len, total - prefix_len, distinct=True)
-        return (schedule, attention_mask, position_ids, image_features, request_pos, slot_pos)
+        return (schedule, attention_mask, position_ids, static_features, image_features, request_pos, slot_pos)
 
     def _loss(self, logits, labels, prefix_len):
         """Mean cross-entropy of the labelled tokens; ``logits`` cover the suffix columns.
@@ -232,6 +285,7 @@ class LMEyeModel(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         image_features: Optional[torch.Tensor] = None,
+        static_features: Optional[torch.Tensor] = None,
         image_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         request_pos: Optional[torch.Tensor] = None,
@@ -242,32 +296,36 @@ class LMEyeModel(nn.Module):
     ) -> LMEyeOutput:
         """Run one batch of ``LMEyeProcessor`` (``model(**batch)``).
 
-        ``request_pos`` must lie in the prefix and ``slot_pos`` in the suffix
+        The images come as ``pixel_values`` (one vision pass), or as
+        ``image_features`` (B, M, Dv), the IPN's, with ``static_features``
+        (B, N, Ds), the static mapping's (``encode_images`` gives both; when both
+        read the same output ``image_features`` alone will do). ``image_mask``
+        (B, M) masks the IPN's features. ``request_pos`` must lie in the prefix and ``slot_pos`` in the suffix
         (the processor's layout; ``validate=True`` checks it at the cost of a
         host sync). ``all_logits`` also returns the prefix columns' logits.
         """
-        schedule, attention_mask, position_ids, image, request_pos, slot_pos = self._inputs(
+        schedule, attention_mask, position_ids, static_image, image, request_pos, slot_pos = self._inputs(
             input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
-            image_mask, request_pos, slot_pos, schedule, validate)
+            static_features, image_mask, request_pos, slot_pos, schedule, validate)
         self._check_checkpointing(schedule)
         run = {"single_pass": self._single_pass, "two_pass": self._two_pass, "static": self._static}[schedule]
-        logits = run(input_ids, attention_mask, position_ids, image, image_mask, image_pos, request_pos, slot_pos,
-                     prefix_len, all_logits)
+        logits = run(input_ids, attention_mask, position_ids, static_image, image, image_mask, image_pos,
+                     request_pos, slot_pos, prefix_len, all_logits)
         suffix_logits = logits[:, prefix_len:] if all_logits else logits
         return LMEyeOutput(loss=self._loss(suffix_logits, labels, prefix_len), logits=logits)
 
     def _keep(self, total, prefix_len, all_logits):
         return 0 if all_logits else total - prefix_len
 
-    def _static(self, input_ids, mask, pos, image, image_mask, image_pos, request_pos, slot_pos, prefix_len,
-                all_logits):
-        embeds = self.static(image, self.embed(input_ids), image_pos, inplace=True)
+    def _static(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
+                prefix_len, all_logits):
+        embeds = self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
                         logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
 
-    def _two_pass(self, input_ids, mask, pos, image, image_mask, image_pos, request_pos, slot_pos, prefix_len,
-                  all_logits):
-        embeds = self.static(image, self.embed(input_ids), image_pos, inplace=True)
+    def _two_pass(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
+                  prefix_len, all_logits):
+        embeds = self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                               use_cache=False).last_hidden_state
         # Out of place: the first pass keeps ``embeds`` for its backward.
@@ -275,9 +333,10 @@ class LMEyeModel(nn.Module):
         return self.llm(inputs_embeds=filled, attention_mask=mask, position_ids=pos, use_cache=False,
                         logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
 
-    def _prefill(self, input_ids, mask, pos, image, image_pos, prefix_len, prefix_logits=False):
-        """Run the prefix with a fresh KV cache: (cache, prefix hidden states, prefix logits or None)."""
-        embeds = self.static(image, self.embed(input_ids[:, :prefix_len]), image_pos, inplace=True)
+    def _prefill(self, input_ids, mask, pos, static_image, image_pos, prefix_len, prefix_logits=False):
+        """Run the prefix with a fresh KV cache: (cache, prefix hidden states, prefix logits or None,
+        prefix embeddings)."""
+        embeds = self.static(static_image, self.embed(input_ids[:, :prefix_len]), image_pos, inplace=True)
         cache = new_cache(self.llm.config)
         common = dict(inputs_embeds=embeds, attention_mask=mask[:, :prefix_len], position_ids=pos[:, :prefix_len],
                       use_cache=True, **{self._cache_key: cache})
@@ -293,9 +352,9 @@ class LMEyeModel(nn.Module):
         return self.ipn(hidden, image, suffix, slot_pos - prefix_len, request_pos=request_pos,
                         image_mask=image_mask, inplace=True)
 
-    def _single_pass(self, input_ids, mask, pos, image, image_mask, image_pos, request_pos, slot_pos, prefix_len,
-                     all_logits):
-        cache, hidden, prefix_logits, _ = self._prefill(input_ids, mask, pos, image, image_pos, prefix_len,
+    def _single_pass(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
+                     prefix_len, all_logits):
+        cache, hidden, prefix_logits, _ = self._prefill(input_ids, mask, pos, static_image, image_pos, prefix_len,
                                                         all_logits)
         suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
         logits = self.llm(inputs_embeds=suffix, attention_mask=mask, position_ids=pos[:, prefix_len:],
@@ -314,6 +373,7 @@ class LMEyeModel(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         image_features: Optional[torch.Tensor] = None,
+        static_features: Optional[torch.Tensor] = None,
         image_mask: Optional[torch.Tensor] = None,
         request_pos: Optional[torch.Tensor] = None,
         slot_pos: Optional[torch.Tensor] = None,
@@ -329,21 +389,21 @@ class LMEyeModel(nn.Module):
         tokens (B, L).
         """
         del labels  # a training batch may be passed as it is; its answers are not part of the prompt
-        schedule, attention_mask, position_ids, image, request_pos, slot_pos = self._inputs(
+        schedule, attention_mask, position_ids, static_image, image, request_pos, slot_pos = self._inputs(
             input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
-            image_mask, request_pos, slot_pos, schedule, False)
+            static_features, image_mask, request_pos, slot_pos, schedule, False)
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
         if self.config.eos_token_id is not None:
             generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
         if schedule == "single_pass":
-            cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, image, image_pos,
-                                                     prefix_len)
+            cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, static_image,
+                                                     image_pos, prefix_len)
             suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
             # generate() runs only the columns the cache does not hold yet: the suffix.
             embeds = torch.cat([prefix, suffix], dim=1)
             generate_kwargs[self._cache_key] = cache
         else:
-            embeds = self.static(image, self.embed(input_ids), image_pos, inplace=True)
+            embeds = self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
             if schedule == "two_pass":
                 hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, use_cache=False).last_hidden_state
@@ -354,9 +414,10 @@ class LMEyeModel(nn.Module):
     # ------------------------------------------------------------- save / load
 
     def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The adapter's tensors only: static mapping, IPN, special-token embeddings."""
+        """The adapter's tensors only: static mapping, IPN, special-token embeddings (and a user
+        interaction module's weights when any of them trains; a frozen one is passed again when loading)."""
         state = {f"static.{k}": v for k, v in self.static.state_dict().items()}
-        state.update({f"ipn.{k}": v for k, v in self.ipn.state_dict().items()})
+        state.update({f"ipn.{k}": v for k, v in _ipn_state(self.ipn).items()})
         state["special_embed"] = self.special_embed.detach()
         return state
 
@@ -381,14 +442,16 @@ class LMEyeModel(nn.Module):
         if config.llm_dim is not None and config.llm_dim != llm_dim:
             raise ValueError(f"llm: the adapter in {directory} was saved for an LLM {config.llm_dim} wide, "
                              f"this one is {llm_dim} wide")
-        if vision is not None and config.vision_dim is not None:
-            width = getattr(getattr(vision, "config", None), "hidden_size", config.vision_dim)
-            if width != config.vision_dim:
-                raise ValueError(f"vision: the adapter in {directory} was saved for vision features "
-                                 f"{config.vision_dim} wide, this module's are {width} wide")
-        static, ipn = _adapter_modules(config, llm_dim, config.vision_dim, interaction, device="meta")
+        if vision is not None:
+            for feature, saved in ((config.ipn_feature, config.vision_dim),
+                                   (config.static_feature, config.static_vision_dim)):
+                width = feature_shape(vision, feature)[1]
+                if None not in (width, saved) and width != saved:
+                    raise ValueError(f"vision: the adapter in {directory} was saved for {feature!r} vision "
+                                     f"features {saved} wide, this module's are {width} wide")
+        static, ipn = _adapter_modules(config, llm_dim, interaction, device="meta")
         expected = {f"static.{k}": tuple(v.shape) for k, v in static.state_dict().items()}
-        expected.update({f"ipn.{k}": tuple(v.shape) for k, v in ipn.state_dict().items()})
+        expected.update({f"ipn.{k}": tuple(v.shape) for k, v in _ipn_state(ipn).items()})
         expected["special_embed"] = (3, llm_dim)
         _read_adapter(directory, expected)
         model = cls(llm, config, vision=vision, interaction=interaction)
@@ -400,7 +463,8 @@ class LMEyeModel(nn.Module):
         saved = LMEyeConfig.load(directory).to_dict()
         mine = self.config.to_dict()
         structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
-                      "static_hidden_dim", "vision_dim", "llm_dim", "image_token_id", "request_token_id",
+                      "static_hidden_dim", "vision_dim", "static_vision_dim", "static_feature", "ipn_feature",
+                      "llm_dim", "image_token_id", "request_token_id",
                       "slot_token_id", "interaction")
         differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
         if differ:
@@ -411,6 +475,16 @@ class LMEyeModel(nn.Module):
         with torch.no_grad():
             for key, value in state.items():
                 value.copy_(tensors[key])
+
+
+def _max_positions(llm: nn.Module) -> Optional[int]:
+    """How many positions the LLM's config says it has (GPT-2 names it n_positions), or None."""
+    config = getattr(llm, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _read_adapter(directory, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, torch.Tensor]:
@@ -428,6 +502,14 @@ def _read_adapter(directory, expected: Dict[str, Tuple[int, ...]]) -> Dict[str, 
         problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
         problems += [f"{k}: saved shape {shapes[k]}, expected {expected[k]}"
                      for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
+        # Floating tensors load into parameters of any floating dtype (cast as copy_ casts);
+        # integers or booleans where a parameter belongs mean the file is not an adapter.
+        dtypes = {k: f.get_slice(k).get_dtype() for k in set(shapes) & set(expected)}
+        problems += [f"{k}: saved as {dtypes[k]}, expected a floating dtype" for k in sorted(dtypes)
+                     if dtypes[k] not in ("F16", "BF16", "F32", "F64")]
         if problems:
             raise ValueError(f"{path}: does not match this model's adapter (" + "; ".join(problems) + ")")
-        return {k: f.get_tensor(k) for k in expected}
+        try:
+            return {k: f.get_tensor(k) for k in expected}
+        except Exception as exc:  # a file cut short passes the header checks and fails here
+            raise ValueError(f"{path}: its tensors cannot be read, the file is damaged or truncated ({exc})") from None

@@ -16,15 +16,31 @@ every row.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 from .config import LMEyeConfig
 
-__all__ = ["LMEyeProcessor", "LMEyeBatch", "IGNORE_INDEX"]
+__all__ = ["LMEyeProcessor", "LMEyeBatch", "TokenizedRow", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
+
+
+class TokenizedRow(NamedTuple):
+    """One row before padding (``LMEyeProcessor.pad``).
+
+    ``prefix``: token ids up to the end of the prefix (``<img-q>`` last when the
+    row has an image); ``image_start``: where its ``<img>`` block starts, None
+    for a row without image (it gets no slots, and the IPN writes nothing into
+    it); ``body``: the suffix after the ``<img-d>`` slots; ``body_labels``: one
+    label per ``body`` token, ``IGNORE_INDEX`` where there is no target.
+    """
+
+    prefix: List[int]
+    image_start: Optional[int]
+    body: List[int]
+    body_labels: List[int]
 
 
 class LMEyeBatch(dict):
@@ -71,7 +87,7 @@ class LMEyeProcessor:
         if self.add_bos and bos is None:
             raise ValueError("add_bos: the tokenizer has no BOS token")
         self.bos_token_id = bos
-        self.response_ids = self._encode(response_prefix)
+        self.response_ids = self.encode(response_prefix)
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -83,21 +99,30 @@ class LMEyeProcessor:
                            slot_token_id=self.slot_token_id, pad_token_id=self.pad_token_id,
                            eos_token_id=self.eos_token_id, vocab_size=len(self.tokenizer), **kwargs)
 
-    def _encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` without the tokenizer's BOS/EOS."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def _prefix(self, prompt: str):
-        """Token ids of one prompt up to and including ``<img-q>``, and where its image block starts."""
+    def prefix_ids(self, prompt: str, image: bool = True):
+        """Token ids of one prompt up to the end of the prefix, and where its image block starts.
+
+        With an image: ``[bos][text][<img> x N][text][<img-q>]`` (the image goes first
+        when the prompt has no ``<img>`` placeholder); without: ``[bos][text]`` and
+        None, and the prompt may not hold a placeholder.
+        """
         pieces = prompt.split(self.image_token)
-        if len(pieces) > 2:
-            raise ValueError(f"prompts: expected at most one {self.image_token!r} placeholder per prompt, "
+        if len(pieces) > 2 or (not image and len(pieces) > 1):
+            raise ValueError(f"prompts: expected {'at most one' if image else 'no'} {self.image_token!r} "
+                             f"placeholder in a prompt {'with' if image else 'without'} an image, "
                              f"got {len(pieces) - 1} in {prompt!r}")
+        ids = [self.bos_token_id] if self.add_bos else []
+        if not image:
+            return ids + self.encode(prompt), None
         if len(pieces) == 1:
             pieces = ["", prompt]
-        ids = [self.bos_token_id] if self.add_bos else []
-        ids += self._encode(pieces[0])
+        ids += self.encode(pieces[0])
         start = len(ids)
-        ids += [self.image_token_id] * self.num_image_tokens + self._encode(pieces[1]) + [self.request_token_id]
+        ids += [self.image_token_id] * self.num_image_tokens + self.encode(pieces[1]) + [self.request_token_id]
         return ids, start
 
     def __call__(self, prompts: Sequence[str], answers: Optional[Sequence[str]] = None,
@@ -126,41 +151,61 @@ class LMEyeProcessor:
         if images is not None and (not isinstance(images, torch.Tensor) or images.shape[0] != batch):
             raise ValueError(f"images: expected a tensor with batch size {batch}, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        prefixes, starts = zip(*(self._prefix(p) for p in prompts))
-        head = [self.slot_token_id] * self.num_requests + self.response_ids
-        tails = [self._encode(a) + ([] if self.eos_token_id is None else [self.eos_token_id]) for a in answers] \
+        tails = [self.encode(a) + ([] if self.eos_token_id is None else [self.eos_token_id]) for a in answers] \
             if answers is not None else [[] for _ in prompts]
-        prefix_len = max(len(p) for p in prefixes)
-        suffix_len = len(head) + max(len(t) for t in tails)
-        total = prefix_len + suffix_len
+        ignored = [IGNORE_INDEX] * len(self.response_ids)
+        rows = [TokenizedRow(*self.prefix_ids(prompt), self.response_ids + tail, ignored + tail)
+                for prompt, tail in zip(prompts, tails)]
+        out = self.pad(rows)
+        if answers is None:
+            del out["labels"]
+        if images is not None:
+            out["pixel_values"] = images
+        return out
+
+    def pad(self, rows: Sequence[TokenizedRow]) -> LMEyeBatch:
+        """Lay out tokenized rows as one batch: prefixes left-padded to P, ``<img-d>`` slots at
+        ``[P, P + R)`` of the rows with an image, bodies after them, right-padded.
+
+        A row without image has ``image_pos`` and ``slot_pos`` -1 (outside the sequence, so
+        nothing is written there) and its body starts at column P. Returns the tensors of
+        ``__call__`` with ``labels`` from ``body_labels``, without ``pixel_values``.
+        """
+        if not rows:
+            raise ValueError("rows: expected at least one row")
+        heads = [[self.slot_token_id] * self.num_requests if row.image_start is not None else [] for row in rows]
+        prefix_len = max(len(row.prefix) for row in rows)
+        total = prefix_len + max(len(head) + len(row.body) for head, row in zip(heads, rows))
+        batch = len(rows)
 
         input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, total), dtype=torch.long)
         labels = torch.full((batch, total), IGNORE_INDEX, dtype=torch.long)
-        image_start = torch.empty(batch, dtype=torch.long)
-        for row, (prefix, start, tail) in enumerate(zip(prefixes, starts, tails)):
-            pad = prefix_len - len(prefix)
-            end = prefix_len + len(head) + len(tail)
-            input_ids[row, pad:end] = torch.tensor(prefix + head + tail, dtype=torch.long)
-            attention_mask[row, pad:end] = 1
-            labels[row, end - len(tail):end] = torch.tensor(tail, dtype=torch.long)
-            image_start[row] = pad + start
-
+        image_start = torch.full((batch,), -1, dtype=torch.long)
+        for index, (row, head) in enumerate(zip(rows, heads)):
+            if len(row.body_labels) != len(row.body):
+                raise ValueError(f"rows[{index}]: {len(row.body)} body tokens but {len(row.body_labels)} labels")
+            pad = prefix_len - len(row.prefix)
+            end = prefix_len + len(head) + len(row.body)
+            input_ids[index, pad:end] = torch.tensor(row.prefix + head + row.body, dtype=torch.long)
+            attention_mask[index, pad:end] = 1
+            labels[index, end - len(row.body):end] = torch.tensor(row.body_labels, dtype=torch.long)
+            if row.image_start is not None:
+                image_start[index] = pad + row.image_start
+        has_image = (image_start >= 0)[:, None]
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-        out = LMEyeBatch(
+        image_pos = image_start[:, None] + torch.arange(self.num_image_tokens)
+        slot_pos = prefix_len + torch.arange(self.num_requests).expand(batch, -1)
+        return LMEyeBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            image_pos=image_start[:, None] + torch.arange(self.num_image_tokens),
+            image_pos=torch.where(has_image, image_pos, -1),
             request_pos=torch.full((batch,), prefix_len - 1, dtype=torch.long),
-            slot_pos=prefix_len + torch.arange(self.num_requests).expand(batch, -1).contiguous(),
+            slot_pos=torch.where(has_image, slot_pos, -1),
             prefix_len=prefix_len,
+            labels=labels,
         )
-        if answers is not None:
-            out["labels"] = labels
-        if images is not None:
-            out["pixel_values"] = images
-        return out
 
     def decode(self, token_ids) -> List[str]:
         """Generated token ids (B, L) -> B strings, without special tokens."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GPT2Config, LlamaConfig,
-                          OPTConfig, PreTrainedTokenizerFast, Qwen2Config)
+from transformers import (AutoModelForCausalLM, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
+                          LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config)
 
-__all__ = ["ARCHITECTURES", "word_tokenizer", "tiny_llm", "tiny_clip"]
+__all__ = ["ARCHITECTURES", "word_tokenizer", "tiny_llm", "tiny_clip", "tiny_clip_model"]
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2", "opt")
 
@@ -63,3 +63,18 @@ def tiny_clip(image_size: int = 32, patch_size: int = 8, hidden: int = 32, layer
                               intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
                               num_channels=3)
     return CLIPVisionModel(config)
+
+
+def tiny_clip_model(image_size: int = 32, patch_size: int = 8, hidden: int = 32, text_hidden: int = 32,
+                    layers: int = 2, heads: int = 4, text_positions: int = 32):
+    """A randomly initialised ``CLIPModel`` (vision and text towers, both projections to ``text_hidden``).
+
+    Its text vocabulary is a handful of ids, start and end the last two as in CLIP's own, enough for
+    ``CLIPTextInteraction``; ``text_positions`` bounds its sequences (sub-features + 3).
+    """
+    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_channels=3)
+    text = dict(vocab_size=8, hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=text_positions, pad_token_id=0, bos_token_id=6,
+                eos_token_id=7)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=text_hidden))

@@ -17,21 +17,24 @@ transmit_interleave    steps 4-5, the interleave as the epilogue
 ``backend="auto"`` takes, for tensors on a CUDA device, the first available
 backend of ``AUTO_ORDER[op]`` (the order is what benchmarks/RESULTS.md
 measured), and the reference elsewhere.
+
+``attend_decomposed`` takes the Triton backend's attention schedule as its last argument,
+``schedule`` (one of ``ATTENTION_SCHEDULES``, see docs/design.md §5); the other backends have
+one way to compute it and accept the argument.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .. import backends, reference
 
 
-def attend_decomposed(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+def attend_decomposed(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule="auto"):
     feats = reference.decompose(image, w_f, b_f, sub_features)
     return reference.attend(requests, feats, image_mask, num_heads, sub_features)
 
@@ -77,35 +80,17 @@ AUTO_ORDER = {
 }
 
 
-ATTENTION_SCHEDULES = ("split", "folded")
+# The Triton backend's attention schedules (docs/design.md §5): "split" forms F = X W_fᵀ + b_f by one
+# GEMM, then runs the attention kernel (ops/attend.py); "folded" never forms F (ops/attend_folded.py);
+# "auto" is split, except that heads too wide for the split kernels fold. Auto stays split until both
+# are measured on a GPU.
+ATTENTION_SCHEDULES = ("auto", "split", "folded")
 
 
-def attention_schedule() -> str:
-    """The Triton backend's attention schedule: "split" (F = X W_fᵀ + b_f by one GEMM, then the
-    attention kernel; ops/attend.py) or "folded" (F never formed; ops/attend_folded.py)."""
-    from .triton_launch import CONFIGS
-
-    return "folded" if CONFIGS["attend_fwd"]["FOLDED"] else "split"
-
-
-def set_attention_schedule(schedule: str) -> None:
-    """Select the Triton backend's attention schedule for every later call (see ``attention_schedule``)."""
+def check_schedule(schedule: str) -> str:
     if schedule not in ATTENTION_SCHEDULES:
-        raise ValueError(f"schedule: expected one of {ATTENTION_SCHEDULES}, got {schedule!r}")
-    from .triton_launch import CONFIGS, set_config
-
-    set_config("attend_fwd", {**CONFIGS["attend_fwd"], "FOLDED": int(schedule == "folded")})
-
-
-@contextlib.contextmanager
-def using_attention_schedule(schedule: str) -> Iterator[None]:
-    """``set_attention_schedule(schedule)`` for the ``with`` block, the one before restored after."""
-    saved = attention_schedule()
-    set_attention_schedule(schedule)
-    try:
-        yield
-    finally:
-        set_attention_schedule(saved)
+        raise ValueError(f"attention: expected one of {ATTENTION_SCHEDULES}, got {schedule!r}")
+    return schedule
 
 
 def _load(path: str) -> Callable:

@@ -1,4 +1,4 @@
-"""Decomposition fused with the attention (DESIGN.md §3 steps 2-3), flash style.
+"""Decomposition fused with the attention (docs/design.md §2 steps 2-3), flash style.
 
 One program per (batch row, group of ``HEADS`` heads): a group shares each
 tile of X, so X is re-read from L2 H/HEADS times instead of H times. It walks
@@ -32,14 +32,16 @@ fp32 unless the caller enabled TF32), the Triton GEMM under the interpreter.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..checks import metadata_key
+from . import check_schedule
 from .attend_folded import FoldedPlan, attend_folded, plan_forward
-from .triton_launch import (CONFIGS, PlanCache, Rows, _gemm_kernel, as_is, cdiv, check_device, check_dtype,
+from .triton_launch import (CONFIGS, Launch, PlanCache, Rows, as_is, cdiv, check_device, check_dtype,
                             check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
                             gemm_plan, interpret, launch_gemm, launcher, needs_grad, on_device, op, pow2, rows2d)
 
@@ -238,17 +240,35 @@ def _attend_bwd_kernel(
 MAX_HEAD_GROUP_WIDTH = 64
 
 
-def folds(head_dim: int) -> bool:
+def folds(head_dim: int, schedule: str = "auto") -> bool:
     """Whether attention with heads ``head_dim`` wide runs the folded schedule (ops/attend_folded.py):
-    when it is selected, or when one head is too wide for these kernels."""
-    return bool(CONFIGS["attend_fwd"]["FOLDED"]) or pow2(head_dim, 1) > MAX_HEAD_GROUP_WIDTH
+    when it is asked for, or when one head is too wide for these kernels."""
+    return schedule == "folded" or pow2(head_dim, 1) > MAX_HEAD_GROUP_WIDTH
+
+
+class AttendBlocks(NamedTuple):
+    """Launch parameters of the split kernels: all requests and ``heads`` heads per program (expanded
+    to ``be`` = heads·br score rows), as many as fit ``MAX_HEAD_GROUP_WIDTH``; ``split`` reads a
+    materialised F instead of forming it in the kernel."""
+
+    split: bool
+    heads: int
+    br: int
+    be: int
+    bd: int
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return dict(SPLIT=self.split, HEADS=self.heads, BR=self.br, BE=self.be, BD=self.bd, BN=self.bn,
+                    BK=self.bk, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 @config_cache
-def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str):
-    """(SPLIT, HEADS, BR, BE, BD, BN, BK, num_warps, num_stages): all requests and
-    ``HEADS`` heads per program (expanded to BE = HEADS*BR score rows), as many as fit
-    ``MAX_HEAD_GROUP_WIDTH``; SPLIT reads a materialised F instead of forming it in the kernel."""
+def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str) -> AttendBlocks:
+    """The ``AttendBlocks`` of ``CONFIGS[config]`` for this shape."""
     c = CONFIGS[config]
     heads = max(1, min(c["HEADS"], num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
     if interpret():
@@ -258,7 +278,7 @@ def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str):
     br = pow2(num_req, 1)
     be = pow2(heads * br)
     bd = pow2(heads * head_dim)
-    return bool(c["SPLIT"]), heads, br, be, bd, bn, bk, warps, stages
+    return AttendBlocks(bool(c["SPLIT"]), heads, br, be, bd, bn, bk, warps, stages)
 
 
 def _features(wrap, image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
@@ -274,7 +294,7 @@ def _features(wrap, image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.
     launch = gemm_plan(Rows(None, tokens, image.stride(0), image.stride(1), image.stride(2)),
                        rows2d(w_f, transpose=True), Rows(None, 1, outs, 0, 1), batch * tokens, outs, vision,
                        image.dtype, device_index(image), bias=b_f is not None)
-    launch_gemm(wrap(_gemm_kernel), launch, image, w_f, f, f if b_f is None else b_f, f, f, f, f, f)
+    launch_gemm(wrap, launch, image, w_f, f, f if b_f is None else b_f, f, f, f, f, f)
     return f
 
 
@@ -286,57 +306,69 @@ def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
-def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features=True):
     batch, num_req, width = requests.shape
-    # F comes back where the forward materialises it (SPLIT); empty from a fused forward.
-    feats_shape = (batch, image.shape[1], sub_features * width) if CONFIGS["attend_fwd"]["SPLIT"] else (0,)
+    # F comes back where the forward materialises it; empty from a fused forward.
+    feats_shape = (batch, image.shape[1], sub_features * width) if form_features else (0,)
     return (requests.new_empty(requests.shape), requests.new_empty((batch, num_heads, num_req), dtype=torch.float32),
             image.new_empty(feats_shape))
 
 
-def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-    """Everything of the forward launch that follows from the inputs' metadata."""
+class SplitPlan(NamedTuple):
+    """Everything of the split forward that follows from the inputs' metadata: z's and the
+    log-sum-exp's shapes, whether F is formed by a GEMM first (``split``), the attention launch."""
+
+    shape: Tuple[int, int, int]
+    lse_shape: Tuple[int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+    split: bool
+    attend: Launch
+
+
+def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
+              form_features: Optional[bool] = None) -> SplitPlan:
+    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, when the
+    launch config says ``SPLIT``)."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
     dot_fp32, ieee = dot_flags(requests.dtype)
-    split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads),
-                                                                     "attend_fwd")
+    blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_fwd")
+    if form_features is not None:
+        blocks = blocks._replace(split=bool(form_features))
     # The bool mask is read as bytes (same strides).
     m_sb, m_sn = (0, 0) if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
     scalars = (num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
                requests.stride(0), requests.stride(1), requests.stride(2),
                image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1))
     constexprs = dict(HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
-                      SPLIT=split, HEADS=heads, BR=br, BE=be, BD=bd, BN=bn, BK=bk, num_warps=warps,
-                      num_stages=stages)
-    grid = None if batch == 0 or num_req == 0 else (batch, cdiv(num_heads, heads))
-    return ((batch, num_req, width), (batch, num_heads, num_req), requests.dtype, requests.device, split, grid,
-            scalars, constexprs)
+                      **blocks.constexprs())
+    grid = None if batch == 0 or num_req == 0 else (batch, cdiv(num_heads, blocks.heads))
+    return SplitPlan((batch, num_req, width), (batch, num_heads, num_req), requests.dtype, requests.device,
+                     blocks.split, Launch(grid, scalars, constexprs))
 
 
-def _fwd_launch(wrap, plan, save, requests, image, image_mask, w_f, b_f):
+def _fwd_launch(wrap, plan: SplitPlan, save, requests, image, image_mask, w_f, b_f):
     """Run the forward plan: z, and with ``save`` the fp32 log-sum-exp kept for backward (otherwise z
     stands in for it and the kernel skips that store); last, F where the plan materialises it
-    (``SPLIT``), else None."""
-    shape, lse_shape, dtype, device, split, grid, scalars, constexprs = plan
-    z = torch.empty(shape, device=device, dtype=dtype)
-    lse = torch.empty(lse_shape, device=device, dtype=torch.float32) if save else z
-    feats = _features(wrap, image, w_f, b_f) if split else None
-    if grid is not None:
-        keep = _mask_arg(image_mask, image)[0]
-        with on_device(z):
-            wrap(_attend_fwd_kernel)[grid](requests, image, keep, w_f, w_f if b_f is None else b_f,
-                                           z if feats is None else feats, z, lse, *scalars, SAVE=save, **constexprs)
+    (``split``), else None."""
+    z = torch.empty(plan.shape, device=plan.device, dtype=plan.dtype)
+    lse = torch.empty(plan.lse_shape, device=plan.device, dtype=torch.float32) if save else z
+    feats = _features(wrap, image, w_f, b_f) if plan.split else None
+    keep = _mask_arg(image_mask, image)[0]
+    plan.attend.run(wrap, _attend_fwd_kernel, requests, image, keep, w_f, w_f if b_f is None else b_f,
+                    z if feats is None else feats, z, lse, SAVE=save)
     return z, lse, feats
 
 
 @op("attend_fwd_triton", _fwd_fake)
 def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-               sub_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z, the fp32 log-sum-exp, and F (empty when the forward is fused and forms none)."""
-    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+               sub_features: int, form_features: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, the fp32 log-sum-exp, and F (formed by a GEMM first with ``form_features``; empty when the
+    forward is fused and forms none)."""
+    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features)
     z, lse, feats = _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
     return z, lse, image.new_empty((0,)) if feats is None else feats
 
@@ -361,7 +393,8 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     d_feat = torch.empty((batch, tokens * sub_features, width), device=image.device, dtype=image.dtype)
     keep, m_sb, m_sn = _mask_arg(image_mask, image)
     dot_fp32, ieee = dot_flags(requests.dtype)
-    split, heads, br, be, bd, bn, bk, warps, stages = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd")
+    blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd")
+    split = blocks.split
     if features is not None and features.numel():
         expected = (batch, tokens, sub_features * width)
         if features.shape != expected or not features.is_contiguous():
@@ -371,14 +404,14 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     else:
         feats = _features(launcher, image, w_f, b_f) if split else d_feat
     with on_device(d_req):
-        launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, heads))](
+        launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, blocks.heads))](
             requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
             num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
             requests.stride(0), requests.stride(1), requests.stride(2),
             image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
             grad.stride(0), grad.stride(1), grad.stride(2),
             HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
-            SPLIT=split, HEADS=heads, BR=br, BE=be, BD=bd, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+            **{**blocks.constexprs(), "SPLIT": split},
         )
     # Row n of dF viewed (B*N, S*Di) is token n's S sub-feature gradients side by side.
     d_feat_rows = d_feat.view(batch * tokens, sub_features * width)
@@ -406,7 +439,8 @@ class AttendFunction(torch.autograd.Function):
     def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
         if plan is None:
             z, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
-                requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+                requests, image, image_mask, w_f, b_f, num_heads, sub_features,
+                bool(CONFIGS["attend_fwd"]["SPLIT"]))
         else:
             z, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
         ctx.save_for_backward(requests, image, image_mask, w_f, b_f, lse, feats)
@@ -424,7 +458,8 @@ class AttendFunction(torch.autograd.Function):
                 None)
 
 
-def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule):
+    check_schedule(schedule)
     device, dtype = requests.device, requests.dtype
     if requests.dim() != 3:
         raise ValueError(f"requests: expected shape (B, R, Di), got {tuple(requests.shape)}")
@@ -457,26 +492,23 @@ _PLANS = PlanCache()
 
 def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                       w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-                      sub_features: int) -> torch.Tensor:
+                      sub_features: int, schedule: str = "auto") -> torch.Tensor:
     """Decomposition + attention, ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head -> (B, R, Di).
 
-    Same semantics as ``reference.decompose`` followed by ``reference.attend``.
+    Same semantics as ``reference.decompose`` followed by ``reference.attend``; ``schedule`` is one of
+    ``ops.ATTENTION_SCHEDULES`` (docs/design.md §5).
     """
     b_f = dense_bias(b_f)
     if compiling():
-        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        if folds(requests.shape[2] // num_heads):
+        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
+        if folds(requests.shape[2] // num_heads, schedule):
             return attend_folded(None, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)
-    key = (requests.shape, requests.stride(), requests.dtype, requests.device, image.shape, image.stride(),
-           image.dtype, image.device, w_f.shape, w_f.stride(), w_f.dtype, w_f.device, num_heads, sub_features,
-           None if image_mask is None else (image_mask.shape, image_mask.stride(), image_mask.dtype,
-                                            image_mask.device),
-           None if b_f is None else (b_f.shape, b_f.dtype, b_f.device))
+    key = metadata_key(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
     plan = _PLANS.get(key)
     if plan is None:
-        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        make = plan_forward if folds(requests.shape[2] // num_heads) else _fwd_plan
+        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
+        make = plan_forward if folds(requests.shape[2] // num_heads, schedule) else _fwd_plan
         plan = _PLANS.add(key, make(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
     if isinstance(plan, FoldedPlan):
         return attend_folded(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)

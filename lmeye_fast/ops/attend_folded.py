@@ -1,4 +1,4 @@
-"""Decomposition folded into the attention (DESIGN.md §3 steps 2-3) without ever forming F.
+"""Decomposition folded into the attention (docs/design.md §2 steps 2-3) without ever forming F.
 
 Per head h and sub-feature k, with ``W_kh`` the (Dh, Dv) rows of W_f that make
 head h of sub-feature k and ``b_kh`` their bias,
@@ -56,8 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import (CONFIGS, as_is, cdiv, compiling, config_cache, dot_acc, dot_flags, interpret, launcher,
-                            needs_grad, on_device, op, pow2)
+from .triton_launch import (CONFIGS, Launch, as_is, cdiv, compiling, config_cache, dot_acc, dot_flags, interpret,
+                            launcher, needs_grad, op, pow2)
 
 
 # The batch, request and token counts are not specialised on (Triton would compile a variant per
@@ -344,23 +344,34 @@ def _weight_grad_kernel(
     tl.store(db_ptr + rows, acc_b.to(db_ptr.dtype.element_ty), mask=d_ok & first)
 
 
+class FoldedBlocks(NamedTuple):
+    """Block sizes of each folded kernel, and the warps and pipeline depth they share."""
+
+    expand: Tuple[int, int, int]  # BM, BC, BK
+    scores: Tuple[int, int, int, int]  # BE, BN, BK, BD
+    weighted: Tuple[int, int, int]  # BG, BN, BV
+    reduce: Tuple[int, int, int]  # BM, BD, BK
+    image_grad: Tuple[int, int, int]  # BN, BV, BE
+    weight_grad: Tuple[int, int, int]  # BD, BV, BM
+    num_warps: int
+    num_stages: int
+
+
 @config_cache
-def folded_blocks(head_dim: int, exact: bool, config: str = "attend_folded"):
-    """Block sizes of the folded kernels: (BM, BC, BK) of _expand, (BE, BN, BK, BD) of _scores,
-    (BG, BN, BV) of _weighted, (BM, BD, BK) of _reduce, (BN, BV, BE) of _image_grad,
-    (BD, BV, BM) of _weight_grad, then num_warps and num_stages. ``exact``: fp32 operands."""
+def folded_blocks(head_dim: int, exact: bool, config: str = "attend_folded") -> FoldedBlocks:
+    """The ``FoldedBlocks`` of ``CONFIGS[config]`` for heads ``head_dim`` wide; ``exact``: fp32 operands."""
     c = CONFIGS[config]
     if interpret():
         # Small tiles keep the interpreter quick on the tests' small shapes.
-        t = 16
-        return (t, t, t), (t, t, t, t), (t, t, t), (t, t, t), (t, t, t), (t, t, t), 4, 1
+        t = (16, 16, 16)
+        return FoldedBlocks(t, (16, *t), t, t, t, t, 4, 1)
     bd = pow2(head_dim, 16, 64)
     # fp32 operands take twice the registers: at the bf16 width ptxas spills (compile_kernels.py).
     bv = max(16, c["BV"] // 2) if exact else c["BV"]
     # The scores kernel's bias term is a short vector sum: narrow chunks keep its registers low.
-    return ((c["BM"], bv, bd), (c["BE"], c["BN"], c["BK"], 16), (c["BG"], c["BN"], bv),
-            (c["BM"], bd, c["BK"]), (c["BN"], bv, c["BE"]), (bd, bv, c["BM"]),
-            c["num_warps"], c["num_stages"])
+    return FoldedBlocks((c["BM"], bv, bd), (c["BE"], c["BN"], c["BK"], 16), (c["BG"], c["BN"], bv),
+                        (c["BM"], bd, c["BK"]), (c["BN"], bv, c["BE"]), (bd, bv, c["BM"]),
+                        c["num_warps"], c["num_stages"])
 
 
 class _Dims(NamedTuple):
@@ -387,69 +398,55 @@ class _Dims(NamedTuple):
                      heads * num_req * subs, heads * num_req, 1.0 / math.sqrt(head_dim))
 
 
-class _Launch(NamedTuple):
-    """One kernel launch as metadata: its grid (None when there is nothing to compute), the scalar
-    arguments after the tensors, and the compile-time constants with num_warps/num_stages."""
-
-    grid: Optional[Tuple[int, int, int]]
-    scalars: tuple
-    constexprs: dict
-
-
-def _common(d: _Dims, dtype: torch.dtype):
+def _common(d: _Dims, dtype: torch.dtype) -> Tuple[FoldedBlocks, dict]:
     """Block sizes of each kernel, and the constants every launch passes."""
     dot_fp32, ieee = dot_flags(dtype)
-    expand, scores, weighted, reduce, image_grad, weight_grad, warps, stages = folded_blocks(d.DH, dot_fp32)
-    return ((expand, scores, weighted, reduce, image_grad, weight_grad),
-            dict(DOT_FP32=dot_fp32, IEEE=ieee, num_warps=warps, num_stages=stages))
+    blocks = folded_blocks(d.DH, dot_fp32)
+    return blocks, dict(DOT_FP32=dot_fp32, IEEE=ieee, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _expand_launch(d: _Dims, a_strides, w_strides, blocks, common) -> _Launch:
+def _expand_launch(d: _Dims, a_strides, w_strides, blocks: FoldedBlocks, common) -> Launch:
     """Y (H, B·R, S·Dv) from rows of ``a`` (B, R, Di) per head through W_f."""
-    bm, bc, bk = blocks
+    bm, bc, bk = blocks.expand
     grid = (d.H, cdiv(d.B * d.R, bm), cdiv(d.S * d.DV, bc)) if d.H * d.B * d.R * d.S * d.DV else None
-    return _Launch(grid, (d.B, d.R, d.DH, d.DI, d.DV, d.S, *a_strides, *w_strides),
+    return Launch(grid, (d.B, d.R, d.DH, d.DI, d.DV, d.S, *a_strides, *w_strides),
                    dict(BM=bm, BC=bc, BK=bk, **common))
 
 
-def _tiles(d: _Dims, blocks) -> int:
+def _tiles(d: _Dims, blocks: FoldedBlocks) -> int:
     """The tiles of tokens a row of scores spans: the partials per row (``_scores_kernel``)."""
-    return cdiv(d.N, blocks[1][1])
+    be, bn, bk, bd = blocks.scores
+    return cdiv(d.N, bn)
 
 
-def _scores_launch(d: _Dims, x_strides, a_strides, m_strides, scale, has_bias, backward, blocks, common) -> _Launch:
+def _scores_launch(d: _Dims, x_strides, a_strides, m_strides, scale, has_bias, backward, blocks: FoldedBlocks,
+                   common) -> Launch:
     """(B, H·R·S, N) fp32 ``scale · (Y X_nᵀ + a · b_kh)``; with ``m_strides``, tokens not kept -inf;
     and the per-tile partials, (B, H·R·S, tiles) each."""
-    be, bn, bk, bd = blocks[1]
+    be, bn, bk, bd = blocks.scores
     grid = (d.B, cdiv(d.M, be), cdiv(d.N, bn)) if d.B * d.M * d.N else None
-    return _Launch(grid, (d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, _tiles(d, blocks), scale, *x_strides,
+    return Launch(grid, (d.B, d.R, d.N, d.DH, d.DI, d.DV, d.S, d.M, _tiles(d, blocks), scale, *x_strides,
                           *a_strides, *(m_strides or (0, 0))),
                    dict(HAS_BIAS=has_bias, HAS_MASK=m_strides is not None, PARTIALS=2 if backward else 1,
                         BE=be, BN=bn, BK=bk, BD=bd, **common))
 
 
-def _weighted_launch(d: _Dims, x_strides, backward, blocks, common) -> _Launch:
+def _weighted_launch(d: _Dims, x_strides, backward, blocks: FoldedBlocks, common) -> Launch:
     """The weights (fp32, like the scores), their sums over n (B, H·R·S) fp32 and weights · X as Y."""
-    bg, bn, bv = blocks[2]
+    bg, bn, bv = blocks.weighted
     tiles = _tiles(d, blocks)
     # At least one program along Dv, as the first one writes the weights and sums.
     grid = (d.B, cdiv(d.G, bg), max(1, cdiv(d.DV, bv))) if d.B * d.G else None
-    return _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M, d.G, tiles, d.scale, *x_strides),
+    return Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M, d.G, tiles, d.scale, *x_strides),
                    dict(BACKWARD=backward, BG=bg, BN=bn, BV=bv, BT=pow2(tiles, 16, 64), **common))
 
 
-def _reduce_launch(d: _Dims, w_strides, res_strides, has_bias, blocks, common) -> _Launch:
+def _reduce_launch(d: _Dims, w_strides, res_strides, has_bias, blocks: FoldedBlocks, common) -> Launch:
     """(B, R, Di): Y back through W_f per head, plus ``sums · b_kh`` and the residual."""
-    bm, bd, bk = blocks
+    bm, bd, bk = blocks.reduce
     grid = (d.H, cdiv(d.B * d.R, bm), cdiv(d.DH, bd)) if d.B * d.R * d.DI else None
-    return _Launch(grid, (d.B, d.R, d.DH, d.DI, d.DV, d.S, d.M, *w_strides, *res_strides),
+    return Launch(grid, (d.B, d.R, d.DH, d.DI, d.DV, d.S, d.M, *w_strides, *res_strides),
                    dict(HAS_BIAS=has_bias, BM=bm, BD=bd, BK=bk, **common))
-
-
-def _run(wrap, kernel, launch: _Launch, *tensors) -> None:
-    if launch.grid is not None:
-        with on_device(tensors[0]):
-            wrap(kernel)[launch.grid](*tensors, *launch.scalars, **launch.constexprs)
 
 
 class FoldedPlan(NamedTuple):
@@ -459,10 +456,10 @@ class FoldedPlan(NamedTuple):
     tiles: int
     dtype: torch.dtype
     device: torch.device
-    expand: _Launch
-    scores: _Launch
-    weighted: _Launch
-    reduce: _Launch
+    expand: Launch
+    scores: Launch
+    weighted: Launch
+    reduce: Launch
 
 
 def plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features) -> FoldedPlan:
@@ -472,11 +469,11 @@ def plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     # The bool mask is read as bytes (same strides).
     m_strides = None if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
     return FoldedPlan(d, _tiles(d, blocks), requests.dtype, requests.device,
-                      _expand_launch(d, r_strides, w_strides, blocks[0], common),
+                      _expand_launch(d, r_strides, w_strides, blocks, common),
                       _scores_launch(d, image.stride(), r_strides, m_strides, d.scale, b_f is not None, False, blocks,
                                      common),
                       _weighted_launch(d, image.stride(), False, blocks, common),
-                      _reduce_launch(d, w_strides, r_strides, b_f is not None, blocks[3], common))
+                      _reduce_launch(d, w_strides, r_strides, b_f is not None, blocks, common))
 
 
 def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
@@ -493,11 +490,11 @@ def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
     u = torch.empty(y_shape, device=device, dtype=plan.dtype)
     z = torch.empty((d.B, d.R, d.DI), device=device, dtype=plan.dtype)
     keep = scores if image_mask is None else image_mask.view(torch.uint8)
-    _run(wrap, _expand_kernel, plan.expand, requests, w_f, q)
-    _run(wrap, _scores_kernel, plan.scores, q, image, requests, requests if b_f is None else b_f, keep, scores,
-         scores, partials)
-    _run(wrap, _weighted_kernel, plan.weighted, scores, scores, partials, image, u, probs, sums)
-    _run(wrap, _reduce_kernel, plan.reduce, u, w_f, w_f if b_f is None else b_f, sums, requests, z)
+    plan.expand.run(wrap, _expand_kernel, requests, w_f, q)
+    plan.scores.run(wrap, _scores_kernel, q, image, requests, requests if b_f is None else b_f, keep, scores, scores,
+                    partials)
+    plan.weighted.run(wrap, _weighted_kernel, scores, scores, partials, image, u, probs, sums)
+    plan.reduce.run(wrap, _reduce_kernel, u, w_f, w_f if b_f is None else b_f, sums, requests, z)
     return z, probs, q, u, sums
 
 
@@ -546,35 +543,33 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
     has_bias = b_f is not None
     bias = w_f if b_f is None else b_f
     d_u = torch.empty(expected, device=device, dtype=dtype)
-    _run(launcher, _expand_kernel, _expand_launch(d, g_strides, w_strides, blocks[0], common), grad, w_f, d_u)
+    _expand_launch(d, g_strides, w_strides, blocks, common).run(launcher, _expand_kernel, grad, w_f, d_u)
     # dA = dU X + dz · b_kh (the bias reaches z through Σ_n A), unscaled and unmasked: A is 0 there.
     d_a = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
     delta_parts = torch.empty((d.B, d.M, _tiles(d, blocks)), device=device, dtype=torch.float32)
-    _run(launcher, _scores_kernel, _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, True, blocks,
-                                                  common),
-         d_u, image, grad, bias, d_a, d_a, probs, delta_parts)
+    _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, True, blocks, common).run(
+        launcher, _scores_kernel, d_u, image, grad, bias, d_a, d_a, probs, delta_parts)
     # dS (scaled) = A (dA - Σ A dA) / sqrt(Dh), its sums over n, and dQ = dS X.
     d_s, d_beta = torch.empty_like(d_a), torch.empty((d.B, d.M), device=device, dtype=torch.float32)
     d_q = torch.empty(expected, device=device, dtype=dtype)
-    _run(launcher, _weighted_kernel, _weighted_launch(d, image.stride(), True, blocks, common),
-         d_a, probs, delta_parts, image, d_q, d_s, d_beta)
+    _weighted_launch(d, image.stride(), True, blocks, common).run(
+        launcher, _weighted_kernel, d_a, probs, delta_parts, image, d_q, d_s, d_beta)
     d_req = torch.empty((d.B, d.R, d.DI), device=device, dtype=dtype)
-    _run(launcher, _reduce_kernel, _reduce_launch(d, w_strides, g_strides, has_bias, blocks[3], common),
-         d_q, w_f, bias, d_beta, grad, d_req)
+    _reduce_launch(d, w_strides, g_strides, has_bias, blocks, common).run(
+        launcher, _reduce_kernel, d_q, w_f, bias, d_beta, grad, d_req)
     d_image = torch.empty((d.B, d.N, d.DV) if image_grad else (0,), device=device, dtype=dtype)
-    bn, bv, be = blocks[4]
+    bn, bv, be = blocks.image_grad
     grid = (d.B, cdiv(d.N, bn), cdiv(d.DV, bv)) if image_grad and d_image.numel() else None
-    _run(launcher, _image_grad_kernel, _Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M), dict(BN=bn, BV=bv, BE=be, **common)),
-         probs, d_u, d_s, q, d_image)
+    Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M), dict(BN=bn, BV=bv, BE=be, **common)).run(
+        launcher, _image_grad_kernel, probs, d_u, d_s, q, d_image)
     d_w = torch.empty(w_f.shape, device=device, dtype=w_f.dtype)
     d_b = torch.empty((w_f.shape[0],), device=device, dtype=w_f.dtype)
-    bd, bv, bm = blocks[5]
+    bd, bv, bm = blocks.weight_grad
     # At least one program along Dv, as the first one writes d b_f.
     grid = (d.S * d.H, cdiv(d.DH, bd), max(1, cdiv(d.DV, bv))) if d_b.numel() else None
-    _run(launcher, _weight_grad_kernel,
-         _Launch(grid, (d.B, d.R, d.H, d.DH, d.DI, d.DV, d.S, d.M, *g_strides, *requests.stride()),
-                 dict(BD=bd, BV=bv, BM=bm, **common)),
-         grad, u, requests, d_q, sums, d_beta, d_w, d_b)
+    Launch(grid, (d.B, d.R, d.H, d.DH, d.DI, d.DV, d.S, d.M, *g_strides, *requests.stride()),
+           dict(BD=bd, BV=bv, BM=bm, **common)).run(launcher, _weight_grad_kernel, grad, u, requests, d_q, sums,
+                                                    d_beta, d_w, d_b)
     return d_req, d_image, d_w, d_b
 
 

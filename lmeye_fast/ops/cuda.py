@@ -28,8 +28,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _C  # noqa: F401  (registers torch.ops.lmeye_fast)
+from .. import backends
 from ..checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+# Loads lmeye_fast._C, which registers torch.ops.lmeye_fast, unless its build record says it is
+# missing or was built against another torch: then this import fails with that reason and its fix
+# instead of an undefined-symbol error from the loader.
+_loaded, _why_not = backends.extension_status()
+if not _loaded:
+    raise ImportError(f"the cuda backend needs lmeye_fast._C: {_why_not}")
 
 __all__ = ["request", "interleave", "gather_rows", "scatter_rows"]
 

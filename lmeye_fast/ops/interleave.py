@@ -1,4 +1,4 @@
-"""The interleave (DESIGN.md §3 step 5) in Triton: ``E[b, slot_pos[b, j]] += rows[b, j]``.
+"""The interleave (docs/design.md §2 step 5) in Triton: ``E[b, slot_pos[b, j]] += rows[b, j]``.
 
 One program per (slot, column block). Each slot row of E belongs to exactly
 one (b, j) (slots of a row are distinct), so the add needs no atomics. The sum
@@ -138,10 +138,10 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
     """``E[b, slot_pos[b, j]] += rows[b, j]`` (see ``reference.interleave``); ``inplace`` writes into ``embeds``."""
     if rows.dim() != 3 or not rows.is_floating_point():
         raise ValueError(f"rows: expected a floating tensor of shape (B, R, D), got {rows.dtype} {tuple(rows.shape)}")
+    check_slots(embeds, rows.shape, slot_pos)
     if rows.dtype not in FLOAT_OPS_DTYPES:
         raise TypeError(f"rows: the Triton backend supports float16, bfloat16 and float32, got "
                         f"{str(rows.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
-    check_slots(embeds, rows.shape, slot_pos)
     check_device("rows", rows, embeds.device)
     if compiling():
         return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))

@@ -1,4 +1,4 @@
-"""Request acquisition (DESIGN.md §3 step 1) in Triton: the gather of the
+"""Request acquisition (docs/design.md §2 step 1) in Triton: the gather of the
 request rows ``hidden[b, request_pos[b]]`` is the A-operand addressing of the
 projection GEMM, so no (B, D) copy and no host sync happen.
 
@@ -9,10 +9,12 @@ into the request rows of a zero (B, T, D) gradient, and ``d W_q`` with
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
-from .triton_launch import (PlanCache, Rows, _gemm_kernel, check_device, check_dtype, check_like, compiling,
+
+from ..checks import metadata_key
+from .triton_launch import (Launch, PlanCache, Rows, as_is, check_device, check_dtype, check_like, compiling,
                             dense_bias, device_index, gemm, gemm_plan, launch_gemm, needs_grad, op, rows2d)
 
 
@@ -102,23 +104,32 @@ def _check(hidden, request_pos, w_q, b_q, num_requests):
     check_like("b_q", b_q, (w_q.shape[0],), dtype, device)
 
 
+class RequestPlan(NamedTuple):
+    """The forward's output (B, R, Di) and its GEMM launch."""
+
+    shape: Tuple[int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+    gemm: Launch
+
+
 _PLANS = PlanCache()
 
 
-def _plan(key, hidden, request_pos, w_q, b_q, num_requests):
+def _plan(key, hidden, request_pos, w_q, b_q, num_requests) -> RequestPlan:
     _check(hidden, request_pos, w_q, b_q, num_requests)
     batch, width, outs = hidden.shape[0], hidden.shape[-1], w_q.shape[0]
     # The (B, R, Di) output is addressed as its contiguous (B, R*Di) rows.
     launch = gemm_plan(_hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), Rows(None, 1, outs, 0, 1),
                        batch, outs, width, hidden.dtype, device_index(hidden), bias=b_q is not None,
                        config="request_fwd")
-    return _PLANS.add(key, ((batch, num_requests, outs // num_requests), hidden.dtype, hidden.device, launch))
+    return _PLANS.add(key, RequestPlan((batch, num_requests, outs // num_requests), hidden.dtype, hidden.device,
+                                       launch))
 
 
-def _launch(plan, hidden, request_pos, w_q, b_q):
-    shape, dtype, device, launch = plan
-    out = torch.empty(shape, dtype=dtype, device=device)
-    launch_gemm(_gemm_kernel, launch, hidden, w_q, out, out if b_q is None else b_q, out, out,
+def _launch(plan: RequestPlan, hidden, request_pos, w_q, b_q):
+    out = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
+    launch_gemm(as_is, plan.gemm, hidden, w_q, out, out if b_q is None else b_q, out, out,
                 out if request_pos is None else request_pos, out, out)
     return out
 
@@ -131,11 +142,7 @@ def request(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torc
         _check(hidden, request_pos, w_q, b_q, num_requests)
         out = RequestFunction.apply(hidden, request_pos, w_q, b_q, None)
         return out.view(hidden.shape[0], num_requests, w_q.shape[0] // num_requests)
-    key = (hidden.shape, hidden.stride(), hidden.dtype, hidden.device, w_q.shape, w_q.stride(), w_q.dtype,
-           w_q.device, num_requests,
-           None if request_pos is None else (request_pos.shape, request_pos.stride(), request_pos.dtype,
-                                             request_pos.device),
-           None if b_q is None else (b_q.shape, b_q.dtype, b_q.device))
+    key = metadata_key(hidden, request_pos, w_q, b_q, num_requests)
     plan = _PLANS.get(key) or _plan(key, hidden, request_pos, w_q, b_q, num_requests)
     if needs_grad(hidden, w_q, b_q):
         return RequestFunction.apply(hidden, request_pos, w_q, b_q, plan)

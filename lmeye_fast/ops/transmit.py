@@ -1,4 +1,4 @@
-"""Transmission (DESIGN.md §3 step 4) with the interleave (step 5) as its epilogue.
+"""Transmission (docs/design.md §2 step 4) with the interleave (step 5) as its epilogue.
 
 ``t = z W_oᵀ + b_o + e_slot`` is one GEMM over the B·R rows of z (any
 strides); bias and slot embedding (``e_slot[row % R]``) are added in the
@@ -20,8 +20,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..checks import metadata_key
 from .interleave import check_slots, gather_slots
-from .triton_launch import (PlanCache, Rows, _gemm_kernel, bump_version, check_device, check_dtype, check_like,
+from .triton_launch import (PlanCache, Rows, as_is, bump_version, check_device, check_dtype, check_like,
                             check_writable, compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
                             launch_gemm, needs_grad, op, rows2d, rows3d)
 
@@ -184,7 +185,7 @@ def _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
 
 def _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
     out = embeds if inplace else embeds.clone()
-    launch_gemm(_gemm_kernel, plan, z, w_o, out, out if b_o is None else b_o,
+    launch_gemm(as_is, plan, z, w_o, out, out if b_o is None else b_o,
                 out if slot_embed is None else slot_embed, out, out, out, slot_pos)
     return out
 
@@ -214,15 +215,8 @@ def transmit_interleave(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.
         check_device("embeds", embeds, z.device)
         return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, bool(inplace), None)
     inplace = bool(inplace)
-    key = (z.shape, z.stride(), z.dtype, z.device, w_o.shape, w_o.stride(), w_o.dtype, w_o.device,
-           embeds.shape, embeds.stride(), embeds.dtype, embeds.device,
-           slot_pos.shape, slot_pos.stride(), slot_pos.dtype, slot_pos.device, inplace,
-           None if b_o is None else (b_o.shape, b_o.dtype, b_o.device),
-           None if slot_embed is None else (slot_embed.shape, slot_embed.stride(), slot_embed.dtype,
-                                             slot_embed.device))
-    plan = _PLANS.get(key, False)  # a cached plan may be None: nothing to launch
-    if plan is False:
-        plan = _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+    key = metadata_key(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
+    plan = _PLANS.get(key) or _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
     if inplace:
         check_writable(embeds, "transmit_interleave", z=z, w_o=w_o, b_o=b_o, slot_embed=slot_embed)
     if needs_grad(z, w_o, b_o, slot_embed, embeds):

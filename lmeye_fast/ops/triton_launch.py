@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
+from ..checks import check_writable  # noqa: F401  (re-exported for the ops)
+
 FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -101,33 +103,6 @@ def on_device(tensor: torch.Tensor):
     if tensor.device.type != "cuda":
         return _NO_GUARD
     return torch.cuda.device(tensor.device)
-
-
-def _extent(t: torch.Tensor) -> Tuple[int, int, int]:
-    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
-    start = t.storage_offset() * t.element_size()
-    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-    return t.untyped_storage().data_ptr(), start, start + span * t.element_size()
-
-
-def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Tensor]) -> None:
-    """Refuse an in-place write into ``target`` (named ``embeds``) that would race: ``target`` with
-    elements that share memory (an expanded tensor), or a tensor in ``read`` that shares memory with
-    it (the kernels read those while other programs write ``target``). The same refusals as csrc's."""
-    if any(stride == 0 and size > 1 for size, stride in zip(target.shape, target.stride())):
-        raise ValueError(f"embeds: has elements that share memory (an expanded tensor, strides "
-                         f"{target.stride()}); the in-place {op_name} needs distinct rows: pass "
-                         f"embeds.contiguous() or use inplace=False")
-    if target.numel() == 0:
-        return
-    storage, lo, hi = _extent(target)
-    for name, t in read.items():
-        if t is None or t.numel() == 0:
-            continue
-        other, t_lo, t_hi = _extent(t)
-        if other == storage and t_lo < hi and lo < t_hi:
-            raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
-                             f"pass a copy ({name}.clone())")
 
 
 def bump_version(tensor: torch.Tensor) -> None:
@@ -312,7 +287,7 @@ def _gemm_kernel(
 CONFIGS = {
     "request_fwd": {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
     "transmit_fwd": {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
-    "attend_fwd": {"FOLDED": 0, "SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+    "attend_fwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
     "attend_bwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
     # Not yet timed on a GPU: the largest tiles that ptxas compiles for sm_90 in bf16 without
     # spills (benchmarks/compile_kernels.py).
@@ -329,6 +304,25 @@ def config_cache(fn):
     cached = functools.lru_cache(maxsize=1024)(fn)
     _CONFIG_CACHES.append(cached.cache_clear)
     return cached
+
+
+class Launch(NamedTuple):
+    """One kernel launch as metadata: its grid (None when there is nothing to compute), the scalar
+    arguments after the tensors, and the compile-time constants with num_warps/num_stages."""
+
+    grid: Optional[Tuple[int, ...]]
+    scalars: tuple
+    constexprs: dict
+
+    def run(self, wrap, kernel, *tensors, **constexprs) -> None:
+        """Launch ``wrap(kernel)`` on ``tensors`` (then the scalars) on their device; ``constexprs``
+        are a call's own constants beside the plan's."""
+        if self.grid is not None:
+            with on_device(tensors[0]):
+                wrap(kernel)[self.grid](*tensors, *self.scalars, **self.constexprs, **constexprs)
+
+
+NOTHING = Launch(None, (), {})
 
 
 class PlanCache(dict):
@@ -402,14 +396,14 @@ def device_index(t: torch.Tensor) -> int:
 def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dtype, device: int, *,
               bias: bool = False, rowbias: Optional[Tuple[int, int, int]] = None, colsum: bool = False,
               accumulate: bool = False, config: Optional[str] = None):
-    """``(grid, scalars, constexprs)`` of one GEMM launch, or None when there is nothing to compute.
+    """The ``Launch`` of one GEMM (``NOTHING`` when there is nothing to compute).
 
     Only the integer parts of ``a``, ``b``, ``c`` are read (their ``tensor``
     may be None); ``rowbias`` is ``(g, stride0, stride1)`` of the (g, N) row
     bias. ``launch_gemm`` supplies the pointers, so a plan can be cached.
     """
     if m == 0 or n == 0:
-        return None
+        return NOTHING
     dot_fp32, ieee = dot_flags(dtype)
     bm, bn, bk, warps, stages = gemm_blocks(int(m), int(n), int(k), device, config)
     rb_g, rb_s, rb_n = rowbias if rowbias is not None else (1, 0, 0)
@@ -426,16 +420,13 @@ def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dt
         COLSUM=colsum, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
         num_warps=warps, num_stages=stages,
     )
-    return (cdiv(n, bn), cdiv(m, bm)), scalars, constexprs
+    return Launch((cdiv(n, bn), cdiv(m, bm)), scalars, constexprs)
 
 
-def launch_gemm(kernel, plan, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx) -> None:
+def launch_gemm(wrap, plan: Launch, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx) -> None:
     """Launch ``plan`` (from ``gemm_plan``) on these pointers; an absent operand is passed as any
     tensor of the call (``c``), as its constexpr flag keeps the kernel from reading it."""
-    if plan is not None:
-        grid, scalars, constexprs = plan
-        with on_device(c):
-            kernel[grid](a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx, *scalars, **constexprs)
+    plan.run(wrap, _gemm_kernel, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx)
 
 
 def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
@@ -452,7 +443,7 @@ def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[to
     plan = gemm_plan(a, b, c, m, n, k, a.tensor.dtype, device_index(a.tensor), bias=bias is not None, rowbias=rb,
                      colsum=colsum is not None, accumulate=accumulate, config=config)
     dummy = c.tensor
-    launch_gemm(launcher(_gemm_kernel), plan, a.tensor, b.tensor, c.tensor,
+    launch_gemm(launcher, plan, a.tensor, b.tensor, c.tensor,
                 dummy if bias is None else bias, dummy if rowbias is None else rowbias,
                 dummy if colsum is None else colsum, dummy if a.idx is None else a.idx,
                 dummy if b.idx is None else b.idx, dummy if c.idx is None else c.idx)

@@ -1,0 +1,246 @@
+"""Datasets of image files and texts for both LMEye stages, and the collator that batches them.
+
+    records = load_records("llava_instruct.json")          # or captions.jsonl / .csv, or a datasets.Dataset
+    dataset = LMEyeDataset(records, processor, image_processor, image_folder="images/")
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=LMEyeCollator(processor))
+
+A record is either a caption (stage 1: ``{"image": path, "caption": text}``) or a
+conversation in LLaVA's format (stage 2)::
+
+    {"id": "0", "image": "coco/1.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
+                       {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."}]}
+
+A conversation is laid out as LMEye reads it: the first human turn (with the
+image's ``<img>`` block where ``<image>`` stood, first when it is absent) ends
+the prefix with ``<img-q>``; the ``<img-d>`` slots follow, then the first
+answer and every later turn. The labels are the answers' tokens and the
+end-of-turn token after each, nothing else. A record without ``"image"`` is a
+text-only sample: no ``<img>`` block, no slots, and the IPN writes nothing into
+it. A caption is the one-turn conversation ``caption_prompt`` -> caption.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
+
+__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeCollator", "load_records", "parse_record",
+           "BAD_IMAGE_POLICIES"]
+
+LLAVA_IMAGE_TOKEN = "<image>"
+BAD_IMAGE_POLICIES = ("skip", "raise")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The text around the turns of a conversation (Vicuna v1 style by default).
+
+    The prompt of turn k is ``system`` (first turn only) + ``user`` + question +
+    ``assistant``; the answer follows it and ends with the tokenizer's EOS.
+    """
+
+    system: str = ""
+    user: str = "USER: "
+    assistant: str = " ASSISTANT: "
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A parsed record: the image path (None for text-only) and its (question, answer) turns."""
+
+    image: Optional[str]
+    turns: Tuple[Tuple[str, str], ...]
+
+
+def load_records(source) -> Sequence[Dict[str, Any]]:
+    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header, or
+    a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data: no file {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        records = json.loads(path.read_text())
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        return records
+    if suffix == ".jsonl":
+        with path.open() as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".csv":
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+
+
+def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record") -> Conversation:
+    """A caption or LLaVA conversation record as a ``Conversation``; malformed ones raise, naming ``where``."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
+    image = record.get("image") or None
+    if image is not None and not isinstance(image, str):
+        raise ValueError(f"{where}: 'image' must be a path string, got {type(image).__name__}")
+    if record.get("conversations") is not None:
+        messages = record["conversations"]
+        if not isinstance(messages, list) or not messages or len(messages) % 2:
+            raise ValueError(f"{where}: 'conversations' must be a non-empty list of human/gpt pairs")
+        turns = []
+        for k in range(0, len(messages), 2):
+            ask, answer = messages[k], messages[k + 1]
+            roles = (ask.get("from"), answer.get("from")) if isinstance(ask, dict) and isinstance(answer, dict) \
+                else None
+            if roles != ("human", "gpt"):
+                raise ValueError(f"{where}: conversations[{k}:{k + 2}] must be a 'human' then a 'gpt' message, "
+                                 f"got {roles}")
+            turns.append((str(ask.get("value", "")), str(answer.get("value", ""))))
+    elif record.get("caption") is not None:
+        turns = [(caption_prompt, str(record["caption"]))]
+    else:
+        raise ValueError(f"{where}: expected a 'conversations' list (LLaVA format) or a 'caption'")
+    if any(LLAVA_IMAGE_TOKEN in question for question, _ in turns[1:]):
+        raise ValueError(f"{where}: only the first human turn may hold {LLAVA_IMAGE_TOKEN!r}")
+    if image is None and LLAVA_IMAGE_TOKEN in turns[0][0]:
+        raise ValueError(f"{where}: {LLAVA_IMAGE_TOKEN!r} in a record without 'image'")
+    return Conversation(image, tuple(turns))
+
+
+def _first_question(question: str, image_token: str) -> str:
+    """LLaVA writes ``<image>\\n`` before (or ``\\n<image>`` after) the question; the newline goes with it."""
+    for form in (LLAVA_IMAGE_TOKEN + "\n", "\n" + LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKEN):
+        if form in question:
+            return question.replace(form, image_token, 1).strip()
+    return question.strip()
+
+
+class LMEyeDataset(Dataset):
+    """Caption or conversation records with their images, tokenized and preprocessed per item.
+
+    Args:
+        records: a sequence of dicts (see ``load_records``); every record is
+            parsed here, so a malformed one raises now, not hours into an epoch.
+        processor: the ``LMEyeProcessor`` (tokenizer and slot layout).
+        image_processor: the vision tower's image processor (e.g.
+            ``AutoImageProcessor.from_pretrained(vision_name)``), called on a PIL image.
+        image_folder: the directory record image paths are relative to.
+        template: the conversation's role texts.
+        caption_prompt: the question of a caption record.
+        on_bad_image: ``"skip"``: an image that is missing or cannot be decoded
+            is skipped and the item is the next readable record (so batches keep
+            their size); the first is warned about, all are counted in
+            ``skipped_images`` (per process: each DataLoader worker counts its
+            own). ``"raise"``: raise ``OSError`` naming the file.
+        max_length: cut a sample's suffix so that it holds at most this many
+            tokens in all (later turns are lost first); None keeps everything.
+    """
+
+    def __init__(self, records, processor: LMEyeProcessor, image_processor, image_folder=None,
+                 template: ChatTemplate = ChatTemplate(), caption_prompt: str = "", on_bad_image: str = "skip",
+                 max_length: Optional[int] = None):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image: expected one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        records = load_records(records)
+        self.conversations = [parse_record(record, caption_prompt, where=f"records[{index}]")
+                              for index, record in enumerate(records)]
+        if not self.conversations:
+            raise ValueError("records: no record to train on")
+        self.processor, self.image_processor = processor, image_processor
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.template, self.on_bad_image, self.max_length = template, on_bad_image, max_length
+        self.skipped_images: List[str] = []
+        self._blank_pixels: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def image_path(self, image: str) -> Path:
+        return self.image_folder / image if self.image_folder is not None else Path(image)
+
+    def pixels(self, image: str) -> torch.Tensor:
+        """The preprocessed image (C, H, W); raises ``OSError`` when it is missing or corrupt."""
+        from PIL import Image
+
+        path = self.image_path(image)
+        with Image.open(path) as file:
+            picture = file.convert("RGB")
+        return self.image_processor(images=picture, return_tensors="pt")["pixel_values"][0]
+
+    def blank_pixels(self) -> torch.Tensor:
+        """Zeros shaped like a preprocessed image: the pixels of a text-only sample, which nothing reads."""
+        if self._blank_pixels is None:
+            from PIL import Image
+
+            processed = self.image_processor(images=Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"]
+            self._blank_pixels = torch.zeros_like(processed[0])
+        return self._blank_pixels
+
+    def tokenize(self, conversation: Conversation) -> TokenizedRow:
+        """The conversation as one row: the first question ends the prefix, every answer is labelled."""
+        proc, template = self.processor, self.template
+        end = [] if proc.eos_token_id is None else [proc.eos_token_id]
+        has_image = conversation.image is not None
+        (question, answer), later = conversation.turns[0], conversation.turns[1:]
+        if has_image:
+            question = _first_question(question, proc.image_token)
+        prefix, image_start = proc.prefix_ids(template.system + template.user + question, image=has_image)
+        body, labels = [], []
+        for ask, reply in ((None, answer),) + later:
+            prompt = proc.encode(template.assistant if ask is None else template.user + ask + template.assistant)
+            target = proc.encode(reply) + end
+            body += prompt + target
+            labels += [IGNORE_INDEX] * len(prompt) + target
+        if self.max_length is not None:
+            room = max(1, self.max_length - len(prefix) - (proc.num_requests if has_image else 0))
+            body, labels = body[:room], labels[:room]
+        return TokenizedRow(prefix, image_start, body, labels)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        for attempt in range(len(self)):
+            conversation = self.conversations[(index + attempt) % len(self)]
+            if conversation.image is None:
+                pixels = self.blank_pixels()
+                break
+            try:
+                pixels = self.pixels(conversation.image)
+                break
+            except OSError as error:  # PIL raises OSError subclasses for missing and undecodable files
+                if self.on_bad_image == "raise":
+                    raise OSError(f"image {self.image_path(conversation.image)}: {error}") from error
+                if not self.skipped_images:
+                    warnings.warn(f"skipping unreadable image {self.image_path(conversation.image)} ({error}); "
+                                  "later ones are counted in LMEyeDataset.skipped_images", stacklevel=2)
+                self.skipped_images.append(str(self.image_path(conversation.image)))
+        else:
+            raise OSError("images: no record of the dataset has a readable image")
+        return {"row": self.tokenize(conversation), "pixel_values": pixels}
+
+
+class LMEyeCollator:
+    """Batches ``LMEyeDataset`` items: ``processor.pad`` for the text, the images stacked as ``pixel_values``.
+
+    Picklable, so it runs in ``DataLoader`` workers.
+    """
+
+    def __init__(self, processor: LMEyeProcessor):
+        self.processor = processor
+
+    def __call__(self, items: Sequence[Dict[str, Any]]) -> LMEyeBatch:
+        if not items:
+            raise ValueError("items: expected at least one dataset item")
+        batch = self.processor.pad([TokenizedRow(*item["row"]) for item in items])
+        batch["pixel_values"] = torch.stack([torch.as_tensor(item["pixel_values"]) for item in items])
+        return batch

@@ -1,0 +1,79 @@
+"""Ready-made LMEye set-ups around a CLIP model: the published configuration and the patch-token variant.
+
+    clip = CLIPModel.from_pretrained("openai/clip-vit-large-patch14")
+    processor, model = published(tokenizer, llm, clip, response_prefix=" Answer:")
+    processor, model = patch_tokens(tokenizer, llm, clip, interaction_dim=768, num_heads=12)
+
+Each returns the processor and the model built to fit each other: the number of
+``<img>`` slots follows from the feature the static mapping reads.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from torch import nn
+
+from .clip_interaction import CLIPTextInteraction
+from .modeling import LMEyeModel
+from .processor import LMEyeProcessor
+from .vision import CLIPImageEncoder, feature_shape
+
+__all__ = ["published", "patch_tokens"]
+
+PUBLISHED_SUB_FEATURES = 5
+PUBLISHED_REQUESTS = 5
+
+
+def _build(tokenizer, llm: nn.Module, vision: nn.Module, response_prefix: str, num_requests: int,
+           interaction=None, **config_kwargs) -> Tuple[LMEyeProcessor, LMEyeModel]:
+    count = feature_shape(vision, config_kwargs["static_feature"])[0]
+    if count is None:
+        raise ValueError(f"clip: cannot tell how many {config_kwargs['static_feature']!r} tokens it gives per image "
+                         "(expected a Hugging Face CLIP model)")
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=count, num_requests=num_requests,
+                               response_prefix=response_prefix)
+    model = LMEyeModel(llm, processor.make_config(**config_kwargs), vision=vision, interaction=interaction)
+    return processor, model
+
+
+def published(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str = "",
+              **config_overrides) -> Tuple[LMEyeProcessor, LMEyeModel]:
+    """LMEye as released (v1): the LLM sees one global image token, the IPN asks for the rest.
+
+    The static mapping maps CLIP's projected image embedding (one vector,
+    ``get_image_features``) to a single ``<img>`` token; the IPN decomposes that
+    same vector into S=5 sub-features (N=1) and lets R=5 requests interact with
+    them through the frozen CLIP text encoder (``CLIPTextInteraction``), whose
+    pooled, projected outputs are transmitted into the 5 ``<img-d>`` slots.
+
+    Args:
+        clip: a Hugging Face ``CLIPModel``; its vision tower and projection are the
+            vision module (``CLIPImageEncoder``), its text tower the interaction
+            (both frozen).
+        config_overrides: further ``LMEyeConfig`` fields (e.g. ``static_hidden_dim``).
+    """
+    interaction = CLIPTextInteraction(clip, PUBLISHED_REQUESTS)
+    # num_heads only shapes the built-in attention interaction; 1 divides any width.
+    settings = dict(static_feature="projected", ipn_feature="projected", sub_features=PUBLISHED_SUB_FEATURES,
+                    interaction_dim=interaction.width, num_heads=1)
+    settings.update(config_overrides)
+    return _build(tokenizer, llm, CLIPImageEncoder(clip), response_prefix, PUBLISHED_REQUESTS, interaction,
+                  **settings)
+
+
+def patch_tokens(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str = "", num_requests: int = 5,
+                 **config_overrides) -> Tuple[LMEyeProcessor, LMEyeModel]:
+    """The patch-token variant: the static mapping and the IPN both read every token of
+    ``last_hidden_state`` (N = patches + 1 ``<img>`` slots), and the requests attend over
+    them with the built-in attention interaction.
+
+    Args:
+        clip: a Hugging Face CLIP vision model (``CLIPVisionModel``,
+            ``CLIPVisionModelWithProjection`` or ``CLIPModel``).
+        config_overrides: further ``LMEyeConfig`` fields (``interaction_dim``,
+            ``num_heads``, ``sub_features``, ...).
+    """
+    settings = dict(static_feature="tokens", ipn_feature="tokens")
+    settings.update(config_overrides)
+    return _build(tokenizer, llm, clip, response_prefix, num_requests, **settings)

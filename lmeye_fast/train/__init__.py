@@ -1,0 +1,7 @@
+"""Training LMEye at scale: the ``transformers.Trainer`` subclass, data parallelism, and the CLI
+(``python -m lmeye_fast.train``)."""
+
+from .distributed import leave_frozen_out_of_ddp, shard_frozen_llm
+from .trainer import LMEyeTrainer, suffix_loss
+
+__all__ = ["LMEyeTrainer", "suffix_loss", "leave_frozen_out_of_ddp", "shard_frozen_llm"]

@@ -1,0 +1,87 @@
+"""``transformers.Trainer`` for LMEye: checkpoints hold the adapter and the optimizer, never the frozen LLM.
+
+    trainer = LMEyeTrainer(model=model, args=TrainingArguments(...), train_dataset=dataset,
+                           data_collator=LMEyeCollator(processor))
+    trainer.train(resume_from_checkpoint=...)
+    trainer.save_model(out)                     # then LMEyeModel.from_pretrained(out, llm, vision)
+
+Everything else is the Trainer's own: DDP under ``torchrun`` (the frozen LLM and
+vision tower left out of DDP's broadcasts), DeepSpeed through ``deepspeed=``,
+gradient accumulation, mixed precision, logging, the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from ..models.modeling import LMEyeModel
+from ..models.processor import IGNORE_INDEX
+from .distributed import leave_frozen_out_of_ddp
+
+__all__ = ["LMEyeTrainer", "suffix_loss"]
+
+
+def suffix_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of the labelled tokens, summed and divided by ``num_items_in_batch``.
+
+    ``outputs.logits`` cover the suffix columns ``[P, T)`` of ``labels`` (B, T), so
+    P is ``T - logits.shape[1]``; the label at column P is never a target. The
+    Trainer counts ``num_items_in_batch`` over all micro-batches of an optimizer
+    step and all data-parallel ranks, so the step's gradient is that of the mean
+    over the whole global batch, however it is split. Without it: the mean.
+    """
+    logits = outputs.logits
+    targets = labels[:, labels.shape[1] - logits.shape[1] + 1:]
+    total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum()
+    return total / num_items_in_batch
+
+
+class LMEyeTrainer(Trainer):
+    """A ``Trainer`` for an ``LMEyeModel`` fed by ``LMEyeCollator`` batches.
+
+    Checkpoints and ``save_model`` write ``LMEyeModel.save_pretrained``'s adapter
+    (plus the Trainer's optimizer, scheduler and RNG state in checkpoints);
+    ``resume_from_checkpoint`` loads that adapter back.
+    """
+
+    def __init__(self, model: LMEyeModel = None, *args, **kwargs):
+        if not isinstance(model, LMEyeModel):
+            raise TypeError(f"model: expected an LMEyeModel, got {type(model).__name__}")
+        if not model.trainable_parameters():
+            raise ValueError("model: no parameter requires grad; call model.set_stage(1) or model.set_stage(2) first")
+        kwargs.setdefault("compute_loss_func", suffix_loss)
+        leave_frozen_out_of_ddp(model)
+        super().__init__(model, *args, **kwargs)
+
+    # The collator builds the model's inputs from dataset items that are not
+    # model arguments themselves, so no column may be dropped before it runs.
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
+
+    def _adapter_model(self) -> LMEyeModel:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _save(self, output_dir=None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self._adapter_model().save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        self._adapter_model().load_adapter(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._adapter_model().load_adapter(self.state.best_model_checkpoint)

@@ -1,0 +1,122 @@
+"""What the main job shows: the summary starts with the schedules, the plot draws them, and leaves
+out the kernel panels whose providers all run the same implementation. Synthetic rows, no timing."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import harness  # noqa: E402
+import plot  # noqa: E402
+
+SHAPE = "llama-512x8 B=2 T=384 P=300"
+CPU_META = {"device": "cpu", "torch": "2.x", "triton": "3.x", "commit": "abc1234", "date": "today"}
+
+
+def schedule_row(case, provider, seconds, **keys):
+    return dict(suite="schedules", case=case, provider=provider, shape=SHAPE, config=SHAPE.split(" B=")[0],
+                batch=2, dtype="fp32", device="cpu", median_us=seconds * 1e6, wall_us=seconds * 1e6, **keys)
+
+
+def kernel_row(suite, case, provider, batch, x_eager, **keys):
+    return dict(suite=suite, case=case, provider=provider, shape=f"small B{batch}", config="small", batch=batch,
+                dtype="fp32", device="cpu", median_us=100.0 / x_eager, wall_us=100.0 / x_eager, x_eager=x_eager,
+                **keys)
+
+
+def rows():
+    """Two passes 2x slower for prefill and the frozen-prefix step, 1.5x for the trainable-prefix step."""
+    def generate(provider, seconds):  # 16 new tokens for each of 2 rows
+        return schedule_row("generate", provider, seconds, throughput=32 / seconds, throughput_unit="tokens/s",
+                            new_tokens=16)
+
+    schedules = [
+        schedule_row("prefill", harness.STATIC_ONLY, 1.0), schedule_row("prefill", harness.TWO_PASS, 2.0),
+        schedule_row("prefill", harness.SINGLE_PASS, 1.0),
+        schedule_row("train-step", harness.STATIC_ONLY, 3.0), schedule_row("train-step", harness.TWO_PASS, 6.0),
+        schedule_row("train-step", harness.SINGLE_PASS, 4.0),
+        schedule_row("train-step-frozen-prefix", harness.TWO_PASS, 4.0),
+        schedule_row("train-step-frozen-prefix", harness.SINGLE_PASS, 2.0),
+        generate(harness.STATIC_ONLY, 0.5), generate(harness.TWO_PASS, 0.75), generate(harness.SINGLE_PASS, 0.6),
+        schedule_row(*harness.IPN_SHARE, 0.2),
+    ]
+    everywhere_reference = {"request": "reference", "attend_decomposed": "reference"}
+    kernels = []
+    for batch in (1, 8):
+        # On a machine without a GPU, auto resolves to the reference: the same implementation twice.
+        kernels += [kernel_row("ops", "request", "reference-eager", batch, 1.0, resolved="reference"),
+                    kernel_row("ops", "request", "auto", batch, 1.01, resolved="reference"),
+                    kernel_row("ipn", "forward", "reference-eager", batch, 1.0),
+                    kernel_row("ipn", "forward", "auto", batch, 0.99, resolved=everywhere_reference),
+                    kernel_row("interleave", "interleave", "index_put-copy", batch, 1.0),
+                    kernel_row("interleave", "interleave", "index_add_-inplace", batch, 3.0)]
+    kernels.append(kernel_row("ipn", "forward", "reference-compile", 8, 2.0))
+    return kernels[:6] + schedules + kernels[6:]  # the suites' order in a run does not matter
+
+
+def cells(line):
+    """A table line's cells: the columns are at least two spaces apart, a cell has single spaces."""
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_summary_starts_with_single_pass_against_two_passes_and_static_only():
+    lines = harness.format_summary(rows(), CPU_META).splitlines()
+    assert lines[0].startswith("LMEye schedules, single pass against two passes and static-only: " + SHAPE)
+    assert cells(lines[1]) == ["case", *harness.SCHEDULE_PROVIDERS, "single vs two-pass", "single / static-only"]
+    table = [cells(line) for line in lines[3:7]]
+    assert table == [
+        ["prefill", "1 s", "2 s", "1 s", "2.00x", "1.00"],
+        ["train step, prefix trainable", "3 s", "6 s", "4 s", "1.50x", "1.33"],
+        ["train step, prefix frozen", "-", "4 s", "2 s", "2.00x", "-"],
+        ["generate 16 tokens", "500 ms (64 tokens/s)", "750 ms (42.7 tokens/s)", "600 ms (53.3 tokens/s)", "1.25x",
+         "1.20"],
+    ]
+    assert lines[7] == "the IPN's own forward+backward: 200 ms, 5.0% of the single-pass train step"
+    assert lines[8] == harness.NO_GPU_LINE and "benchmarks/RESULTS.md" in lines[8]
+    rest = "\n".join(lines[9:])
+    assert "schedules/" not in rest  # the schedules are not repeated in the kernel table
+    assert rest.index("device: cpu") < rest.index("ops/request") and "interleave/interleave" in rest
+
+
+def test_summary_on_a_gpu_machine_leaves_out_the_no_gpu_line():
+    text = harness.format_summary(rows(), dict(CPU_META, device="NVIDIA H200"))
+    assert harness.NO_GPU_LINE not in text
+    assert text.startswith("LMEye schedules")
+
+
+def test_summary_without_schedules_is_the_kernel_table():
+    kernels = [r for r in rows() if r["suite"] != "schedules"]
+    lines = harness.format_summary(kernels, CPU_META).splitlines()
+    assert lines[0] == harness.NO_GPU_LINE and lines[2].startswith("device: cpu")
+
+
+def test_plot_draws_the_schedules_and_leaves_out_identical_providers(tmp_path):
+    summary = {"meta": CPU_META, "rows": rows()}
+    fig, titles = plot.figure(summary)
+    assert titles[0].startswith(f"schedules: {SHAPE}")
+    # ipn/forward keeps its panel (torch.compile is another implementation); ops/request runs the
+    # reference under both of its providers and has none.
+    assert sorted(t.split("\n")[0] for t in titles[1:]) == ["interleave/interleave", "ipn/forward"]
+    bars = fig.axes[0]
+    assert [t.get_text() for t in bars.get_xticklabels()] == [
+        "prefill", "train step,\nprefix trainable", "train step,\nprefix frozen", "generate"]
+    assert [t.get_text() for t in bars.texts] == ["2.00x", "1.50x", "2.00x", "1.25x"]
+    heights = sorted(round(p.get_height(), 6) for p in bars.patches)
+    assert heights == sorted([1.0, 2.0, 1.0, 3.0, 6.0, 4.0, 4.0, 2.0, 0.5, 0.75, 0.6])
+    plot.plt.close(fig)
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    plot.main([str(path), "-o", str(tmp_path / "out.png")])
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_plot_refuses_a_summary_of_identical_providers_only():
+    only_reference = [r for r in rows() if r["suite"] == "ops"]
+    with pytest.raises(SystemExit, match="nothing to plot"):
+        plot.figure({"meta": CPU_META, "rows": only_reference})

@@ -1,0 +1,94 @@
+"""LMEyeTrainer: an LMEyeModel under transformers.Trainer, adapter-only checkpoints, resume, accumulation."""
+
+import os
+
+import pytest
+import torch
+from training_helpers import image_processor, relative_difference, tiny_model, write_llava
+
+pytest.importorskip("accelerate")
+
+from transformers import TrainingArguments  # noqa: E402
+
+from lmeye_fast.data import LMEyeCollator, LMEyeDataset  # noqa: E402
+from lmeye_fast.models import LMEyeModel  # noqa: E402
+from lmeye_fast.models.modeling import ADAPTER_FILE  # noqa: E402
+from lmeye_fast.train import LMEyeTrainer  # noqa: E402
+
+
+def arguments(output_dir, **overrides):
+    options = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], disable_tqdm=True, seed=5,
+                   per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, learning_rate=3e-2,
+                   save_steps=2, logging_steps=1, dataloader_num_workers=0, ddp_find_unused_parameters=False)
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def seeded_model(stage):
+    torch.manual_seed(0)
+    return tiny_model(stage)
+
+
+def run(tmp_path, name, stage=2, resume=None, **overrides):
+    processor, model = seeded_model(stage)
+    dataset = LMEyeDataset(write_llava(tmp_path / "data", count=8, text_only=2), processor, image_processor(),
+                           image_folder=tmp_path / "data" / "images")
+    trainer = LMEyeTrainer(model=model, args=arguments(tmp_path / name, **overrides), train_dataset=dataset,
+                           data_collator=LMEyeCollator(processor))
+    frozen = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    result = trainer.train(resume_from_checkpoint=resume)
+    assert all(torch.equal(v, frozen[k]) for k, v in model.llm.state_dict().items())
+    return trainer, model, result
+
+
+def adapter(model):
+    return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_checkpoints_hold_the_adapter_and_optimizer_only(tmp_path, stage):
+    before = adapter(seeded_model(stage)[1])
+    trainer, model, result = run(tmp_path, "out", stage=stage)
+    after = adapter(model)
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith("static." if stage == 1 else ("ipn.", "special_embed")) for k in moved)
+    assert torch.isfinite(torch.tensor(result.training_loss))
+
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    files = set(os.listdir(checkpoint))
+    assert {ADAPTER_FILE, "lmeye_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert not {"model.safetensors", "pytorch_model.bin"} & files
+    adapter_bytes = sum(v.numel() * v.element_size() for v in after.values())
+    assert os.path.getsize(checkpoint / ADAPTER_FILE) < adapter_bytes + 8192
+    llm_bytes = sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    assert sum(os.path.getsize(checkpoint / f) for f in files) < llm_bytes
+
+    trainer.save_model(tmp_path / "final")
+    processor, fresh = tiny_model(stage)
+    loaded = LMEyeModel.from_pretrained(tmp_path / "final", fresh.llm, fresh.vision)
+    assert all(torch.equal(v, after[k]) for k, v in loaded.adapter_state_dict().items())
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    _, whole, _ = run(tmp_path, "whole")
+    _, resumed, _ = run(tmp_path, "resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    expected, got = adapter(whole), adapter(resumed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=0)
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    """Labelled tokens differ per micro-batch; the loss is normalised over the whole accumulated batch."""
+    _, accumulated, first = run(tmp_path, "accumulated", save_steps=100)
+    _, large, second = run(tmp_path, "large", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                           save_steps=100)
+    assert first.training_loss == pytest.approx(second.training_loss, rel=1e-5)
+    expected, got = adapter(large), adapter(accumulated)
+    assert max(relative_difference(got[key], expected[key]) for key in expected) <= 1e-5
+
+
+def test_refuses_a_model_without_trainable_parameters(tmp_path):
+    _, model = tiny_model()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="set_stage"):
+        LMEyeTrainer(model=model, args=arguments(tmp_path))

@@ -1,0 +1,65 @@
+"""Tiny models and a tiny on-disk dataset for the data, Trainer, distributed and CLI tests.
+
+Images are solid-colour PNGs written with Pillow; the conversations ask for the
+colour, so a few optimizer steps already move the loss.
+"""
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from lmeye_fast.models import LMEyeModel, LMEyeProcessor
+from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (250, 250, 250)}
+WORDS = list(COLOURS) + "what colour is it the image shows a and USER: ASSISTANT: describe hello hi yes no".split()
+IMAGE_SIZE = 16
+
+
+def image_processor():
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
+                                                                             "width": IMAGE_SIZE})
+
+
+def tiny_parts(num_requests=2):
+    """(processor, llm, vision): a word tokenizer, a 2-layer Llama and a CLIP tower with 5 tokens per image."""
+    processor = LMEyeProcessor(word_tokenizer(WORDS), num_image_tokens=5, num_requests=num_requests)
+    llm = tiny_llm("llama", len(processor), initializer_range=0.3)
+    vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
+    return processor, llm, vision
+
+
+def tiny_model(stage=2):
+    processor, llm, vision = tiny_parts()
+    model = LMEyeModel(llm, processor.make_config(interaction_dim=16, num_heads=2), vision=vision)
+    return processor, model.set_stage(stage, train_special_tokens=stage == 2)
+
+
+def relative_difference(got, expected):
+    """||got - expected|| / ||expected|| of one tensor: the parity measure of the training tests (Adam's
+    normalised update turns float noise in a near-zero gradient element into a large relative change of
+    that one element, so elements are not compared one by one)."""
+    return float((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+def write_llava(directory, count=8, text_only=0):
+    """``count`` LLaVA-format records (two turns each, PNGs in ``directory/images``) and ``text_only`` more
+    without image; returns the JSON file's path."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    records = []
+    for index in range(count):
+        colour = names[index % len(names)]
+        Image.new("RGB", (20, 20), COLOURS[colour]).save(directory / "images" / f"{index}.png")
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is it"}, {"from": "gpt", "value": colour},
+            {"from": "human", "value": "describe the image"}, {"from": "gpt", "value": f"a {colour} image"}]})
+    for index in range(text_only):
+        records.append({"id": f"text{index}", "conversations": [
+            {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]})
+    path = directory / "llava.json"
+    path.write_text(json.dumps(records))
+    return path
