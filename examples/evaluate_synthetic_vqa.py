@@ -20,12 +20,12 @@ import random
 import time
 
 import torch
-from train_synthetic_vqa import (COLOURS, GRID, REQUESTS, SIDES, WORDS, batches, make_split, pretrain_llm,
-                                 question)
+from train_synthetic_vqa import (CELL, COLOURS, GRID, SIDES, WORDS, batches, make_split, pretrain_llm, question,
+                                 standardise)
 
 from lmeye_fast.eval import EvalModel, Example, evaluate_choice, evaluate_open, format_table
-from lmeye_fast.models import LMEyeModel, LMEyeProcessor, train
-from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
+from lmeye_fast.models import patch_tokens, train
+from lmeye_fast.models.tiny import tiny_clip_model, tiny_llm, word_tokenizer
 
 
 def held_out(scenes, images, rng: random.Random):
@@ -41,35 +41,36 @@ def held_out(scenes, images, rng: random.Random):
     return open_ended, choice
 
 
-def trained_model(steps, train_images: int, batch_size: int, rng: random.Random):
-    """The synthetic-VQA model after the stand-in LLM's text training, stage 1 and stage 2."""
+def trained_model(steps, splits, batch_size: int, rng: random.Random):
+    """The synthetic-VQA model (the training example's ``patch_tokens`` setting) after the stand-in
+    LLM's text training, stage 1 and stage 2; and the held-out images' standardised features."""
     text_steps, stage1_steps, stage2_steps = steps
     tok = word_tokenizer(WORDS)
-    processor = LMEyeProcessor(tok, num_image_tokens=GRID * GRID + 1, num_requests=REQUESTS,
-                               response_prefix="answer :")
     print(f"training: stand-in LLM ({text_steps} steps), stage 1 ({stage1_steps}), stage 2 ({stage2_steps})")
-    llm = pretrain_llm(tiny_llm("llama", len(tok), hidden=96, layers=3, heads=4), tok, text_steps, batch_size, rng)
-    vision = tiny_clip(image_size=32, patch_size=8, hidden=64, layers=2, heads=4).eval()
-    model = LMEyeModel(llm, processor.make_config(interaction_dim=64, num_heads=4), vision=vision)
-    scenes, images = make_split(train_images, rng)
+    llm = pretrain_llm(tiny_llm("llama", len(tok), hidden=64, layers=2, heads=4), tok, text_steps, batch_size, rng)
+    clip = tiny_clip_model(image_size=GRID * CELL, patch_size=CELL, hidden=64, text_hidden=64, heads=4).eval()
+    processor, model = patch_tokens(tok, llm, clip, response_prefix="answer :", num_requests=5, interaction_dim=64,
+                                    num_heads=4)
+    (scenes, images), (_, test_images) = splits
     with torch.no_grad():
-        features = model.image_features(images)
+        features, test_features = standardise(model.encode_images(images), model.encode_images(test_images))
+    common = dict(lr=3e-3, warmup_steps=min(50, stage2_steps // 5))
     model.set_stage(1)
     model.special_embed.requires_grad_(True)
-    train(model, batches(processor, scenes, features, batch_size, rng, "caption"), stage1_steps, lr=3e-3,
-          warmup_steps=50, schedule="static", description="stage 1")
+    train(model, batches(processor, scenes, features, batch_size, rng, "caption"), stage1_steps, schedule="static",
+          description="stage 1", **common)
     model.set_stage(2, train_special_tokens=True)
-    train(model, batches(processor, scenes, features, batch_size, rng, "question"), stage2_steps, lr=3e-3,
-          warmup_steps=50, schedule="single_pass", description="stage 2")
-    return model.eval(), processor
+    train(model, batches(processor, scenes, features, batch_size, rng, "question"), stage2_steps,
+          schedule="single_pass", description="stage 2", **common)
+    return model.eval(), processor, test_features
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", default="800,400,500",
+    parser.add_argument("--steps", default="600,200,300",
                         help="training steps: stand-in LLM, stage 1, stage 2 (comma-separated)")
-    parser.add_argument("--train-images", type=int, default=3072)
+    parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--test-images", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
@@ -81,12 +82,14 @@ def main():
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     began = time.time()
-    model, processor = trained_model(steps, args.train_images, 64, rng)
+    splits = make_split(args.train_images, rng), make_split(args.test_images, rng)
+    model, processor, test_features = trained_model(steps, splits, 32, rng)
     trained = time.time()
 
-    test_scenes, test_images = make_split(args.test_images, rng)
-    open_ended, choice = held_out(test_scenes, test_images, rng)
-    runner = EvalModel(model, processor)  # the images are pixel tensors already
+    # Each held-out image as its precomputed, standardised features, as the model was trained.
+    images = [{name: value[i] for name, value in test_features.items()} for i in range(args.test_images)]
+    open_ended, choice = held_out(splits[1][0], images, rng)
+    runner = EvalModel(model, processor)
     _, vqa = evaluate_open(runner, open_ended, batch_size=64, max_new_tokens=1)
     _, plain = evaluate_choice(runner, choice, batch_size=64, template="{question}")
     _, listed = evaluate_choice(runner, choice, batch_size=64, template="{options} {question}", circular=True)

@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .models import LMEyeModel, LMEyeProcessor
+from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from .models.scoring import score_options
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
@@ -112,8 +112,9 @@ LETTERS = string.ascii_uppercase
 
 @dataclass
 class Example:
-    """One evaluation question. ``image`` is a path, a PIL image or a pixel tensor (C, H, W);
-    ``answer`` is the right option's index for multiple choice."""
+    """One evaluation question. ``image`` is a path, a PIL image, a pixel tensor (C, H, W) or a
+    dict of precomputed features (see ``EvalModel.image_inputs``); ``answer`` is the right
+    option's index for multiple choice."""
 
     id: str
     question: str
@@ -221,19 +222,32 @@ class EvalModel:
     image_processor: Optional[Callable] = None
     schedule: Optional[str] = None
 
+    def image_inputs(self, images: Sequence) -> Dict[str, torch.Tensor]:
+        """The model's image inputs: precomputed features for images given as dicts of them (one
+        image's ``model.encode_images`` output, e.g. ``image_features`` and ``static_features``),
+        else ``pixel_values``."""
+        if images and all(isinstance(image, dict) for image in images):
+            device = self.model.special_embed.device
+            return {name: torch.stack([image[name] for image in images]).to(device) for name in images[0]}
+        return {"pixel_values": self.pixels(images)}
+
     def pixels(self, images: Sequence) -> torch.Tensor:
-        """Pixel values (B, C, H, W) for paths, PIL images or (C, H, W) tensors."""
+        """Pixel values (B, C, H, W) for paths, PIL images or (C, H, W) tensors, on the vision
+        tower's device and in its dtype."""
         if any(image is None for image in images):
             raise ValueError("images: every question needs an image")
         if all(isinstance(image, torch.Tensor) for image in images):
-            return torch.stack(list(images))
-        if self.image_processor is None:
+            pixels = torch.stack(list(images))
+        elif self.image_processor is None:
             raise ValueError("images: image files or PIL images need an image_processor to become pixel values")
-        from PIL import Image
+        else:
+            from PIL import Image
 
-        opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
-                  for image in images]
-        return self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+            opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
+                      for image in images]
+            pixels = self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+        tower = next(self.model.vision.parameters(), None) if self.model.vision is not None else None
+        return pixels if tower is None else pixels.to(tower.device, tower.dtype)
 
     def prompt(self, text: str) -> str:
         """LLaVA's ``<image>`` placeholder becomes the processor's image token."""
@@ -243,16 +257,15 @@ class EvalModel:
     def generate(self, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
                  **generate_kwargs) -> List[str]:
         """Answers to ``prompts``: greedy unless ``generate_kwargs`` (for ``model.generate``) ask otherwise."""
-        batch = self.processor([self.prompt(p) for p in prompts], images=self.pixels(images))
-        batch = batch.to(self.model.special_embed.device)
+        batch = self.processor([self.prompt(p) for p in prompts]).to(self.model.special_embed.device)
         generate_kwargs.setdefault("do_sample", False)
-        tokens = self.model.generate(**batch, schedule=self.schedule, max_new_tokens=max_new_tokens,
-                                     **generate_kwargs)
+        tokens = self.model.generate(**batch, **self.image_inputs(images), schedule=self.schedule,
+                                     max_new_tokens=max_new_tokens, **generate_kwargs)
         return [text.strip() for text in self.processor.decode(tokens)]
 
     def score(self, prompts: Sequence[str], images: Sequence, options: Sequence[Sequence[str]]):
         return score_options(self.model, self.processor, [self.prompt(p) for p in prompts], options,
-                             pixel_values=self.pixels(images), schedule=self.schedule)
+                             **self.image_inputs(images), schedule=self.schedule)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -271,8 +284,6 @@ def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    from .models.config import LMEyeConfig
-
     config = LMEyeConfig.load(adapter)
     processor = LMEyeProcessor(AutoTokenizer.from_pretrained(tokenizer or llm),
                                num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -53,8 +54,6 @@ class LMEye(lmms):
         del max_batch_size  # lmms-eval passes it to every model; batches here are batch_size questions
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        import torch
-
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.runner = load_eval_model(adapter, llm, vision, tokenizer, image_processor, str(response_prefix),
                                       device, dtype, schedule)

@@ -10,7 +10,7 @@ import torch
 
 from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, exact_match, main, normalize_answer,
                              read_examples, rotations, vqa_accuracy)
-from lmeye_fast.models.scoring import OptionScores
+from lmeye_fast.models.scoring import OptionScores, score_options
 from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model
 
 
@@ -164,3 +164,17 @@ def test_command_line_vqa_and_circular_choice(saved_model, tmp_path, capsys):
         assert record["prediction"] == max(range(3), key=lambda k: record["log_likelihood"][k])
         assert record["circular_accuracy"] == float(all(r["prediction"] == r["answer"]
                                                         for r in record["rotations"]))
+
+
+def test_precomputed_features_stand_in_for_images(saved_model):
+    _, model, processor = saved_model
+    features = torch.randn(3, model.config.num_image_tokens, model.config.vision_dim)
+    runner = EvalModel(model, processor)
+    prompts, options = ["what colour ?", "what is the circle ?", "?"], [["red", "blue"], ["green"], ["A. red", "C."]]
+    scores = runner.score(prompts, [{"image_features": f} for f in features], options)
+    expected = score_options(model, processor, prompts, options, image_features=features)
+    for got, want in zip(scores.summed, expected.summed):
+        torch.testing.assert_close(got, want)
+    texts = runner.generate(prompts, [{"image_features": f} for f in features], max_new_tokens=2)
+    tokens = model.generate(**processor(prompts), image_features=features, max_new_tokens=2, do_sample=False)
+    assert texts == [t.strip() for t in processor.decode(tokens)]

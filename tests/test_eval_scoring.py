@@ -105,7 +105,7 @@ def test_greedy_flags_say_whether_greedy_decoding_gives_the_option():
     tokens = model.generate(**proc(prompts), image_features=image, max_new_tokens=3, min_new_tokens=3,
                             do_sample=False)
     for choices, text, ids in zip(options, proc.decode(tokens), tokens.tolist()):
-        if proc._encode(text) == ids:
+        if proc.encode(text) == ids:
             choices.append(text)
     scores = score_options(model, proc, prompts, options, image_features=image)
     for row, (prompt, choices) in enumerate(zip(prompts, options)):

@@ -51,7 +51,7 @@ def _option_ids(processor, options: Sequence[Sequence[str]], batch: int) -> List
     for index, choices in enumerate(options):
         if isinstance(choices, str) or len(choices) == 0:
             raise ValueError(f"options[{index}]: expected a non-empty list of option texts, got {choices!r}")
-        ids = [processor._encode(text) for text in choices]
+        ids = [processor.encode(text) for text in choices]
         empty = [text for text, tokens in zip(choices, ids) if not tokens]
         if empty:
             raise ValueError(f"options[{index}]: {empty[0]!r} encodes to no token; there is nothing to score")
@@ -62,14 +62,14 @@ def _option_ids(processor, options: Sequence[Sequence[str]], batch: int) -> List
 @torch.no_grad()
 def score_options(model, processor, prompts: Sequence[str], options: Sequence[Sequence[str]],
                   pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
-                  schedule: Optional[str] = None) -> OptionScores:
+                  static_features: Optional[torch.Tensor] = None, schedule: Optional[str] = None) -> OptionScores:
     """Score every option of every prompt by the log-likelihood of its answer tokens.
 
     Args:
         model: an ``LMEyeModel``; processor: its ``LMEyeProcessor``.
         prompts: B prompts (as for generation, at most one ``<img>`` each).
         options: B lists of answer texts; the lists may differ in length.
-        pixel_values / image_features: the B images, as for ``model.generate``.
+        pixel_values / image_features, static_features: the B images, as for ``model.generate``.
         schedule: ``"static"`` scores without the IPN; any other value (or
             None) runs the IPN, and ``"two_pass"`` gives the same scores as
             ``"single_pass"`` (the prefix is the same in both passes).
@@ -81,17 +81,16 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
     device = model.special_embed.device
     batch = processor(prompts, images=pixel_values).to(device)
     prefix_len = batch["prefix_len"]
-    if image_features is not None:
-        image_features = image_features.to(device)
+    image_features, static_features = (None if f is None else f.to(device) for f in (image_features, static_features))
     ids = batch["input_ids"]
-    schedule, mask, pos, image, request_pos, slot_pos = model._inputs(
+    schedule, mask, pos, static_image, image, request_pos, slot_pos = model._inputs(
         ids, batch["attention_mask"], batch["position_ids"], batch["image_pos"], prefix_len,
-        batch.get("pixel_values"), image_features, None, batch["request_pos"], batch["slot_pos"],
+        batch.get("pixel_values"), image_features, static_features, None, batch["request_pos"], batch["slot_pos"],
         schedule or model.config.schedule, False)
     llm, cache_key = model.llm, model._cache_key
 
     # Prefix and IPN once per question; the head (slots + response prefix) once on the cache.
-    cache, hidden, _, _ = model._prefill(ids, mask, pos, image, batch["image_pos"], prefix_len)
+    cache, hidden, _, _ = model._prefill(ids, mask, pos, static_image, batch["image_pos"], prefix_len)
     if schedule == "static":
         head = model.embed(ids[:, prefix_len:])
     else:
