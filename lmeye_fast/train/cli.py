@@ -103,6 +103,8 @@ def _build(config: TrainConfig):
     tokenizer = AutoTokenizer.from_pretrained(config.llm)
     llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
     vision = AutoModel.from_pretrained(config.vision)
+    # A two-tower checkpoint (CLIP's openai/clip-vit-large-patch14, SigLIP) loads whole; LMEye reads its image side.
+    vision = getattr(vision, "vision_model", vision)
     image_processor = AutoImageProcessor.from_pretrained(config.vision)
     num_image_tokens = _num_vision_tokens(vision, image_processor, config.vision_feature)
     processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens, num_requests=config.num_requests)
