@@ -37,6 +37,20 @@ def tiny_model(stage=2):
     return processor, model.set_stage(stage, train_special_tokens=stage == 2)
 
 
+def save_tiny_models(directory):
+    """The tiny Llama with its tokenizer, and the tiny CLIP tower with its image processor, saved as
+    Hugging Face directories ``directory/llm`` and ``directory/vision``; returns both paths."""
+    directory = Path(directory)
+    tokenizer = word_tokenizer(WORDS)
+    llm = tiny_llm("llama", len(tokenizer), initializer_range=0.3)
+    vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
+    llm.save_pretrained(directory / "llm")
+    tokenizer.save_pretrained(directory / "llm")
+    vision.save_pretrained(directory / "vision")
+    image_processor().save_pretrained(directory / "vision")
+    return directory / "llm", directory / "vision"
+
+
 def relative_difference(got, expected):
     """||got - expected|| / ||expected|| of one tensor: the parity measure of the training tests (Adam's
     normalised update turns float noise in a near-zero gradient element into a large relative change of

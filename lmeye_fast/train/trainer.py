@@ -6,8 +6,9 @@
     trainer.save_model(out)                     # then LMEyeModel.from_pretrained(out, llm, vision)
 
 Everything else is the Trainer's own: DDP under ``torchrun`` (the frozen LLM and
-vision tower left out of DDP's broadcasts), DeepSpeed through ``deepspeed=``,
-gradient accumulation, mixed precision, logging, the learning-rate schedule.
+vision tower left out of DDP's broadcasts), DeepSpeed ZeRO-2 through
+``deepspeed=`` (no resume there yet, see ``train``), gradient accumulation,
+mixed precision, logging, the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class LMEyeTrainer(Trainer):
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         return data_collator
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint and self.is_deepspeed_enabled:
+            raise ValueError("resume_from_checkpoint: not supported with DeepSpeed: the checkpoints leave the frozen "
+                             "LLM out, and the Trainer loads a DeepSpeed checkpoint into the whole model strictly")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _adapter_model(self) -> LMEyeModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
@@ -79,6 +86,13 @@ class LMEyeTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_optimizer_and_scheduler(self, output_dir) -> None:
+        if self.is_deepspeed_enabled:
+            # DeepSpeed's own checkpoint would hold the whole module, frozen LLM included.
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         self._adapter_model().load_adapter(resume_from_checkpoint)

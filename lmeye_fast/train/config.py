@@ -1,0 +1,161 @@
+"""The training CLI's configuration: every key, its type and range, checked before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from ..data import BAD_IMAGE_POLICIES
+from ..models.config import SCHEDULES
+
+__all__ = ["TrainConfig", "load_config", "LLM_DTYPES"]
+
+LLM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    """What ``python -m lmeye_fast.train`` runs; each field is a YAML/JSON key and a ``--flag``.
+
+    Models: ``llm`` and ``vision`` are Hugging Face names or directories (the
+    tokenizer is the LLM's, the image processor the vision tower's);
+    ``adapter`` starts from a saved adapter (stage 2 from stage 1's).
+    Data: ``data`` is a LLaVA JSON, a JSONL or a CSV file of records
+    (``lmeye_fast.data``), images relative to ``image_folder``.
+    Optimisation: the ``transformers.TrainingArguments`` of the same meaning;
+    ``deepspeed`` is a DeepSpeed JSON config. ``resume``: a checkpoint
+    directory, or true for the latest one in ``output_dir``.
+    """
+
+    llm: str
+    vision: str
+    data: str
+    output_dir: str
+    stage: int = 2
+    image_folder: Optional[str] = None
+    adapter: Optional[str] = None
+    schedule: Optional[str] = None
+    llm_dtype: str = "float32"
+    num_requests: int = 5
+    interaction_dim: int = 768
+    num_heads: int = 12
+    static_hidden_dim: Optional[int] = None
+    vision_feature: str = "tokens"
+    train_special_tokens: bool = True
+    system_prompt: str = ""
+    user_prefix: str = "USER: "
+    assistant_prefix: str = " ASSISTANT: "
+    caption_prompt: str = ""
+    max_length: Optional[int] = None
+    on_bad_image: str = "skip"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    bf16: bool = False
+    seed: int = 42
+    num_workers: int = 2
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    resume: Union[bool, str, None] = None
+    deepspeed: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for name, field in fields.items():
+            _check_type(name, getattr(self, name), field.type)
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage: expected 1 or 2, got {self.stage!r}")
+        positive = ("num_requests", "interaction_dim", "num_heads", "batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps")
+        for name in positive + ("static_hidden_dim", "max_length", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        for name in ("learning_rate", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps: expected a positive int, or -1 to train for `epochs`, got {self.max_steps}")
+        if self.interaction_dim % self.num_heads:
+            raise ValueError(f"interaction_dim: {self.interaction_dim} is not divisible by num_heads={self.num_heads}")
+        choices = {"schedule": SCHEDULES + (None,), "llm_dtype": LLM_DTYPES, "on_bad_image": BAD_IMAGE_POLICIES,
+                   "vision_feature": ("tokens", "pooled")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.stage == 2 and self.schedule == "static":
+            raise ValueError("schedule: 'static' runs no IPN, so stage 2 (which trains the IPN) cannot use it")
+        for name in ("data", "deepspeed"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: no file {getattr(self, name)}")
+        for name in ("image_folder", "adapter"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_dir():
+                raise ValueError(f"{name}: no directory {getattr(self, name)}")
+        if isinstance(self.resume, str) and not Path(self.resume).is_dir():
+            raise ValueError(f"resume: no checkpoint directory {self.resume}")
+        if Path(self.data).suffix.lower() not in (".json", ".jsonl", ".csv"):
+            raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {self.data}")
+
+    @property
+    def model_schedule(self) -> str:
+        """Stage 1 trains the static mapping alone: no IPN pass unless a schedule is asked for."""
+        return self.schedule or ("static" if self.stage == 1 else "single_pass")
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """Check ``value`` against a field's annotation (a string under ``from __future__ import annotations``)."""
+    optional = annotation.startswith("Optional[") or "None" in annotation
+    if value is None:
+        if not optional:
+            raise ValueError(f"{name}: required")
+        return
+    kinds = [kind for word, kinds_ in _TYPES.items() if word in annotation for kind in kinds_]
+    if isinstance(value, bool) and bool not in kinds:
+        raise ValueError(f"{name}: expected {annotation}, got {value!r}")
+    if not isinstance(value, tuple(kinds)):
+        raise ValueError(f"{name}: expected {annotation}, got {value!r} ({type(value).__name__})")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """A ``TrainConfig`` from a YAML or JSON file and/or ``overrides`` (the flags, which win)."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"config: no file {path}")
+        text = file.read_text()
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {path} must hold a mapping of keys to values")
+    values.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a configuration key (known: {', '.join(sorted(known))})")
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"{missing[0]}: required")
+    return TrainConfig(**values)
