@@ -112,7 +112,9 @@ def _build(config: TrainConfig):
         model = LMEyeModel.from_pretrained(config.adapter, llm, vision=vision)
     else:
         model = LMEyeModel(llm, processor.make_config(
-            interaction_dim=config.interaction_dim, num_heads=config.num_heads, vision_feature=config.vision_feature,
+            interaction_dim=config.interaction_dim, num_heads=config.num_heads,
+            # The training config names one vision output; the static mapping and the IPN both read it.
+            static_feature=config.vision_feature, ipn_feature=config.vision_feature,
             static_hidden_dim=config.static_hidden_dim, schedule=config.model_schedule), vision=vision)
     model.config.schedule = config.model_schedule
     model.set_stage(config.stage, train_special_tokens=config.train_special_tokens)
