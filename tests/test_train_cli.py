@@ -3,6 +3,7 @@ JSON-lines logs, checkpoints, resume, the final adapter, and the same command un
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,13 @@ def test_stage_1_then_stage_2_with_checkpoints_logs_and_resume(setup):
     resumed = _adapter(resumed)
     for key, value in second.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-7)
+    # --resume true picks the latest checkpoint in output_dir: a run that stopped after checkpoint-2.
+    stopped = root / "stopped"
+    shutil.copytree(whole / "checkpoint-2", stopped / "checkpoint-2")
+    cli.main(["--config", _write(root / "s2.yaml", {**stage2, "output_dir": str(stopped)}), "--resume", "true"])
+    assert json.loads((stopped / "train_result.json").read_text())["global_step"] == 4
+    for key, value in _adapter(stopped).items():
+        torch.testing.assert_close(value, second[key], rtol=1e-5, atol=1e-7)
 
     # The final adapter loads with LMEyeModel.from_pretrained around the same LLM and vision tower.
     from transformers import AutoModel, AutoModelForCausalLM

@@ -92,3 +92,10 @@ def test_refuses_a_model_without_trainable_parameters(tmp_path):
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="set_stage"):
         LMEyeTrainer(model=model, args=arguments(tmp_path))
+
+
+def test_bf16_mixed_precision_keeps_the_adapter_in_float32(tmp_path):
+    trainer, model, result = run(tmp_path, "bf16", bf16=True, save_steps=100)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
