@@ -1,12 +1,13 @@
 """Run by tests/test_train_distributed.py under ``torchrun`` (or as one plain process).
 
-    python distributed_worker.py {trainer|fsdp2|zero2} OUTPUT_DIR GLOBAL_BATCH [RESUME_CHECKPOINT]
+    python distributed_worker.py {trainer|fsdp2|zero2|zero3} OUTPUT_DIR GLOBAL_BATCH [RESUME_CHECKPOINT]
 
 Trains the tiny LMEye for 5 optimizer steps on the same global batches in any
 world size and writes, from rank 0, the adapter (``adapter.pt``) and the loss
 of every step (``losses.json``). ``trainer``: ``LMEyeTrainer`` (DDP when the
 world is larger than one). ``zero2``: ``LMEyeTrainer`` with DeepSpeed ZeRO-2
-(examples/deepspeed/zero2.json), a checkpoint after step 3. ``fsdp2``: a plain
+(examples/deepspeed/zero2.json), a checkpoint after step 3; ``zero3``: the same
+with ZeRO-3, which ``LMEyeTrainer`` refuses. ``fsdp2``: a plain
 loop over the LLM sharded with ``shard_frozen_llm``, single-pass schedule.
 """
 
@@ -57,6 +58,12 @@ def run_zero2(output, global_batch, world, resume=None):
     return run_trainer(output, global_batch, world, deepspeed=str(config), resume=resume)
 
 
+def run_zero3(output, global_batch, world):
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "zero_optimization": {"stage": 3}}
+    return run_trainer(output, global_batch, world, deepspeed=config)
+
+
 def run_fsdp2(output, global_batch, world):
     torch.manual_seed(0)
     processor, model = tiny_model()
@@ -97,7 +104,7 @@ def main():
     world = int(os.environ.get("WORLD_SIZE", 1))
     if mode == "fsdp2" and world > 1:
         dist.init_process_group("gloo")
-    run = {"trainer": run_trainer, "zero2": run_zero2, "fsdp2": run_fsdp2}[mode]
+    run = {"trainer": run_trainer, "zero2": run_zero2, "zero3": run_zero3, "fsdp2": run_fsdp2}[mode]
     model, losses = run(output, global_batch, world, **resume)
     adapter = {}
     for name, value in model.adapter_state_dict().items():

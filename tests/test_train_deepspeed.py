@@ -5,7 +5,7 @@ import importlib.util
 import os
 
 import pytest
-from test_train_distributed import train
+from test_train_distributed import launch, train
 from training_helpers import relative_difference
 
 pytestmark = [pytest.mark.slow,
@@ -23,3 +23,9 @@ def test_zero2_on_two_processes_equals_one_process(tmp_path, monkeypatch):
     states = tmp_path / "two" / "run" / "checkpoint-3" / "global_step3" / "mp_rank_00_model_states.pt"
     adapter_bytes = sum(v.numel() * v.element_size() for v in single.values())
     assert states.is_file() and states.stat().st_size < 2 * adapter_bytes
+
+
+def test_zero3_is_refused_naming_deepspeed(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+    result = launch("zero3", tmp_path / "zero3", 2)
+    assert result.returncode != 0 and "deepspeed: ZeRO stage 3 is not supported" in result.stderr

@@ -17,13 +17,18 @@ TESTS = Path(__file__).parent
 pytestmark = pytest.mark.slow
 
 
-def train(mode, output, processes):
+def launch(mode, output, processes):
+    """Run distributed_worker.py in ``processes`` processes (torchrun when more than one)."""
     output.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    result = subprocess.run(launcher + [str(TESTS / "distributed_worker.py"), mode, str(output), "4"], env=env,
-                            capture_output=True, text=True, timeout=600)
+    return subprocess.run(launcher + [str(TESTS / "distributed_worker.py"), mode, str(output), "4"], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def train(mode, output, processes):
+    result = launch(mode, output, processes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((output / "losses.json").read_text()), torch.load(output / "adapter.pt")
 

@@ -183,8 +183,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output)  # with the special tokens whose ids the adapter's config holds
-        summary = {"global_step": result.global_step, "train_loss": result.training_loss,
-                   "skipped_images": len(dataset.skipped_images), **result.metrics}
+        # No skipped-image count here: DataLoader workers count their own (each warns on its first).
+        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics}
         (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
     return output

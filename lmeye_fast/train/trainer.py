@@ -60,6 +60,9 @@ class LMEyeTrainer(Trainer):
         kwargs.setdefault("compute_loss_func", suffix_loss)
         leave_frozen_out_of_ddp(model)
         super().__init__(model, *args, **kwargs)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("deepspeed: ZeRO stage 3 is not supported: the backward pass through the adapter "
+                             "fails on its partitioned parameters; use ZeRO-2 (examples/deepspeed/zero2.json)")
 
     # The collator builds the model's inputs from dataset items that are not
     # model arguments themselves, so no column may be dropped before it runs.
@@ -77,6 +80,13 @@ class LMEyeTrainer(Trainer):
 
     def _adapter_model(self) -> LMEyeModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def save_model(self, output_dir=None, _internal_call: bool = False) -> None:
+        # The adapter is whole on every rank (DDP, ZeRO-2), so the Trainer's gathering of the model's
+        # full state dict first, which would copy the frozen LLM, is skipped.
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir=None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
