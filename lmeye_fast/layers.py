@@ -41,12 +41,14 @@ class _Params(NamedTuple):
     slot_embed: torch.Tensor
 
 
-def _check_slots(embeds, slot_pos, device, validate, batch=None):
+def _check_slots(embeds, slot_pos, device, validate, batch, width):
+    """``embeds`` (B, T', D) with the image's batch B and the LLM's width D, ``slot_pos`` (B, ?)."""
     check_tensor("embeds", embeds, (None, None, None), device=device, dims="(B, T', D)")
-    if batch is not None and embeds.shape[0] != batch:
+    if embeds.shape[0] != batch:
         raise ValueError(f"embeds: expected shape (B, T', D) with B = {batch} (the image's batch), "
                          f"got {tuple(embeds.shape)}")
-    batch = embeds.shape[0]
+    if embeds.shape[2] != width:
+        raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {width}), got {tuple(embeds.shape)}")
     check_tensor("slot_pos", slot_pos, (batch, None), INDEX_DTYPES, device, dims="(B, R)")
     if validating(validate):
         check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
@@ -192,10 +194,7 @@ class InteractiveLayer(nn.Module):
         check_tensor("image", image, (None, None, self.vision_dim), device=device, dims="(B, N, Dv)")
         batch = image.shape[0]
         if embeds is not None:
-            _check_slots(embeds, slot_pos, device, False, batch)
-            if embeds.shape[2] != self.llm_dim:
-                raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {self.llm_dim}), "
-                                 f"got {tuple(embeds.shape)}")
+            _check_slots(embeds, slot_pos, device, False, batch, self.llm_dim)
             if slot_pos.shape[1] != self.num_requests:
                 raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
                                  f"got {tuple(slot_pos.shape)}")
@@ -325,10 +324,7 @@ class StaticVisualMapping(nn.Module):
             return tokens
         if slot_pos is None:
             raise ValueError("slot_pos: required (shape (B, N)) when embeds is given")
-        _check_slots(embeds, slot_pos, image.device, validate, image.shape[0])
-        if embeds.shape[2] != self.llm_dim:
-            raise ValueError(f"embeds: expected shape (B, T', D) = ({image.shape[0]}, ?, {self.llm_dim}), "
-                             f"got {tuple(embeds.shape)}")
+        _check_slots(embeds, slot_pos, image.device, validate, image.shape[0], self.llm_dim)
         if slot_pos.shape[1] != image.shape[1]:
             raise ValueError(f"slot_pos: expected shape (B, N) = ({image.shape[0]}, {image.shape[1]}), "
                              f"got {tuple(slot_pos.shape)}")

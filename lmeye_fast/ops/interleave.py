@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, check_writable, compiling, interpret,
+from ..checks import check_writable
+from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, compiling, interpret,
                             launcher, needs_grad, on_device, op, pow2)
 
 

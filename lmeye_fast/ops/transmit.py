@@ -20,10 +20,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..checks import metadata_key
+from ..checks import check_writable, metadata_key
 from .interleave import check_slots, gather_slots
 from .triton_launch import (PlanCache, Rows, as_is, bump_version, check_device, check_dtype, check_like,
-                            check_writable, compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
+                            compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
                             launch_gemm, needs_grad, op, rows2d, rows3d)
 
 

@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ..checks import check_writable  # noqa: F401  (re-exported for the ops)
-
 FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
