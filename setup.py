@@ -8,7 +8,9 @@ importable here, the build imports the installing Python's own torch instead.
 
 When no extension can be built (no torch, a CPU-only torch, no CUDA toolkit) the install stops
 with the reason and the command that fixes it: pip prints a failing build's output but hides a
-passing one's, so a warning would go unseen.
+passing one's, so a warning would go unseen. For the same reason an install asked to skip the
+extension carries it in its version, which pip does print ("Successfully installed
+lmeye_fast-0.1.0+no.cuda.kernels").
 
 Environment:
   LMEYE_FAST_SKIP_CUDA_BUILD=1   install without the extension (the package still imports; info says why)
@@ -22,6 +24,7 @@ extension; lmeye_fast refuses to load an extension built against another torch.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +38,14 @@ RECORD_NAME = "_build_info.json"
 DEFAULT_ARCHS = "8.0;9.0"
 SKIP_FLAG = "LMEYE_FAST_SKIP_CUDA_BUILD"
 REINSTALL = "pip install -e ."
+# A PEP 440 local label: pip prints it in its last line, the one line of a passing install a user sees.
+SKIPPED_LABEL = "+no.cuda.kernels"
+
+
+def package_version():
+    """lmeye_fast.__version__, read as text: the package cannot be imported before it is built."""
+    text = (ROOT / PACKAGE / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"$', text, re.M).group(1)
 
 
 class CannotBuild(Exception):
@@ -161,13 +172,13 @@ def main():
     if os.environ.get(SKIP_FLAG, "0") == "1":
         reason = f"skipped: {SKIP_FLAG}=1 at install time; to build it, reinstall without the flag: {REINSTALL}"
         write_record(ROOT / PACKAGE, {"built": False, "reason": reason})
-        setup()
+        setup(version=package_version() + SKIPPED_LABEL)
         return
     try:
         ext, record = plan()
     except CannotBuild as why:
         sys.exit(why.report())
-    setup(ext_modules=[ext], cmdclass={"build_ext": build_command(record)})
+    setup(version=package_version(), ext_modules=[ext], cmdclass={"build_ext": build_command(record)})
 
 
 if __name__ == "__main__":

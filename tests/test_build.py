@@ -43,7 +43,7 @@ def run_setup(tmp_path, **env):
     (tmp_path / "kernels").mkdir()
     shutil.copy(ROOT / "kernels" / "SOURCES", tmp_path / "kernels" / "SOURCES")
     (tmp_path / "lmeye_fast").mkdir()
-    (tmp_path / "lmeye_fast" / "__init__.py").write_text("")
+    shutil.copy(ROOT / "lmeye_fast" / "__init__.py", tmp_path / "lmeye_fast" / "__init__.py")
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, **env})
     record = tmp_path / "lmeye_fast" / "_build_info.json"
@@ -90,6 +90,28 @@ def test_skip_flag_builds_nothing_and_says_why(tmp_path):
     assert out.returncode == 0, out.stderr
     assert record == {"built": False, "reason": "skipped: LMEYE_FAST_SKIP_CUDA_BUILD=1 at install time; "
                                                 "to build it, reinstall without the flag: pip install -e ."}
+
+
+def test_skip_flag_is_in_the_version_pip_prints(tmp_path):
+    """pip hides a passing build's output; the last line it prints names the version it installed."""
+    from lmeye_fast import __version__
+
+    out, _ = run_setup(tmp_path, LMEYE_FAST_SKIP_CUDA_BUILD="1")
+    assert out.stdout.strip() == f"{__version__}+no.cuda.kernels", out.stdout
+    # Without isolation no build requirement is fetched, and `pip wheel` installs nothing.
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "LMEYE_FAST_SKIP_CUDA_BUILD": "1"})
+    assert out.returncode == 0, out.stderr
+    assert f"lmeye_fast-{__version__}+no.cuda.kernels-" in out.stdout, out.stdout
+
+
+def test_a_built_extension_keeps_the_plain_version(tmp_path):
+    from lmeye_fast import __version__
+
+    out, record = run_setup(tmp_path)
+    needs_a_toolkit({"stops": out.stderr} if out.returncode else {})
+    assert out.stdout.strip().splitlines()[-1] == __version__, out.stdout
 
 
 def test_missing_toolchain_stops_the_install_and_says_why(tmp_path):
