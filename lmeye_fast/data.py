@@ -3,6 +3,8 @@
     records = load_records("llava_instruct.json")          # or captions.jsonl / .csv, or a datasets.Dataset
     dataset = LMEyeDataset(records, processor, image_processor, image_folder="images/")
     loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=LMEyeCollator(processor))
+    stream = LMEyeStream(load_dataset("json", data_files="llava_instruct.json", streaming=True, split="train"),
+                         processor, image_processor, image_folder="images/")    # read as it goes
 
 A record is either a caption (stage 1: ``{"image": path, "caption": text}``) or a
 conversation in LLaVA's format (stage 2)::
@@ -23,19 +25,20 @@ it. A caption is the one-turn conversation ``caption_prompt`` -> caption.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
 
-__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeCollator", "load_records", "parse_record",
+__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "parse_record",
            "BAD_IMAGE_POLICIES"]
 
 LLAVA_IMAGE_TOKEN = "<image>"
@@ -125,47 +128,21 @@ def _first_question(question: str, image_token: str) -> str:
     return question.strip()
 
 
-class LMEyeDataset(Dataset):
-    """Caption or conversation records with their images, tokenized and preprocessed per item.
+class _RecordItems:
+    """What both datasets share: a parsed record into its tokenized row and preprocessed pixels."""
 
-    Args:
-        records: a sequence of dicts (see ``load_records``); every record is
-            parsed here, so a malformed one raises now, not hours into an epoch.
-        processor: the ``LMEyeProcessor`` (tokenizer and slot layout).
-        image_processor: the vision tower's image processor (e.g.
-            ``AutoImageProcessor.from_pretrained(vision_name)``), called on a PIL image.
-        image_folder: the directory record image paths are relative to.
-        template: the conversation's role texts.
-        caption_prompt: the question of a caption record.
-        on_bad_image: ``"skip"``: an image that is missing or cannot be decoded
-            is skipped and the item is the next readable record (so batches keep
-            their size); the first is warned about, all are counted in
-            ``skipped_images`` (per process: each DataLoader worker counts its
-            own). ``"raise"``: raise ``OSError`` naming the file.
-        max_length: cut a sample's suffix so that it holds at most this many
-            tokens in all (later turns are lost first); None keeps everything.
-    """
-
-    def __init__(self, records, processor: LMEyeProcessor, image_processor, image_folder=None,
-                 template: ChatTemplate = ChatTemplate(), caption_prompt: str = "", on_bad_image: str = "skip",
-                 max_length: Optional[int] = None):
+    def __init__(self, processor: LMEyeProcessor, image_processor, image_folder, template: ChatTemplate,
+                 caption_prompt: str, on_bad_image: str, max_length: Optional[int]):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image: expected one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
-        records = load_records(records)
-        self.conversations = [parse_record(record, caption_prompt, where=f"records[{index}]")
-                              for index, record in enumerate(records)]
-        if not self.conversations:
-            raise ValueError("records: no record to train on")
         self.processor, self.image_processor = processor, image_processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.template, self.on_bad_image, self.max_length = template, on_bad_image, max_length
+        self.template, self.caption_prompt = template, caption_prompt
+        self.on_bad_image, self.max_length = on_bad_image, max_length
         self.skipped_images: List[str] = []
         self._blank_pixels: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return len(self.conversations)
 
     def image_path(self, image: str) -> Path:
         return self.image_folder / image if self.image_folder is not None else Path(image)
@@ -208,25 +185,117 @@ class LMEyeDataset(Dataset):
             body, labels = body[:room], labels[:room]
         return TokenizedRow(prefix, image_start, body, labels)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        for attempt in range(len(self)):
-            conversation = self.conversations[(index + attempt) % len(self)]
-            if conversation.image is None:
-                pixels = self.blank_pixels()
-                break
+    def item(self, conversation: Conversation) -> Optional[Dict[str, Any]]:
+        """The dataset item of ``conversation``; None when its image is unreadable and the policy skips it."""
+        if conversation.image is None:
+            pixels = self.blank_pixels()
+        else:
             try:
                 pixels = self.pixels(conversation.image)
-                break
             except OSError as error:  # PIL raises OSError subclasses for missing and undecodable files
+                path = self.image_path(conversation.image)
                 if self.on_bad_image == "raise":
-                    raise OSError(f"image {self.image_path(conversation.image)}: {error}") from error
+                    raise OSError(f"image {path}: {error}") from error
                 if not self.skipped_images:
-                    warnings.warn(f"skipping unreadable image {self.image_path(conversation.image)} ({error}); "
-                                  "later ones are counted in LMEyeDataset.skipped_images", stacklevel=2)
-                self.skipped_images.append(str(self.image_path(conversation.image)))
-        else:
-            raise OSError("images: no record of the dataset has a readable image")
+                    warnings.warn(f"skipping unreadable image {path} ({error}); later ones are counted in "
+                                  f"{type(self).__name__}.skipped_images", stacklevel=3)
+                self.skipped_images.append(str(path))
+                return None
         return {"row": self.tokenize(conversation), "pixel_values": pixels}
+
+
+class LMEyeDataset(_RecordItems, Dataset):
+    """Caption or conversation records with their images, tokenized and preprocessed per item.
+
+    Args:
+        records: a sequence of dicts (see ``load_records``); every record is
+            parsed here, so a malformed one raises now, not hours into an epoch.
+        processor: the ``LMEyeProcessor`` (tokenizer and slot layout).
+        image_processor: the vision tower's image processor (e.g.
+            ``AutoImageProcessor.from_pretrained(vision_name)``), called on a PIL image.
+        image_folder: the directory record image paths are relative to.
+        template: the conversation's role texts.
+        caption_prompt: the question of a caption record.
+        on_bad_image: ``"skip"``: an image that is missing or cannot be decoded
+            is skipped and the item is the next readable record (so batches keep
+            their size); the first is warned about, all are counted in
+            ``skipped_images`` (per process: each DataLoader worker counts its
+            own). ``"raise"``: raise ``OSError`` naming the file.
+        max_length: cut a sample's suffix so that it holds at most this many
+            tokens in all (later turns are lost first); None keeps everything.
+    """
+
+    def __init__(self, records, processor: LMEyeProcessor, image_processor, image_folder=None,
+                 template: ChatTemplate = ChatTemplate(), caption_prompt: str = "", on_bad_image: str = "skip",
+                 max_length: Optional[int] = None):
+        super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
+                         max_length)
+        records = load_records(records)
+        self.conversations = [parse_record(record, caption_prompt, where=f"records[{index}]")
+                              for index, record in enumerate(records)]
+        if not self.conversations:
+            raise ValueError("records: no record to train on")
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            # Also ends iteration: ``for item in dataset`` stops at the first IndexError.
+            raise IndexError(f"index: expected an int in [-{len(self)}, {len(self)}), got {index}")
+        index %= len(self)
+        for attempt in range(len(self)):
+            item = self.item(self.conversations[(index + attempt) % len(self)])
+            if item is not None:
+                return item
+        raise OSError("images: no record of the dataset has a readable image")
+
+
+class LMEyeStream(_RecordItems, IterableDataset):
+    """The items of ``LMEyeDataset`` from records read as they come: a streaming ``datasets.IterableDataset``
+    (``load_dataset("json", data_files=..., streaming=True, split="train")``, and its ``map``), or any
+    re-iterable of dicts. Nothing is read ahead, so a data set larger than memory trains.
+
+    A record is parsed when it is reached (a malformed one raises then, naming its position in the
+    stream), and a record whose image is unreadable is left out under ``on_bad_image="skip"``. The
+    same arguments as ``LMEyeDataset`` otherwise.
+
+    DataLoader workers share the stream out: a ``datasets.IterableDataset`` gives each worker its own
+    shards (its files), any other iterable every ``num_workers``-th record to each. Across ranks the
+    ``Trainer`` (through Accelerate) hands each rank its own batches; a plain ``torchrun`` loop splits
+    a ``datasets`` stream with ``datasets.distributed.split_dataset_by_node``.
+    """
+
+    def __init__(self, records: Iterable[Dict[str, Any]], processor: LMEyeProcessor, image_processor,
+                 image_folder=None, template: ChatTemplate = ChatTemplate(), caption_prompt: str = "",
+                 on_bad_image: str = "skip", max_length: Optional[int] = None):
+        super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
+                         max_length)
+        if isinstance(records, (str, os.PathLike, Mapping)) or not isinstance(records, Iterable):
+            raise TypeError(f"records: expected an iterable of record dicts (e.g. a streaming datasets."
+                            f"IterableDataset), got {type(records).__name__}")
+        self.records = records
+
+    def _own_records(self):
+        """The records of this DataLoader worker: a datasets stream shards itself by worker."""
+        worker = get_worker_info()
+        if worker is None or _is_datasets_stream(self.records):
+            return enumerate(self.records)
+        return itertools.islice(enumerate(self.records), worker.id, None, worker.num_workers)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for index, record in self._own_records():
+            item = self.item(parse_record(record, self.caption_prompt, where=f"records[{index}]"))
+            if item is not None:
+                yield item
+
+
+def _is_datasets_stream(records) -> bool:
+    try:
+        from datasets import IterableDataset as DatasetsStream
+    except ImportError:
+        return False
+    return isinstance(records, DatasetsStream)
 
 
 class LMEyeCollator:

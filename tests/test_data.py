@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from training_helpers import COLOURS, image_processor, tiny_model, tiny_parts, write_llava
 
-from lmeye_fast.data import LMEyeCollator, LMEyeDataset, load_records
+from lmeye_fast.data import LMEyeCollator, LMEyeDataset, LMEyeStream, load_records
 from lmeye_fast.models import IGNORE_INDEX
 
 
@@ -158,3 +158,82 @@ def test_loader_workers_and_distributed_sampler_give_the_same_batches(tmp_path):
             for key in want:
                 if isinstance(want[key], torch.Tensor):
                     assert torch.equal(got[key], want[key]), key
+
+
+def _items(dataset):
+    """(prefix, body, labels, pixel sum) of each item, comparable across datasets and loader workers."""
+    return [(tuple(item["row"].prefix), tuple(item["row"].body), tuple(item["row"].body_labels), item["row"].image_start,
+             round(float(item["pixel_values"].double().sum()), 6)) for item in dataset]
+
+
+def _one_by_one(items):
+    return items[0]
+
+
+def test_a_datasets_stream_gives_the_items_of_the_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    processor, _, _ = tiny_parts()
+    path = write_llava(tmp_path, count=5, text_only=2)
+    stream = datasets.load_dataset("json", data_files=str(path), streaming=True, split="train")
+    expected = _items(LMEyeDataset(path, processor, image_processor(), image_folder=tmp_path / "images"))
+    assert _items(LMEyeStream(stream, processor, image_processor(), image_folder=tmp_path / "images")) == expected
+    # datasets' map runs lazily on the stream, as it would on a data set larger than memory.
+    captions = [{"image": f"{i}.png", "text": f"a {colour} image"} for i, colour in enumerate(list(COLOURS)[:3])]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    renamed = datasets.load_dataset("json", data_files=str(tmp_path / "captions.jsonl"), streaming=True,
+                                    split="train").map(lambda r: {"caption": r["text"]})
+    as_captions = [{"image": r["image"], "caption": r["text"]} for r in captions]
+    assert _items(LMEyeStream(renamed, processor, image_processor(), image_folder=tmp_path / "images")) == \
+        _items(LMEyeDataset(as_captions, processor, image_processor(), image_folder=tmp_path / "images"))
+
+
+@pytest.mark.parametrize("source", ["list", "datasets"])
+def test_loader_workers_share_a_stream_without_repeats(tmp_path, source):
+    processor, _, _ = tiny_parts()
+    path = write_llava(tmp_path, count=7, text_only=2)
+    records = json.loads(path.read_text())
+    if source == "datasets":
+        datasets = pytest.importorskip("datasets")
+        # Two files, so each of the two workers reads a shard of its own.
+        for part in range(2):
+            (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[part::2]))
+        records = datasets.load_dataset("json", data_files=[str(tmp_path / f"part{p}.jsonl") for p in range(2)],
+                                        streaming=True, split="train")
+    stream = LMEyeStream(records, processor, image_processor(), image_folder=tmp_path / "images")
+    loaded = _items(DataLoader(stream, batch_size=1, num_workers=2, collate_fn=_one_by_one))
+    expected = _items(LMEyeDataset(path, processor, image_processor(), image_folder=tmp_path / "images"))
+    assert sorted(loaded) == sorted(expected)
+
+
+def test_a_stream_skips_bad_images_or_raises_and_names_a_malformed_record(tmp_path):
+    processor, _, _ = tiny_parts()
+    path = write_llava(tmp_path, count=4)
+    (tmp_path / "images" / "1.png").unlink()
+    records = json.loads(path.read_text())
+    stream = LMEyeStream(records, processor, image_processor(), image_folder=tmp_path / "images")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = list(stream)
+    assert len(items) == 3 and len([w for w in caught if "unreadable image" in str(w.message)]) == 1
+    assert [p.rsplit("/", 1)[-1] for p in stream.skipped_images] == ["1.png"]
+    with pytest.raises(OSError, match="1.png"):
+        list(LMEyeStream(records, processor, image_processor(), image_folder=tmp_path / "images",
+                         on_bad_image="raise"))
+    with pytest.raises(ValueError, match=r"records\[2\].*caption"):
+        list(LMEyeStream(records[:2] + [{"image": "0.png"}], processor, image_processor(),
+                         image_folder=tmp_path / "images"))
+    for bad in (path, str(path), records[0]):
+        with pytest.raises(TypeError, match="records: expected an iterable of record dicts"):
+            LMEyeStream(bad, processor, image_processor())
+
+
+def test_an_index_past_the_end_raises_index_error(tmp_path):
+    """So that ``for item in dataset`` and ``list(dataset)`` end, as for any sequence."""
+    processor, _, _ = tiny_parts()
+    dataset = LMEyeDataset(write_llava(tmp_path, count=3), processor, image_processor(),
+                           image_folder=tmp_path / "images")
+    assert len(list(dataset)) == 3
+    assert torch.equal(dataset[-1]["pixel_values"], dataset[2]["pixel_values"])
+    for index in (3, -4):
+        with pytest.raises(IndexError, match="index"):
+            dataset[index]

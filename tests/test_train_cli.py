@@ -46,7 +46,8 @@ def test_bad_values_are_refused_naming_the_key(setup, monkeypatch):
            ({"data": str(root / "missing.json")}, "data"), ({"lerning_rate": 1}, "lerning_rate"),
            ({"interaction_dim": 15}, "interaction_dim"), ({"deepspeed": "ds.json"}, "deepspeed"),
            ({"stage": 2, "schedule": "static"}, "schedule"), ({"on_bad_image": "ignore"}, "on_bad_image"),
-           ({"resume": str(root / "nowhere")}, "resume"), ({"llm_dtype": "int8"}, "llm_dtype")]
+           ({"resume": str(root / "nowhere")}, "resume"), ({"llm_dtype": "int8"}, "llm_dtype"),
+           ({"streaming": True}, "max_steps")]
     for change, key in bad:
         with pytest.raises(ValueError, match=rf"^{key}:"):
             cli.main(["--config", _write(root / "bad.yaml", {**good, **change})])
@@ -116,12 +117,28 @@ def test_stage_1_then_stage_2_with_checkpoints_logs_and_resume(setup):
     assert torch.equal(model.adapter_state_dict()["ipn.request_proj.weight"], second["ipn.request_proj.weight"])
 
 
-@pytest.mark.slow
-def test_the_same_command_runs_under_torchrun(setup):
+def test_streaming_reads_the_file_as_it_goes(setup, monkeypatch):
     root, base, data, _ = setup
-    output = root / "torchrun"
+    from lmeye_fast import data as lmeye_data
+
+    # Map-style loading reads the whole file at once; a streamed run must never call it.
+    monkeypatch.setattr(lmeye_data, "load_records", lambda source: pytest.fail("the data file was read whole"))
+    output = root / "streamed"
+    cli.main(["--config", _write(root / "s.yaml", {**base, "data": str(data), "output_dir": str(output),
+                                                  "max_steps": 3, "save_steps": 3, "streaming": True})])
+    assert json.loads((output / "train_result.json").read_text())["global_step"] == 3
+    losses = [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_same_command_runs_under_torchrun(setup, streaming):
+    root, base, data, _ = setup
+    output = root / f"torchrun-{streaming}"
     config = _write(root / "t.yaml", {**base, "data": str(data), "output_dir": str(output), "max_steps": 2,
-                                      "save_steps": 2, "progress": True})
+                                      "save_steps": 2, "progress": True, "streaming": streaming})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node", "2", "-m", "lmeye_fast.train", "--config", config],

@@ -134,6 +134,14 @@ def _num_vision_tokens(vision, image_processor, feature: str) -> int:
     return out.shape[1] if isinstance(out, torch.Tensor) else out.last_hidden_state.shape[1]
 
 
+def _stream(path: str):
+    """The records of ``path`` read as they come: datasets' json builder reads a JSON list and JSONL alike."""
+    from datasets import load_dataset
+
+    builder = "csv" if Path(path).suffix.lower() == ".csv" else "json"
+    return load_dataset(builder, data_files=path, streaming=True, split="train")
+
+
 def _training_arguments(config: TrainConfig):
     import torch
     from transformers import TrainingArguments
@@ -151,6 +159,9 @@ def _training_arguments(config: TrainConfig):
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, deepspeed=config.deepspeed, report_to=[], disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        # Accelerate would read a stream on rank 0 and send out concatenated batches, which fails on
+        # batches padded to different lengths; instead every rank reads the stream and keeps its share.
+        accelerator_config={"dispatch_batches": False} if config.streaming else None,
         # Every trainable parameter takes part in every step, and the frozen towers' buffers never change.
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False)
 
@@ -161,16 +172,19 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset
+    from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
     from .trainer import LMEyeTrainer
 
     args = _training_arguments(config)
     set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
     tokenizer, processor, image_processor, model = _build(config)
-    dataset = LMEyeDataset(config.data, processor, image_processor, image_folder=config.image_folder,
-                           template=ChatTemplate(config.system_prompt, config.user_prefix, config.assistant_prefix),
-                           caption_prompt=config.caption_prompt, on_bad_image=config.on_bad_image,
-                           max_length=config.max_length)
+    items = dict(image_folder=config.image_folder, caption_prompt=config.caption_prompt,
+                 template=ChatTemplate(config.system_prompt, config.user_prefix, config.assistant_prefix),
+                 on_bad_image=config.on_bad_image, max_length=config.max_length)
+    if config.streaming:
+        dataset = LMEyeStream(_stream(config.data), processor, image_processor, **items)
+    else:
+        dataset = LMEyeDataset(config.data, processor, image_processor, **items)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     trainer = LMEyeTrainer(model=model, args=args, train_dataset=dataset, data_collator=LMEyeCollator(processor),

@@ -24,7 +24,9 @@ class TrainConfig:
     tokenizer is the LLM's, the image processor the vision tower's);
     ``adapter`` starts from a saved adapter (stage 2 from stage 1's).
     Data: ``data`` is a LLaVA JSON, a JSONL or a CSV file of records
-    (``lmeye_fast.data``), images relative to ``image_folder``.
+    (``lmeye_fast.data``), images relative to ``image_folder``; ``streaming``
+    reads it as it goes (``datasets``' streaming, for files larger than
+    memory), which needs ``max_steps``, as a stream has no length.
     Optimisation: the ``transformers.TrainingArguments`` of the same meaning;
     ``deepspeed`` is a DeepSpeed JSON config. ``resume``: a checkpoint
     directory, or true for the latest one in ``output_dir``.
@@ -51,6 +53,7 @@ class TrainConfig:
     caption_prompt: str = ""
     max_length: Optional[int] = None
     on_bad_image: str = "skip"
+    streaming: bool = False
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -90,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps: expected a positive int, or -1 to train for `epochs`, got {self.max_steps}")
+        if self.streaming and self.max_steps == -1:
+            raise ValueError("max_steps: a streamed data set has no length, so training needs max_steps (> 0)")
         if self.interaction_dim % self.num_heads:
             raise ValueError(f"interaction_dim: {self.interaction_dim} is not divisible by num_heads={self.num_heads}")
         choices = {"schedule": SCHEDULES + (None,), "llm_dtype": LLM_DTYPES, "on_bad_image": BAD_IMAGE_POLICIES,
