@@ -7,7 +7,7 @@ world size and writes, from rank 0, the adapter (``adapter.pt``) and the loss
 of every step (``losses.json``). ``trainer``: ``LMEyeTrainer`` (DDP when the
 world is larger than one). ``zero2``: ``LMEyeTrainer`` with DeepSpeed ZeRO-2
 (examples/deepspeed/zero2.json), a checkpoint after step 3; ``zero3``: the same
-with ZeRO-3, which ``LMEyeTrainer`` refuses. ``fsdp2``: a plain
+with ZeRO-3 (examples/deepspeed/zero3.json, every parameter partitioned). ``fsdp2``: a plain
 loop over the LLM sharded with ``shard_frozen_llm``, single-pass schedule.
 """
 
@@ -50,7 +50,7 @@ def run_trainer(output, global_batch, world, deepspeed=None, resume=None):
         frozen = {name for name, _ in model.named_parameters() if name.startswith(("llm.", "vision."))}
         assert type(ddp).__name__ == "DistributedDataParallel" and frozen <= ddp.parameters_to_ignore
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return model, losses
+    return trainer.adapter_state_dict(), losses
 
 
 def run_zero2(output, global_batch, world, resume=None):
@@ -58,10 +58,11 @@ def run_zero2(output, global_batch, world, resume=None):
     return run_trainer(output, global_batch, world, deepspeed=str(config), resume=resume)
 
 
-def run_zero3(output, global_batch, world):
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "zero_optimization": {"stage": 3}}
-    return run_trainer(output, global_batch, world, deepspeed=config)
+def run_zero3(output, global_batch, world, resume=None):
+    config = json.loads((Path(__file__).parent.parent / "examples" / "deepspeed" / "zero3.json").read_text())
+    # Partition even the tiny adapter's parameters, which ZeRO-3 would otherwise keep whole on every rank.
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return run_trainer(output, global_batch, world, deepspeed=config, resume=resume)
 
 
 def run_fsdp2(output, global_batch, world):
@@ -91,7 +92,15 @@ def run_fsdp2(output, global_batch, world):
         if world > 1:
             dist.all_reduce(reported)
         losses.append(float(reported))
-    return model, losses
+    if world > 1:
+        from torch.distributed.fsdp import FSDPModule
+
+        assert all(isinstance(layer, FSDPModule) for layer in model.llm.model.layers)
+        assert type(model.llm.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
+    # A DTensor under FSDP2: the whole tensor on every rank.
+    adapter = {name: value.full_tensor() if hasattr(value, "full_tensor") else value
+               for name, value in model.adapter_state_dict().items()}
+    return adapter, losses
 
 
 def _rank():
@@ -105,18 +114,9 @@ def main():
     if mode == "fsdp2" and world > 1:
         dist.init_process_group("gloo")
     run = {"trainer": run_trainer, "zero2": run_zero2, "zero3": run_zero3, "fsdp2": run_fsdp2}[mode]
-    model, losses = run(output, global_batch, world, **resume)
-    adapter = {}
-    for name, value in model.adapter_state_dict().items():
-        full = value.full_tensor() if hasattr(value, "full_tensor") else value  # a DTensor under FSDP2
-        adapter[name] = full.detach().clone()
-    if mode == "fsdp2" and world > 1:
-        from torch.distributed.fsdp import FSDPModule
-
-        assert all(isinstance(layer, FSDPModule) for layer in model.llm.model.layers)
-        assert type(model.llm.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
+    adapter, losses = run(output, global_batch, world, **resume)
     if _rank() == 0:
-        torch.save(adapter, output / "adapter.pt")
+        torch.save({name: value.detach().clone() for name, value in adapter.items()}, output / "adapter.pt")
         (output / "losses.json").write_text(json.dumps(losses))
     if dist.is_initialized():
         dist.barrier()

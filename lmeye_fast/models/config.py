@@ -80,6 +80,12 @@ class LMEyeConfig:
             if getattr(self, name) not in VISION_FEATURES:
                 raise ValueError(f"{name}: expected one of {VISION_FEATURES}, got {getattr(self, name)!r}")
 
+    @property
+    def hidden_size(self) -> Optional[int]:
+        """The LLM's width, by the name Hugging Face's integrations read off ``model.config``: the
+        Trainer sizes DeepSpeed's ``"auto"`` ZeRO-3 buckets by it."""
+        return self.llm_dim
+
     def token_ids(self):
         return self.image_token_id, self.request_token_id, self.slot_token_id
 

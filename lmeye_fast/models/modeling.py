@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .. import __version__
 from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
@@ -44,13 +45,17 @@ ADAPTER_FILE = "lmeye_adapter.safetensors"
 
 
 @dataclass
-class LMEyeOutput:
+class LMEyeOutput(ModelOutput):
     """``logits`` (B, T - P, V) are the outputs at the suffix columns ``[P, T)`` (all T
     columns with ``all_logits=True``); ``loss`` is the mean cross-entropy of the
-    labelled tokens, or None without labels."""
+    labelled tokens, or None without labels.
 
-    loss: Optional[torch.Tensor]
-    logits: torch.Tensor
+    A ``ModelOutput`` (a dict as well) like every Hugging Face model's output: engines that
+    hook a module's output tensors find them in it (DeepSpeed ZeRO-3 re-gathers the
+    model's own parameters for the backward pass through those hooks)."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
 
 
 def _adapter_modules(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn.Module],

@@ -6,14 +6,16 @@
     trainer.save_model(out)                     # then LMEyeModel.from_pretrained(out, llm, vision)
 
 Everything else is the Trainer's own: DDP under ``torchrun`` (the frozen LLM and
-vision tower left out of DDP's broadcasts), DeepSpeed ZeRO-2 through
+vision tower left out of DDP's broadcasts), DeepSpeed ZeRO-2 and ZeRO-3 through
 ``deepspeed=`` (no resume there yet, see ``train``), gradient accumulation,
 mixed precision, logging, the learning-rate schedule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +62,6 @@ class LMEyeTrainer(Trainer):
         kwargs.setdefault("compute_loss_func", suffix_loss)
         leave_frozen_out_of_ddp(model)
         super().__init__(model, *args, **kwargs)
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("deepspeed: ZeRO stage 3 is not supported: the backward pass through the adapter "
-                             "fails on its partitioned parameters; use ZeRO-2 (examples/deepspeed/zero2.json)")
 
     # The collator builds the model's inputs from dataset items that are not
     # model arguments themselves, so no column may be dropped before it runs.
@@ -81,18 +80,36 @@ class LMEyeTrainer(Trainer):
     def _adapter_model(self) -> LMEyeModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
+    def _whole_adapter(self):
+        """A context in which the adapter's parameters are whole on every rank: ZeRO-3 partitions every
+        parameter (the adapter's too, past its first steps), so they are gathered for reading."""
+        if not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        model = self._adapter_model()
+        towers = tuple(f"{name}." for name in ("llm", "vision"))
+        adapter = [p for name, p in model.named_parameters() if not name.startswith(towers)]
+        return deepspeed.zero.GatheredParameters(adapter, modifier_rank=None)
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``LMEyeModel.adapter_state_dict`` of the trained model, whole (gathered under ZeRO-3), on every rank."""
+        with self._whole_adapter():
+            return {name: value.clone() for name, value in self._adapter_model().adapter_state_dict().items()}
+
     def save_model(self, output_dir=None, _internal_call: bool = False) -> None:
-        # The adapter is whole on every rank (DDP, ZeRO-2), so the Trainer's gathering of the model's
-        # full state dict first, which would copy the frozen LLM, is skipped.
+        # The Trainer's gathering of the model's full state dict, which would copy the frozen LLM, is
+        # skipped: the adapter is whole on every rank (DDP, ZeRO-2), or gathered alone (ZeRO-3).
         self._save(output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir=None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        self._adapter_model().save_pretrained(output_dir)
+        with self._whole_adapter():  # on every rank: gathering is a collective
+            if not self.args.should_save:
+                return
+            self._adapter_model().save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
