@@ -9,8 +9,8 @@ group in one dot (a row per (head, request), zero outside that head's
 columns), and folds it into an online softmax over all N·S sub-features. The
 (B, N·S, Di) tensor F is never written in the forward pass.
 
-With ``SPLIT`` set in the launch config (the default: measured faster at the
-7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition
+Unless a launch config sets ``SPLIT=0`` (materialising is measured faster at
+the 7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition
 GEMM at a far higher rate than the per-head tiles can), F is first formed by
 one dense GEMM (``_features``) and the same kernels read its tiles instead.
 
@@ -268,15 +268,16 @@ class AttendBlocks(NamedTuple):
 
 @config_cache
 def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str) -> AttendBlocks:
-    """The ``AttendBlocks`` of ``CONFIGS[config]`` for this shape."""
+    """The ``AttendBlocks`` of ``CONFIGS[config]`` for this shape. A config that sets ``SPLIT=0`` forms F on
+    chip and one with ``HEADS`` puts that many heads in a program (``benchmarks/tune_triton.py`` sweeps both)."""
     c = CONFIGS[config]
-    heads = max(1, min(c["HEADS"], num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
+    heads = max(1, min(c.get("HEADS", 1), num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
     if interpret():
         bn, bk, warps, stages = 16, 32, 4, 1
     else:
         bn, bk, warps, stages = c["BN"], c["BK"], c["num_warps"], c["num_stages"]
     br = pow2(num_req, 1)
-    return AttendBlocks(bool(c["SPLIT"]), heads, br, pow2(heads * br), pow2(heads * head_dim), bn, bk,
+    return AttendBlocks(bool(c.get("SPLIT", True)), heads, br, pow2(heads * br), pow2(heads * head_dim), bn, bk,
                         warps, stages)
 
 
@@ -326,8 +327,8 @@ class SplitPlan(NamedTuple):
 
 def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
               form_features: Optional[bool] = None) -> SplitPlan:
-    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, when the
-    launch config says ``SPLIT``)."""
+    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, unless the
+    launch config says ``SPLIT=0``)."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
@@ -439,7 +440,7 @@ def _forward(plan, folded: bool, save: bool, requests, image, image_mask, w_f, b
         return folded_forward(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     if plan is None:
         return attend_fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
-                          bool(CONFIGS["attend_fwd"]["SPLIT"]))
+                          bool(CONFIGS["attend_fwd"].get("SPLIT", True)))
     return _fwd_launch(as_is, plan, save, requests, image, image_mask, w_f, b_f)
 
 

@@ -278,8 +278,8 @@ def _gemm_kernel(
 CONFIGS = {
     "request_fwd": {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
     "transmit_fwd": {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
-    "attend_fwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
-    "attend_bwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+    "attend_fwd": {"BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+    "attend_bwd": {"BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
     # Not yet timed on a GPU: the largest tiles that ptxas compiles for sm_90 in bf16 without
     # spills (benchmarks/compile_kernels.py).
     "attend_folded": {"BM": 32, "BE": 64, "BG": 64, "BN": 32, "BV": 64, "BK": 64, "num_warps": 8,
