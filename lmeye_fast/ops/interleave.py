@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ..checks import check_writable
-from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, compiling, interpret, needs_grad,
-                            on_device, op, pow2)
+from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, interpret, needs_grad, on_device,
+                            op, pow2)
 
 
 @triton.jit
@@ -137,8 +137,6 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
         raise TypeError(f"rows: the Triton backend supports float16, bfloat16 and float32, got "
                         f"{str(rows.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
     check_device("rows", rows, embeds.device)
-    if compiling():
-        return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))
     if inplace:
         check_writable(embeds, "interleave", rows=rows)
     if needs_grad(embeds, rows):
