@@ -140,8 +140,8 @@ def op(name: str, fake, mutates_args=()):
 
     Eager calls skip the registered op: a trip through the dispatcher, the custom-op autograd
     wrapper and the triton_op backend costs about 150 µs of CPU per call, several times the
-    kernels' GPU time. The ops' eager forwards go further and launch from cached plans
-    (``PlanCache``) without ``fn``.
+    kernels' GPU time. The IPN's eager forwards (``request``, ``attend_decomposed``,
+    ``transmit_interleave``) go further and launch from cached plans (``PlanCache``) without ``fn``.
     """
 
     def register(fn):
