@@ -73,7 +73,10 @@ def _extent(t: torch.Tensor) -> Tuple[int, int, int]:
 def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Tensor]) -> None:
     """Refuse an in-place write into ``target`` (named ``embeds``) that would race: ``target`` with
     elements that share memory (an expanded tensor), or a tensor in ``read`` that shares memory with
-    it (the kernels read those while other programs write ``target``). The same refusals as csrc's."""
+    it (the kernels read those while other programs write ``target``). The same refusals as csrc's.
+    Skipped while torch.compile traces: a traced tensor has no memory to compare."""
+    if torch.compiler.is_compiling():
+        return
     if any(stride == 0 and size > 1 for size, stride in zip(target.shape, target.stride())):
         raise ValueError(f"embeds: has elements that share memory (an expanded tensor, strides "
                          f"{target.stride()}); the in-place {op_name} needs distinct rows: pass "

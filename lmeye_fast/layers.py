@@ -283,7 +283,7 @@ class InteractiveLayer(nn.Module):
         Returns:
             ``embeds`` with the slot rows updated (the same tensor when ``inplace``).
         """
-        if inplace and not torch.compiler.is_compiling():
+        if inplace:
             # Written in place, embeds must not be expanded nor share memory with what the IPN reads.
             check_writable(embeds, "interleave", hidden=hidden, image=image)
         fns, p, z = self._interaction_output(hidden, request_pos, image, image_mask, embeds, slot_pos, validate)
@@ -328,7 +328,7 @@ class StaticVisualMapping(nn.Module):
         if slot_pos.shape[1] != image.shape[1]:
             raise ValueError(f"slot_pos: expected shape (B, N) = ({image.shape[0]}, {image.shape[1]}), "
                              f"got {tuple(slot_pos.shape)}")
-        if inplace and not torch.compiler.is_compiling():
+        if inplace:
             check_writable(embeds, "interleave", image=image)
         interleave = ops.get("interleave", self.backend, embeds.device, embeds.dtype)
         return interleave(embeds, tokens.to(embeds.dtype), slot_pos, inplace)

@@ -132,3 +132,22 @@ def test_compile_fullgraph_aot_eager(attention_schedule):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor over Triton kernels needs a CUDA device")
 def test_compile_fullgraph_inductor(attention_schedule):
     compiled_matches_eager("inductor", attention_schedule)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compiled_no_grad_interleave_reaches_the_registered_op(inplace):
+    """Without gradients a traced interleave calls the registered op directly (no autograd
+    Function), in place too: the same values as eager, and the in-place result is the input."""
+    from lmeye_fast.ops.interleave import interleave
+
+    torch._dynamo.reset()
+    embeds, rows = torch.randn(2, 7, 16, device=DEVICE), torch.randn(2, 3, 16, device=DEVICE)
+    slot_pos = torch.stack([torch.randperm(7, device=DEVICE)[:3] for _ in range(2)])
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    compiled = torch.compile(lambda e, r: interleave(e, r, slot_pos, inplace=inplace), fullgraph=True, backend=backend)
+    eager_in, compiled_in = embeds.clone(), embeds.clone()
+    with torch.no_grad():
+        expected, got = interleave(eager_in, rows, slot_pos, inplace=inplace), compiled(compiled_in, rows)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(compiled_in, eager_in, atol=0, rtol=0)
+    assert torch.equal(compiled_in, got) == inplace

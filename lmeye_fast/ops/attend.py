@@ -9,8 +9,8 @@ group in one dot (a row per (head, request), zero outside that head's
 columns), and folds it into an online softmax over all N·S sub-features. The
 (B, N·S, Di) tensor F is never written in the forward pass.
 
-With ``SPLIT`` set in the launch config (the default: measured faster at the
-7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition
+Unless a launch config sets ``SPLIT=0`` (materialising is measured faster at
+the 7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition
 GEMM at a far higher rate than the per-head tiles can), F is first formed by
 one dense GEMM (``_features``) and the same kernels read its tiles instead.
 
@@ -40,10 +40,10 @@ import triton.language as tl
 
 from ..checks import metadata_key
 from . import check_schedule
-from .attend_folded import FoldedPlan, attend_folded, plan_forward
+from .attend_folded import FoldedPlan, attend_folded_bwd, folded_forward, plan_forward
 from .triton_launch import (CONFIGS, Launch, PlanCache, Rows, as_is, cdiv, check_device, check_dtype,
                             check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
-                            gemm_plan, interpret, launch_gemm, launcher, needs_grad, on_device, op, pow2, rows2d)
+                            gemm_plan, interpret, launch_gemm, needs_grad, on_device, op, pow2, rows2d)
 
 
 @triton.jit
@@ -268,24 +268,23 @@ class AttendBlocks(NamedTuple):
 
 @config_cache
 def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str) -> AttendBlocks:
-    """The ``AttendBlocks`` of ``CONFIGS[config]`` for this shape."""
+    """The ``AttendBlocks`` of ``CONFIGS[config]`` for this shape. A config that sets ``SPLIT=0`` forms F on
+    chip and one with ``HEADS`` puts that many heads in a program (``benchmarks/tune_triton.py`` sweeps both)."""
     c = CONFIGS[config]
-    heads = max(1, min(c["HEADS"], num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
+    heads = max(1, min(c.get("HEADS", 1), num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
     if interpret():
         bn, bk, warps, stages = 16, 32, 4, 1
     else:
         bn, bk, warps, stages = c["BN"], c["BK"], c["num_warps"], c["num_stages"]
     br = pow2(num_req, 1)
-    be = pow2(heads * br)
-    bd = pow2(heads * head_dim)
-    return AttendBlocks(bool(c["SPLIT"]), heads, br, be, bd, bn, bk, warps, stages)
+    return AttendBlocks(bool(c.get("SPLIT", True)), heads, br, pow2(heads * br), pow2(heads * head_dim), bn, bk,
+                        warps, stages)
 
 
 def _features(wrap, image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
     """``F = X W_fᵀ + b_f`` in the storage dtype, contiguous (B, N, S·Di) (row ``n*S + k`` of
     the (B, N·S, Di) view is sub-feature k of token n): ``F.linear`` on a GPU
-    (cuBLAS, fp32 accumulation), the Triton GEMM under the interpreter. ``wrap``
-    is ``launcher`` inside a registered op, ``as_is`` in a direct eager call."""
+    (cuBLAS, fp32 accumulation), the Triton GEMM launched as ``wrap(kernel)`` under the interpreter."""
     if not interpret():
         return torch.nn.functional.linear(image, w_f, b_f)
     batch, tokens, vision = image.shape
@@ -328,8 +327,8 @@ class SplitPlan(NamedTuple):
 
 def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
               form_features: Optional[bool] = None) -> SplitPlan:
-    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, when the
-    launch config says ``SPLIT``)."""
+    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, unless the
+    launch config says ``SPLIT=0``)."""
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
@@ -363,13 +362,13 @@ def _fwd_launch(wrap, plan: SplitPlan, save, requests, image, image_mask, w_f, b
 
 
 @op("attend_fwd_triton", _fwd_fake)
-def attend_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+def attend_fwd(wrap, requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
                sub_features: int, form_features: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z, the fp32 log-sum-exp, and F (formed by a GEMM first with ``form_features``; empty when the
     forward is fused and forms none)."""
     plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features)
-    z, lse, feats = _fwd_launch(launcher, plan, True, requests, image, image_mask, w_f, b_f)
+    z, lse, feats = _fwd_launch(wrap, plan, True, requests, image, image_mask, w_f, b_f)
     return z, lse, image.new_empty((0,)) if feats is None else feats
 
 
@@ -379,7 +378,7 @@ def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_he
 
 
 @op("attend_bwd_triton", _bwd_fake)
-def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
+def attend_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
                lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int, sub_features: int,
                image_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -402,9 +401,9 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                              f"got {tuple(features.shape)} with strides {features.stride()}")
         feats, split = features, True
     else:
-        feats = _features(launcher, image, w_f, b_f) if split else d_feat
+        feats = _features(wrap, image, w_f, b_f) if split else d_feat
     with on_device(d_req):
-        launcher(_attend_bwd_kernel)[(batch, cdiv(num_heads, blocks.heads))](
+        wrap(_attend_bwd_kernel)[(batch, cdiv(num_heads, blocks.heads))](
             requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
             num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
             requests.stride(0), requests.stride(1), requests.stride(2),
@@ -424,38 +423,47 @@ def attend_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
     d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
     if image_grad:
         d_image = torch.empty((batch, tokens, vision), device=image.device, dtype=image.dtype)
-        gemm(rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
+        gemm(wrap, rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
              batch * tokens, vision, sub_features * width)
     else:
         d_image = image.new_empty((0,))
     image_rows = Rows(image, tokens, image.stride(0), image.stride(1), image.stride(2))
-    gemm(rows2d(d_feat_rows, transpose=True), image_rows, rows2d(d_w),
+    gemm(wrap, rows2d(d_feat_rows, transpose=True), image_rows, rows2d(d_w),
          sub_features * width, vision, batch * tokens, colsum=d_b)
     return d_req, d_image, d_w, d_b
 
 
+def _forward(plan, folded: bool, save: bool, requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    """z, then what the backward takes (split: with ``save``): from the cached plan of an eager call, or
+    from the registered op while tracing (``plan`` None)."""
+    if folded:
+        return folded_forward(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    if plan is None:
+        return attend_fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
+                          bool(CONFIGS["attend_fwd"].get("SPLIT", True)))
+    return _fwd_launch(as_is, plan, save, requests, image, image_mask, w_f, b_f)
+
+
 class AttendFunction(torch.autograd.Function):
+    """Both schedules: ``folded`` picks the folded one's forward and backward (ops/attend_folded.py)."""
+
     @staticmethod
-    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
-        if plan is None:
-            z, lse, feats = torch.ops.lmeye_fast.attend_fwd_triton(
-                requests, image, image_mask, w_f, b_f, num_heads, sub_features,
-                bool(CONFIGS["attend_fwd"]["SPLIT"]))
-        else:
-            z, lse, feats = _fwd_launch(as_is, plan, True, requests, image, image_mask, w_f, b_f)
-        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, lse, feats)
-        ctx.num_heads, ctx.sub_features = num_heads, sub_features
+    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan, folded):
+        z, *saved = _forward(plan, folded, True, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        ctx.save_for_backward(requests, image, image_mask, w_f, b_f, *saved)
+        ctx.num_heads, ctx.sub_features, ctx.folded = num_heads, sub_features, folded
         return z
 
     @staticmethod
     def backward(ctx, grad):
-        requests, image, image_mask, w_f, b_f, lse, feats = ctx.saved_tensors
-        bwd = torch.ops.lmeye_fast.attend_bwd_triton if compiling() else attend_bwd
+        requests, image, image_mask, w_f, b_f, *saved = ctx.saved_tensors
         image_grad = ctx.needs_input_grad[1]
-        d_req, d_image, d_w, d_b = bwd(
-            grad, requests, image, image_mask, w_f, b_f, lse, feats, ctx.num_heads, ctx.sub_features, image_grad)
+        # The folded backward takes no mask: its saved weights are zero at masked tokens.
+        bwd, masked = (attend_folded_bwd, ()) if ctx.folded else (attend_bwd, (image_mask,))
+        d_req, d_image, d_w, d_b = bwd(grad, requests, image, *masked, w_f, b_f, *saved, ctx.num_heads,
+                                       ctx.sub_features, image_grad)
         return (d_req, d_image if image_grad else None, None, d_w, (d_b if b_f is not None else None), None, None,
-                None)
+                None, None)
 
 
 def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule):
@@ -499,19 +507,18 @@ def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: O
     ``ops.ATTENTION_SCHEDULES`` (docs/design.md §5).
     """
     b_f = dense_bias(b_f)
+    args = (requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     if compiling():
-        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
-        if folds(requests.shape[2] // num_heads, schedule):
-            return attend_folded(None, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, None)
-    key = metadata_key(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
-    plan = _PLANS.get(key)
-    if plan is None:
-        _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule)
-        make = plan_forward if folds(requests.shape[2] // num_heads, schedule) else _fwd_plan
-        plan = _PLANS.add(key, make(requests, image, image_mask, w_f, b_f, num_heads, sub_features))
-    if isinstance(plan, FoldedPlan):
-        return attend_folded(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+        _check(*args, schedule)
+        plan, folded = None, folds(requests.shape[2] // num_heads, schedule)
+    else:
+        key = metadata_key(*args, schedule)
+        plan = _PLANS.get(key)
+        if plan is None:
+            _check(*args, schedule)
+            make = plan_forward if folds(requests.shape[2] // num_heads, schedule) else _fwd_plan
+            plan = _PLANS.add(key, make(*args))
+        folded = isinstance(plan, FoldedPlan)
     if needs_grad(requests, image, w_f, b_f):
-        return AttendFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)
-    return _fwd_launch(as_is, plan, False, requests, image, image_mask, w_f, b_f)[0]
+        return AttendFunction.apply(*args, plan, folded)
+    return _forward(plan, folded, False, *args)[0]

@@ -56,8 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import (CONFIGS, Launch, as_is, cdiv, compiling, config_cache, dot_acc, dot_flags, interpret,
-                            launcher, needs_grad, op, pow2)
+from .triton_launch import (CONFIGS, Launch, as_is, cdiv, config_cache, dot_acc, dot_flags, interpret, op,
+                            pow2)
 
 
 # The batch, request and token counts are not specialised on (Triton would compile a variant per
@@ -477,8 +477,7 @@ def plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
 
 
 def run_forward(wrap, plan: FoldedPlan, requests, image, image_mask, w_f, b_f):
-    """z, A (B, H·R·S, N) fp32, Q and U (H, B·R, S·Dv), c = Σ_n A (B, H·R·S) fp32. ``wrap`` is
-    ``launcher`` inside the registered op, ``as_is`` in a direct eager call."""
+    """z, A (B, H·R·S, N) fp32, Q and U (H, B·R, S·Dv), c = Σ_n A (B, H·R·S) fp32."""
     d, device = plan.dims, plan.device
     y_shape = (d.H, d.B * d.R, d.S * d.DV)
     q = torch.empty(y_shape, device=device, dtype=plan.dtype)
@@ -508,12 +507,12 @@ def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
 
 
 @op("attend_folded_fwd_triton", _fwd_fake)
-def attend_folded_fwd(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
+def attend_folded_fwd(wrap, requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                       w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int, sub_features: int
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z, then what the backward takes: A (B, H·R·S, N) fp32, Q and U (H, B·R, S·Dv), c = Σ_n A (B, H·R·S)."""
     plan = plan_forward(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    return run_forward(launcher, plan, requests, image, image_mask, w_f, b_f)
+    return run_forward(wrap, plan, requests, image, image_mask, w_f, b_f)
 
 
 def _bwd_fake(grad, requests, image, w_f, b_f, probs, q, u, sums, num_heads, sub_features, image_grad=True):
@@ -522,7 +521,7 @@ def _bwd_fake(grad, requests, image, w_f, b_f, probs, q, u, sums, num_heads, sub
 
 
 @op("attend_folded_bwd_triton", _bwd_fake)
-def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor, w_f: torch.Tensor,
+def attend_folded_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor, w_f: torch.Tensor,
                       b_f: Optional[torch.Tensor], probs: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
                       sums: torch.Tensor, num_heads: int, sub_features: int, image_grad: bool = True
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -543,68 +542,39 @@ def attend_folded_bwd(grad: torch.Tensor, requests: torch.Tensor, image: torch.T
     has_bias = b_f is not None
     bias = w_f if b_f is None else b_f
     d_u = torch.empty(expected, device=device, dtype=dtype)
-    _expand_launch(d, g_strides, w_strides, blocks, common).run(launcher, _expand_kernel, grad, w_f, d_u)
+    _expand_launch(d, g_strides, w_strides, blocks, common).run(wrap, _expand_kernel, grad, w_f, d_u)
     # dA = dU X + dz · b_kh (the bias reaches z through Σ_n A), unscaled and unmasked: A is 0 there.
     d_a = torch.empty((d.B, d.M, d.N), device=device, dtype=torch.float32)
     delta_parts = torch.empty((d.B, d.M, _tiles(d, blocks)), device=device, dtype=torch.float32)
     _scores_launch(d, image.stride(), g_strides, None, 1.0, has_bias, True, blocks, common).run(
-        launcher, _scores_kernel, d_u, image, grad, bias, d_a, d_a, probs, delta_parts)
+        wrap, _scores_kernel, d_u, image, grad, bias, d_a, d_a, probs, delta_parts)
     # dS (scaled) = A (dA - Σ A dA) / sqrt(Dh), its sums over n, and dQ = dS X.
     d_s, d_beta = torch.empty_like(d_a), torch.empty((d.B, d.M), device=device, dtype=torch.float32)
     d_q = torch.empty(expected, device=device, dtype=dtype)
     _weighted_launch(d, image.stride(), True, blocks, common).run(
-        launcher, _weighted_kernel, d_a, probs, delta_parts, image, d_q, d_s, d_beta)
+        wrap, _weighted_kernel, d_a, probs, delta_parts, image, d_q, d_s, d_beta)
     d_req = torch.empty((d.B, d.R, d.DI), device=device, dtype=dtype)
     _reduce_launch(d, w_strides, g_strides, has_bias, blocks, common).run(
-        launcher, _reduce_kernel, d_q, w_f, bias, d_beta, grad, d_req)
+        wrap, _reduce_kernel, d_q, w_f, bias, d_beta, grad, d_req)
     d_image = torch.empty((d.B, d.N, d.DV) if image_grad else (0,), device=device, dtype=dtype)
     bn, bv, be = blocks.image_grad
     grid = (d.B, cdiv(d.N, bn), cdiv(d.DV, bv)) if image_grad and d_image.numel() else None
     Launch(grid, (d.B, d.R, d.N, d.DV, d.S, d.M), dict(BN=bn, BV=bv, BE=be, **common)).run(
-        launcher, _image_grad_kernel, probs, d_u, d_s, q, d_image)
+        wrap, _image_grad_kernel, probs, d_u, d_s, q, d_image)
     d_w = torch.empty(w_f.shape, device=device, dtype=w_f.dtype)
     d_b = torch.empty((w_f.shape[0],), device=device, dtype=w_f.dtype)
     bd, bv, bm = blocks.weight_grad
     # At least one program along Dv, as the first one writes d b_f.
     grid = (d.S * d.H, cdiv(d.DH, bd), max(1, cdiv(d.DV, bv))) if d_b.numel() else None
     Launch(grid, (d.B, d.R, d.H, d.DH, d.DI, d.DV, d.S, d.M, *g_strides, *requests.stride()),
-           dict(BD=bd, BV=bv, BM=bm, **common)).run(launcher, _weight_grad_kernel, grad, u, requests, d_q, sums,
-                                                    d_beta, d_w, d_b)
+           dict(BD=bd, BV=bv, BM=bm, **common)).run(wrap, _weight_grad_kernel, grad, u, requests, d_q, sums, d_beta,
+                                                    d_w, d_b)
     return d_req, d_image, d_w, d_b
 
 
-class AttendFoldedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan):
-        if plan is None:
-            z, probs, q, u, sums = torch.ops.lmeye_fast.attend_folded_fwd_triton(
-                requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-        else:
-            z, probs, q, u, sums = run_forward(as_is, plan, requests, image, image_mask, w_f, b_f)
-        ctx.save_for_backward(requests, image, w_f, b_f, probs, q, u, sums)
-        ctx.num_heads, ctx.sub_features = num_heads, sub_features
-        return z
-
-    @staticmethod
-    def backward(ctx, grad):
-        requests, image, w_f, b_f, probs, q, u, sums = ctx.saved_tensors
-        bwd = torch.ops.lmeye_fast.attend_folded_bwd_triton if compiling() else attend_folded_bwd
-        image_grad = ctx.needs_input_grad[1]
-        d_req, d_image, d_w, d_b = bwd(grad, requests, image, w_f, b_f, probs, q, u, sums,
-                                       ctx.num_heads, ctx.sub_features, image_grad)
-        return (d_req, d_image if image_grad else None, None, d_w, (d_b if b_f is not None else None), None, None,
-                None)
-
-
-def attend_folded(plan: Optional[FoldedPlan], requests: torch.Tensor, image: torch.Tensor,
-                  image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
-                  num_heads: int, sub_features: int) -> torch.Tensor:
-    """``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head, F = X W_fᵀ + b_f never formed. Called by
-    ``attend.attend_decomposed`` with checked arguments (``b_f`` dense) and the cached plan of an
-    eager call, or None while torch.compile traces (the registered ops run then)."""
-    if needs_grad(requests, image, w_f, b_f):
-        return AttendFoldedFunction.apply(requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan)
+def folded_forward(plan: Optional[FoldedPlan], requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+    """``attend_folded_fwd``'s results from the cached plan of an eager call, or from the op while tracing
+    (``plan`` None); the arguments checked (``b_f`` dense) by ``attend.attend_decomposed``."""
     if plan is None:
-        return torch.ops.lmeye_fast.attend_folded_fwd_triton(
-            requests, image, image_mask, w_f, b_f, num_heads, sub_features)[0]
-    return run_forward(as_is, plan, requests, image, image_mask, w_f, b_f)[0]
+        return attend_folded_fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    return run_forward(as_is, plan, requests, image, image_mask, w_f, b_f)

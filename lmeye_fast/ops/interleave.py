@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ..checks import check_writable
-from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, compiling, interpret,
-                            launcher, needs_grad, on_device, op, pow2)
+from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, interpret, needs_grad, on_device,
+                            op, pow2)
 
 
 @triton.jit
@@ -45,14 +45,14 @@ def _slots_kernel(
         tl.store(e_ptrs, v.to(e_ptr.dtype.element_ty), mask=d_ok & inside)
 
 
-def _launch(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, gather: bool) -> None:
+def _launch(wrap, embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, gather: bool) -> None:
     batch, num_slots = slot_pos.shape
     width = embeds.shape[2]
     if batch * num_slots == 0 or width == 0:
         return
     block = pow2(width, 16, 256 if interpret() else 1024)
     with on_device(embeds):
-        launcher(_slots_kernel)[(batch * num_slots, cdiv(width, block))](
+        wrap(_slots_kernel)[(batch * num_slots, cdiv(width, block))](
             embeds, rows, slot_pos, num_slots, embeds.shape[1], width,
             embeds.stride(0), embeds.stride(1), embeds.stride(2), rows.stride(0), rows.stride(1), rows.stride(2),
             slot_pos.stride(0), slot_pos.stride(1),
@@ -73,23 +73,23 @@ def _gather_fake(source, slot_pos):
 
 
 @op("interleave_triton", _out_fake)
-def interleave_out(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+def interleave_out(wrap, embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
     out = embeds.clone()
-    _launch(out, rows, slot_pos, gather=False)
+    _launch(wrap, out, rows, slot_pos, gather=False)
     return out
 
 
 @op("interleave_triton_", _inplace_fake, mutates_args=("embeds",))
-def interleave_inplace(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor) -> None:
-    _launch(embeds, rows, slot_pos, gather=False)
+def interleave_inplace(wrap, embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor) -> None:
+    _launch(wrap, embeds, rows, slot_pos, gather=False)
 
 
 @op("gather_slots_triton", _gather_fake)
-def gather_slots(source: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+def gather_slots(wrap, source: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
     """``source[b, slot_pos[b, j]]`` -> (B, R, D); rows at out-of-range positions read as zero."""
     out = torch.empty((slot_pos.shape[0], slot_pos.shape[1], source.shape[2]), device=source.device,
                       dtype=source.dtype)
-    _launch(source, out, slot_pos, gather=True)
+    _launch(wrap, source, out, slot_pos, gather=True)
     return out
 
 
@@ -99,22 +99,15 @@ class InterleaveFunction(torch.autograd.Function):
         ctx.save_for_backward(slot_pos)
         ctx.rows_dtype = rows.dtype
         if inplace:
-            if compiling():
-                torch.ops.lmeye_fast.interleave_triton_(embeds, rows, slot_pos)
-            else:
-                interleave_inplace(embeds, rows, slot_pos)
+            interleave_inplace(embeds, rows, slot_pos)
             ctx.mark_dirty(embeds)
             return embeds
-        if compiling():
-            return torch.ops.lmeye_fast.interleave_triton(embeds, rows, slot_pos)
         return interleave_out(embeds, rows, slot_pos)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_pos,) = ctx.saved_tensors
-        gather = torch.ops.lmeye_fast.gather_slots_triton if compiling() else gather_slots
-        d_rows = gather(grad, slot_pos).to(ctx.rows_dtype)
-        return grad, d_rows, None, None
+        return grad, gather_slots(grad, slot_pos).to(ctx.rows_dtype), None, None
 
 
 def check_slots(embeds: torch.Tensor, rows_shape, slot_pos: torch.Tensor) -> None:
@@ -144,8 +137,6 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
         raise TypeError(f"rows: the Triton backend supports float16, bfloat16 and float32, got "
                         f"{str(rows.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
     check_device("rows", rows, embeds.device)
-    if compiling():
-        return InterleaveFunction.apply(embeds, rows, slot_pos, bool(inplace))
     if inplace:
         check_writable(embeds, "interleave", rows=rows)
     if needs_grad(embeds, rows):

@@ -35,17 +35,17 @@ def _bwd_fake(grad, hidden, request_pos, w_q, hidden_grad=True):
 
 
 @op("request_fwd_triton", _fwd_fake)
-def request_fwd(hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torch.Tensor,
+def request_fwd(wrap, hidden: torch.Tensor, request_pos: Optional[torch.Tensor], w_q: torch.Tensor,
                 b_q: Optional[torch.Tensor]) -> torch.Tensor:
     batch, width = hidden.shape[0], hidden.shape[-1]
     out = torch.empty((batch, w_q.shape[0]), device=hidden.device, dtype=hidden.dtype)
-    gemm(_hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), rows2d(out),
+    gemm(wrap, _hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), rows2d(out),
          batch, w_q.shape[0], width, bias=b_q, config="request_fwd")
     return out
 
 
 @op("request_bwd_triton", _bwd_fake)
-def request_bwd(grad: torch.Tensor, hidden: torch.Tensor, request_pos: Optional[torch.Tensor],
+def request_bwd(wrap, grad: torch.Tensor, hidden: torch.Tensor, request_pos: Optional[torch.Tensor],
                 w_q: torch.Tensor, hidden_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d hidden (empty without ``hidden_grad``: a frozen prefix spares zeroing a (B, T, D) tensor),
     d W_q and d b_q."""
@@ -54,12 +54,12 @@ def request_bwd(grad: torch.Tensor, hidden: torch.Tensor, request_pos: Optional[
     if hidden_grad:
         # Only the request rows receive a gradient; every other row is exactly zero.
         d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
-        gemm(rows2d(grad), rows2d(w_q), _hidden_rows(d_hidden, request_pos), batch, width, outs)
+        gemm(wrap, rows2d(grad), rows2d(w_q), _hidden_rows(d_hidden, request_pos), batch, width, outs)
     else:
         d_hidden = hidden.new_empty((0,))
     d_w = torch.empty(w_q.shape, device=w_q.device, dtype=w_q.dtype)
     d_b = torch.empty((outs,), device=w_q.device, dtype=w_q.dtype)
-    gemm(rows2d(grad, transpose=True), _hidden_rows(hidden, request_pos), rows2d(d_w),
+    gemm(wrap, rows2d(grad, transpose=True), _hidden_rows(hidden, request_pos), rows2d(d_w),
          outs, width, batch, colsum=d_b)
     return d_hidden, d_w, d_b
 
@@ -70,16 +70,16 @@ class RequestFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, request_pos, w_q)
         ctx.has_bias = b_q is not None
         if plan is None:
-            return torch.ops.lmeye_fast.request_fwd_triton(hidden, request_pos, w_q, b_q)
+            return request_fwd(hidden, request_pos, w_q, b_q)
         return _launch(plan, hidden, request_pos, w_q, b_q)
 
     @staticmethod
     def backward(ctx, grad):
         hidden, request_pos, w_q = ctx.saved_tensors
-        bwd = torch.ops.lmeye_fast.request_bwd_triton if compiling() else request_bwd
         hidden_grad = ctx.needs_input_grad[0]
         # The eager forward returns (B, R, Di), the registered op (B, R*Di).
-        d_hidden, d_w, d_b = bwd(grad.reshape(grad.shape[0], w_q.shape[0]), hidden, request_pos, w_q, hidden_grad)
+        d_hidden, d_w, d_b = request_bwd(grad.reshape(grad.shape[0], w_q.shape[0]), hidden, request_pos, w_q,
+                                         hidden_grad)
         return (d_hidden if hidden_grad else None), None, d_w, (d_b if ctx.has_bias else None), None
 
 

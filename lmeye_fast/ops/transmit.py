@@ -32,9 +32,9 @@ def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
                 slot_pos.stride(0), slot_pos.stride(1), embeds.stride(1), embeds.shape[1])
 
 
-def _project(z, w_o, b_o, slot_embed, target: Rows, accumulate: bool) -> None:
+def _project(wrap, z, w_o, b_o, slot_embed, target: Rows, accumulate: bool) -> None:
     batch, num_req, width = z.shape
-    gemm(rows3d(z), rows2d(w_o, transpose=True), target, batch * num_req, w_o.shape[0], width,
+    gemm(wrap, rows3d(z), rows2d(w_o, transpose=True), target, batch * num_req, w_o.shape[0], width,
          bias=b_o, rowbias=slot_embed, accumulate=accumulate, config="transmit_fwd")
 
 
@@ -56,31 +56,31 @@ def _bwd_fake(grad, z, w_o):
 
 
 @op("transmit_fwd_triton", _fwd_fake)
-def transmit_fwd(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
+def transmit_fwd(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
                  slot_embed: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty((z.shape[0], z.shape[1], w_o.shape[0]), device=z.device, dtype=z.dtype)
-    _project(z, w_o, b_o, slot_embed, rows3d(out), accumulate=False)
+    _project(wrap, z, w_o, b_o, slot_embed, rows3d(out), accumulate=False)
     return out
 
 
 @op("transmit_interleave_triton", _out_fake)
-def transmit_interleave_out(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
+def transmit_interleave_out(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
                             slot_embed: Optional[torch.Tensor], embeds: torch.Tensor,
                             slot_pos: torch.Tensor) -> torch.Tensor:
     out = embeds.clone()
-    _project(z, w_o, b_o, slot_embed, _slot_rows(out, slot_pos), accumulate=True)
+    _project(wrap, z, w_o, b_o, slot_embed, _slot_rows(out, slot_pos), accumulate=True)
     return out
 
 
 @op("transmit_interleave_triton_", _inplace_fake, mutates_args=("embeds",))
-def transmit_interleave_inplace(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
+def transmit_interleave_inplace(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
                                 slot_embed: Optional[torch.Tensor], embeds: torch.Tensor,
                                 slot_pos: torch.Tensor) -> None:
-    _project(z, w_o, b_o, slot_embed, _slot_rows(embeds, slot_pos), accumulate=True)
+    _project(wrap, z, w_o, b_o, slot_embed, _slot_rows(embeds, slot_pos), accumulate=True)
 
 
 @op("transmit_bwd_triton", _bwd_fake)
-def transmit_bwd(grad: torch.Tensor, z: torch.Tensor,
+def transmit_bwd(wrap, grad: torch.Tensor, z: torch.Tensor,
                  w_o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, num_req, width = z.shape
     llm = w_o.shape[0]
@@ -94,13 +94,13 @@ def transmit_bwd(grad: torch.Tensor, z: torch.Tensor,
         d_slot = grad.sum(0, dtype=torch.float32).to(w_o.dtype)
         return d_z, d_w, d_b, d_slot
     d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-    gemm(rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
+    gemm(wrap, rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
     # dW_o = dtᵀ z needs the B·R rows of dt as one stride.
     if grad.stride(0) != num_req * grad.stride(1):
         grad = grad.contiguous()
     d_w = torch.empty(w_o.shape, device=w_o.device, dtype=w_o.dtype)
     d_b = torch.empty((llm,), device=w_o.device, dtype=w_o.dtype)
-    gemm(Rows(grad, 1, grad.stride(2), 0, grad.stride(1)), rows3d(z), rows2d(d_w), llm, width, batch * num_req,
+    gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(1)), rows3d(z), rows2d(d_w), llm, width, batch * num_req,
          colsum=d_b)
     d_slot = grad.sum(0, dtype=torch.float32).to(w_o.dtype)
     return d_z, d_w, d_b, d_slot
@@ -111,15 +111,12 @@ class TransmitFunction(torch.autograd.Function):
     def forward(ctx, z, w_o, b_o, slot_embed):
         ctx.save_for_backward(z, w_o)
         ctx.has_bias, ctx.has_slot = b_o is not None, slot_embed is not None
-        if compiling():
-            return torch.ops.lmeye_fast.transmit_fwd_triton(z, w_o, b_o, slot_embed)
         return transmit_fwd(z, w_o, b_o, slot_embed)
 
     @staticmethod
     def backward(ctx, grad):
         z, w_o = ctx.saved_tensors
-        bwd = torch.ops.lmeye_fast.transmit_bwd_triton if compiling() else transmit_bwd
-        d_z, d_w, d_b, d_slot = bwd(grad, z, w_o)
+        d_z, d_w, d_b, d_slot = transmit_bwd(grad, z, w_o)
         return d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None)
 
 
@@ -131,10 +128,10 @@ class TransmitInterleaveFunction(torch.autograd.Function):
         if plan is not None:
             out = _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)
         elif inplace:
-            torch.ops.lmeye_fast.transmit_interleave_triton_(z, w_o, b_o, slot_embed, embeds, slot_pos)
+            transmit_interleave_inplace(z, w_o, b_o, slot_embed, embeds, slot_pos)
             out = embeds
         else:
-            out = torch.ops.lmeye_fast.transmit_interleave_triton(z, w_o, b_o, slot_embed, embeds, slot_pos)
+            out = transmit_interleave_out(z, w_o, b_o, slot_embed, embeds, slot_pos)
         if inplace:
             ctx.mark_dirty(embeds)
         return out
@@ -142,11 +139,7 @@ class TransmitInterleaveFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, w_o, slot_pos = ctx.saved_tensors
-        if compiling():
-            d_t = torch.ops.lmeye_fast.gather_slots_triton(grad, slot_pos)
-            d_z, d_w, d_b, d_slot = torch.ops.lmeye_fast.transmit_bwd_triton(d_t, z, w_o)
-        else:
-            d_z, d_w, d_b, d_slot = transmit_bwd(gather_slots(grad, slot_pos), z, w_o)
+        d_z, d_w, d_b, d_slot = transmit_bwd(gather_slots(grad, slot_pos), z, w_o)
         return (d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None), grad, None, None,
                 None)
 
@@ -195,7 +188,7 @@ def transmit(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
     """``t = z W_oᵀ + b_o + e_slot`` -> (B, R, D); see ``reference.transmit``."""
     b_o = dense_bias(b_o)
     _check(z, w_o, b_o, slot_embed)
-    if compiling() or needs_grad(z, w_o, b_o, slot_embed):
+    if needs_grad(z, w_o, b_o, slot_embed):
         return TransmitFunction.apply(z, w_o, b_o, slot_embed)
     return transmit_fwd(z, w_o, b_o, slot_embed)
 

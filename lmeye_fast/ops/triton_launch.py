@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
-import threading
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -117,64 +117,57 @@ def needs_grad(*tensors) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def op(name: str, fake, mutates_args=()):
-    """Register ``fn`` as ``torch.ops.lmeye_fast.<name>`` with the fake (shape-only) impl ``fake``,
-    and hand ``fn`` itself back for eager calls.
-
-    On a GPU it is a ``triton_op``, so torch.compile sees and can fuse the
-    kernels. The interpreter's kernels cannot be traced (``wrap_triton`` hands
-    them back unwrapped and they would run on fake tensors), so there the op is
-    an opaque ``custom_op`` that compiled graphs call as a unit.
-
-    Eager code calls the returned function (see ``compiling``): a trip through
-    the dispatcher, the custom-op autograd wrapper and the triton_op backend
-    costs about 150 µs of CPU per call, several times the kernels' GPU time.
-    It launches the kernels unwrapped (``launcher``). The ops' eager forwards go
-    further and launch from cached plans (``PlanCache``) without it.
-    """
-
-    def register(fn):
-        make = custom_op if interpret() else triton_op
-        definition = make(f"lmeye_fast::{name}", fn, mutates_args=mutates_args)
-        definition.register_fake(fake)
-
-        @functools.wraps(fn)
-        def direct(*args, **kwargs):
-            outer = getattr(_launch_state, "direct", False)
-            _launch_state.direct = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _launch_state.direct = outer
-
-        return direct
-
-    return register
+def as_is(kernel):
+    """The launcher of an eager call: the kernel itself."""
+    return kernel
 
 
 def compiling() -> bool:
-    """True while torch.compile traces: the autograd Functions then call the
-    registered ``torch.ops.lmeye_fast`` ops (which the compiler understands)
-    instead of the Python implementations."""
+    """True while torch.compile traces: the ops are then reached through the registered
+    ``torch.ops.lmeye_fast`` ops (which the compiler understands), never through launch plans."""
     return torch.compiler.is_compiling()
 
 
-_launch_state = threading.local()
+def op(name: str, fake, mutates_args=()):
+    """Register ``fn(wrap, ...)`` as ``torch.ops.lmeye_fast.<name>`` with the fake (shape-only) impl
+    ``fake``, and hand back the op's one entry point: the registered op while torch.compile traces,
+    ``fn(as_is, ...)`` otherwise. ``fn`` launches every kernel as ``wrap(kernel)``.
 
+    On a GPU the op is a ``triton_op`` launching ``wrap_triton(kernel)``, so torch.compile sees and
+    can fuse the kernels. The interpreter's kernels cannot be traced (``wrap_triton`` hands them
+    back unwrapped and they would run on fake tensors), so there the op is an opaque ``custom_op``
+    that compiled graphs call as a unit, launching the kernels as they are.
 
-def launcher(kernel):
-    """``kernel`` itself in a direct eager call or under the interpreter (whose
-    ops are opaque custom ops, and whose kernels some torch releases refuse
-    to wrap); otherwise ``wrap_triton(kernel)``, which a traced registered op
-    records in the graph and a running one hands back unwrapped."""
-    if interpret() or getattr(_launch_state, "direct", False):
-        return kernel
-    return wrap_triton(kernel)
+    Eager calls skip the registered op: a trip through the dispatcher, the custom-op autograd
+    wrapper and the triton_op backend costs about 150 µs of CPU per call, several times the
+    kernels' GPU time. The IPN's eager forwards (``request``, ``attend_decomposed``,
+    ``transmit_interleave``) go further and launch from cached plans (``PlanCache``) without ``fn``.
+    """
 
+    def register(fn):
+        wrap = as_is if interpret() else wrap_triton
 
-def as_is(kernel):
-    """The launcher of a direct eager call outside the registered ops: the kernel itself."""
-    return kernel
+        def body(*args, **kwargs):
+            return fn(wrap, *args, **kwargs)
+
+        # The schema is inferred from the signature, less ``wrap``, with its annotations resolved
+        # where ``fn`` is defined.
+        signature = inspect.signature(fn, eval_str=True)
+        body.__signature__ = signature.replace(parameters=tuple(signature.parameters.values())[1:])
+        make = custom_op if interpret() else triton_op
+        make(f"lmeye_fast::{name}", body, mutates_args=mutates_args).register_fake(fake)
+        registered = getattr(torch.ops.lmeye_fast, name)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if compiling():
+                return registered(*args, **kwargs)
+            return fn(as_is, *args, **kwargs)
+
+        call.__signature__ = body.__signature__
+        return call
+
+    return register
 
 
 class Rows(NamedTuple):
@@ -285,8 +278,8 @@ def _gemm_kernel(
 CONFIGS = {
     "request_fwd": {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
     "transmit_fwd": {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
-    "attend_fwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
-    "attend_bwd": {"SPLIT": 1, "HEADS": 1, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+    "attend_fwd": {"BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+    "attend_bwd": {"BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
     # Not yet timed on a GPU: the largest tiles that ptxas compiles for sm_90 in bf16 without
     # spills (benchmarks/compile_kernels.py).
     "attend_folded": {"BM": 32, "BE": 64, "BG": 64, "BN": 32, "BV": 64, "BK": 64, "num_warps": 8,
@@ -437,10 +430,10 @@ def launch_gemm(wrap, plan: Launch, a, b, c, bias, rowbias, colsum, a_idx, b_idx
     plan.run(wrap, _gemm_kernel, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx)
 
 
-def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
+def gemm(wrap, a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
          rowbias: Optional[torch.Tensor] = None, colsum: Optional[torch.Tensor] = None,
          accumulate: bool = False, config: Optional[str] = None) -> None:
-    """Launch the gather/scatter GEMM (see the module docstring) into ``c.tensor``.
+    """Launch the gather/scatter GEMM (see the module docstring) into ``c.tensor`` as ``wrap(kernel)``.
 
     ``rowbias`` (g, N) is added to row m as ``rowbias[m % g]``; ``colsum`` (M,)
     receives ``sum_k A[m, k]`` accumulated in fp32 (a bias gradient for free
@@ -451,7 +444,7 @@ def gemm(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[to
     plan = gemm_plan(a, b, c, m, n, k, a.tensor.dtype, device_index(a.tensor), bias=bias is not None, rowbias=rb,
                      colsum=colsum is not None, accumulate=accumulate, config=config)
     dummy = c.tensor
-    launch_gemm(launcher, plan, a.tensor, b.tensor, c.tensor,
+    launch_gemm(wrap, plan, a.tensor, b.tensor, c.tensor,
                 dummy if bias is None else bias, dummy if rowbias is None else rowbias,
                 dummy if colsum is None else colsum, dummy if a.idx is None else a.idx,
                 dummy if b.idx is None else b.idx, dummy if c.idx is None else c.idx)
