@@ -68,10 +68,10 @@ class LMEyeSeq2SeqModel(LMEyeModel):
             check_positions("slot_pos", slot_pos, total, distinct=True)
         return schedule, static_features, image_features
 
-    def encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, static_features, image_features,
-               image_mask=None, schedule: str = "two_pass"):
+    def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, static_features, image_features,
+                image_mask, schedule):
         """The encoder's output on the sequence with the image tokens and, for ``two_pass``, the IPN's
-        slots filled: passes 1 and 2 of the schedule, with checked inputs (``forward`` checks them)."""
+        slots filled: passes 1 and 2 of the schedule, on inputs ``_seq2seq_inputs`` checked."""
         embeds = self._mapped_embeds(input_ids, static_features, image_pos)
         if schedule == "two_pass":
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
@@ -119,7 +119,7 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         if labels is not None:
             check_tensor("labels", labels, tuple(decoder_input_ids.shape), INDEX_DTYPES, input_ids.device,
                          dims="(B, L), as decoder_input_ids")
-        encoded = self.encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, static_image, image,
+        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, static_image, image,
                               image_mask, schedule)
         logits = self.llm(encoder_outputs=encoded, attention_mask=attention_mask,
                           decoder_input_ids=decoder_input_ids, use_cache=False).logits
@@ -150,7 +150,7 @@ class LMEyeSeq2SeqModel(LMEyeModel):
             input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
             static_features, schedule, False)
         self._generation_defaults(generate_kwargs)
-        encoded = self.encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, static_image, image,
+        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, static_image, image,
                               image_mask, schedule)
         tokens = self.llm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **generate_kwargs)
         return tokens[:, 1:]
