@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from lmeye_fast.models import IGNORE_INDEX, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel, patch_tokens, published
 from lmeye_fast.models.modeling import ADAPTER_FILE
+from lmeye_fast.models.processor import TokenizedRow
 from lmeye_fast.models.tiny import SEQ2SEQ_ARCHITECTURES, tiny_clip_model, tiny_llm, tiny_seq2seq, word_tokenizer
 from test_models_schedules import TOL, WORDS, assert_match, rel_err, sentence
 
@@ -288,6 +289,8 @@ def test_processor_layout():
     assert batch["labels"][0, 2] == IGNORE_INDEX
     config = proc.make_config(interaction_dim=8, num_heads=2)
     assert config.encoder_decoder and config.schedule == "two_pass"
+    with pytest.raises(ValueError, match="rows: pad lays them out for a decoder-only LLM"):
+        proc.pad([TokenizedRow(*proc.prefix_ids("red"), [], [])])
 
 
 def test_stages_train_the_right_parts():

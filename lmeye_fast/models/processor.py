@@ -189,6 +189,9 @@ class LMEyeProcessor:
         """
         if not rows:
             raise ValueError("rows: expected at least one row")
+        if self.encoder_decoder:
+            raise ValueError("rows: pad lays them out for a decoder-only LLM, but this processor was built with "
+                             "encoder_decoder=True; use pad_encoder_decoder")
         heads = [[self.slot_token_id] * self.num_requests if row.image_start is not None else [] for row in rows]
         prefix_len = max(len(row.prefix) for row in rows)
         total = prefix_len + max(len(head) + len(row.body) for head, row in zip(heads, rows))
