@@ -519,6 +519,11 @@ IPN_SHARE = ("ipn-share", "ipn-forward-backward")
 # The schedules suite's cases in the summary's order, with what each one times.
 SCHEDULE_CASES = {"prefill": "prefill", "train-step": "train step, prefix trainable",
                   "train-step-frozen-prefix": "train step, prefix frozen", "generate": "generate"}
+# The encoder-decoder rows (LMEyeSeq2SeqModel, their own shape): the schedule's two encoder passes and
+# one decoder pass against two full encoder-decoder passes, and the cases they time.
+SEQ2SEQ_NAIVE, SEQ2SEQ = "seq2seq-two-full-passes", "seq2seq-two-encoder-passes"
+SEQ2SEQ_PROVIDERS = (SEQ2SEQ_NAIVE, SEQ2SEQ)
+SEQ2SEQ_CASES = {"prefill": "prefill", "train-step": "train step, adapter trainable"}
 NO_GPU_LINE = ("no CUDA GPU here: kernel timings need one (the triton and cuda providers skip, auto runs the "
                "PyTorch reference); recorded GPU runs are in benchmarks/RESULTS.md")
 
@@ -534,8 +539,13 @@ def _schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]
 
 def add_schedule_ratios(rows: List[dict]) -> List[dict]:
     """On each single-pass row, ``speedup_vs_two_pass`` (two-pass time / single-pass time) and
-    ``ratio_to_static_only``; on the IPN's own row, its share of the single-pass training step."""
+    ``ratio_to_static_only``; on the IPN's own row, its share of the single-pass training step; on
+    each encoder-decoder schedule row, ``speedup_vs_two_full_passes``."""
     for by_key in _schedule_groups(rows).values():
+        for case in SEQ2SEQ_CASES:
+            ours, naive = by_key.get((case, SEQ2SEQ)), by_key.get((case, SEQ2SEQ_NAIVE))
+            if ours is not None and naive is not None:
+                ours["speedup_vs_two_full_passes"] = naive["median_us"] / ours["median_us"]
         for case in SCHEDULE_CASES:
             single = by_key.get((case, SINGLE_PASS))
             if single is None:
@@ -556,11 +566,37 @@ def _duration(us: float) -> str:
     return f"{_num(us / 1e3)} ms" if us >= 1e3 else f"{_num(us)} us"
 
 
+def _peak_memory(by_key: Dict[Tuple[str, str], dict], labels: Dict[str, str]) -> List[str]:
+    peaks = [f"{labels[case]}, {provider}: {_num(row['peak_mem_mb'])} MB"
+             for (case, provider), row in by_key.items() if row.get("peak_mem_mb") is not None]
+    return ["peak memory beyond the inputs: " + "; ".join(peaks)] if peaks else []
+
+
+def _seq2seq_table(shape: str, by_key: Dict[Tuple[str, str], dict]) -> List[str]:
+    first = next(iter(by_key.values()))
+    lines = [f"LMEye on an encoder-decoder LLM, two encoder passes + one decoder pass against two full "
+             f"encoder-decoder passes: {shape}, {first.get('dtype', '')}, {first.get('device', '')}; "
+             "median time per call"]
+    cells = [["case", *SEQ2SEQ_PROVIDERS, "speed-up"]]
+    for case, label in SEQ2SEQ_CASES.items():
+        if not any((case, p) in by_key for p in SEQ2SEQ_PROVIDERS):
+            continue
+        times = [_duration(by_key[(case, p)]["median_us"]) if (case, p) in by_key else "-" for p in SEQ2SEQ_PROVIDERS]
+        speedup = by_key.get((case, SEQ2SEQ), {}).get("speedup_vs_two_full_passes")
+        cells.append([label, *times, f"{speedup:.2f}x" if speedup else "-"])
+    lines += aligned(cells, labels=1)
+    return lines + _peak_memory(by_key, SEQ2SEQ_CASES)
+
+
 def format_schedules(rows: List[dict]) -> List[str]:
-    """Single pass against two passes and against static-only, one table per shape; no lines
-    without schedules rows. Times are medians per call; generation is also given in tokens/s."""
+    """Single pass against two passes and against static-only, one table per shape, and the
+    encoder-decoder schedule against two full passes for its own shape; no lines without schedules
+    rows. Times are medians per call; generation is also given in tokens/s."""
     lines: List[str] = []
     for shape, by_key in _schedule_groups(add_schedule_ratios(rows)).items():
+        if any(provider in SEQ2SEQ_PROVIDERS for _, provider in by_key):
+            lines += _seq2seq_table(shape, by_key)
+            continue
         first = next(iter(by_key.values()))
         lines.append(f"LMEye schedules, single pass against two passes and static-only: {shape}, "
                      f"{first.get('dtype', '')}, {first.get('device', '')}; median time per call")
@@ -589,10 +625,7 @@ def format_schedules(rows: List[dict]) -> List[str]:
             share = ipn.get("share_of_single_pass_step_pct")
             lines.append(f"the IPN's own forward+backward: {_duration(ipn['median_us'])}"
                          + (f", {share:.1f}% of the single-pass train step" if share is not None else ""))
-        peaks = [f"{SCHEDULE_CASES[case]}, {provider}: {_num(row['peak_mem_mb'])} MB"
-                 for (case, provider), row in by_key.items() if row.get("peak_mem_mb") is not None]
-        if peaks:
-            lines.append("peak memory beyond the inputs: " + "; ".join(peaks))
+        lines += _peak_memory(by_key, SCHEDULE_CASES)
     return lines
 
 

@@ -12,12 +12,25 @@ Cases, each for the providers ``static-only``, ``lmeye-two-pass`` and ``lmeye-si
 - ``ipn-share``: the IPN's own forward + backward, as a share of the
   single-pass training step.
 
+And for an encoder-decoder LLM (``LMEyeSeq2SeqModel``, a T5 of its own shape),
+``prefill`` and ``train-step`` (static mapping, special-token embeddings and
+IPN trainable) for the providers ``seq2seq-two-encoder-passes`` (the
+library's schedule: two encoder passes, the decoder once) and
+``seq2seq-two-full-passes`` (the naive port of the two-pass original: the
+whole encoder-decoder twice, the first decoder pass thrown away). Generation is
+not timed: the naive port would differ there by one decoder step.
+
 On a GPU the shape is Llama-3.2-1B-like (2048 wide, 16 layers, 32 heads, 8 KV
 heads, vocabulary 128256), bfloat16, B=8, T=1024, 256 image tokens (1024 wide),
 prefix 801 (the request at column 800), R=5 slots, random weights. On the CPU a
 512-wide, 8-layer float32 Llama (8 heads, 4 KV heads, vocabulary 4096), B=2,
 T=384, 64 image tokens, prefix 300: the LLM's work dominates there as on a GPU
-(the suite is about 4 minutes of CPU work, some 2 minutes on 2 idle cores). Wall time per call,
+(the suite is about 4 minutes of CPU work, some 2 minutes on 2 idle cores). The T5 is
+FlanT5-XL-like on a GPU (2048 wide, 24 + 24 layers, 32 heads of 64, gated-GELU 5120, vocabulary
+32128), bfloat16, B=8, an encoder input of 512 tokens with 256 image tokens (1024 wide), R=5,
+answers of 32 tokens; on the CPU 512 wide, 4 + 4 layers (8 heads of 64, 1024 feed-forward,
+vocabulary 4096), float32, B=2, 320 input tokens with 64 image tokens (256 wide), answers of 32.
+Wall time per call,
 synchronised inside the timed function; the end-of-run summary puts these
 cases first (``harness.format_schedules``).
 """
@@ -25,13 +38,15 @@ cases first (``harness.format_schedules``).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Tuple
 
 import harness
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, T5Config
 
-from lmeye_fast.models import LMEyeConfig, LMEyeModel
+from lmeye_fast.models import IGNORE_INDEX, LMEyeConfig, LMEyeModel, LMEyeSeq2SeqModel
 
 SUITE = "schedules"
 PROVIDERS = {harness.STATIC_ONLY: "static", harness.TWO_PASS: "two_pass", harness.SINGLE_PASS: "single_pass"}
@@ -39,8 +54,12 @@ PROVIDERS = {harness.STATIC_ONLY: "static", harness.TWO_PASS: "two_pass", harnes
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+    """A decoder-only case; the sizes are keywords (``Seq2SeqCase`` has the same ones but the prefix and
+    the generated tokens)."""
+
     label: str
     dtype: torch.dtype
+    _: dataclasses.KW_ONLY
     B: int
     T: int
     prefix: int
@@ -54,7 +73,7 @@ class Case:
     heads: int = 12
     rounds: int = 7
     warmup: int = 2
-
+    RECORDED: ClassVar[Tuple[str, ...]] = ("T", "prefix", "image_tokens", "requests")  # in each summary row
 
 GPU = Case("llama-2048x16 B=8 T=1024 P=801", torch.bfloat16, B=8, T=1024, prefix=801, image_tokens=256,
            vision_dim=1024, requests=5, answer=64, new_tokens=32,
@@ -107,16 +126,23 @@ def make_batch(case: Case, dev: torch.device) -> dict:
                 image_features=torch.randn(B, N, case.vision_dim, device=dev, dtype=case.dtype))
 
 
-@pytest.fixture(scope="module")
-def setup():
+def prepared(gpu_case, cpu_case, build_model, build_batch, check=None):
+    """Yield (case, device, model, batch) for this machine's case, then free them: the body of a
+    module fixture. ``check(model, batch)`` runs before any timing."""
     dev = harness.device()
-    case = GPU if dev.type == "cuda" else CPU
+    case = gpu_case if dev.type == "cuda" else cpu_case
     torch.manual_seed(0)
-    model = build(case, dev)
-    batch = make_batch(case, dev)
+    model, batch = build_model(case, dev), build_batch(case, dev)
+    if check is not None:
+        check(model, batch)
     yield case, dev, model, batch
     del model, batch
     harness.release(dev)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    yield from prepared(GPU, CPU, build, make_batch)
 
 
 def timed(benchmark, fn, case: Case, dev: torch.device) -> float:
@@ -133,11 +159,12 @@ def timed(benchmark, fn, case: Case, dev: torch.device) -> float:
 
 
 def report(benchmark, case, dev, test_case, provider, seconds, **keys):
-    """Record a case; the summary adds the ratios between schedules (``harness.add_schedule_ratios``)."""
+    """Record a case; the summary adds the ratios between schedules (``harness.add_schedule_ratios``).
+    The decoder-only case records its prefix, the encoder-decoder one its answer length."""
+    sizes = {name: getattr(case, name) for name in case.RECORDED}
     harness.record(benchmark, suite=SUITE, case=test_case, provider=provider, shape=case.label,
                    config=case.label.split(" B=")[0], batch=case.B, dtype=harness.DTYPE_NAMES[case.dtype],
-                   device=harness.device_name(dev), wall_us=seconds * 1e6, T=case.T, prefix=case.prefix,
-                   image_tokens=case.image_tokens, requests=case.requests, **keys)
+                   device=harness.device_name(dev), wall_us=seconds * 1e6, **sizes, **keys)
 
 
 def train_step(model, batch, schedule):
@@ -217,3 +244,122 @@ def test_ipn_share(benchmark, setup):
         return out
 
     report(benchmark, case, dev, *harness.IPN_SHARE, timed(benchmark, ipn_step, case, dev))
+
+
+# ---- encoder-decoder: two encoder passes + one decoder against two full encoder-decoder passes ----
+
+SEQ2SEQ_SCHEDULES = {harness.SEQ2SEQ_NAIVE: "naive", harness.SEQ2SEQ: "two_pass"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqCase(Case):
+    """An encoder-decoder case: T is the encoder's input, ``answer`` the decoder's length."""
+
+    prefix: int = 0
+    new_tokens: int = 0
+    RECORDED: ClassVar[Tuple[str, ...]] = ("T", "answer", "image_tokens", "requests")
+
+T5_SHAPE = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+GPU_SEQ2SEQ = Seq2SeqCase("t5-2048x24+24 B=8 T=512 L=32", torch.bfloat16, B=8, T=512, image_tokens=256,
+                          vision_dim=1024, requests=5, answer=32,
+                          llm=dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
+                                   num_decoder_layers=24, num_heads=32, **T5_SHAPE))
+CPU_SEQ2SEQ = Seq2SeqCase("t5-512x4+4 B=2 T=320 L=32", torch.float32, B=2, T=320, image_tokens=64, vision_dim=256,
+                          requests=5, answer=32, interaction_dim=128, heads=4, rounds=3, warmup=1,
+                          llm=dict(vocab_size=4096, d_model=512, d_kv=64, d_ff=1024, num_layers=4,
+                                   num_decoder_layers=4, num_heads=8, **T5_SHAPE))
+
+
+def build_seq2seq(case: Seq2SeqCase, dev: torch.device) -> LMEyeSeq2SeqModel:
+    config = T5Config(**case.llm, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with torch.device(dev):
+        llm = AutoModelForSeq2SeqLM.from_config(config, dtype=case.dtype)
+    vocab = case.llm["vocab_size"]
+    lmeye = LMEyeConfig(num_image_tokens=case.image_tokens, num_requests=case.requests,
+                        interaction_dim=case.interaction_dim, num_heads=case.heads, vision_dim=case.vision_dim,
+                        image_token_id=vocab - 3, request_token_id=vocab - 2, slot_token_id=vocab - 1,
+                        pad_token_id=0, eos_token_id=1, vocab_size=vocab, schedule="two_pass", encoder_decoder=True)
+    return LMEyeSeq2SeqModel(llm, lmeye).to(dtype=case.dtype).eval()
+
+
+def make_seq2seq_batch(case: Seq2SeqCase, dev: torch.device) -> dict:
+    """The encoder-decoder layout without a tokenizer: right-padded encoder rows of different lengths,
+    the image after a word, <img-q> and the slots after the instruction; right-padded answers."""
+    vocab = case.llm["vocab_size"]
+    B, T, N, R, L = case.B, case.T, case.image_tokens, case.requests, case.answer
+    rows, cols = torch.arange(B, device=dev), torch.arange(T, device=dev)
+    length = T - rows * max(1, (T - N - R - 8) // (2 * B))
+    ids = torch.randint(3, vocab - 3, (B, T), device=dev)
+    mask = (cols < length[:, None]).long()
+    ids[mask == 0] = 0
+    image_pos = 1 + torch.arange(N, device=dev).expand(B, -1)
+    ids[rows[:, None], image_pos] = vocab - 3
+    request_pos = length - R - 4  # after the slots: two words of response prefix and EOS
+    ids[rows, request_pos] = vocab - 2
+    slot_pos = request_pos[:, None] + 1 + torch.arange(R, device=dev)
+    ids[rows[:, None], slot_pos] = vocab - 1
+    labels = torch.randint(3, vocab - 3, (B, L), device=dev)
+    labels[(torch.arange(L, device=dev) >= L - rows[:, None] * (L // (2 * B)))] = IGNORE_INDEX
+    return dict(input_ids=ids, attention_mask=mask, image_pos=image_pos, request_pos=request_pos, slot_pos=slot_pos,
+                labels=labels, image_features=torch.randn(B, N, case.vision_dim, device=dev, dtype=case.dtype))
+
+
+def two_full_passes(model: LMEyeSeq2SeqModel, batch: dict):
+    """The naive port of the two-pass original: the whole encoder-decoder reads the request (its decoder
+    output unused), then runs again on the filled sequence. Returns (logits, loss)."""
+    embeds = model._mapped_embeds(batch["input_ids"], batch["image_features"], batch["image_pos"])
+    decoder_ids = model.llm.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    common = dict(attention_mask=batch["attention_mask"], decoder_input_ids=decoder_ids, use_cache=False)
+    hidden = model.llm(inputs_embeds=embeds, **common).encoder_last_hidden_state
+    filled = model.ipn(hidden, batch["image_features"], embeds, batch["slot_pos"], request_pos=batch["request_pos"])
+    logits = model.llm(inputs_embeds=filled, **common).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    return logits, loss
+
+
+def run_seq2seq(model, batch, provider):
+    if SEQ2SEQ_SCHEDULES[provider] == "naive":
+        return two_full_passes(model, batch)
+    out = model(**batch, schedule="two_pass")
+    return out.logits, out.loss
+
+
+@torch.no_grad()
+def same_logits(model, batch):
+    harness.check_close(run_seq2seq(model, batch, harness.SEQ2SEQ)[0],
+                        run_seq2seq(model, batch, harness.SEQ2SEQ_NAIVE)[0], "two encoder passes vs two full passes")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_setup():
+    yield from prepared(GPU_SEQ2SEQ, CPU_SEQ2SEQ, build_seq2seq, make_seq2seq_batch, check=same_logits)
+
+
+@pytest.mark.parametrize("provider", harness.SEQ2SEQ_PROVIDERS)
+def test_seq2seq_prefill(benchmark, seq2seq_setup, provider):
+    case, dev, model, batch = seq2seq_setup
+
+    def prefill():
+        with torch.inference_mode():
+            return run_seq2seq(model, batch, provider)[0]
+
+    report(benchmark, case, dev, "prefill", provider, timed(benchmark, prefill, case, dev))
+
+
+@pytest.mark.parametrize("provider", harness.SEQ2SEQ_PROVIDERS)
+def test_seq2seq_train_step(benchmark, seq2seq_setup, provider):
+    case, dev, model, batch = seq2seq_setup
+    model.set_stage(2, train_special_tokens=True)
+    model.static.requires_grad_(True)
+
+    def step():
+        loss = run_seq2seq(model, batch, provider)[1]
+        loss.backward()
+        for p in model.trainable_parameters():
+            p.grad = None
+        return loss
+
+    seconds = timed(benchmark, step, case, dev)
+    report(benchmark, case, dev, "train-step", provider, seconds,
+                   peak_mem_mb=harness.peak_memory_mb(step, dev),
+                   note="static mapping + special embeddings + IPN trainable")

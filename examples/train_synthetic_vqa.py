@@ -7,9 +7,11 @@ the instruction, not on the image alone.
 
 Per seed:
 
-1. A tiny Llama-shaped LLM is trained on the task's text alone — scene
-   descriptions, questions about them, descriptions of the image — standing in
-   for a pretrained LLM, and frozen.
+1. A tiny Llama-shaped LLM (or, with ``--llm t5``, a tiny FlanT5-shaped
+   encoder-decoder: the prompt in the encoder, the answer from the decoder) is
+   trained on the task's text alone — scene descriptions, questions about
+   them, descriptions of the image — standing in for a pretrained LLM, and
+   frozen.
 2. A tiny random CLIP model (frozen) gives the image features.
 3. Stage 1 trains the static mapping on captioning (the image -> its
    description): the static-only model.
@@ -17,7 +19,8 @@ Per seed:
    special-token embeddings) go on training on the questions, as long as
    stage 2 does.
 5. Stage 2 trains the IPN (and the <img-q>/<img-d> embeddings) on the
-   questions, static mapping frozen, with the single-pass schedule.
+   questions, static mapping frozen, with the single-pass schedule (the
+   two-pass one on T5: two encoder passes, one decoder pass).
 
 in two settings (``lmeye_fast.models.published`` and ``patch_tokens``):
 
@@ -34,6 +37,7 @@ as mean ± sample std over the seeds.
 
     python examples/train_synthetic_vqa.py                 # 5 seeds, both settings: about 13 min of one idle core
     python examples/train_synthetic_vqa.py --json out.json # also write every number
+    python examples/train_synthetic_vqa.py --llm t5        # the same on a tiny T5
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import time
 import torch
 
 from lmeye_fast.models import patch_tokens, published, train
-from lmeye_fast.models.tiny import tiny_clip_model, tiny_llm, word_tokenizer
+from lmeye_fast.models.tiny import tiny_clip_model, tiny_llm, tiny_seq2seq, word_tokenizer
 
 SHAPES = ("circle", "square")
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0), "yellow": (1.0, 0.9, 0.1)}
@@ -111,24 +115,36 @@ def text_corpus(count: int, rng: random.Random):
     return pairs
 
 
+def padded(rows, value):
+    """Token-id rows right-padded with ``value`` into one tensor, and their mask."""
+    ids = torch.full((len(rows), max(len(r) for r in rows)), value)
+    mask = torch.zeros(ids.shape, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def text_batch(llm, tok, pairs):
+    """A plain-text training batch: a causal LM reads prompt and answer as one row and is scored on the
+    answer; an encoder-decoder reads the prompt and decodes the answer."""
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in pairs]
+    if llm.config.is_encoder_decoder:
+        ids, mask = padded([r + [tok.eos_token_id] for r in rows], tok.pad_token_id)
+        return dict(input_ids=ids, attention_mask=mask, labels=padded(answers, -100)[0])
+    ids, mask = padded([r + a for r, a in zip(rows, answers)], tok.pad_token_id)
+    labels = padded([[-100] * len(r) + a for r, a in zip(rows, answers)], -100)[0]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
 def pretrain_llm(llm, tok, steps: int, batch_size: int, rng: random.Random, lr: float = 3e-3):
     """Teach the LLM the task's language (loss on the answers only), then freeze it."""
     optimizer = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     llm.train()
     for step in range(steps):
-        pairs = text_corpus(batch_size, rng)
-        rows = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
-        answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in pairs]
-        width = max(len(r) + len(a) for r, a in zip(rows, answers))
-        ids = torch.full((batch_size, width), tok.pad_token_id)
-        labels = torch.full((batch_size, width), -100)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for i, (r, a) in enumerate(zip(rows, answers)):
-            ids[i, :len(r) + len(a)] = torch.tensor(r + a)
-            labels[i, len(r):len(r) + len(a)] = torch.tensor(a)
-            mask[i, :len(r) + len(a)] = 1
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = llm(**text_batch(llm, tok, text_corpus(batch_size, rng))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         optimizer.step()
@@ -232,10 +248,12 @@ def run_setting(name, tok, llm, clip, splits, args, rng: random.Random):
     static_model.eval()
     results[MODELS[1]] = accuracy(static_model, processor, test_scenes, test_features, "static", rng)
 
+    # An encoder-decoder LLM has no single pass (docs/encoder_decoder.md).
+    schedule = "two_pass" if model.encoder_decoder else "single_pass"
     model.set_stage(2, train_special_tokens=True)
-    train(model, question_batches, args.stage2_steps, schedule="single_pass", **common)
+    train(model, question_batches, args.stage2_steps, schedule=schedule, **common)
     model.eval()
-    results[MODELS[2]] = accuracy(model, processor, test_scenes, test_features, "single_pass", rng)
+    results[MODELS[2]] = accuracy(model, processor, test_scenes, test_features, schedule, rng)
     return results
 
 
@@ -244,7 +262,8 @@ def run_seed(seed, args):
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = word_tokenizer(WORDS)
-    llm = tiny_llm("llama", len(tok), hidden=args.llm_width, layers=2, heads=4)
+    build_llm = tiny_seq2seq if args.llm == "t5" else tiny_llm
+    llm = build_llm(args.llm, len(tok), hidden=args.llm_width, layers=2, heads=4)
     llm = pretrain_llm(llm, tok, args.text_steps, args.batch_size, rng)
     clip = tiny_clip_model(image_size=GRID * CELL, patch_size=CELL, hidden=args.vision_width,
                            text_hidden=args.interaction_dim, heads=4).eval()
@@ -268,6 +287,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--llm", choices=("llama", "t5"), default="llama",
+                        help="the stand-in LLM: a decoder-only Llama or an encoder-decoder (FlanT5-shaped) T5")
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--test-images", type=int, default=512)
     parser.add_argument("--text-steps", type=int, default=600)
@@ -291,7 +312,7 @@ def main(argv=None):
             line = ", ".join(f"{model} {acc['overall']:.1%}" for model, acc in results.items())
             print(f"seed {seed} {setting}: {line}  ({time.time() - began:.0f} s)", flush=True)
     table = summary(per_seed, args.settings)
-    print(f"held-out accuracy over seeds {args.seeds} (mean ± std), torch {torch.__version__}, "
+    print(f"held-out accuracy over seeds {args.seeds} (mean ± std), {args.llm}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.time() - began:.0f} s")
     for setting, rows in table.items():
         print(f"  {setting}")
@@ -305,7 +326,7 @@ def main(argv=None):
               f"{max(ipn[1], static[1]):.1%})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            json.dump({"seeds": args.seeds, "llm": args.llm, "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "chance": CHANCE, "per_seed": per_seed, "summary": table}, f, indent=2)
     return per_seed, table
 

@@ -120,3 +120,28 @@ def test_plot_refuses_a_summary_of_identical_providers_only():
     only_reference = [r for r in rows() if r["suite"] == "ops"]
     with pytest.raises(SystemExit, match="nothing to plot"):
         plot.figure({"meta": CPU_META, "rows": only_reference})
+
+
+def test_summary_puts_the_encoder_decoder_rows_in_a_table_of_their_own():
+    seq2seq_shape = "t5-512x4+4 B=2 T=320 L=32"
+
+    def seq2seq_row(case, provider, seconds, **keys):
+        return dict(schedule_row(case, provider, seconds, **keys), shape=seq2seq_shape,
+                    config=seq2seq_shape.split(" B=")[0])
+
+    extra = [seq2seq_row("prefill", harness.SEQ2SEQ_NAIVE, 2.2), seq2seq_row("prefill", harness.SEQ2SEQ, 2.0),
+             seq2seq_row("train-step", harness.SEQ2SEQ_NAIVE, 4.4, peak_mem_mb=100.0),
+             seq2seq_row("train-step", harness.SEQ2SEQ, 4.0, peak_mem_mb=90.0)]
+    lines = harness.format_summary(rows() + extra, CPU_META).splitlines()
+    assert lines[0].startswith("LMEye schedules, single pass against two passes and static-only: " + SHAPE)
+    start = next(i for i, line in enumerate(lines) if line.startswith("LMEye on an encoder-decoder LLM"))
+    assert seq2seq_shape in lines[start] and start > 7
+    assert cells(lines[start + 1]) == ["case", *harness.SEQ2SEQ_PROVIDERS, "speed-up"]
+    assert [cells(line) for line in lines[start + 3:start + 5]] == [
+        ["prefill", "2.2 s", "2 s", "1.10x"], ["train step, adapter trainable", "4.4 s", "4 s", "1.10x"]]
+    assert lines[start + 5].startswith("peak memory beyond the inputs: train step, adapter trainable, "
+                                       f"{harness.SEQ2SEQ_NAIVE}: 100 MB")
+    # The plot draws the decoder-only schedules panel as before and no encoder-decoder panel.
+    fig, titles = plot.figure({"meta": CPU_META, "rows": rows() + extra})
+    assert [t for t in titles if t.startswith("schedules:")] == [titles[0]] and seq2seq_shape not in titles[0]
+    plot.plt.close(fig)

@@ -1,8 +1,9 @@
 """examples/train_synthetic_vqa.py in a reduced form (two seeds, a few steps), so that it cannot break unseen.
 
-It checks that the example runs end to end in both settings and that its output is well formed
-(every seed, setting, model and question kind; accuracies in [0, 1]; mean and std consistent with
-the per-seed numbers); how well a few steps learn is not asserted.
+It checks that the example runs end to end in both settings, on the tiny Llama and on the tiny T5,
+and that its output is well formed (every seed, setting, model and question kind; accuracies in
+[0, 1]; mean and std consistent with the per-seed numbers); how well a few steps learn is not
+asserted.
 """
 
 import importlib.util
@@ -24,14 +25,15 @@ def example():
     return module
 
 
-def test_example_runs_and_reports_every_setting(example, tmp_path, capsys):
+@pytest.mark.parametrize("llm", ["llama", "t5"])
+def test_example_runs_and_reports_every_setting(example, tmp_path, capsys, llm):
     out = tmp_path / "results.json"
     seeds = [0, 1]
     threads = torch.get_num_threads()
     try:
         per_seed, table = example.main(["--seeds", *map(str, seeds), "--train-images", "64", "--test-images", "32",
                                         "--text-steps", "4", "--stage1-steps", "2", "--stage2-steps", "2",
-                                        "--batch-size", "16", "--json", str(out)])
+                                        "--batch-size", "16", "--llm", llm, "--json", str(out)])
     finally:
         torch.set_num_threads(threads)  # the example pins one thread; the rest of the session keeps its own
     settings = sorted(example.SETTINGS)
@@ -51,7 +53,7 @@ def test_example_runs_and_reports_every_setting(example, tmp_path, capsys):
                 assert std >= 0.0 and math.isfinite(std)
 
     saved = json.loads(out.read_text())
-    assert saved["seeds"] == seeds and saved["threads"] == 1
+    assert saved["seeds"] == seeds and saved["threads"] == 1 and saved["llm"] == llm
     assert sorted(saved["summary"]) == settings
     assert math.isclose(saved["chance"]["overall"], 0.375)
     printed = capsys.readouterr().out

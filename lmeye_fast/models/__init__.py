@@ -1,4 +1,4 @@
-"""LMEye for Hugging Face causal LMs: processor, single-pass and two-pass schedules, training, save/load.
+"""LMEye for Hugging Face causal and encoder-decoder LMs: processor, schedules, training, save/load.
 
     processor = LMEyeProcessor(tokenizer, num_image_tokens=N, num_requests=5, response_prefix=" Answer:")
     model = LMEyeModel(llm, processor.make_config(interaction_dim=256, num_heads=4), vision=vision)
@@ -7,6 +7,9 @@
     tokens = model.generate(**processor(prompts, images=pixel_values), max_new_tokens=8)
 
     processor, model = published(tokenizer, llm, clip_model)   # LMEye as released: one global <img> token
+
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=N, encoder_decoder=True)   # T5 / FlanT5, BART
+    model = LMEyeSeq2SeqModel(t5, processor.make_config(interaction_dim=256, num_heads=4), vision=vision)
 """
 
 from .clip_interaction import CLIPTextInteraction
@@ -14,8 +17,10 @@ from .config import LMEyeConfig
 from .modeling import LMEyeModel, LMEyeOutput
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
 from .presets import patch_tokens, published
+from .seq2seq import LMEyeSeq2SeqModel
 from .training import train
 from .vision import CLIPImageEncoder
 
-__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch", "IGNORE_INDEX", "train",
+__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch",
+           "IGNORE_INDEX", "train",
            "CLIPTextInteraction", "CLIPImageEncoder", "published", "patch_tokens"]

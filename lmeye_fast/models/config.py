@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["LMEyeConfig", "SCHEDULES", "VISION_FEATURES", "CONFIG_FILE"]
+__all__ = ["LMEyeConfig", "SCHEDULES", "SEQ2SEQ_SCHEDULES", "VISION_FEATURES", "CONFIG_FILE"]
 
 SCHEDULES = ("single_pass", "two_pass", "static")
+# An encoder reads the whole sequence both ways: no prefix is the same in both passes (docs/encoder_decoder.md).
+SEQ2SEQ_SCHEDULES = ("two_pass", "static")
 VISION_FEATURES = ("tokens", "pooled", "projected")
 CONFIG_FILE = "lmeye_config.json"
 FORMAT_VERSION = 1
@@ -46,6 +48,9 @@ class LMEyeConfig:
             ``"static"`` (no IPN: the static-only model).
         interaction: ``"attention"``, or the class name of a user interaction
             module (which must then be passed again when loading).
+        encoder_decoder: the LLM is an encoder-decoder (``LMEyeSeq2SeqModel``,
+            the processor's encoder-decoder layout); its schedules are
+            ``"two_pass"`` and ``"static"``.
     """
 
     num_image_tokens: int
@@ -68,14 +73,18 @@ class LMEyeConfig:
     schedule: str = "single_pass"
     interaction: str = "attention"
     backend: str = "auto"
+    encoder_decoder: bool = False
 
     def __post_init__(self):
         for name in ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        schedules = SEQ2SEQ_SCHEDULES if self.encoder_decoder else SCHEDULES
+        if self.schedule not in schedules:
+            raise ValueError(f"schedule: expected one of {schedules}"
+                             + (" for an encoder-decoder LLM" if self.encoder_decoder else "")
+                             + f", got {self.schedule!r}")
         for name in ("static_feature", "ipn_feature"):
             if getattr(self, name) not in VISION_FEATURES:
                 raise ValueError(f"{name}: expected one of {VISION_FEATURES}, got {getattr(self, name)!r}")

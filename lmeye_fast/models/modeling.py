@@ -117,8 +117,12 @@ class LMEyeModel(nn.Module):
     follow this module's train/eval mode, so that the LLM's gradient
     checkpointing applies (set its dropout to 0 for a deterministic frozen LLM).
     The adapter (static mapping, IPN, special-token embeddings) is created on
-    the LLM's device in float32; ``set_stage`` picks what trains.
+    the LLM's device in float32; ``set_stage`` picks what trains. An
+    encoder-decoder LLM (T5, BART) goes into ``LMEyeSeq2SeqModel`` instead.
     """
+
+    schedules = SCHEDULES
+    encoder_decoder = False  # which kind of LLM (its config's ``is_encoder_decoder``) this class wraps
 
     def __init__(self, llm: nn.Module, config: LMEyeConfig, vision: Optional[nn.Module] = None,
                  interaction: Optional[nn.Module] = None):
@@ -128,6 +132,14 @@ class LMEyeModel(nn.Module):
         if None in config.token_ids() or config.vocab_size is None:
             raise ValueError("config: the special-token ids and vocab_size are unset; build it with "
                              "LMEyeProcessor.make_config(...)")
+        if bool(getattr(getattr(llm, "config", None), "is_encoder_decoder", False)) != self.encoder_decoder:
+            kind, other = ("an encoder-decoder", "LMEyeSeq2SeqModel") if not self.encoder_decoder else \
+                ("a decoder-only", "LMEyeModel")
+            raise ValueError(f"llm: {type(llm).__name__} is {kind} LLM; wrap it in {other}")
+        if config.encoder_decoder != self.encoder_decoder:
+            raise ValueError(f"config: made for {'an encoder-decoder' if config.encoder_decoder else 'a decoder-only'} "
+                             f"LLM (encoder_decoder={config.encoder_decoder}); build the processor with "
+                             f"encoder_decoder={self.encoder_decoder}")
         embedding = llm.get_input_embeddings()
         llm_dim = embedding.embedding_dim
         if config.llm_dim is not None and config.llm_dim != llm_dim:
@@ -209,25 +221,30 @@ class LMEyeModel(nn.Module):
         special = match.to(embeds.dtype) @ self.special_embed.to(embeds.dtype)
         return torch.where(match.any(dim=-1, keepdim=True), special, embeds)
 
-    def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
-                image_features, static_features, image_mask, request_pos, slot_pos, schedule, validate):
+    def _mapped_embeds(self, input_ids, static_image, image_pos):
+        """The token embeddings with the static mapping's image tokens in the ``<img>`` rows."""
+        return self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
+
+    def _schedule(self, schedule: Optional[str]) -> str:
         schedule = schedule or self.config.schedule
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        if schedule not in self.schedules:
+            raise ValueError(f"schedule: expected one of {self.schedules}, got {schedule!r}")
+        return schedule
+
+    def _token_inputs(self, input_ids, attention_mask):
+        """Check the token ids (B, T) and their mask; (B, T, device)."""
         check_tensor("input_ids", input_ids, (None, None), INDEX_DTYPES, dims="(B, T)")
         batch, total = input_ids.shape
-        device = input_ids.device
         limit = _max_positions(self.llm)
         if limit is not None and total > limit:
             raise ValueError(f"input_ids: {total} tokens, more than the LLM's {limit} positions "
                              f"(config.max_position_embeddings); shorten the prompts")
-        check_tensor("attention_mask", attention_mask, (batch, total), INDEX_DTYPES + (torch.bool,), device,
-                     dims="(B, T)")
-        if not isinstance(prefix_len, int) or not 1 <= prefix_len < total:
-            raise ValueError(f"prefix_len: expected an int in [1, T) = [1, {total}), got {prefix_len!r}")
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-        check_tensor("position_ids", position_ids, (batch, total), INDEX_DTYPES, device, dims="(B, T)")
+        check_tensor("attention_mask", attention_mask, (batch, total), INDEX_DTYPES + (torch.bool,),
+                     input_ids.device, dims="(B, T)")
+        return batch, total, input_ids.device
+
+    def _image_inputs(self, batch, device, pixel_values, image_features, static_features):
+        """(static mapping's features (B, N, Ds), IPN's features (B, M, Dv)), from the pixels when not given."""
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("pixel_values / image_features: one of them is required")
@@ -239,20 +256,36 @@ class LMEyeModel(nn.Module):
                                  f"the {self.config.static_feature!r} features and the IPN the "
                                  f"{self.config.ipn_feature!r} ones (model.encode_images gives both)")
             static_features = image_features
-        num_image = self.config.num_image_tokens
         check_tensor("image_features", image_features, (batch, None, self.config.vision_dim), device=device,
                      dims="(B, M, Dv)")
         # One tensor read by both consumers is named as the caller passed it.
         static_name = "image_features" if static_features is image_features else "static_features"
-        check_tensor(static_name, static_features, (batch, num_image, self.config.static_vision_dim),
-                     device=device, dims="(B, N, Ds)")
-        check_tensor("image_pos", image_pos, (batch, num_image), INDEX_DTYPES, device, dims="(B, N)")
+        check_tensor(static_name, static_features, (batch, self.config.num_image_tokens,
+                                                    self.config.static_vision_dim), device=device, dims="(B, N, Ds)")
+        return static_features, image_features
+
+    def _position_inputs(self, batch, device, image_pos, request_pos, slot_pos):
+        check_tensor("image_pos", image_pos, (batch, self.config.num_image_tokens), INDEX_DTYPES, device,
+                     dims="(B, N)")
+        check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
+        check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
+
+    def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
+                image_features, static_features, image_mask, request_pos, slot_pos, schedule, validate):
+        schedule = self._schedule(schedule)
+        batch, total, device = self._token_inputs(input_ids, attention_mask)
+        if not isinstance(prefix_len, int) or not 1 <= prefix_len < total:
+            raise ValueError(f"prefix_len: expected an int in [1, T) = [1, {total}), got {prefix_len!r}")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        check_tensor("position_ids", position_ids, (batch, total), INDEX_DTYPES, device, dims="(B, T)")
+        static_features, image_features = self._image_inputs(batch, device, pixel_values, image_features,
+                                                              static_features)
         if request_pos is None:
             request_pos = torch.full((batch,), prefix_len - 1, dtype=torch.long, device=device)
         if slot_pos is None:
             slot_pos = prefix_len + torch.arange(self.config.num_requests, device=device).expand(batch, -1)
-        check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
-        check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
+        self._position_inputs(batch, device, image_pos, request_pos, slot_pos)
         if validating(validate):
             check_positions("image_pos", image_pos, prefix_len, distinct=True)
             check_positions("request_pos", request_pos, prefix_len)
@@ -268,9 +301,7 @@ class LMEyeModel(nn.Module):
         if labels is None:
             return None
         check_tensor("labels", labels, (logits.shape[0], None), INDEX_DTYPES, logits.device, dims="(B, T)")
-        targets = labels[:, prefix_len + 1:]
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return _cross_entropy(logits[:, :-1], labels[:, prefix_len + 1:])
 
     def _check_checkpointing(self, schedule):
         if (schedule == "single_pass" and torch.is_grad_enabled() and self.llm.training
@@ -324,13 +355,13 @@ class LMEyeModel(nn.Module):
 
     def _static(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
                 prefix_len, all_logits):
-        embeds = self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
+        embeds = self._mapped_embeds(input_ids, static_image, image_pos)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
                         logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
 
     def _two_pass(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
                   prefix_len, all_logits):
-        embeds = self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
+        embeds = self._mapped_embeds(input_ids, static_image, image_pos)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                               use_cache=False).last_hidden_state
         # Out of place: the first pass keeps ``embeds`` for its backward.
@@ -397,9 +428,7 @@ class LMEyeModel(nn.Module):
         schedule, attention_mask, position_ids, static_image, image, request_pos, slot_pos = self._inputs(
             input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
             static_features, image_mask, request_pos, slot_pos, schedule, False)
-        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        if self.config.eos_token_id is not None:
-            generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        self._generation_defaults(generate_kwargs)
         if schedule == "single_pass":
             cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, static_image,
                                                      image_pos, prefix_len)
@@ -408,13 +437,19 @@ class LMEyeModel(nn.Module):
             embeds = torch.cat([prefix, suffix], dim=1)
             generate_kwargs[self._cache_key] = cache
         else:
-            embeds = self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
+            embeds = self._mapped_embeds(input_ids, static_image, image_pos)
             if schedule == "two_pass":
                 hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, use_cache=False).last_hidden_state
                 embeds = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask,
                                   inplace=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def _generation_defaults(self, generate_kwargs: dict) -> None:
+        """Pad and stop with the processor's tokens unless the caller says otherwise."""
+        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        if self.config.eos_token_id is not None:
+            generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
 
     # ------------------------------------------------------------- save / load
 
@@ -470,7 +505,7 @@ class LMEyeModel(nn.Module):
         structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
                       "static_hidden_dim", "vision_dim", "static_vision_dim", "static_feature", "ipn_feature",
                       "llm_dim", "image_token_id", "request_token_id",
-                      "slot_token_id", "interaction")
+                      "slot_token_id", "interaction", "encoder_decoder")
         differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
         if differ:
             raise ValueError(f"directory: the adapter in {directory} does not fit this model (" + "; ".join(differ)
@@ -480,6 +515,12 @@ class LMEyeModel(nn.Module):
         with torch.no_grad():
             for key, value in state.items():
                 value.copy_(tensors[key])
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in float32) of the targets that are not ``IGNORE_INDEX``."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
 
 
 def _max_positions(llm: nn.Module) -> Optional[int]:

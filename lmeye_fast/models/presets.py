@@ -5,7 +5,9 @@
     processor, model = patch_tokens(tokenizer, llm, clip, interaction_dim=768, num_heads=12)
 
 Each returns the processor and the model built to fit each other: the number of
-``<img>`` slots follows from the feature the static mapping reads.
+``<img>`` slots follows from the feature the static mapping reads, and an
+encoder-decoder LLM (T5, BART) gets the encoder-decoder processor and
+``LMEyeSeq2SeqModel``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from .clip_interaction import CLIPTextInteraction
 from .modeling import LMEyeModel
 from .processor import LMEyeProcessor
+from .seq2seq import LMEyeSeq2SeqModel
 from .vision import CLIPImageEncoder, feature_shape
 
 __all__ = ["published", "patch_tokens"]
@@ -31,9 +34,11 @@ def _build(tokenizer, llm: nn.Module, vision: nn.Module, response_prefix: str, n
     if count is None:
         raise ValueError(f"clip: cannot tell how many {config_kwargs['static_feature']!r} tokens it gives per image "
                          "(expected a Hugging Face CLIP model)")
+    encoder_decoder = bool(getattr(llm.config, "is_encoder_decoder", False))
     processor = LMEyeProcessor(tokenizer, num_image_tokens=count, num_requests=num_requests,
-                               response_prefix=response_prefix)
-    model = LMEyeModel(llm, processor.make_config(**config_kwargs), vision=vision, interaction=interaction)
+                               response_prefix=response_prefix, encoder_decoder=encoder_decoder)
+    model_class = LMEyeSeq2SeqModel if encoder_decoder else LMEyeModel
+    model = model_class(llm, processor.make_config(**config_kwargs), vision=vision, interaction=interaction)
     return processor, model
 
 

@@ -16,7 +16,7 @@ every row.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,11 +64,14 @@ class LMEyeProcessor:
         response_prefix: text between the slots and the answer (e.g. ``" Answer:"``).
         add_bos: put the tokenizer's BOS token first; by default when it has one
             that differs from EOS.
+        encoder_decoder: build batches for an encoder-decoder LLM
+            (``LMEyeSeq2SeqModel``): the prompt is the encoder's input, the answer
+            the decoder's labels (the module docstring shows both layouts).
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, num_requests: int = 5, response_prefix: str = "",
                  image_token: str = "<img>", request_token: str = "<img-q>", slot_token: str = "<img-d>",
-                 add_bos: Optional[bool] = None):
+                 add_bos: Optional[bool] = None, encoder_decoder: bool = False):
         for name, value in (("num_image_tokens", num_image_tokens), ("num_requests", num_requests)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -88,16 +91,20 @@ class LMEyeProcessor:
             raise ValueError("add_bos: the tokenizer has no BOS token")
         self.bos_token_id = bos
         self.response_ids = self.encode(response_prefix)
+        self.encoder_decoder = bool(encoder_decoder)
 
     def __len__(self) -> int:
         return len(self.tokenizer)
 
     def make_config(self, **kwargs) -> LMEyeConfig:
         """An ``LMEyeConfig`` bound to this tokenizer; ``kwargs`` set the IPN sizes and the rest."""
+        if self.encoder_decoder:
+            kwargs.setdefault("schedule", "two_pass")
         return LMEyeConfig(num_image_tokens=self.num_image_tokens, num_requests=self.num_requests,
                            image_token_id=self.image_token_id, request_token_id=self.request_token_id,
                            slot_token_id=self.slot_token_id, pad_token_id=self.pad_token_id,
-                           eos_token_id=self.eos_token_id, vocab_size=len(self.tokenizer), **kwargs)
+                           eos_token_id=self.eos_token_id, vocab_size=len(self.tokenizer),
+                           encoder_decoder=self.encoder_decoder, **kwargs)
 
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text`` without the tokenizer's BOS/EOS."""
@@ -140,6 +147,9 @@ class LMEyeProcessor:
             ``position_ids`` (B, T), ``image_pos`` (B, N), ``request_pos`` (B,),
             ``slot_pos`` (B, R), the int ``prefix_len`` P, ``labels`` (B, T)
             when answers are given, and ``pixel_values`` when images are.
+            With ``encoder_decoder=True``: ``input_ids``, ``attention_mask``
+            (B, T), ``image_pos``, ``request_pos``, ``slot_pos``, ``labels``
+            (B, L) for the decoder when answers are given, and ``pixel_values``.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts: expected a sequence of strings, got one string")
@@ -153,6 +163,12 @@ class LMEyeProcessor:
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
         tails = [self.encode(a) + ([] if self.eos_token_id is None else [self.eos_token_id]) for a in answers] \
             if answers is not None else [[] for _ in prompts]
+        if self.encoder_decoder:
+            out = self.pad_encoder_decoder([self.prefix_ids(prompt) for prompt in prompts],
+                                           tails if answers is not None else None)
+            if images is not None:
+                out["pixel_values"] = images
+            return out
         ignored = [IGNORE_INDEX] * len(self.response_ids)
         rows = [TokenizedRow(*self.prefix_ids(prompt), self.response_ids + tail, ignored + tail)
                 for prompt, tail in zip(prompts, tails)]
@@ -173,6 +189,9 @@ class LMEyeProcessor:
         """
         if not rows:
             raise ValueError("rows: expected at least one row")
+        if self.encoder_decoder:
+            raise ValueError("rows: pad lays them out for a decoder-only LLM, but this processor was built with "
+                             "encoder_decoder=True; use pad_encoder_decoder")
         heads = [[self.slot_token_id] * self.num_requests if row.image_start is not None else [] for row in rows]
         prefix_len = max(len(row.prefix) for row in rows)
         total = prefix_len + max(len(head) + len(row.body) for head, row in zip(heads, rows))
@@ -206,6 +225,42 @@ class LMEyeProcessor:
             prefix_len=prefix_len,
             labels=labels,
         )
+
+    def pad_encoder_decoder(self, prefixes: Sequence[Tuple[List[int], Optional[int]]],
+                            answers: Optional[Sequence[List[int]]] = None) -> LMEyeBatch:
+        """The encoder-decoder layout: encoder inputs ``prefix + [<img-d> x R] + response prefix + [eos]``
+        right-padded, and, when ``answers`` (token ids, EOS included) are given, decoder ``labels`` (B, L)
+        right-padded with ``IGNORE_INDEX``. ``prefixes`` are ``prefix_ids`` results; a row without image
+        gets no slots and ``image_pos`` / ``slot_pos`` -1."""
+        if not prefixes:
+            raise ValueError("prefixes: expected at least one row")
+        tail = self.response_ids + ([] if self.eos_token_id is None else [self.eos_token_id])
+        rows = [prefix + ([self.slot_token_id] * self.num_requests if start is not None else []) + tail
+                for prefix, start in prefixes]
+        batch, total = len(rows), max(len(row) for row in rows)
+        input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, total), dtype=torch.long)
+        image_pos = torch.full((batch, self.num_image_tokens), -1, dtype=torch.long)
+        slot_pos = torch.full((batch, self.num_requests), -1, dtype=torch.long)
+        # The request of a row without image is read but written nowhere: any column in the row will do.
+        request_pos = torch.zeros((batch,), dtype=torch.long)
+        for index, (row, (prefix, start)) in enumerate(zip(rows, prefixes)):
+            input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, :len(row)] = 1
+            if start is not None:
+                image_pos[index] = start + torch.arange(self.num_image_tokens)
+                request_pos[index] = len(prefix) - 1
+                slot_pos[index] = len(prefix) + torch.arange(self.num_requests)
+        out = LMEyeBatch(input_ids=input_ids, attention_mask=attention_mask, image_pos=image_pos,
+                         request_pos=request_pos, slot_pos=slot_pos)
+        if answers is not None:
+            if len(answers) != batch:
+                raise ValueError(f"answers: expected {batch} answers (one per row), got {len(answers)}")
+            labels = torch.full((batch, max(1, max(len(a) for a in answers))), IGNORE_INDEX, dtype=torch.long)
+            for index, answer in enumerate(answers):
+                labels[index, :len(answer)] = torch.tensor(answer, dtype=torch.long)
+            out["labels"] = labels
+        return out
 
     def decode(self, token_ids) -> List[str]:
         """Generated token ids (B, L) -> B strings, without special tokens."""

@@ -1,7 +1,7 @@
 """Tiny, offline building blocks for tests, examples and CPU benchmarks.
 
 A word-level tokenizer built in code with the ``tokenizers`` library, and
-randomly initialised causal LMs and CLIP vision towers of a few thousand
+randomly initialised causal and encoder-decoder LMs and CLIP vision towers of a few thousand
 parameters, so that nothing is downloaded.
 """
 
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from transformers import (AutoModelForCausalLM, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
-                          LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config)
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, CLIPConfig, CLIPModel,
+                          CLIPVisionConfig, CLIPVisionModel, GPT2Config, LlamaConfig, OPTConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, T5Config)
 
-__all__ = ["ARCHITECTURES", "word_tokenizer", "tiny_llm", "tiny_clip", "tiny_clip_model"]
+__all__ = ["ARCHITECTURES", "SEQ2SEQ_ARCHITECTURES", "word_tokenizer", "tiny_llm", "tiny_seq2seq", "tiny_clip",
+           "tiny_clip_model"]
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2", "opt")
+SEQ2SEQ_ARCHITECTURES = ("t5", "bart")
 
 
 def word_tokenizer(words: Iterable[str]):
@@ -55,6 +58,34 @@ def tiny_llm(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, head
     for key, value in overrides.items():
         setattr(config, key, value)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def tiny_seq2seq(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
+                 max_positions: int = 256, **overrides):
+    """A randomly initialised encoder-decoder LM of one of ``SEQ2SEQ_ARCHITECTURES`` (``layers`` in the
+    encoder and as many in the decoder), dropout off, the ids of ``word_tokenizer``'s special tokens.
+
+    T5 is shaped as FlanT5 (T5 v1.1: gated-GELU feed-forward, an output head of its own), with
+    relative positions (``max_positions`` does not apply), decoding from the pad token. BART has
+    learned absolute positions and starts decoding with EOS.
+    """
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if arch == "t5":
+        config = T5Config(vocab_size=vocab_size, d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden,
+                          num_layers=layers, num_decoder_layers=layers, num_heads=heads, dropout_rate=0.0,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                          **ids)
+    elif arch == "bart":
+        config = BartConfig(vocab_size=vocab_size, d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+                            encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * hidden,
+                            decoder_ffn_dim=2 * hidden, max_position_embeddings=max_positions, dropout=0.0,
+                            attention_dropout=0.0, activation_dropout=0.0, decoder_start_token_id=1,
+                            forced_eos_token_id=None, **ids)
+    else:
+        raise ValueError(f"arch: expected one of {SEQ2SEQ_ARCHITECTURES}, got {arch!r}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return AutoModelForSeq2SeqLM.from_config(config)
 
 
 def tiny_clip(image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 2, heads: int = 4):
