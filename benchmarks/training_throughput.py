@@ -38,15 +38,17 @@ from lmeye_fast.train import LMEyeTrainer
 WORDS = "what colour is it red green blue a picture of USER: ASSISTANT: describe".split()
 
 
-def write_dataset(directory: Path, count: int, image_size: int) -> Path:
+def write_dataset(directory: Path, count: int, image_size: int, images: int = 64) -> Path:
+    """``count`` records over ``images`` random PNGs (each record's image is decoded on its own)."""
     rng = random.Random(0)
     (directory / "images").mkdir(parents=True)
-    records = []
-    for index in range(count):
+    for index in range(images):
         pixels = bytes(rng.randrange(256) for _ in range(image_size * image_size * 3))
         Image.frombytes("RGB", (image_size, image_size), pixels).save(directory / "images" / f"{index}.png")
+    records = []
+    for index in range(count):
         colour = rng.choice(["red", "green", "blue"])
-        records.append({"image": f"{index}.png", "conversations": [
+        records.append({"image": f"{index % images}.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour is it"}, {"from": "gpt", "value": colour},
             {"from": "human", "value": "describe it"}, {"from": "gpt", "value": f"a picture of {colour}"}]})
     path = directory / "llava.json"
@@ -97,7 +99,8 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        data = write_dataset(root / "data", 4 * args.batch_size * 4, args.image_size)
+        # One epoch covers the loader's timed batches (and its first) without a restart.
+        data = write_dataset(root / "data", (args.steps + 1) * args.batch_size, args.image_size)
         processor, model = build(args.hidden, args.layers, args.image_size)
         image_processor = CLIPImageProcessor(size={"shortest_edge": args.image_size},
                                              crop_size={"height": args.image_size, "width": args.image_size})
