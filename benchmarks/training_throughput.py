@@ -8,8 +8,10 @@ plain loop, and a checkpoint's size against the adapter's parameter bytes.
    workers (PNG decoding, CLIP preprocessing, tokenization), in samples/s, beside
    the training step's samples/s: the loader must be the faster.
 2. ``LMEyeTrainer`` steps/s (fed by that loader) against ``lmeye_fast.models.train``
-   on batches already in memory (same model, AdamW, no accumulation, a loss
-   read every 10 steps); the first two steps of each are not timed.
+   (same model, AdamW, no accumulation, a loss read every 10 steps) fed by the same
+   loader, which is the Trainer's own cost, and on batches already in memory, which
+   also leaves out what the loader's workers take from the step on a small
+   machine; the first two steps of each are not timed.
 3. The Trainer's ``checkpoint-N``: the adapter file and the optimizer state,
    each against the adapter's parameter bytes.
 """
@@ -74,9 +76,22 @@ class StepTimer(TrainerCallback):
         self.times[state.global_step] = time.perf_counter()
 
 
+def make_loader(dataset, collate, batch_size: int, workers: int) -> DataLoader:
+    """The loader the Trainer builds for these arguments."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
+                      persistent_workers=workers > 0)
+
+
+def loop_rate(model, batches, steps: int) -> float:
+    """Steps/s of ``lmeye_fast.models.train`` over ``batches``, after two untimed steps."""
+    train(model, batches, steps=2, progress=False)
+    start = time.perf_counter()
+    train(model, batches, steps=steps, progress=False, log_every=10)
+    return steps / (time.perf_counter() - start)
+
+
 def loader_rate(dataset, collate, batch_size: int, workers: int, batches: int) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
-                        persistent_workers=workers > 0)
+    loader = make_loader(dataset, collate, batch_size, workers)
     iterator = iter(loader)
     next(iterator)  # worker start-up is not throughput
     start = time.perf_counter()
@@ -108,14 +123,13 @@ def main():
         collate = LMEyeCollator(processor)
         results["loader_samples_per_s"] = loader_rate(dataset, collate, args.batch_size, args.workers, args.steps)
 
-        batches = [collate([dataset[(k * args.batch_size + i) % len(dataset)] for i in range(args.batch_size)])
-                   for k in range(4)]
-        train(model, batches, steps=2, progress=False)  # warm-up
-        start = time.perf_counter()
-        train(model, batches, steps=args.steps, progress=False, log_every=10)
-        loop_steps = args.steps / (time.perf_counter() - start)
+        in_memory = [collate([dataset[(k * args.batch_size + i) % len(dataset)] for i in range(args.batch_size)])
+                     for k in range(4)]
+        in_memory_steps = loop_rate(model, in_memory, args.steps)
+        results["plain_loop_in_memory_steps_per_s"] = in_memory_steps
+        results["step_samples_per_s"] = in_memory_steps * args.batch_size
+        loop_steps = loop_rate(model, make_loader(dataset, collate, args.batch_size, args.workers), args.steps)
         results["plain_loop_steps_per_s"] = loop_steps
-        results["step_samples_per_s"] = loop_steps * args.batch_size
 
         trainer_args = TrainingArguments(output_dir=str(root / "out"), use_cpu=True, report_to=[], disable_tqdm=True,
                                          per_device_train_batch_size=args.batch_size, max_steps=args.steps + 2,
@@ -127,6 +141,7 @@ def main():
         times = trainer.callback_handler.callbacks[-1].times
         results["trainer_steps_per_s"] = args.steps / (times[args.steps + 2] - times[2])
         results["trainer_vs_plain_loop"] = results["trainer_steps_per_s"] / loop_steps
+        results["trainer_vs_in_memory_loop"] = results["trainer_steps_per_s"] / in_memory_steps
 
         checkpoint = root / "out" / f"checkpoint-{args.steps + 2}"
         adapter_bytes = sum(p.numel() * p.element_size() for p in model.adapter_state_dict().values())
