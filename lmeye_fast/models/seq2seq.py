@@ -51,8 +51,10 @@ class LMEyeSeq2SeqModel(LMEyeModel):
     def encoder(self) -> nn.Module:
         return self.llm.get_encoder()
 
-    def _seq2seq_inputs(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values,
-                        image_features, static_features, schedule, validate):
+    def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
+                static_features, image_mask, schedule, validate):
+        """Check the inputs, then the encoder's output on the sequence with the image tokens and, for
+        ``two_pass``, the IPN's slots filled: passes 1 and 2 of the schedule."""
         schedule = self._schedule(schedule)
         batch, total, device = self._token_inputs(input_ids, attention_mask)
         static_features, image_features = self._image_inputs(batch, device, pixel_values, image_features,
@@ -66,12 +68,6 @@ class LMEyeSeq2SeqModel(LMEyeModel):
             check_positions("image_pos", image_pos, total, distinct=True)
             check_positions("request_pos", request_pos, total)
             check_positions("slot_pos", slot_pos, total, distinct=True)
-        return schedule, static_features, image_features
-
-    def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, static_features, image_features,
-                image_mask, schedule):
-        """The encoder's output on the sequence with the image tokens and, for ``two_pass``, the IPN's
-        slots filled: passes 1 and 2 of the schedule, on inputs ``_seq2seq_inputs`` checked."""
         embeds = self._mapped_embeds(input_ids, static_features, image_pos)
         if schedule == "two_pass":
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
@@ -105,9 +101,8 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         The images and ``image_mask`` are as for ``LMEyeModel.forward``;
         ``validate=True`` checks the positions (a host sync).
         """
-        schedule, static_image, image = self._seq2seq_inputs(
-            input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
-            static_features, schedule, validate)
+        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values,
+                               image_features, static_features, image_mask, schedule, validate)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("labels / decoder_input_ids: one of them is required (the decoder's input)")
@@ -119,8 +114,6 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         if labels is not None:
             check_tensor("labels", labels, tuple(decoder_input_ids.shape), INDEX_DTYPES, input_ids.device,
                          dims="(B, L), as decoder_input_ids")
-        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, static_image, image,
-                              image_mask, schedule)
         logits = self.llm(encoder_outputs=encoded, attention_mask=attention_mask,
                           decoder_input_ids=decoder_input_ids, use_cache=False).logits
         return LMEyeOutput(loss=None if labels is None else _cross_entropy(logits, labels), logits=logits)
@@ -146,11 +139,8 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         go to it), never running the encoder again. Returns the new tokens (B, L), without the
         decoder start token."""
         del labels  # a training batch may be passed as it is; its answers are not part of the prompt
-        schedule, static_image, image = self._seq2seq_inputs(
-            input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
-            static_features, schedule, False)
+        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values,
+                               image_features, static_features, image_mask, schedule, False)
         self._generation_defaults(generate_kwargs)
-        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, static_image, image,
-                              image_mask, schedule)
         tokens = self.llm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **generate_kwargs)
         return tokens[:, 1:]
