@@ -98,8 +98,11 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
     first_logits = llm(inputs_embeds=head, attention_mask=mask, position_ids=pos[:, prefix_len:], use_cache=True,
                        logits_to_keep=1, **{cache_key: cache}).logits[:, -1]
 
-    counts = torch.tensor([len(choices) for choices in option_ids], device=device)
-    rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts)
+    # The counts are known on the host: kept there, neither the repeat (with its output size) nor the
+    # final split waits on the device.
+    splits = [len(choices) for choices in option_ids]
+    rows = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                   torch.tensor(splits, device=device), output_size=sum(splits))
     flat = [tokens for choices in option_ids for tokens in choices]
     longest = max(len(tokens) for tokens in flat)
     answers = torch.full((len(flat), longest), processor.pad_token_id, dtype=torch.long)
@@ -125,7 +128,6 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
         real = torch.arange(1, longest, device=device) < lengths[:, None]
         summed = summed + torch.where(real, token_ll, 0.0).sum(dim=1)
         greedy &= ((logits.argmax(dim=-1) == answers[:, 1:]) | ~real).all(dim=1)
-    splits = counts.tolist()
     return OptionScores(summed=list(summed.split(splits)), num_tokens=list(lengths.float().split(splits)),
                         greedy=list(greedy.split(splits)))
 
