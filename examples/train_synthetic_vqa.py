@@ -22,12 +22,16 @@ Per seed:
    questions, static mapping frozen, with the single-pass schedule (the
    two-pass one on T5: two encoder passes, one decoder pass).
 
-in two settings (``lmeye_fast.models.published`` and ``patch_tokens``):
+in three settings (``lmeye_fast.models.published``, ``global_token`` and ``patch_tokens``):
 
 ``published``
     LMEye as released: the LLM sees one <img> token (CLIP's projected image
     embedding); the IPN decomposes that embedding into 5 sub-features and its
     5 requests meet them in the frozen CLIP text encoder.
+``global_token``
+    The LLM sees the same one <img> token as published; the IPN's 5 requests
+    attend over all 17 CLIP tokens (patches and class token), so whatever the
+    one global vector leaves out reaches the LLM only through the IPN.
 ``patch_tokens``
     The static mapping and the IPN both read all 17 CLIP tokens; the requests
     attend over them.
@@ -35,7 +39,8 @@ in two settings (``lmeye_fast.models.published`` and ``patch_tokens``):
 Held-out accuracy (greedy decoding of the answer word) is printed per seed and
 as mean ± sample std over the seeds.
 
-    python examples/train_synthetic_vqa.py                 # 5 seeds, both settings: about 13 min of one idle core
+    python examples/train_synthetic_vqa.py                 # 5 seeds, every setting, one process
+    python examples/train_synthetic_vqa.py --jobs 2        # the same numbers, two seeds at a time
     python examples/train_synthetic_vqa.py --json out.json # also write every number
     python examples/train_synthetic_vqa.py --llm t5        # the same on a tiny T5
 """
@@ -43,6 +48,7 @@ as mean ± sample std over the seeds.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import random
@@ -50,7 +56,7 @@ import time
 
 import torch
 
-from lmeye_fast.models import patch_tokens, published, train
+from lmeye_fast.models import global_token, patch_tokens, published, train
 from lmeye_fast.models.tiny import tiny_clip_model, tiny_llm, tiny_seq2seq, word_tokenizer
 
 SHAPES = ("circle", "square")
@@ -203,6 +209,9 @@ SETTINGS = {
     "patch_tokens": lambda tok, llm, clip, args: patch_tokens(
         tok, llm, clip, response_prefix="answer :", num_requests=5, interaction_dim=args.interaction_dim,
         num_heads=4),
+    "global_token": lambda tok, llm, clip, args: global_token(
+        tok, llm, clip, response_prefix="answer :", num_requests=5, interaction_dim=args.interaction_dim,
+        num_heads=4),
 }
 MODELS = ("static only, stage 1", "static only, + questions", "LMEye (static + IPN)")
 CHANCE = {"colour": 1 / len(COLOURS), "side": 1 / len(SIDES)}
@@ -271,6 +280,23 @@ def run_seed(seed, args):
     return {name: run_setting(name, tok, llm, clip, splits, args, rng) for name in args.settings}
 
 
+def run_seed_alone(seed, args):
+    """``run_seed`` in a worker process, with the thread count the numbers depend on."""
+    torch.set_num_threads(args.threads)
+    return run_seed(seed, args)
+
+
+def each_seed(args):
+    """(seed, run_seed's results) in seed order, ``args.jobs`` seeds at a time. Every seed seeds its own
+    generators, so the numbers do not depend on ``--jobs``."""
+    if args.jobs == 1:
+        for seed in args.seeds:
+            yield seed, run_seed(seed, args)
+        return
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        yield from zip(args.seeds, pool.map(run_seed_alone, args.seeds, [args] * len(args.seeds)))
+
+
 def mean_std(values):
     values = torch.tensor(values, dtype=torch.float64)
     return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
@@ -301,13 +327,17 @@ def main(argv=None):
     parser.add_argument("--interaction-dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: these tiny models run fastest on one, and the numbers depend on it)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run in this many processes at once (give each a core; same numbers)")
     parser.add_argument("--json", default=None, help="write the per-seed results and the summary here")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected a positive number of processes, got {args.jobs}")
     torch.set_num_threads(args.threads)
     began = time.time()
     per_seed = []
-    for seed in args.seeds:
-        per_seed.append(run_seed(seed, args))
+    for seed, results in each_seed(args):
+        per_seed.append(results)
         for setting, results in per_seed[-1].items():
             line = ", ".join(f"{model} {acc['overall']:.1%}" for model, acc in results.items())
             print(f"seed {seed} {setting}: {line}  ({time.time() - began:.0f} s)", flush=True)

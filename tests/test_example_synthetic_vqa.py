@@ -1,6 +1,6 @@
 """examples/train_synthetic_vqa.py in a reduced form (two seeds, a few steps), so that it cannot break unseen.
 
-It checks that the example runs end to end in both settings, on the tiny Llama and on the tiny T5,
+It checks that the example runs end to end in every setting, on the tiny Llama and on the tiny T5,
 and that its output is well formed (every seed, setting, model and question kind; accuracies in
 [0, 1]; mean and std consistent with the per-seed numbers); how well a few steps learn is not
 asserted.
@@ -9,6 +9,7 @@ asserted.
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_synthetic_vq
 def example():
     spec = importlib.util.spec_from_file_location("train_synthetic_vqa", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # --jobs pickles the module's functions for its worker processes
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
+
+
+SMALL = ["--train-images", "64", "--test-images", "32", "--text-steps", "4", "--stage1-steps", "2",
+         "--stage2-steps", "2", "--batch-size", "16"]
 
 
 @pytest.mark.parametrize("llm", ["llama", "t5"])
@@ -31,9 +38,7 @@ def test_example_runs_and_reports_every_setting(example, tmp_path, capsys, llm):
     seeds = [0, 1]
     threads = torch.get_num_threads()
     try:
-        per_seed, table = example.main(["--seeds", *map(str, seeds), "--train-images", "64", "--test-images", "32",
-                                        "--text-steps", "4", "--stage1-steps", "2", "--stage2-steps", "2",
-                                        "--batch-size", "16", "--llm", llm, "--json", str(out)])
+        per_seed, table = example.main(["--seeds", *map(str, seeds), *SMALL, "--llm", llm, "--json", str(out)])
     finally:
         torch.set_num_threads(threads)  # the example pins one thread; the rest of the session keeps its own
     settings = sorted(example.SETTINGS)
@@ -59,3 +64,15 @@ def test_example_runs_and_reports_every_setting(example, tmp_path, capsys, llm):
     printed = capsys.readouterr().out
     assert "mean ± std" in printed and all(setting in printed for setting in settings)
     assert all(model in printed for model in example.MODELS)
+
+
+def test_seeds_in_worker_processes_give_the_same_numbers(example):
+    threads = torch.get_num_threads()
+    try:
+        runs = [example.main(["--seeds", "3", "4", *SMALL, "--settings", "global_token", "--jobs", jobs])
+                for jobs in ("1", "2")]
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0] == runs[1]
+    with pytest.raises(SystemExit):
+        example.main(["--jobs", "0"])

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmeye_fast.models import (CLIPImageEncoder, CLIPTextInteraction, LMEyeConfig, LMEyeModel, LMEyeProcessor,
-                               patch_tokens, published)
+                               global_token, patch_tokens, published)
 from lmeye_fast.models.modeling import ADAPTER_FILE
 from lmeye_fast.models.tiny import tiny_clip, tiny_clip_model, tiny_llm, word_tokenizer
 
@@ -219,6 +219,32 @@ def test_patch_token_preset():
     batch = batch_of(processor, torch.rand(2, 3, 32, 32))
     assert batch["image_pos"].shape == (2, 17)
     assert rel_err(model(**batch).logits, model(**batch, schedule="two_pass").logits) <= TOL
+
+
+def test_global_token_preset():
+    """One global <img> token from CLIP's projected embedding; the IPN attends over all 17 tokens, and it
+    is the IPN that carries what the global token leaves out: changing one patch token moves the answer
+    only through it."""
+    processor, model, clip = build(global_token, num_requests=3, interaction_dim=8, num_heads=2)
+    config = model.config
+    assert (config.num_image_tokens, processor.num_image_tokens, config.num_requests) == (1, 1, 3)
+    assert (config.static_feature, config.ipn_feature) == ("projected", "tokens")
+    assert config.static_vision_dim == clip.config.projection_dim and config.vision_dim == 24
+    assert model.ipn.interaction is None
+    batch = batch_of(processor, torch.rand(2, 3, 32, 32))
+    assert batch["image_pos"].shape == (2, 1) and batch["slot_pos"].shape == (2, 3)
+    features = {k: v.clone() for k, v in model.encode_images(batch["pixel_values"]).items()}
+    assert features["image_features"].shape == (2, 17, 24) and features["static_features"].shape == (2, 1, 16)
+    text = {k: v for k, v in batch.items() if k != "pixel_values"}
+    logits = model(**text, **features).logits
+    assert rel_err(logits, model(**batch, schedule="two_pass").logits) <= TOL
+    changed = {**features, "image_features": features["image_features"].clone()}
+    changed["image_features"][:, 5] += torch.randn(2, 24)
+    assert rel_err(model(**text, **changed).logits, logits) > 1e-3
+    assert torch.equal(model(**text, **changed, schedule="static").logits,
+                       model(**text, **features, schedule="static").logits)
+    with pytest.raises(ValueError, match="clip: expected a CLIPModel or CLIPVisionModelWithProjection"):
+        global_token(word_tokenizer(WORDS), tiny_llm("llama", 20), tiny_clip())
 
 
 def test_bad_feature_configuration_is_refused_by_name():

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lmeye_fast.models import IGNORE_INDEX, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel, patch_tokens, published
+from lmeye_fast.models import (IGNORE_INDEX, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel, global_token,
+                               patch_tokens, published)
 from lmeye_fast.models.modeling import ADAPTER_FILE
 from lmeye_fast.models.processor import TokenizedRow
 from lmeye_fast.models.tiny import SEQ2SEQ_ARCHITECTURES, tiny_clip_model, tiny_llm, tiny_seq2seq, word_tokenizer
@@ -339,6 +340,10 @@ def test_presets_pick_the_encoder_decoder_model():
     processor, model = patch_tokens(word_tokenizer(WORDS), tiny_seq2seq("bart", len(tok) + 3), clip,
                                     interaction_dim=16, num_heads=2)
     assert isinstance(model, LMEyeSeq2SeqModel) and model.config.num_image_tokens == 17
+    processor, model = global_token(tok, tiny_seq2seq("t5", len(tok) + 3), clip, interaction_dim=16, num_heads=2)
+    assert isinstance(model, LMEyeSeq2SeqModel) and model.config.num_image_tokens == 1
+    batch = processor(["what colour"], ["red"], images=torch.rand(1, 3, 32, 32))
+    assert torch.isfinite(model(**batch).loss)
 
 
 # ---------------------------------------------------------------- bad inputs

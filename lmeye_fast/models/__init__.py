@@ -7,6 +7,7 @@
     tokens = model.generate(**processor(prompts, images=pixel_values), max_new_tokens=8)
 
     processor, model = published(tokenizer, llm, clip_model)   # LMEye as released: one global <img> token
+    processor, model = global_token(tokenizer, llm, clip_model, interaction_dim=256)  # ... IPN over patches
 
     processor = LMEyeProcessor(tokenizer, num_image_tokens=N, encoder_decoder=True)   # T5 / FlanT5, BART
     model = LMEyeSeq2SeqModel(t5, processor.make_config(interaction_dim=256, num_heads=4), vision=vision)
@@ -16,11 +17,11 @@ from .clip_interaction import CLIPTextInteraction
 from .config import LMEyeConfig
 from .modeling import LMEyeModel, LMEyeOutput
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
-from .presets import patch_tokens, published
+from .presets import global_token, patch_tokens, published
 from .seq2seq import LMEyeSeq2SeqModel
 from .training import train
 from .vision import CLIPImageEncoder
 
 __all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch",
            "IGNORE_INDEX", "train",
-           "CLIPTextInteraction", "CLIPImageEncoder", "published", "patch_tokens"]
+           "CLIPTextInteraction", "CLIPImageEncoder", "published", "global_token", "patch_tokens"]

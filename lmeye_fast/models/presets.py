@@ -1,7 +1,8 @@
-"""Ready-made LMEye set-ups around a CLIP model: the published configuration and the patch-token variant.
+"""Ready-made LMEye set-ups around a CLIP model: the published configuration and two variants.
 
     clip = CLIPModel.from_pretrained("openai/clip-vit-large-patch14")
     processor, model = published(tokenizer, llm, clip, response_prefix=" Answer:")
+    processor, model = global_token(tokenizer, llm, clip, interaction_dim=768, num_heads=12)
     processor, model = patch_tokens(tokenizer, llm, clip, interaction_dim=768, num_heads=12)
 
 Each returns the processor and the model built to fit each other: the number of
@@ -22,7 +23,7 @@ from .processor import LMEyeProcessor
 from .seq2seq import LMEyeSeq2SeqModel
 from .vision import CLIPImageEncoder, feature_shape
 
-__all__ = ["published", "patch_tokens"]
+__all__ = ["published", "global_token", "patch_tokens"]
 
 PUBLISHED_SUB_FEATURES = 5
 PUBLISHED_REQUESTS = 5
@@ -65,6 +66,27 @@ def published(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str =
     settings.update(config_overrides)
     return _build(tokenizer, llm, CLIPImageEncoder(clip), response_prefix, PUBLISHED_REQUESTS, interaction,
                   **settings)
+
+
+def global_token(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str = "", num_requests: int = 5,
+                 **config_overrides) -> Tuple[LMEyeProcessor, LMEyeModel]:
+    """The published division of labour with patch-level features for the IPN: the static mapping maps
+    CLIP's projected image embedding to a single ``<img>`` token, as released, and the requests attend
+    over every token of ``last_hidden_state`` with the built-in attention interaction. The LLM's own
+    view of the image is one global vector; whatever finer it needs comes through the IPN, on request.
+
+    Args:
+        clip: a ``CLIPModel`` or ``CLIPVisionModelWithProjection`` (the projection makes the global
+            embedding); one pass of its vision tower serves both consumers.
+        config_overrides: further ``LMEyeConfig`` fields (``interaction_dim``, ``num_heads``,
+            ``sub_features``, ...).
+    """
+    if not isinstance(getattr(clip, "visual_projection", None), nn.Module):
+        raise ValueError(f"clip: expected a CLIPModel or CLIPVisionModelWithProjection (the global token is the "
+                         f"projected image embedding), got {type(clip).__name__} without a visual_projection")
+    settings = dict(static_feature="projected", ipn_feature="tokens")
+    settings.update(config_overrides)
+    return _build(tokenizer, llm, clip, response_prefix, num_requests, **settings)
 
 
 def patch_tokens(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: str = "", num_requests: int = 5,
