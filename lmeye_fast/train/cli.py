@@ -102,21 +102,23 @@ def _build(config: TrainConfig):
 
     from ..models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
 
-    encoder_decoder = bool(getattr(AutoConfig.from_pretrained(config.llm), "is_encoder_decoder", False))
+    # The LLM's config alone decides the model class and is checked before any weights load.
+    llm_config = AutoConfig.from_pretrained(config.llm)
+    encoder_decoder = bool(getattr(llm_config, "is_encoder_decoder", False))
     llm_class, model_class = ((AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if encoder_decoder
                               else (AutoModelForCausalLM, LMEyeModel))
     schedule = config.model_schedule(encoder_decoder)
-    if schedule not in model_class.schedules:  # before any weights load
+    if schedule not in model_class.schedules:
         raise ValueError(f"schedule: expected one of {model_class.schedules} for the "
                          f"{'encoder-decoder' if encoder_decoder else 'decoder-only'} LLM {config.llm}, "
                          f"got {schedule!r}")
-    dtype = getattr(torch, config.llm_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(config.llm)
-    llm = llm_class.from_pretrained(config.llm, dtype=dtype)
-    decoder_start_token_id = getattr(llm.config, "decoder_start_token_id", None) if encoder_decoder else None
+    decoder_start_token_id = getattr(llm_config, "decoder_start_token_id", None) if encoder_decoder else None
     if encoder_decoder and decoder_start_token_id is None:
         raise ValueError(f"llm: the encoder-decoder LLM {config.llm} has no decoder_start_token_id in its config, "
                          "and the decoder's input begins with it")
+    dtype = getattr(torch, config.llm_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(config.llm)
+    llm = llm_class.from_pretrained(config.llm, dtype=dtype)
     vision = AutoModel.from_pretrained(config.vision)
     # A two-tower checkpoint (CLIP's openai/clip-vit-large-patch14, SigLIP) loads whole; LMEye reads its image side.
     vision = getattr(vision, "vision_model", vision)
