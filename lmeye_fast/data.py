@@ -20,6 +20,11 @@ answer and every later turn. The labels are the answers' tokens and the
 end-of-turn token after each, nothing else. A record without ``"image"`` is a
 text-only sample: no ``<img>`` block, no slots, and the IPN writes nothing into
 it. A caption is the one-turn conversation ``caption_prompt`` -> caption.
+
+With an encoder-decoder processor (``LMEyeProcessor(..., encoder_decoder=True,
+decoder_start_token_id=...)``) the same row is split in two: the prefix and the
+slots are the encoder's input, the first answer and every later turn the
+decoder's (docs/encoder_decoder.md).
 """
 
 from __future__ import annotations
@@ -181,7 +186,10 @@ class _RecordItems:
             body += prompt + target
             labels += [IGNORE_INDEX] * len(prompt) + target
         if self.max_length is not None:
-            room = max(1, self.max_length - len(prefix) - (proc.num_requests if has_image else 0))
+            # The prefix is never cut. A decoder-only LLM reads prefix, slots and body as one sequence; an
+            # encoder-decoder LLM reads the body alone in its decoder, the prefix and slots in its encoder.
+            taken = 0 if proc.encoder_decoder else len(prefix) + (proc.num_requests if has_image else 0)
+            room = max(1, self.max_length - taken)
             body, labels = body[:room], labels[:room]
         return TokenizedRow(prefix, image_start, body, labels)
 
@@ -223,6 +231,10 @@ class LMEyeDataset(_RecordItems, Dataset):
             own). ``"raise"``: raise ``OSError`` naming the file.
         max_length: cut a sample's suffix so that it holds at most this many
             tokens in all (later turns are lost first); None keeps everything.
+            For an encoder-decoder processor it bounds the decoder's sequence
+            (the answers and later turns); the encoder's input, the first
+            question with the image and the slots, is never cut, as the
+            decoder-only prefix is not.
     """
 
     def __init__(self, records, processor: LMEyeProcessor, image_processor, image_folder=None,
@@ -301,10 +313,16 @@ def _is_datasets_stream(records) -> bool:
 class LMEyeCollator:
     """Batches ``LMEyeDataset`` items: ``processor.pad`` for the text, the images stacked as ``pixel_values``.
 
-    Picklable, so it runs in ``DataLoader`` workers.
+    An encoder-decoder processor gives the encoder-decoder layout, with ``decoder_input_ids``
+    (``LMEyeProcessor.pad``). Picklable, so it runs in ``DataLoader`` workers.
     """
 
     def __init__(self, processor: LMEyeProcessor):
+        if processor.encoder_decoder and processor.decoder_start_token_id is None:
+            # Refused here rather than at the first batch, inside a DataLoader worker.
+            raise ValueError("processor: an encoder-decoder processor needs decoder_start_token_id to build the "
+                             "decoder's input; pass LMEyeProcessor(..., encoder_decoder=True, "
+                             "decoder_start_token_id=llm.config.decoder_start_token_id)")
         self.processor = processor
 
     def __call__(self, items: Sequence[Dict[str, Any]]) -> LMEyeBatch:

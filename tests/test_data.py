@@ -1,7 +1,9 @@
-"""lmeye_fast.data: caption and LLaVA records, the token layout and labels, images, bad images, loaders."""
+"""lmeye_fast.data: caption and LLaVA records, the token layout and labels, images, bad images, loaders, and the
+encoder-decoder layout of the same records."""
 
 import csv
 import json
+import random
 import warnings
 
 import pytest
@@ -9,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from training_helpers import COLOURS, image_processor, tiny_model, tiny_parts, write_llava
 
-from lmeye_fast.data import LMEyeCollator, LMEyeDataset, LMEyeStream, load_records
-from lmeye_fast.models import IGNORE_INDEX
+from lmeye_fast.data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream, load_records
+from lmeye_fast.models import IGNORE_INDEX, LMEyeProcessor
+from lmeye_fast.models.processor import TokenizedRow
 
 
 def words(processor, ids):
@@ -237,3 +240,160 @@ def test_an_index_past_the_end_raises_index_error(tmp_path):
     for index in (3, -4):
         with pytest.raises(IndexError, match="index"):
             dataset[index]
+
+
+# ---------------------------------------------------------------- encoder-decoder LLMs
+
+# Words of the conversations (the role words "USER:" and "ASSISTANT:" are the template's).
+CONTENT = list(COLOURS) + "what colour is it the image shows a and describe hello hi yes no".split()
+
+
+def random_words(low, high):
+    return [random.choice(CONTENT) for _ in range(random.randint(low, high))]
+
+
+def random_conversation(turns, image):
+    """(record, question words, where the image goes in them or None, answer words per turn, later questions)."""
+    questions = [random_words(1, 5) for _ in range(turns)]
+    answers = [random_words(1, 4) for _ in range(turns)]
+    cut = random.randint(0, len(questions[0])) if image else None
+    first = questions[0] if cut is None else questions[0][:cut] + ["<image>"] + questions[0][cut:]
+    messages = []
+    for question, answer in zip([first] + questions[1:], answers):
+        messages += [{"from": "human", "value": " ".join(question)}, {"from": "gpt", "value": " ".join(answer)}]
+    record = {"conversations": messages, **({"image": f"{random.randrange(4)}.png"} if image else {})}
+    return record, questions, cut, answers
+
+
+def expected_encoder_decoder_row(processor, questions, cut, answers):
+    """(encoder tokens, decoder input tokens, label tokens with None where IGNORE_INDEX) of one conversation
+    under the default template, written out from the layout of docs/encoder_decoder.md."""
+    N, R = processor.num_image_tokens, processor.num_requests
+    if cut is None:
+        encoder = ["<bos>", "USER:"] + questions[0] + ["<eos>"]
+    else:
+        encoder = (["<bos>", "USER:"] + questions[0][:cut] + ["<img>"] * N + questions[0][cut:] + ["<img-q>"]
+                   + ["<img-d>"] * R + ["<eos>"])
+    body, labels = ["ASSISTANT:"] + answers[0] + ["<eos>"], [None] + answers[0] + ["<eos>"]
+    for question, answer in zip(questions[1:], answers[1:]):
+        prompt = ["USER:"] + question + ["ASSISTANT:"]
+        body += prompt + answer + ["<eos>"]
+        labels += [None] * len(prompt) + answer + ["<eos>"]
+    start = processor.tokenizer.convert_ids_to_tokens(processor.decoder_start_token_id)
+    return encoder, [start] + body[:-1], labels
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_collated_conversations_against_a_hand_built_layout(tmp_path, arch):
+    processor, _, _ = tiny_parts(num_requests=random.randint(1, 3), arch=arch)
+    write_llava(tmp_path, count=4)  # the images
+    images = [True, False] + [random.random() < 0.5 for _ in range(3)]
+    random.shuffle(images)
+    drawn = [random_conversation(random.randint(1, 3), image) for image in images]
+    dataset = LMEyeDataset([record for record, *_ in drawn], processor, image_processor(),
+                           image_folder=tmp_path / "images")
+    collate = LMEyeCollator(processor)
+    batch = collate(list(dataset))
+
+    ids = processor.tokenizer.convert_tokens_to_ids
+    rows = [expected_encoder_decoder_row(processor, *conversation) for _, *conversation in drawn]
+    B, T, L = len(rows), max(len(row[0]) for row in rows), max(len(row[1]) for row in rows)
+    N, R = processor.num_image_tokens, processor.num_requests
+    want = {"input_ids": torch.full((B, T), processor.pad_token_id), "attention_mask": torch.zeros(B, T),
+            "image_pos": torch.full((B, N), -1), "request_pos": torch.zeros(B), "slot_pos": torch.full((B, R), -1),
+            "decoder_input_ids": torch.full((B, L), processor.pad_token_id),
+            "labels": torch.full((B, L), IGNORE_INDEX)}
+    for index, ((encoder, decoder, labels), (_, _, cut, _)) in enumerate(zip(rows, drawn)):
+        want["input_ids"][index, :len(encoder)] = torch.tensor(ids(encoder))
+        want["attention_mask"][index, :len(encoder)] = 1
+        want["decoder_input_ids"][index, :len(decoder)] = torch.tensor(ids(decoder))
+        want["labels"][index, :len(labels)] = torch.tensor([IGNORE_INDEX if t is None else ids(t) for t in labels])
+        if cut is not None:
+            want["image_pos"][index] = torch.arange(2 + cut, 2 + cut + N)
+            want["request_pos"][index] = encoder.index("<img-q>")
+            want["slot_pos"][index] = torch.arange(R) + encoder.index("<img-q>") + 1
+    assert set(batch) == set(want) | {"pixel_values"}
+    for key, value in want.items():
+        assert torch.equal(batch[key], value.long()), key
+    pixels = torch.stack([item["pixel_values"] for item in dataset])
+    assert torch.equal(batch["pixel_values"], pixels)
+    assert not pixels[[not image for image in images]].any()  # text-only rows: blank pixels, read by nothing
+
+    # A stream of the same records gives the same batch.
+    streamed = collate(list(LMEyeStream([record for record, *_ in drawn], processor, image_processor(),
+                                        image_folder=tmp_path / "images")))
+    assert all(torch.equal(streamed[key], batch[key]) for key in batch)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_single_turn_batch_gives_the_loss_of_the_processor_call(tmp_path, arch):
+    """With no assistant prompt, a one-turn conversation's decoder reads just the answer: the collated batch
+    is the processor's own batch for the same prompt and answer, and its explicit decoder input is, in every
+    labelled column, the one the LLM derives from the labels (the padding columns, which predict nothing,
+    read the pad token here and the shifted-in EOS there)."""
+    processor, model = tiny_model(arch=arch)
+    write_llava(tmp_path, count=4)
+    template = ChatTemplate(assistant="")
+    drawn = [random_conversation(1, image=True) for _ in range(3)]
+    dataset = LMEyeDataset([record for record, *_ in drawn], processor, image_processor(),
+                           image_folder=tmp_path / "images", template=template)
+    collated = LMEyeCollator(processor)(list(dataset))
+    prompts = [template.user + " ".join(q[0][:cut] + ["<img>"] + q[0][cut:]) for _, q, cut, _ in drawn]
+    called = processor(prompts, [" ".join(answers[0]) for *_, answers in drawn], images=collated["pixel_values"])
+
+    assert set(collated) == set(called) | {"decoder_input_ids"}
+    for key, value in called.items():
+        assert torch.equal(collated[key], value), key
+    labelled = called["labels"] != IGNORE_INDEX
+    derived = model.llm.prepare_decoder_input_ids_from_labels(labels=called["labels"])
+    assert torch.equal(collated["decoder_input_ids"][labelled], derived[labelled])
+    assert (collated["decoder_input_ids"][~labelled] == processor.pad_token_id).all()
+    with torch.no_grad():
+        got, expected = model(**collated), model(**called)
+    torch.testing.assert_close(got.logits[labelled], expected.logits[labelled], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_encoder_decoder_text_only_row_is_the_plain_llm(tmp_path):
+    """In a batch with an image row, a text-only row's decoder logits are the LLM's own on its tokens."""
+    processor, model = tiny_model(arch="t5")
+    write_llava(tmp_path, count=4)
+    records = [random_conversation(random.randint(1, 3), image)[0] for image in (True, False)]
+    dataset = LMEyeDataset(records, processor, image_processor(), image_folder=tmp_path / "images")
+    batch = LMEyeCollator(processor)(list(dataset))
+    length = len(dataset[1]["row"].body)
+    with torch.no_grad():
+        logits = model(**batch).logits[1, :length]
+        keep = batch["attention_mask"][1].bool()
+        plain = model.llm(input_ids=batch["input_ids"][1:, keep],
+                          decoder_input_ids=batch["decoder_input_ids"][1:, :length]).logits[0]
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_max_length_cuts_the_decoder_only(tmp_path):
+    processor, _, _ = tiny_parts(arch="t5")
+    path = write_llava(tmp_path, count=1)
+    whole = LMEyeDataset(path, processor, image_processor(), image_folder=tmp_path / "images")[0]["row"]
+    max_length = random.randint(1, len(whole.body) - 1)
+    row = LMEyeDataset(path, processor, image_processor(), image_folder=tmp_path / "images",
+                       max_length=max_length)[0]["row"]
+    assert row == TokenizedRow(whole.prefix, whole.image_start, whole.body[:max_length],
+                               whole.body_labels[:max_length])
+
+
+def test_encoder_decoder_bad_input_is_refused_by_name():
+    processor, _, _ = tiny_parts(arch="t5")
+    rows = [TokenizedRow(*processor.prefix_ids("red"), [5, 6], [IGNORE_INDEX, 6]),
+            TokenizedRow(*processor.prefix_ids("hello", image=False), [5, 6], [6])]
+    with pytest.raises(ValueError, match=r"^rows\[1\]: 2 body tokens but 1 labels"):
+        processor.pad(rows)
+    without_start = LMEyeProcessor(processor.tokenizer, num_image_tokens=5, encoder_decoder=True)
+    with pytest.raises(ValueError, match="^processor: an encoder-decoder processor needs decoder_start_token_id"):
+        LMEyeCollator(without_start)
+    with pytest.raises(ValueError, match="^decoder_start_token_id: required"):
+        without_start.pad(rows[:1])
+    with pytest.raises(ValueError, match="^decoder_start_token_id: only an encoder-decoder LLM"):
+        LMEyeProcessor(processor.tokenizer, num_image_tokens=5, decoder_start_token_id=0)
+    for bad in (-1, "0", True, 1.0):
+        with pytest.raises(ValueError, match="^decoder_start_token_id: expected a token id"):
+            LMEyeProcessor(processor.tokenizer, num_image_tokens=5, encoder_decoder=True, decoder_start_token_id=bad)

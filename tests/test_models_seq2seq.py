@@ -290,7 +290,8 @@ def test_processor_layout():
     assert batch["labels"][0, 2] == IGNORE_INDEX
     config = proc.make_config(interaction_dim=8, num_heads=2)
     assert config.encoder_decoder and config.schedule == "two_pass"
-    with pytest.raises(ValueError, match="rows: pad lays them out for a decoder-only LLM"):
+    # Conversations (LMEyeCollator) need the decoder start token, which this processor was not given.
+    with pytest.raises(ValueError, match="^decoder_start_token_id: required"):
         proc.pad([TokenizedRow(*proc.prefix_ids("red"), [], [])])
 
 
@@ -335,11 +336,13 @@ def test_presets_pick_the_encoder_decoder_model():
     clip = tiny_clip_model(text_hidden=16)
     processor, model = published(tok, tiny_seq2seq("t5", len(tok) + 3), clip, response_prefix="answer :")
     assert isinstance(model, LMEyeSeq2SeqModel) and processor.encoder_decoder
+    assert processor.decoder_start_token_id == model.llm.config.decoder_start_token_id  # so LMEyeCollator batches it
     batch = processor(["what colour"], ["red"], images=torch.rand(1, 3, 32, 32))
     assert torch.isfinite(model(**batch).loss)
     processor, model = patch_tokens(word_tokenizer(WORDS), tiny_seq2seq("bart", len(tok) + 3), clip,
                                     interaction_dim=16, num_heads=2)
     assert isinstance(model, LMEyeSeq2SeqModel) and model.config.num_image_tokens == 17
+    assert processor.decoder_start_token_id == model.llm.config.decoder_start_token_id
     processor, model = global_token(tok, tiny_seq2seq("t5", len(tok) + 3), clip, interaction_dim=16, num_heads=2)
     assert isinstance(model, LMEyeSeq2SeqModel) and model.config.num_image_tokens == 1
     batch = processor(["what colour"], ["red"], images=torch.rand(1, 3, 32, 32))

@@ -1,5 +1,6 @@
 """python -m lmeye_fast.train: configs and flags, bad values refused before any model loads, both stages,
-JSON-lines logs, checkpoints, resume, the final adapter, and the same command under torchrun."""
+JSON-lines logs, checkpoints, resume, the final adapter, an encoder-decoder LLM (T5), and the same command
+under torchrun."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from training_helpers import save_tiny_models, write_llava
 
 pytest.importorskip("accelerate")
 
-from lmeye_fast.models import LMEyeModel  # noqa: E402
+from lmeye_fast.models import LMEyeConfig, LMEyeModel, LMEyeSeq2SeqModel  # noqa: E402
 from lmeye_fast.train import cli  # noqa: E402
 from lmeye_fast.train.config import load_config  # noqa: E402
 
@@ -34,6 +35,13 @@ def setup(tmp_path_factory):
                 interaction_dim=16, num_heads=2, batch_size=2, num_workers=0, learning_rate=0.01, logging_steps=1,
                 progress=False)
     return root, base, data, captions
+
+
+@pytest.fixture(scope="module")
+def t5(setup):
+    """The base settings with a tiny T5, an encoder-decoder LLM, for the LLM."""
+    root, base, _, _ = setup
+    return {**base, "llm": str(save_tiny_models(root / "t5-models", arch="t5")[0])}
 
 
 def test_bad_values_are_refused_naming_the_key(setup, monkeypatch):
@@ -76,8 +84,13 @@ def _adapter(directory):
     return load_file(str(Path(directory) / "lmeye_adapter.safetensors"))
 
 
-def test_stage_1_then_stage_2_with_checkpoints_logs_and_resume(setup):
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_stage_1_then_stage_2_with_checkpoints_logs_and_resume(setup, t5, arch):
     root, base, data, captions = setup
+    if arch == "t5":
+        base = t5
+    root = root / arch
+    root.mkdir()
     stage1 = root / "stage1"
     cli.main(["--config", _write(root / "s1.json", {**base, "stage": 1, "data": str(captions),
                                                    "output_dir": str(stage1), "max_steps": 4, "save_steps": 2})])
@@ -90,6 +103,8 @@ def test_stage_1_then_stage_2_with_checkpoints_logs_and_resume(setup):
     stage2 = dict(base, stage=2, data=str(data), adapter=str(stage1), max_steps=4, save_steps=2)
     whole = root / "stage2"
     cli.main(["--config", _write(root / "s2.yaml", {**stage2, "output_dir": str(whole)})])
+    # Stage 2's default schedule: an encoder has no single pass.
+    assert LMEyeConfig.load(whole).schedule == ("two_pass" if arch == "t5" else "single_pass")
     first, second = _adapter(stage1), _adapter(whole)
     assert torch.equal(first["static.proj.weight"], second["static.proj.weight"])  # stage 2 keeps stage 1's
     assert not torch.equal(first["ipn.request_proj.weight"], second["ipn.request_proj.weight"])
@@ -109,12 +124,26 @@ def test_stage_1_then_stage_2_with_checkpoints_logs_and_resume(setup):
     for key, value in _adapter(stopped).items():
         torch.testing.assert_close(value, second[key], rtol=1e-5, atol=1e-7)
 
-    # The final adapter loads with LMEyeModel.from_pretrained around the same LLM and vision tower.
-    from transformers import AutoModel, AutoModelForCausalLM
+    # The final adapter loads with from_pretrained around the same LLM and vision tower.
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    model = LMEyeModel.from_pretrained(whole, AutoModelForCausalLM.from_pretrained(base["llm"]),
-                                       vision=AutoModel.from_pretrained(base["vision"]))
+    llm_class, model_class = ((AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if arch == "t5"
+                              else (AutoModelForCausalLM, LMEyeModel))
+    model = model_class.from_pretrained(whole, llm_class.from_pretrained(base["llm"]),
+                                        vision=AutoModel.from_pretrained(base["vision"]))
     assert torch.equal(model.adapter_state_dict()["ipn.request_proj.weight"], second["ipn.request_proj.weight"])
+
+
+def test_a_schedule_the_llm_lacks_is_refused_before_it_loads(setup, t5, monkeypatch):
+    root, _, data, _ = setup
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForSeq2SeqLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("the LLM was loaded"))
+    with pytest.raises(ValueError, match=r"^schedule: expected one of \('two_pass', 'static'\) for the "
+                                         "encoder-decoder LLM"):
+        cli.main(["--config", _write(root / "t5-bad.json", {**t5, "data": str(data), "schedule": "single_pass",
+                                                           "output_dir": str(root / "t5-bad")})])
 
 
 def test_streaming_reads_the_file_as_it_goes(setup, monkeypatch):

@@ -10,8 +10,8 @@ from pathlib import Path
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from lmeye_fast.models import LMEyeModel, LMEyeProcessor
-from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
+from lmeye_fast.models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
+from lmeye_fast.models.tiny import SEQ2SEQ_ARCHITECTURES, tiny_clip, tiny_llm, tiny_seq2seq, word_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (250, 250, 250)}
 WORDS = list(COLOURS) + "what colour is it the image shows a and USER: ASSISTANT: describe hello hi yes no".split()
@@ -23,26 +23,36 @@ def image_processor():
                                                                              "width": IMAGE_SIZE})
 
 
-def tiny_parts(num_requests=2):
-    """(processor, llm, vision): a word tokenizer, a 2-layer Llama and a CLIP tower with 5 tokens per image."""
-    processor = LMEyeProcessor(word_tokenizer(WORDS), num_image_tokens=5, num_requests=num_requests)
-    llm = tiny_llm("llama", len(processor), initializer_range=0.3)
+def tiny_parts(num_requests=2, arch="llama"):
+    """(processor, llm, vision): a word tokenizer, a 2-layer LLM (``arch``: a causal one, or an encoder-decoder
+    one with the encoder-decoder processor) and a CLIP tower with 5 tokens per image."""
+    tokenizer = word_tokenizer(WORDS)
+    if arch in SEQ2SEQ_ARCHITECTURES:
+        # The LLM first, for its decoder start token; the model resizes its embeddings for LMEye's special tokens.
+        llm = tiny_seq2seq(arch, len(tokenizer))
+        processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests, encoder_decoder=True,
+                                   decoder_start_token_id=llm.config.decoder_start_token_id)
+    else:
+        processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests)
+        llm = tiny_llm(arch, len(processor), initializer_range=0.3)
     vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
     return processor, llm, vision
 
 
-def tiny_model(stage=2):
-    processor, llm, vision = tiny_parts()
-    model = LMEyeModel(llm, processor.make_config(interaction_dim=16, num_heads=2), vision=vision)
+def tiny_model(stage=2, arch="llama"):
+    processor, llm, vision = tiny_parts(arch=arch)
+    model_class = LMEyeSeq2SeqModel if processor.encoder_decoder else LMEyeModel
+    model = model_class(llm, processor.make_config(interaction_dim=16, num_heads=2), vision=vision)
     return processor, model.set_stage(stage, train_special_tokens=stage == 2)
 
 
-def save_tiny_models(directory):
-    """The tiny Llama with its tokenizer, and the tiny CLIP tower with its image processor, saved as
+def save_tiny_models(directory, arch="llama"):
+    """The tiny LLM of ``arch`` with its tokenizer, and the tiny CLIP tower with its image processor, saved as
     Hugging Face directories ``directory/llm`` and ``directory/vision``; returns both paths."""
     directory = Path(directory)
     tokenizer = word_tokenizer(WORDS)
-    llm = tiny_llm("llama", len(tokenizer), initializer_range=0.3)
+    llm = tiny_seq2seq(arch, len(tokenizer)) if arch in SEQ2SEQ_ARCHITECTURES else \
+        tiny_llm(arch, len(tokenizer), initializer_range=0.3)
     vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
     llm.save_pretrained(directory / "llm")
     tokenizer.save_pretrained(directory / "llm")

@@ -7,7 +7,8 @@
 
 Each returns the processor and the model built to fit each other: the number of
 ``<img>`` slots follows from the feature the static mapping reads, and an
-encoder-decoder LLM (T5, BART) gets the encoder-decoder processor and
+encoder-decoder LLM (T5, BART) gets the encoder-decoder processor (with the
+LLM's decoder start token, so ``LMEyeCollator`` batches it) and
 ``LMEyeSeq2SeqModel``.
 """
 
@@ -37,7 +38,9 @@ def _build(tokenizer, llm: nn.Module, vision: nn.Module, response_prefix: str, n
                          "(expected a Hugging Face CLIP model)")
     encoder_decoder = bool(getattr(llm.config, "is_encoder_decoder", False))
     processor = LMEyeProcessor(tokenizer, num_image_tokens=count, num_requests=num_requests,
-                               response_prefix=response_prefix, encoder_decoder=encoder_decoder)
+                               response_prefix=response_prefix, encoder_decoder=encoder_decoder,
+                               decoder_start_token_id=getattr(llm.config, "decoder_start_token_id", None)
+                               if encoder_decoder else None)
     model_class = LMEyeSeq2SeqModel if encoder_decoder else LMEyeModel
     model = model_class(llm, processor.make_config(**config_kwargs), vision=vision, interaction=interaction)
     return processor, model

@@ -12,6 +12,10 @@ special tokens on the device, no host sync), and the prefix is exactly what the
 single-pass schedule runs once with a KV cache. Prompts for generation (no
 answers) have suffixes of one length, so their last column is a real token in
 every row.
+
+For an encoder-decoder LLM (``encoder_decoder=True``) the prefix and the slots
+are the encoder's input and the answer (a conversation's body) the decoder's,
+each right-padded (docs/encoder_decoder.md, "The layout").
 """
 
 from __future__ import annotations
@@ -66,15 +70,29 @@ class LMEyeProcessor:
             that differs from EOS.
         encoder_decoder: build batches for an encoder-decoder LLM
             (``LMEyeSeq2SeqModel``): the prompt is the encoder's input, the answer
-            the decoder's labels (the module docstring shows both layouts).
+            the decoder's labels (docs/encoder_decoder.md shows the layouts).
+        decoder_start_token_id: the encoder-decoder LLM's
+            ``config.decoder_start_token_id`` (T5: the pad token, BART: EOS).
+            ``pad`` needs it to lay out conversations (``LMEyeCollator``): their
+            decoder input cannot be derived from the labels, which hide the
+            prompts of later turns, so it is built here, beginning with this token.
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, num_requests: int = 5, response_prefix: str = "",
                  image_token: str = "<img>", request_token: str = "<img-q>", slot_token: str = "<img-d>",
-                 add_bos: Optional[bool] = None, encoder_decoder: bool = False):
+                 add_bos: Optional[bool] = None, encoder_decoder: bool = False,
+                 decoder_start_token_id: Optional[int] = None):
         for name, value in (("num_image_tokens", num_image_tokens), ("num_requests", num_requests)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if decoder_start_token_id is not None:
+            if not encoder_decoder:
+                raise ValueError("decoder_start_token_id: only an encoder-decoder LLM has a decoder start token; "
+                                 "pass encoder_decoder=True with it, or leave it None")
+            if isinstance(decoder_start_token_id, bool) or not isinstance(decoder_start_token_id, int) \
+                    or decoder_start_token_id < 0:
+                raise ValueError(f"decoder_start_token_id: expected a token id (an int >= 0), got "
+                                 f"{decoder_start_token_id!r}")
         self.tokenizer = tokenizer
         self.num_image_tokens, self.num_requests = num_image_tokens, num_requests
         self.image_token, self.request_token, self.slot_token = image_token, request_token, slot_token
@@ -92,6 +110,7 @@ class LMEyeProcessor:
         self.bos_token_id = bos
         self.response_ids = self.encode(response_prefix)
         self.encoder_decoder = bool(encoder_decoder)
+        self.decoder_start_token_id = decoder_start_token_id
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -180,18 +199,27 @@ class LMEyeProcessor:
         return out
 
     def pad(self, rows: Sequence[TokenizedRow]) -> LMEyeBatch:
-        """Lay out tokenized rows as one batch: prefixes left-padded to P, ``<img-d>`` slots at
-        ``[P, P + R)`` of the rows with an image, bodies after them, right-padded.
+        """Lay out tokenized rows (conversations, ``LMEyeCollator``) as one batch.
 
-        A row without image has ``image_pos`` and ``slot_pos`` -1 (outside the sequence, so
-        nothing is written there) and its body starts at column P. Returns the tensors of
-        ``__call__`` with ``labels`` from ``body_labels``, without ``pixel_values``.
+        Decoder-only: prefixes left-padded to P, ``<img-d>`` slots at ``[P, P + R)`` of the
+        rows with an image, bodies after them, right-padded. A row without image has
+        ``image_pos`` and ``slot_pos`` -1 (outside the sequence, so nothing is written there)
+        and its body starts at column P. Returns the tensors of ``__call__`` with ``labels``
+        from ``body_labels``, without ``pixel_values``.
+
+        Encoder-decoder (``encoder_decoder=True``, needs ``decoder_start_token_id``): the
+        prefixes are the encoder's input as ``pad_encoder_decoder`` lays them out, the bodies
+        the decoder's: ``decoder_input_ids`` (B, L) are each body shifted right behind the
+        decoder start token, ``labels`` (B, L) its ``body_labels``, both right-padded (pad
+        token, ``IGNORE_INDEX``).
         """
         if not rows:
             raise ValueError("rows: expected at least one row")
+        for index, row in enumerate(rows):
+            if len(row.body_labels) != len(row.body):
+                raise ValueError(f"rows[{index}]: {len(row.body)} body tokens but {len(row.body_labels)} labels")
         if self.encoder_decoder:
-            raise ValueError("rows: pad lays them out for a decoder-only LLM, but this processor was built with "
-                             "encoder_decoder=True; use pad_encoder_decoder")
+            return self._pad_encoder_decoder_rows(rows)
         heads = [[self.slot_token_id] * self.num_requests if row.image_start is not None else [] for row in rows]
         prefix_len = max(len(row.prefix) for row in rows)
         total = prefix_len + max(len(head) + len(row.body) for head, row in zip(heads, rows))
@@ -202,8 +230,6 @@ class LMEyeProcessor:
         labels = torch.full((batch, total), IGNORE_INDEX, dtype=torch.long)
         image_start = torch.full((batch,), -1, dtype=torch.long)
         for index, (row, head) in enumerate(zip(rows, heads)):
-            if len(row.body_labels) != len(row.body):
-                raise ValueError(f"rows[{index}]: {len(row.body)} body tokens but {len(row.body_labels)} labels")
             pad = prefix_len - len(row.prefix)
             end = prefix_len + len(head) + len(row.body)
             input_ids[index, pad:end] = torch.tensor(row.prefix + head + row.body, dtype=torch.long)
@@ -226,12 +252,26 @@ class LMEyeProcessor:
             labels=labels,
         )
 
+    def _pad_encoder_decoder_rows(self, rows: Sequence[TokenizedRow]) -> LMEyeBatch:
+        """``pad`` for an encoder-decoder LLM: prefixes to the encoder, bodies to the decoder."""
+        if self.decoder_start_token_id is None:
+            raise ValueError("decoder_start_token_id: required to lay out rows for an encoder-decoder LLM (their "
+                             "bodies are the decoder's input, which begins with the LLM's decoder start token); "
+                             "pass LMEyeProcessor(..., decoder_start_token_id=llm.config.decoder_start_token_id)")
+        out = self.pad_encoder_decoder([(row.prefix, row.image_start) for row in rows],
+                                       [row.body_labels for row in rows])
+        # Built from the bodies, not the labels: those hide the prompts of later turns, which the decoder reads.
+        out["decoder_input_ids"] = _right_padded(
+            [([self.decoder_start_token_id] + row.body)[:len(row.body)] for row in rows], self.pad_token_id)
+        return out
+
     def pad_encoder_decoder(self, prefixes: Sequence[Tuple[List[int], Optional[int]]],
                             answers: Optional[Sequence[List[int]]] = None) -> LMEyeBatch:
         """The encoder-decoder layout: encoder inputs ``prefix + [<img-d> x R] + response prefix + [eos]``
-        right-padded, and, when ``answers`` (token ids, EOS included) are given, decoder ``labels`` (B, L)
-        right-padded with ``IGNORE_INDEX``. ``prefixes`` are ``prefix_ids`` results; a row without image
-        gets no slots and ``image_pos`` / ``slot_pos`` -1."""
+        right-padded, and, when ``answers`` are given, decoder ``labels`` (B, L) right-padded with
+        ``IGNORE_INDEX``. ``prefixes`` are ``prefix_ids`` results; a row without image gets no slots and
+        ``image_pos`` / ``slot_pos`` -1. ``answers`` are each row's labels: the answer's token ids (EOS
+        included), ``IGNORE_INDEX`` where a token is read but not a target."""
         if not prefixes:
             raise ValueError("prefixes: expected at least one row")
         tail = self.response_ids + ([] if self.eos_token_id is None else [self.eos_token_id])
@@ -256,12 +296,18 @@ class LMEyeProcessor:
         if answers is not None:
             if len(answers) != batch:
                 raise ValueError(f"answers: expected {batch} answers (one per row), got {len(answers)}")
-            labels = torch.full((batch, max(1, max(len(a) for a in answers))), IGNORE_INDEX, dtype=torch.long)
-            for index, answer in enumerate(answers):
-                labels[index, :len(answer)] = torch.tensor(answer, dtype=torch.long)
-            out["labels"] = labels
+            out["labels"] = _right_padded(answers, IGNORE_INDEX)
         return out
 
     def decode(self, token_ids) -> List[str]:
         """Generated token ids (B, L) -> B strings, without special tokens."""
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+
+def _right_padded(rows: Sequence[List[int]], fill: int) -> torch.Tensor:
+    """``rows`` of token ids as one (B, L) tensor, each left-aligned and followed by ``fill``; L is the
+    longest row's length, at least 1."""
+    out = torch.full((len(rows), max(1, max(len(row) for row in rows))), fill, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out

@@ -5,8 +5,9 @@
     python -m lmeye_fast.train --llm lmsys/vicuna-7b-v1.5 --vision openai/clip-vit-large-patch14 \\
         --data llava_instruct.json --image_folder coco/ --output_dir out/stage2 --adapter out/stage1
 
-The same command runs in one process and under ``torchrun`` (the Trainer then
-runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir`` gets
+The LLM is a causal LM or, as its config says, an encoder-decoder one (T5 /
+FlanT5, BART). The same command runs in one process and under ``torchrun`` (the
+Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir`` gets
 ``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler), the
 final adapter with the tokenizer, and ``log.jsonl`` (one JSON object per log).
 """
@@ -93,30 +94,47 @@ class ProgressBar(TrainerCallback):
 
 
 def _build(config: TrainConfig):
-    """Load the tokenizer, the LLM, the vision tower and its image processor; wrap them as an LMEyeModel."""
+    """Load the tokenizer, the LLM, the vision tower and its image processor; wrap them as an LMEyeModel,
+    or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``)."""
     import torch
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                              AutoTokenizer)
 
-    from ..models import LMEyeModel, LMEyeProcessor
+    from ..models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
 
+    # The LLM's config alone decides the model class and is checked before any weights load.
+    llm_config = AutoConfig.from_pretrained(config.llm)
+    encoder_decoder = bool(getattr(llm_config, "is_encoder_decoder", False))
+    llm_class, model_class = ((AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if encoder_decoder
+                              else (AutoModelForCausalLM, LMEyeModel))
+    schedule = config.model_schedule(encoder_decoder)
+    if schedule not in model_class.schedules:
+        raise ValueError(f"schedule: expected one of {model_class.schedules} for the "
+                         f"{'encoder-decoder' if encoder_decoder else 'decoder-only'} LLM {config.llm}, "
+                         f"got {schedule!r}")
+    decoder_start_token_id = getattr(llm_config, "decoder_start_token_id", None) if encoder_decoder else None
+    if encoder_decoder and decoder_start_token_id is None:
+        raise ValueError(f"llm: the encoder-decoder LLM {config.llm} has no decoder_start_token_id in its config, "
+                         "and the decoder's input begins with it")
     dtype = getattr(torch, config.llm_dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.llm)
-    llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
+    llm = llm_class.from_pretrained(config.llm, dtype=dtype)
     vision = AutoModel.from_pretrained(config.vision)
     # A two-tower checkpoint (CLIP's openai/clip-vit-large-patch14, SigLIP) loads whole; LMEye reads its image side.
     vision = getattr(vision, "vision_model", vision)
     image_processor = AutoImageProcessor.from_pretrained(config.vision)
     num_image_tokens = _num_vision_tokens(vision, image_processor, config.vision_feature)
-    processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens, num_requests=config.num_requests)
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens, num_requests=config.num_requests,
+                               encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
     if config.adapter is not None:
-        model = LMEyeModel.from_pretrained(config.adapter, llm, vision=vision)
+        model = model_class.from_pretrained(config.adapter, llm, vision=vision)
     else:
-        model = LMEyeModel(llm, processor.make_config(
+        model = model_class(llm, processor.make_config(
             interaction_dim=config.interaction_dim, num_heads=config.num_heads,
             # The training config names one vision output; the static mapping and the IPN both read it.
             static_feature=config.vision_feature, ipn_feature=config.vision_feature,
-            static_hidden_dim=config.static_hidden_dim, schedule=config.model_schedule), vision=vision)
-    model.config.schedule = config.model_schedule
+            static_hidden_dim=config.static_hidden_dim, schedule=schedule), vision=vision)
+    model.config.schedule = schedule
     model.set_stage(config.stage, train_special_tokens=config.train_special_tokens)
     return tokenizer, processor, image_processor, model
 

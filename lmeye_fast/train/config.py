@@ -21,8 +21,11 @@ class TrainConfig:
     """What ``python -m lmeye_fast.train`` runs; each field is a YAML/JSON key and a ``--flag``.
 
     Models: ``llm`` and ``vision`` are Hugging Face names or directories (the
-    tokenizer is the LLM's, the image processor the vision tower's);
-    ``adapter`` starts from a saved adapter (stage 2 from stage 1's).
+    tokenizer is the LLM's, the image processor the vision tower's); an
+    encoder-decoder ``llm`` (T5 / FlanT5, BART: its config's
+    ``is_encoder_decoder``) trains as an ``LMEyeSeq2SeqModel``, by default on
+    two encoder passes in stage 2, and ``max_length`` then bounds its decoder's
+    sequence; ``adapter`` starts from a saved adapter (stage 2 from stage 1's).
     Data: ``data`` is a LLaVA JSON, a JSONL or a CSV file of records
     (``lmeye_fast.data``), images relative to ``image_folder``; ``streaming``
     reads it as it goes (``datasets``' streaming, for files larger than
@@ -115,10 +118,10 @@ class TrainConfig:
         if Path(self.data).suffix.lower() not in (".json", ".jsonl", ".csv"):
             raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {self.data}")
 
-    @property
-    def model_schedule(self) -> str:
-        """Stage 1 trains the static mapping alone: no IPN pass unless a schedule is asked for."""
-        return self.schedule or ("static" if self.stage == 1 else "single_pass")
+    def model_schedule(self, encoder_decoder: bool) -> str:
+        """``schedule``, else the stage's default: stage 1 trains the static mapping alone (no IPN pass),
+        stage 2 the single pass, or two passes for an encoder-decoder LLM, whose encoder has no single pass."""
+        return self.schedule or ("static" if self.stage == 1 else "two_pass" if encoder_decoder else "single_pass")
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}

@@ -5,6 +5,9 @@
     trainer.train(resume_from_checkpoint=...)
     trainer.save_model(out)                     # then LMEyeModel.from_pretrained(out, llm, vision)
 
+An ``LMEyeSeq2SeqModel`` (an encoder-decoder LLM) trains the same way, on the
+collator's batches of an encoder-decoder processor.
+
 Everything else is the Trainer's own: DDP under ``torchrun`` (the frozen LLM and
 vision tower left out of DDP's broadcasts), DeepSpeed ZeRO-2 and ZeRO-3 through
 ``deepspeed=`` (no resume there yet, see ``train``), gradient accumulation,
@@ -25,41 +28,53 @@ from ..models.modeling import LMEyeModel
 from ..models.processor import IGNORE_INDEX
 from .distributed import leave_frozen_out_of_ddp
 
-__all__ = ["LMEyeTrainer", "suffix_loss"]
+__all__ = ["LMEyeTrainer", "suffix_loss", "encoder_decoder_loss"]
 
 
-def suffix_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy of the labelled tokens, summed and divided by ``num_items_in_batch``.
+def _labelled_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Cross-entropy of the labelled ``targets``, summed and divided by ``num_items_in_batch``.
 
-    ``outputs.logits`` cover the suffix columns ``[P, T)`` of ``labels`` (B, T), so
-    P is ``T - logits.shape[1]``; the label at column P is never a target. The
-    Trainer counts ``num_items_in_batch`` over all micro-batches of an optimizer
+    The Trainer counts ``num_items_in_batch`` over all micro-batches of an optimizer
     step and all data-parallel ranks, so the step's gradient is that of the mean
     over the whole global batch, however it is split. Without it: the mean.
     """
-    logits = outputs.logits
-    targets = labels[:, labels.shape[1] - logits.shape[1] + 1:]
-    total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()
     return total / num_items_in_batch
 
 
+def suffix_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The loss of an ``LMEyeModel`` (decoder-only LLM): ``outputs.logits`` cover the suffix columns
+    ``[P, T)`` of ``labels`` (B, T), so P is ``T - logits.shape[1]``; the label at column P is never a
+    target. Summed and divided by ``num_items_in_batch`` (the mean without it)."""
+    logits = outputs.logits
+    return _labelled_loss(logits[:, :-1], labels[:, labels.shape[1] - logits.shape[1] + 1:], num_items_in_batch)
+
+
+def encoder_decoder_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The loss of an ``LMEyeSeq2SeqModel``: the decoder's ``outputs.logits`` (B, L, V) predict ``labels``
+    (B, L) column by column (the decoder reads its input shifted right). Summed and divided by
+    ``num_items_in_batch`` (the mean without it)."""
+    return _labelled_loss(outputs.logits, labels, num_items_in_batch)
+
+
 class LMEyeTrainer(Trainer):
-    """A ``Trainer`` for an ``LMEyeModel`` fed by ``LMEyeCollator`` batches.
+    """A ``Trainer`` for an ``LMEyeModel`` or ``LMEyeSeq2SeqModel`` fed by ``LMEyeCollator`` batches.
 
     Checkpoints and ``save_model`` write ``LMEyeModel.save_pretrained``'s adapter
     (plus the Trainer's optimizer, scheduler and RNG state in checkpoints);
-    ``resume_from_checkpoint`` loads that adapter back.
+    ``resume_from_checkpoint`` loads that adapter back. The loss is
+    ``suffix_loss``, or ``encoder_decoder_loss`` for an encoder-decoder LLM.
     """
 
     def __init__(self, model: LMEyeModel = None, *args, **kwargs):
         if not isinstance(model, LMEyeModel):
-            raise TypeError(f"model: expected an LMEyeModel, got {type(model).__name__}")
+            raise TypeError(f"model: expected an LMEyeModel or LMEyeSeq2SeqModel, got {type(model).__name__}")
         if not model.trainable_parameters():
             raise ValueError("model: no parameter requires grad; call model.set_stage(1) or model.set_stage(2) first")
-        kwargs.setdefault("compute_loss_func", suffix_loss)
+        kwargs.setdefault("compute_loss_func", encoder_decoder_loss if model.encoder_decoder else suffix_loss)
         leave_frozen_out_of_ddp(model)
         super().__init__(model, *args, **kwargs)
 
