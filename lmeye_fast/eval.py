@@ -17,11 +17,12 @@ Data is LLaVA-style JSON (a list) or JSONL, one record per question:
 Open-ended questions are answered by batched greedy generation and scored
 with VQAv2's accuracy and exact match, both after VQAv2's answer
 normalisation. Multiple-choice questions are answered by likelihood: every
-option's answer text is scored on one shared prefix
-(``lmeye_fast.models.scoring.score_options``) and the argmax of the summed and
-of the per-token log-likelihood are the two predictions. ``--circular`` is
-MMBench's circular evaluation: the question is asked once per rotation of its
-options and counts as right only if every rotation is answered right.
+option's answer text is scored on one shared prefix, or for an encoder-decoder
+LLM on one encoding of the question (``lmeye_fast.models.scoring.score_options``),
+and the argmax of the summed and of the per-token log-likelihood are the two
+predictions. ``--circular`` is MMBench's circular evaluation: the question is
+asked once per rotation of its options and counts as right only if every
+rotation is answered right.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
+from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
 from .models.scoring import score_options
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
@@ -278,22 +279,26 @@ def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, 
 
     ``llm`` and ``vision`` are Hugging Face model names or directories; the tokenizer and the
     image processor default to theirs. ``response_prefix`` must be the one the adapter was
-    trained with (it is text of the prompt, not part of the adapter).
+    trained with (it is text of the prompt, not part of the adapter). An adapter saved for an
+    encoder-decoder LLM (its config's ``encoder_decoder``) loads its LLM as an
+    ``AutoModelForSeq2SeqLM`` into an ``LMEyeSeq2SeqModel``, with the encoder-decoder processor.
     """
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     config = LMEyeConfig.load(adapter)
     processor = LMEyeProcessor(AutoTokenizer.from_pretrained(tokenizer or llm),
                                num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,
-                               response_prefix=response_prefix)
+                               response_prefix=response_prefix, encoder_decoder=config.encoder_decoder)
     ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
     if ids != config.token_ids():
         raise ValueError(f"tokenizer: its special-token ids {ids} differ from the adapter's {config.token_ids()}; "
                          "load the tokenizer the adapter was trained with")
-    model = LMEyeModel.from_pretrained(adapter, AutoModelForCausalLM.from_pretrained(llm, dtype=DTYPES[dtype]),
-                                       vision=_load_vision(vision, DTYPES[dtype]))
+    llm_class, model_class = ((AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if config.encoder_decoder
+                              else (AutoModelForCausalLM, LMEyeModel))
+    model = model_class.from_pretrained(adapter, llm_class.from_pretrained(llm, dtype=DTYPES[dtype]),
+                                        vision=_load_vision(vision, DTYPES[dtype]))
     images = AutoImageProcessor.from_pretrained(image_processor or vision)
     return EvalModel(model.to(device).eval(), processor, images, schedule)
 
@@ -401,7 +406,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first LIMIT questions only")
-    parser.add_argument("--schedule", choices=("single_pass", "two_pass", "static"))
+    parser.add_argument("--schedule", choices=("single_pass", "two_pass", "static"),
+                        help="default: the adapter's; an encoder-decoder LLM has two_pass and static only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--output", help="results JSON (metrics, settings and every answer)")

@@ -12,7 +12,8 @@ does it by hand (a source checkout that is not installed).
 
 ``loglikelihood`` groups the requests that share a context and a document
 (the options of one multiple-choice question) and scores each group on one
-shared prefix. It returns the summed negative log-likelihood of each
+shared prefix (for an encoder-decoder LLM, on one encoding of the question:
+``load_eval_model`` reads which kind the adapter was saved for). It returns the summed negative log-likelihood of each
 continuation, the loss: lmms-eval's multiple-choice scoring takes the argmin of
 what models return (and its bundled models return losses).
 """

@@ -7,17 +7,25 @@ WORDS = "what colour is the circle square red blue green yellow ? answer : A. B.
 RESPONSE_PREFIX = "answer :"
 
 
-def save_tiny_model(root):
-    """Save the parts under ``root`` (llm/, vision/, adapter/); returns the model and its processor."""
+def save_tiny_model(root, arch="llama"):
+    """Save the parts under ``root`` (llm/, vision/, adapter/); returns the model and its processor.
+    ``arch``: the LLM, a causal one of ``tiny.ARCHITECTURES`` or ``"t5"`` (an ``LMEyeSeq2SeqModel``)."""
     from transformers import CLIPImageProcessor
 
-    from lmeye_fast.models import LMEyeModel, LMEyeProcessor
-    from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
+    from lmeye_fast.models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
+    from lmeye_fast.models.tiny import tiny_clip, tiny_llm, tiny_seq2seq, word_tokenizer
 
+    encoder_decoder = arch == "t5"
     processor = LMEyeProcessor(word_tokenizer(WORDS), num_image_tokens=17, num_requests=3,
-                               response_prefix=RESPONSE_PREFIX)
-    model = LMEyeModel(tiny_llm("llama", len(processor), hidden=32), processor.make_config(
-        interaction_dim=16, num_heads=2), vision=tiny_clip())
+                               response_prefix=RESPONSE_PREFIX, encoder_decoder=encoder_decoder)
+    config = processor.make_config(interaction_dim=16, num_heads=2)
+    if encoder_decoder:
+        # Weights large enough that greedy decoding gives words (at the default initialisation a tiny
+        # T5 decodes pad tokens only, an empty answer).
+        model = LMEyeSeq2SeqModel(tiny_seq2seq(arch, len(processor), hidden=32, initializer_factor=3.0), config,
+                                  vision=tiny_clip())
+    else:
+        model = LMEyeModel(tiny_llm(arch, len(processor), hidden=32), config, vision=tiny_clip())
     with torch.no_grad():
         for p in list(model.ipn.parameters()) + [model.special_embed]:
             p.normal_(0.0, 0.3)

@@ -1,6 +1,7 @@
 """lmeye_fast.eval: VQAv2's normalisation and accuracy on hand-made cases, the LLaVA-style
 reader, circular evaluation with stub scorers whose answers are known, and the command line
-end to end on a tiny random model saved to disk with its own images and questions."""
+end to end on tiny random models saved to disk with their own images and questions: a causal LLM's
+adapter and a T5 one."""
 
 import json
 import random
@@ -8,8 +9,9 @@ import random
 import pytest
 import torch
 
-from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, exact_match, main, normalize_answer,
-                             read_examples, rotations, vqa_accuracy)
+from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, exact_match, load_eval_model, main,
+                             normalize_answer, read_examples, rotations, vqa_accuracy)
+from lmeye_fast.models import LMEyeSeq2SeqModel
 from lmeye_fast.models.scoring import OptionScores, score_options
 from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model
 
@@ -178,3 +180,43 @@ def test_precomputed_features_stand_in_for_images(saved_model):
     texts = runner.generate(prompts, [{"image_features": f} for f in features], max_new_tokens=2)
     tokens = model.generate(**processor(prompts), image_features=features, max_new_tokens=2, do_sample=False)
     assert texts == [t.strip() for t in processor.decode(tokens)]
+
+
+def test_command_line_on_an_encoder_decoder_adapter(tmp_path):
+    """A T5 adapter loads as an LMEyeSeq2SeqModel with the encoder-decoder processor, and its answers are
+    the saved model's own: generated text for open-ended questions, option scores for multiple choice."""
+    model, processor = save_tiny_model(tmp_path, "t5")
+    write_images(tmp_path / "images", 4)
+    colours = ["red", "blue", "green", "yellow"]
+    vqa = [{"question_id": i, "image": f"{i}.png", "question": "what colour is the circle ?",
+            "answers": random.choices(colours, k=10)} for i in range(4)]
+    choice = [{"id": i, "image": f"{i}.png", "question": "what colour is the <image> square ?",
+               "options": random.sample(colours, 2) + ["red blue green"], "answer": random.randrange(3)}
+              for i in range(4)]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in vqa))
+    (tmp_path / "choice.json").write_text(json.dumps(choice))
+    parts = dict(adapter=tmp_path / "adapter", llm=tmp_path / "llm", vision=tmp_path / "vision")
+    common = ["--adapter", str(parts["adapter"]), "--llm", str(parts["llm"]), "--vision", str(parts["vision"]),
+              "--response-prefix", RESPONSE_PREFIX, "--image-folder", str(tmp_path / "images"), "--batch-size", "3",
+              "--no-progress"]
+
+    runner = load_eval_model(**parts, response_prefix=RESPONSE_PREFIX)
+    assert isinstance(runner.model, LMEyeSeq2SeqModel) and runner.processor.encoder_decoder
+    saved = EvalModel(model, processor, runner.image_processor)
+    images = [tmp_path / "images" / f"{i}.png" for i in range(4)]
+
+    results = main(common + ["--data", str(tmp_path / "vqa.jsonl"), "--max-new-tokens", "3"])
+    assert results["task"] == "vqa" and results["num_examples"] == 4
+    expected = saved.generate([r["question"] for r in vqa], images, max_new_tokens=3)
+    assert [r["prediction"] for r in results["records"]] == expected
+    for record in results["records"]:
+        assert record["vqa_accuracy"] == pytest.approx(vqa_accuracy(record["prediction"], record["answers"]))
+
+    results = main(common + ["--data", str(tmp_path / "choice.json")])
+    assert results["task"] == "choice"
+    prompts = [f"{r['question']}\n" + "\n".join(f"{letter}. {option}" for letter, option in zip("ABC", r["options"]))
+               for r in choice]
+    scores = saved.score(prompts, images, [r["options"] for r in choice])
+    for record, summed, normalised in zip(results["records"], scores.summed, scores.normalised):
+        torch.testing.assert_close(torch.tensor(record["log_likelihood"]), summed, rtol=1e-4, atol=1e-5)
+        assert (record["prediction"], record["prediction_norm"]) == (int(summed.argmax()), int(normalised.argmax()))

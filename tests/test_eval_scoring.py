@@ -3,7 +3,10 @@
 Tiny random fp32 models of several architectures, prompts of different
 lengths, questions with different numbers of options of different token
 lengths (so the repeated cache rows and the right padding are both exercised).
-Tolerance: relative 1e-4 on each option's summed log-likelihood.
+Encoder-decoder LLMs (tiny T5 and BART): the scores equal a plain loop of one
+``model(**batch, labels=option)`` per (question, option), with the encoder run
+twice for the whole batch. Tolerance: relative 1e-4 on each option's summed
+log-likelihood.
 """
 
 import random
@@ -13,7 +16,11 @@ import torch
 
 from lmeye_fast.models import LMEyeModel, LMEyeProcessor
 from lmeye_fast.models.scoring import answer_log_likelihood, score_options
-from lmeye_fast.models.tiny import tiny_llm, word_tokenizer
+from lmeye_fast.models.tiny import SEQ2SEQ_ARCHITECTURES, tiny_llm, word_tokenizer
+from test_models_schedules import sentence
+from test_models_seq2seq import build as build_seq2seq
+from test_models_seq2seq import encoder_inputs
+from test_models_seq2seq import prompts as seq2seq_prompts
 
 WORDS = "what colour is the circle square red blue green yellow left right where ? answer : dark light".split()
 ANSWER_WORDS = "red blue green yellow left right dark light circle square".split()
@@ -115,3 +122,83 @@ def test_greedy_flags_say_whether_greedy_decoding_gives_the_option():
             targets = batch["labels"][0, batch["prefix_len"] + 1:]
             answer = (targets != -100) & (targets != proc.eos_token_id)
             assert flag == bool((logits.argmax(-1) == targets)[answer].all()), option
+
+
+def plain_seq2seq_scores(proc, model, prompts, options, image, schedule):
+    """Each (question, option) on its own: ``model(**batch, labels=option)``, the log-probabilities of
+    the option's tokens summed, and whether each of them is the argmax."""
+    summed, greedy = [], []
+    for row, (prompt, choices) in enumerate(zip(prompts, options)):
+        for option in choices:
+            batch = proc([prompt], [option])
+            count = len(proc.encode(option))
+            targets = batch["labels"][0, :count]
+            logits = model(**batch, image_features=image[row:row + 1], schedule=schedule).logits[0, :count]
+            summed.append(torch.log_softmax(logits, dim=-1)[torch.arange(count), targets].sum())
+            greedy.append(bool((logits.argmax(-1) == targets).all()))
+    return torch.stack(summed), greedy
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHITECTURES)
+@torch.no_grad()
+def test_encoder_decoder_scores_equal_a_plain_loop_and_encode_once(arch):
+    proc, model = build_seq2seq(arch)
+    prompts = seq2seq_prompts(3)
+    # Options of one to five tokens, and a different number of them per question.
+    options = [[sentence(1, 1), sentence(5, 5)] + [sentence(1, 5) for _ in range(k)] for k in (0, 1, 3)]
+    image = torch.randn(3, 5, 19)
+    assert (proc(prompts)["attention_mask"] == 0).any()  # a padded batch of questions
+
+    for schedule, encoder_calls in (("two_pass", 2), ("static", 1)):
+        calls, decoder_calls = encoder_inputs(model, lambda: score_options(
+            model, proc, prompts, options, image_features=image, schedule=schedule))
+        assert (len(calls), decoder_calls) == (encoder_calls, 1), schedule
+        scores = score_options(model, proc, prompts, options, image_features=image, schedule=schedule)
+        assert [len(s) for s in scores.summed] == [len(c) for c in options]
+        expected, greedy = plain_seq2seq_scores(proc, model, prompts, options, image, schedule)
+        torch.testing.assert_close(torch.cat(scores.summed), expected, rtol=1e-4, atol=1e-5)
+        assert torch.cat(scores.greedy).tolist() == greedy
+        lengths = torch.tensor([len(proc.encode(o)) for choices in options for o in choices])
+        torch.testing.assert_close(torch.cat(scores.num_tokens), lengths.float())
+        for summed, count, norm in zip(scores.summed, scores.num_tokens, scores.normalised):
+            torch.testing.assert_close(norm, summed / count)
+        # answer_log_likelihood, the reference of the decoder-only tests, agrees for an encoder-decoder LLM.
+        plain = [answer_log_likelihood(model, {**proc([prompt], [option]), "image_features": image[row:row + 1]},
+                                       schedule=schedule)[0][0]
+                 for row, (prompt, choices) in enumerate(zip(prompts, options)) for option in choices]
+        torch.testing.assert_close(torch.stack(plain), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHITECTURES)
+@torch.no_grad()
+def test_encoder_decoder_greedy_flags_say_whether_greedy_decoding_gives_the_option(arch):
+    # Weights whose greedy tokens vary (at the default initialisation a tiny T5 decodes pad tokens only).
+    proc, model = build_seq2seq(arch, varied=True)
+    prompts = seq2seq_prompts(8)
+    options = [[sentence(1, 3) for _ in range(2)] for _ in prompts]
+    image = torch.randn(8, 5, 19)
+    # Each question's own greedy answer, one and two tokens of it, as options where they decode to plain
+    # words. A tiny BART often decodes a special token first: 8 questions, so that some of them give a
+    # word (they did in each of 150 draws).
+    tokens = model.generate(**proc(prompts), image_features=image, max_new_tokens=2, min_new_tokens=2,
+                            do_sample=False).tolist()
+    for choices, ids in zip(options, tokens):
+        for greedy_ids in (ids[:1], ids[:2]):
+            text = proc.decode([greedy_ids])[0]
+            if proc.encode(text) == greedy_ids:
+                choices.append(text)
+    scores = score_options(model, proc, prompts, options, image_features=image)
+    _, greedy = plain_seq2seq_scores(proc, model, prompts, options, image, "two_pass")
+    assert torch.cat(scores.greedy).tolist() == greedy and any(greedy)
+
+
+def test_a_processor_of_the_other_kind_is_refused():
+    proc, model = build("llama")
+    seq2seq_proc, seq2seq_model = build_seq2seq("t5")
+    image = torch.randn(1, 5, 19)
+    with pytest.raises(ValueError, match="processor: built with encoder_decoder=True, but the model wraps a "
+                                         "decoder-only LLM"):
+        score_options(model, seq2seq_proc, ["red"], [["red"]], image_features=image)
+    with pytest.raises(ValueError, match="processor: built with encoder_decoder=False, but the model wraps an "
+                                         "encoder-decoder LLM"):
+        score_options(seq2seq_model, proc, ["red"], [["red"]], image_features=image)

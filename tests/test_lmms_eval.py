@@ -3,7 +3,8 @@ over a small local dataset (saved with ``datasets``, no download): an open-ended
 (``generate_until``) and a multiple-choice one (``multiple_choice``, scored by loglikelihood).
 Its answers must be those of ``lmeye_fast.eval`` on the same prompts and images: the same
 generated text, and per option the same log-likelihood (rel 1e-4, fp32) with the sign lmms-eval's
-multiple-choice scorer expects. Skipped without the ``eval`` extra (``pip install -e ".[eval]"``)."""
+multiple-choice scorer expects. Once for a causal LLM's adapter and once for a T5 one. Skipped
+without the ``eval`` extra (``pip install -e ".[eval]"``)."""
 
 import random
 import textwrap
@@ -71,7 +72,8 @@ def task_files(folder, data):
 
 
 @pytest.mark.slow
-def test_lmms_eval_runs_lmeye_on_a_local_task(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_lmms_eval_runs_lmeye_on_a_local_task(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -82,7 +84,7 @@ def test_lmms_eval_runs_lmeye_on_a_local_task(tmp_path, monkeypatch):
 
     from lmeye_fast.lmms_eval_model import register
 
-    save_tiny_model(tmp_path)
+    save_tiny_model(tmp_path, arch)
     count = 6
     rows = {"image": [random_image() for _ in range(count)],
             "question": [random.choice(["what colour is the circle ?", "what colour is the square ?"])

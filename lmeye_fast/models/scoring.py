@@ -2,13 +2,18 @@
 
 The options of a multiple-choice question share the prompt, the image, the
 request at ``<img-q>`` and therefore what the IPN writes into the ``<img-d>``
-slots; only the answer text differs. ``score_options`` runs the prefix once
-with a KV cache, runs the IPN once, runs the slots and the response prefix
-(the suffix head, the same for every option) once on that cache, and then
-scores the K answers as a batch of short continuations on the cache, whose
-rows are repeated (not recomputed) once per option. The first answer token is
-predicted by the head's last column, so options of one token each need no
-further LLM call at all.
+slots; only the answer text differs. ``score_options`` runs what they share
+once per question and only the answers once per option:
+
+- a decoder-only LLM (``LMEyeModel``): the prefix once with a KV cache, the IPN
+  once, the slots and the response prefix (the suffix head, the same for every
+  option) once on that cache, and then the K answers as a batch of short
+  continuations on the cache, whose rows are repeated (not recomputed) once per
+  option. The first answer token is predicted by the head's last column, so
+  options of one token each need no further LLM call at all.
+- an encoder-decoder LLM (``LMEyeSeq2SeqModel``): the question's two encoder
+  passes (and the IPN between them) once, and then the decoder once over the K
+  answers, on the question's encoding repeated (not recomputed) once per option.
 
 ``answer_log_likelihood`` is the plain way: one full forward per (prompt,
 answer) row of a training-style batch, under any schedule. It defines what
@@ -18,9 +23,10 @@ answer) row of a training-style batch, under any schedule. It defines what
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from .processor import IGNORE_INDEX
 
@@ -43,6 +49,16 @@ class OptionScores:
         return [s / n for s, n in zip(self.summed, self.num_tokens)]
 
 
+class _Answers(NamedTuple):
+    """The K options of a batch of questions as one right-padded batch of answer rows."""
+
+    splits: List[int]      # options per question, on the host
+    rows: torch.Tensor     # (K,) the question of each option
+    tokens: torch.Tensor   # (K, L) answer token ids, right-padded
+    lengths: torch.Tensor  # (K,) answer tokens per option
+    real: torch.Tensor     # (K, L) the columns that hold an answer token
+
+
 def _option_ids(processor, options: Sequence[Sequence[str]], batch: int) -> List[List[List[int]]]:
     if isinstance(options, str) or len(options) != batch:
         raise ValueError(f"options: expected {batch} lists of option texts (one list per prompt), got "
@@ -59,30 +75,34 @@ def _option_ids(processor, options: Sequence[Sequence[str]], batch: int) -> List
     return encoded
 
 
-@torch.no_grad()
-def score_options(model, processor, prompts: Sequence[str], options: Sequence[Sequence[str]],
-                  pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
-                  static_features: Optional[torch.Tensor] = None, schedule: Optional[str] = None) -> OptionScores:
-    """Score every option of every prompt by the log-likelihood of its answer tokens.
+def _answers(option_ids: List[List[List[int]]], pad_token_id: int, device) -> _Answers:
+    # The counts are known on the host: kept there, neither the repeat (with its output size) nor the
+    # final split waits on the device.
+    splits = [len(choices) for choices in option_ids]
+    rows = torch.repeat_interleave(torch.arange(len(option_ids), device=device),
+                                   torch.tensor(splits, device=device), output_size=sum(splits))
+    flat = [tokens for choices in option_ids for tokens in choices]
+    longest = max(len(tokens) for tokens in flat)
+    tokens = torch.full((len(flat), longest), pad_token_id, dtype=torch.long)
+    for row, ids in enumerate(flat):
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids in flat], device=device)
+    real = torch.arange(longest, device=device) < lengths[:, None]
+    return _Answers(splits, rows, tokens.to(device), lengths, real)
 
-    Args:
-        model: an ``LMEyeModel``; processor: its ``LMEyeProcessor``.
-        prompts: B prompts (as for generation, at most one ``<img>`` each).
-        options: B lists of answer texts; the lists may differ in length.
-        pixel_values / image_features, static_features: the B images, as for ``model.generate``.
-        schedule: ``"static"`` scores without the IPN; any other value (or
-            None) runs the IPN, and ``"two_pass"`` gives the same scores as
-            ``"single_pass"`` (the prefix is the same in both passes).
-    Returns:
-        ``OptionScores``; the answer tokens are encoded exactly as the
-        processor encodes training answers (EOS is not scored).
-    """
-    option_ids = _option_ids(processor, options, len(prompts))
-    device = model.special_embed.device
-    batch = processor(prompts, images=pixel_values).to(device)
-    prefix_len = batch["prefix_len"]
-    image_features, static_features = (None if f is None else f.to(device) for f in (image_features, static_features))
-    ids = batch["input_ids"]
+
+def _token_scores(logits: torch.Tensor, targets: torch.Tensor, real: torch.Tensor):
+    """Summed log-likelihood (K,) of the ``real`` targets (K, L) under ``logits`` (K, L, V), and whether
+    each of them is the argmax of its column."""
+    token_ll = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    summed = torch.where(real, token_ll, 0.0).sum(dim=1)
+    greedy = ((logits.argmax(dim=-1) == targets) | ~real).all(dim=1)
+    return summed, greedy
+
+
+def _score_on_cache(model, batch, answers: _Answers, image_features, static_features, schedule):
+    """A decoder-only LLM: the prefix, the IPN and the head once per question, the answers on its cache."""
+    ids, prefix_len = batch["input_ids"], batch["prefix_len"]
     schedule, mask, pos, static_image, image, request_pos, slot_pos = model._inputs(
         ids, batch["attention_mask"], batch["position_ids"], batch["image_pos"], prefix_len,
         batch.get("pixel_values"), image_features, static_features, None, batch["request_pos"], batch["slot_pos"],
@@ -97,39 +117,72 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
         head = model._suffix_embeds(ids, hidden, image, None, request_pos, slot_pos, prefix_len)
     first_logits = llm(inputs_embeds=head, attention_mask=mask, position_ids=pos[:, prefix_len:], use_cache=True,
                        logits_to_keep=1, **{cache_key: cache}).logits[:, -1]
-
-    # The counts are known on the host: kept there, neither the repeat (with its output size) nor the
-    # final split waits on the device.
-    splits = [len(choices) for choices in option_ids]
-    rows = torch.repeat_interleave(torch.arange(len(prompts), device=device),
-                                   torch.tensor(splits, device=device), output_size=sum(splits))
-    flat = [tokens for choices in option_ids for tokens in choices]
-    longest = max(len(tokens) for tokens in flat)
-    answers = torch.full((len(flat), longest), processor.pad_token_id, dtype=torch.long)
-    for row, tokens in enumerate(flat):
-        answers[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    answers = answers.to(device)
-    lengths = torch.tensor([len(tokens) for tokens in flat], device=device)
-
-    summed = torch.log_softmax(first_logits.float(), dim=-1)[rows, answers[:, 0]]
-    greedy = first_logits.argmax(dim=-1)[rows] == answers[:, 0]
-    if longest > 1:
+    rows, tokens, real = answers.rows, answers.tokens, answers.real
+    summed, greedy = _token_scores(first_logits[rows, None], tokens[:, :1], real[:, :1])
+    steps = tokens.shape[1] - 1
+    if steps > 0:
         # Each question's cache rows, repeated once per option; answer token j+1 is read off the
         # output at answer token j, so the last answer column never needs to run. Right padding
         # sits after every real token, so causality keeps it out of the scores.
         cache.batch_select_indices(rows)
-        steps = longest - 1
-        inputs = answers[:, :steps]
+        inputs = tokens[:, :steps]
         step_mask = torch.cat([mask[rows], torch.ones_like(inputs, dtype=mask.dtype)], dim=1)
-        step_pos = pos[rows, -1:] + 1 + torch.arange(steps, device=device)
+        step_pos = pos[rows, -1:] + 1 + torch.arange(steps, device=tokens.device)
         logits = llm(inputs_embeds=model.embed(inputs), attention_mask=step_mask, position_ids=step_pos,
                      use_cache=True, logits_to_keep=0, **{cache_key: cache}).logits
-        token_ll = torch.log_softmax(logits.float(), dim=-1).gather(-1, answers[:, 1:, None]).squeeze(-1)
-        real = torch.arange(1, longest, device=device) < lengths[:, None]
-        summed = summed + torch.where(real, token_ll, 0.0).sum(dim=1)
-        greedy &= ((logits.argmax(dim=-1) == answers[:, 1:]) | ~real).all(dim=1)
-    return OptionScores(summed=list(summed.split(splits)), num_tokens=list(lengths.float().split(splits)),
-                        greedy=list(greedy.split(splits)))
+        rest_summed, rest_greedy = _token_scores(logits, tokens[:, 1:], real[:, 1:])
+        summed, greedy = summed + rest_summed, greedy & rest_greedy
+    return summed, greedy
+
+
+def _score_on_encoding(model, batch, answers: _Answers, image_features, static_features, schedule):
+    """An encoder-decoder LLM: the two encoder passes once per question, the decoder once over the answers."""
+    mask = batch["attention_mask"]
+    encoded = model._encode(batch["input_ids"], mask, batch["image_pos"], batch["request_pos"], batch["slot_pos"],
+                            batch.get("pixel_values"), image_features, static_features, None, schedule, False)
+    # Each question's encoding, repeated once per option. The decoder reads the answers shifted right
+    # behind its start token; right padding sits after every real token, so causality keeps it out of
+    # the scores.
+    encoding = BaseModelOutput(last_hidden_state=encoded.last_hidden_state[answers.rows])
+    decoder_input_ids = model.llm.prepare_decoder_input_ids_from_labels(labels=answers.tokens)
+    logits = model.llm(encoder_outputs=encoding, attention_mask=mask[answers.rows],
+                       decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    return _token_scores(logits, answers.tokens, answers.real)
+
+
+@torch.no_grad()
+def score_options(model, processor, prompts: Sequence[str], options: Sequence[Sequence[str]],
+                  pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
+                  static_features: Optional[torch.Tensor] = None, schedule: Optional[str] = None) -> OptionScores:
+    """Score every option of every prompt by the log-likelihood of its answer tokens.
+
+    Args:
+        model: an ``LMEyeModel`` or an ``LMEyeSeq2SeqModel``; processor: its ``LMEyeProcessor``
+            (built with ``encoder_decoder=True`` for the latter).
+        prompts: B prompts (as for generation, at most one ``<img>`` each).
+        options: B lists of answer texts; the lists may differ in length.
+        pixel_values / image_features, static_features: the B images, as for ``model.generate``.
+        schedule: ``"static"`` scores without the IPN; any other value (or
+            None) runs the IPN. For a decoder-only LLM ``"two_pass"`` gives the
+            same scores as ``"single_pass"`` (the prefix is the same in both passes).
+    Returns:
+        ``OptionScores``; the answer tokens are encoded exactly as the
+        processor encodes training answers (EOS is not scored).
+    """
+    if processor.encoder_decoder != model.encoder_decoder:
+        raise ValueError(f"processor: built with encoder_decoder={processor.encoder_decoder}, but the model wraps "
+                         f"{'an encoder-decoder' if model.encoder_decoder else 'a decoder-only'} LLM; build it with "
+                         f"encoder_decoder={model.encoder_decoder}")
+    option_ids = _option_ids(processor, options, len(prompts))
+    device = model.special_embed.device
+    batch = processor(prompts, images=pixel_values).to(device)
+    image_features, static_features = (None if f is None else f.to(device) for f in (image_features, static_features))
+    answers = _answers(option_ids, processor.pad_token_id, device)
+    score = _score_on_encoding if model.encoder_decoder else _score_on_cache
+    summed, greedy = score(model, batch, answers, image_features, static_features, schedule)
+    return OptionScores(summed=list(summed.split(answers.splits)),
+                        num_tokens=list(answers.lengths.float().split(answers.splits)),
+                        greedy=list(greedy.split(answers.splits)))
 
 
 @torch.no_grad()
@@ -139,10 +192,13 @@ def answer_log_likelihood(model, batch, schedule: Optional[str] = None):
     if "labels" not in batch:
         raise ValueError("batch: needs labels (call the processor with answers)")
     out = model(**batch, schedule=schedule)
-    targets = batch["labels"][:, batch["prefix_len"] + 1:]
+    if model.encoder_decoder:
+        # The decoder's logits predict its labels column for column.
+        logits, targets = out.logits, batch["labels"]
+    else:
+        logits, targets = out.logits[:, :-1], batch["labels"][:, batch["prefix_len"] + 1:]
     scored = targets != IGNORE_INDEX
     if model.config.eos_token_id is not None:
         scored &= targets != model.config.eos_token_id
-    token_ll = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
-    token_ll = token_ll.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
-    return torch.where(scored, token_ll, 0.0).sum(dim=1), scored.sum(dim=1)
+    summed, _ = _token_scores(logits, targets.clamp_min(0), scored)
+    return summed, scored.sum(dim=1)
