@@ -79,6 +79,57 @@ def _ipn_state(ipn: InteractiveLayer) -> Dict[str, torch.Tensor]:
     return state
 
 
+class _Embedded(Exception):
+    """Stops ``_token_scale``'s probe at the first layer: only the embedding stage is wanted."""
+
+
+def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
+    """The factor ``reader`` (the module LMEye hands ``inputs_embeds`` to) applies to its token
+    embeddings when it embeds ``input_ids`` itself but not to given ``inputs_embeds``; 1.0 otherwise.
+
+    Most LLMs scale inside the embedding module (BART, mBART) or apply their scale to given
+    ``inputs_embeds`` as well (Gemma, the Pegasus and Marian decoders), so LMEye's sequence sees the
+    text as the LLM does. Some scale only on the ``input_ids`` path (the Pegasus, Marian,
+    BlenderbotSmall and MVP encoders with ``scale_embedding``): without this factor their text would
+    reach them ``embed_scale`` times too small. Which kind ``reader`` is, its attributes cannot tell,
+    so where it has an ``embed_scale`` the probe runs its embedding stage both ways, on one token, and
+    compares what its first layer receives.
+    """
+    scale = getattr(reader, "embed_scale", None)
+    if not isinstance(scale, (int, float)) or scale == 1 or getattr(embedding, "embed_scale", None) is not None:
+        return 1.0
+    first = next((child[0] for child in reader.children() if isinstance(child, nn.ModuleList) and len(child)), None)
+    if first is None:
+        raise ValueError(f"llm: {type(reader).__name__} has an embed_scale but no list of layers to probe how it "
+                         "applies it")
+    received = []
+
+    def stop(module, args, kwargs):
+        received.append(args[0] if args else kwargs["hidden_states"])
+        raise _Embedded
+
+    token = torch.ones(1, 1, dtype=torch.long, device=embedding.weight.device)
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    training = reader.training
+    try:
+        reader.eval()  # no dropout between the two runs
+        with torch.no_grad():
+            for inputs in (dict(input_ids=token), dict(inputs_embeds=embedding(token)),
+                           dict(inputs_embeds=embedding(token) * scale)):
+                with contextlib.suppress(_Embedded):
+                    reader(**inputs)
+    finally:
+        handle.remove()
+        reader.train(training)
+    from_ids, given, scaled = received
+    if torch.equal(from_ids, given):
+        return 1.0
+    if torch.allclose(from_ids, scaled):
+        return float(scale)
+    raise ValueError(f"llm: {type(reader).__name__} embeds input_ids in a way that neither its embedding module nor "
+                     "its embed_scale reproduces, so LMEye cannot hand it the text as it would see it")
+
+
 def _feature_widths(config: LMEyeConfig, vision: Optional[nn.Module]) -> Tuple[int, int]:
     """(IPN feature width Dv, static feature width): the config's, else read off the vision module."""
     def read(feature):
@@ -163,12 +214,13 @@ class LMEyeModel(nn.Module):
 
         self.llm = llm.requires_grad_(False)
         self.vision = vision.requires_grad_(False) if vision is not None else None
+        self.token_scale = _token_scale(self.reader, embedding)
         device = embedding.weight.device
         self.static, self.ipn = _adapter_modules(self.config, llm_dim, interaction, device=device)
         with torch.no_grad():
             # <img> rows become exactly the mapped image tokens (the mapping adds
             # into them); <img-q> and <img-d> start as an average word.
-            mean = embedding.weight.float().mean(dim=0)
+            mean = embedding.weight.float().mean(dim=0) * self.token_scale
             init = torch.stack([torch.zeros_like(mean), mean, mean])
         self.special_embed = nn.Parameter(init.to(device))
         self.register_buffer("special_ids", torch.tensor(config.token_ids(), dtype=torch.long, device=device),
@@ -214,9 +266,18 @@ class LMEyeModel(nn.Module):
             out = vision_features(self.vision, pixel_values, (self.config.static_feature, self.config.ipn_feature))
         return {"image_features": out[self.config.ipn_feature], "static_features": out[self.config.static_feature]}
 
+    @property
+    def reader(self) -> nn.Module:
+        """The part of the LLM that reads the sequence LMEye builds (as ``inputs_embeds``)."""
+        get_decoder = getattr(self.llm, "get_decoder", None)
+        return get_decoder() if callable(get_decoder) else self.llm
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the special tokens' rows taken from ``special_embed`` (trainable on its own)."""
+        """Token embeddings, as the LLM would make them from ``input_ids`` (``token_scale``), with the special
+        tokens' rows taken from ``special_embed`` (trainable on its own)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
+        if self.token_scale != 1.0:
+            embeds = embeds * self.token_scale
         match = input_ids.unsqueeze(-1) == self.special_ids
         special = match.to(embeds.dtype) @ self.special_embed.to(embeds.dtype)
         return torch.where(match.any(dim=-1, keepdim=True), special, embeds)

@@ -51,6 +51,10 @@ class LMEyeSeq2SeqModel(LMEyeModel):
     def encoder(self) -> nn.Module:
         return self.llm.get_encoder()
 
+    @property
+    def reader(self) -> nn.Module:
+        return self.encoder
+
     def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
                 static_features, image_mask, schedule, validate):
         """Check the inputs, then the encoder's output on the sequence with the image tokens and, for
