@@ -39,8 +39,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
+from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from .models.scoring import score_options
+from .models.seq2seq import model_classes
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
            "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "format_table", "main"]
@@ -283,7 +284,7 @@ def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, 
     encoder-decoder LLM (its config's ``encoder_decoder``) loads its LLM as an
     ``AutoModelForSeq2SeqLM`` into an ``LMEyeSeq2SeqModel``, with the encoder-decoder processor.
     """
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
@@ -295,8 +296,7 @@ def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, 
     if ids != config.token_ids():
         raise ValueError(f"tokenizer: its special-token ids {ids} differ from the adapter's {config.token_ids()}; "
                          "load the tokenizer the adapter was trained with")
-    llm_class, model_class = ((AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if config.encoder_decoder
-                              else (AutoModelForCausalLM, LMEyeModel))
+    llm_class, model_class = model_classes(config.encoder_decoder)
     model = model_class.from_pretrained(adapter, llm_class.from_pretrained(llm, dtype=DTYPES[dtype]),
                                         vision=_load_vision(vision, DTYPES[dtype]))
     images = AutoImageProcessor.from_pretrained(image_processor or vision)

@@ -21,7 +21,7 @@ from torch import nn
 from .clip_interaction import CLIPTextInteraction
 from .modeling import LMEyeModel
 from .processor import LMEyeProcessor
-from .seq2seq import LMEyeSeq2SeqModel
+from .seq2seq import model_classes
 from .vision import CLIPImageEncoder, feature_shape
 
 __all__ = ["published", "global_token", "patch_tokens"]
@@ -41,7 +41,7 @@ def _build(tokenizer, llm: nn.Module, vision: nn.Module, response_prefix: str, n
                                response_prefix=response_prefix, encoder_decoder=encoder_decoder,
                                decoder_start_token_id=getattr(llm.config, "decoder_start_token_id", None)
                                if encoder_decoder else None)
-    model_class = LMEyeSeq2SeqModel if encoder_decoder else LMEyeModel
+    model_class = model_classes(encoder_decoder)[1]
     model = model_class(llm, processor.make_config(**config_kwargs), vision=vision, interaction=interaction)
     return processor, model
 

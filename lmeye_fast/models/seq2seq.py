@@ -28,7 +28,7 @@ from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from .config import SEQ2SEQ_SCHEDULES
 from .modeling import LMEyeModel, LMEyeOutput, _cross_entropy
 
-__all__ = ["LMEyeSeq2SeqModel"]
+__all__ = ["LMEyeSeq2SeqModel", "model_classes"]
 
 
 class LMEyeSeq2SeqModel(LMEyeModel):
@@ -148,3 +148,11 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         self._generation_defaults(generate_kwargs)
         tokens = self.llm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **generate_kwargs)
         return tokens[:, 1:]
+
+
+def model_classes(encoder_decoder: bool):
+    """(the ``transformers`` auto class that loads the LLM, the LMEye class that wraps it) for an
+    encoder-decoder LLM (its config's ``is_encoder_decoder``) or a causal one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return (AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if encoder_decoder else (AutoModelForCausalLM, LMEyeModel)

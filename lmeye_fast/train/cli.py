@@ -97,16 +97,15 @@ def _build(config: TrainConfig):
     """Load the tokenizer, the LLM, the vision tower and its image processor; wrap them as an LMEyeModel,
     or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``)."""
     import torch
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
-                              AutoTokenizer)
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
-    from ..models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
+    from ..models import LMEyeProcessor
+    from ..models.seq2seq import model_classes
 
     # The LLM's config alone decides the model class and is checked before any weights load.
     llm_config = AutoConfig.from_pretrained(config.llm)
     encoder_decoder = bool(getattr(llm_config, "is_encoder_decoder", False))
-    llm_class, model_class = ((AutoModelForSeq2SeqLM, LMEyeSeq2SeqModel) if encoder_decoder
-                              else (AutoModelForCausalLM, LMEyeModel))
+    llm_class, model_class = model_classes(encoder_decoder)
     schedule = config.model_schedule(encoder_decoder)
     if schedule not in model_class.schedules:
         raise ValueError(f"schedule: expected one of {model_class.schedules} for the "
