@@ -253,6 +253,21 @@ class InteractiveLayer(nn.Module):
             out = out[0]
         return out[:, -self.num_requests:]
 
+    def attention_weights(self, hidden, image, request_pos=None, image_mask=None) -> torch.Tensor:
+        """What each request attended to: the attention interaction's weights (B, H, R, N*S) in float32
+        (float64 for float64 inputs), per head and request its softmax over the decomposed image
+        features, column ``n*S + k`` being sub-feature k of image token n (``reference.attention_weights``).
+        The inputs are those of ``transmitted``. A layer with a user interaction module has no such
+        weights and raises ``ValueError``."""
+        if self.interaction is not None:
+            raise ValueError(f"attention_weights: this layer's interaction is {type(self.interaction).__name__}, "
+                             "a user module; only the built-in attention interaction has attention weights")
+        self._check(hidden, request_pos, image, image_mask, None, None, False, torch.compiler.is_compiling())
+        p = self._params(self._compute_dtype(image.device))
+        r = reference.request(_as(hidden, p.w_q.dtype), request_pos, p.w_q, p.b_q, self.num_requests)
+        feats = reference.decompose(_as(image, p.w_f.dtype), p.w_f, p.b_f, self.sub_features)
+        return reference.attention_weights(r, feats, image_mask, self.num_heads, self.sub_features)
+
     def transmitted(self, hidden, image, request_pos=None, image_mask=None, validate: bool = False):
         """The R transmitted tokens (B, R, D), without writing them anywhere."""
         fns, p, z = self._interaction_output(hidden, request_pos, image, image_mask, None, None, validate)

@@ -23,6 +23,7 @@ __all__ = [
     "gather_rows",
     "request",
     "decompose",
+    "attention_weights",
     "attend",
     "transmit",
     "interleave",
@@ -75,6 +76,35 @@ def decompose(
     return f.reshape(batch, tokens * sub_features, w_f.shape[0] // sub_features).to(image.dtype)
 
 
+def attention_weights(
+    requests: torch.Tensor,
+    feats: torch.Tensor,
+    image_mask: Optional[torch.Tensor],
+    num_heads: int,
+    sub_features: int,
+) -> torch.Tensor:
+    """Step 3's weights: per head ``softmax(r Fᵀ / sqrt(Di/H))`` over the unmasked sub-features, in the
+    accumulation dtype, (B, H, R, N*S); column ``n*S + k`` is sub-feature k of image token n.
+
+    ``requests`` (B, R, Di), ``feats`` (B, N*S, Di), ``image_mask`` (B, N) bool
+    (True = keep) or None. A masked sub-feature gets weight 0, and a row whose
+    image tokens are all masked gets all zeros, never NaN.
+    """
+    acc = compute_dtype(requests.dtype)
+    batch, num_req, width = requests.shape
+    head_dim = width // num_heads
+    r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim).transpose(1, 2)
+    f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, head_dim).transpose(1, 2)
+    scores = torch.matmul(r, f.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, R, N*S)
+    if image_mask is None:
+        return torch.softmax(scores, dim=-1)
+    keep = image_mask.to(torch.bool).repeat_interleave(sub_features, dim=1)[:, None, None, :]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).min)
+    p = torch.exp(scores - row_max) * keep
+    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+
+
 def attend(
     requests: torch.Tensor,
     feats: torch.Tensor,
@@ -82,7 +112,8 @@ def attend(
     num_heads: int,
     sub_features: int,
 ) -> torch.Tensor:
-    """Step 3: per head ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` over the unmasked sub-features.
+    """Step 3: per head ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` over the unmasked sub-features
+    (``attention_weights``).
 
     ``requests`` (B, R, Di), ``feats`` (B, N*S, Di), ``image_mask`` (B, N) bool
     (True = keep) or None. A row whose image tokens are all masked gets
@@ -92,18 +123,8 @@ def attend(
     batch, num_req, width = requests.shape
     if feats.shape[1] == 0:  # no image tokens: nothing to attend to, as if all were masked
         return requests.clone()
-    head_dim = width // num_heads
-    r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim).transpose(1, 2)
-    f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, head_dim).transpose(1, 2)
-    scores = torch.matmul(r, f.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, R, N*S)
-    if image_mask is not None:
-        keep = image_mask.to(torch.bool).repeat_interleave(sub_features, dim=1)[:, None, None, :]
-        scores = scores.masked_fill(~keep, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).min)
-        p = torch.exp(scores - row_max) * keep
-        attn = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    else:
-        attn = torch.softmax(scores, dim=-1)
+    attn = attention_weights(requests, feats, image_mask, num_heads, sub_features)
+    f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, width // num_heads).transpose(1, 2)
     z = torch.matmul(attn, f).transpose(1, 2).reshape(batch, num_req, width) + requests.to(acc)
     return z.to(requests.dtype)
 

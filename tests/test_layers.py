@@ -56,6 +56,46 @@ def test_request_vectors_directly_and_transmitted_tokens():
     torch.testing.assert_close(from_states, manual)
 
 
+def test_attention_weights_are_the_ones_the_layer_attends_with():
+    layer = randomize(InteractiveLayer(21, 13, 12, num_requests=3, sub_features=2, num_heads=3, backend="reference"))
+    hidden, image, _, _, request_pos = make_inputs(layer)
+    # Non-contiguous inputs (batch-second storage).
+    hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    image = image.transpose(0, 1).contiguous().transpose(0, 1)
+    mask = torch.rand(3, 5) > 0.3
+    mask[1] = False  # a row with every image token masked
+    weights = layer.attention_weights(hidden, image, request_pos=request_pos, image_mask=mask)
+    assert weights.shape == (3, 3, 3, 10) and weights.dtype == torch.float32
+    # Independently, in float64: one softmax per row, head and request over its kept sub-features.
+    w = {k: v.detach().double() for k, v in layer.named_parameters()}
+    r = (hidden.double()[torch.arange(3), request_pos] @ w["request_proj.weight"].T + w["request_proj.bias"])
+    f = image.double() @ w["decompose_proj.weight"].T + w["decompose_proj.bias"]
+    r, f = r.reshape(3, 3, 3, 4), f.reshape(3, 10, 3, 4)  # (B, R, H, Di/H), (B, N*S, H, Di/H)
+    keep = mask.repeat_interleave(2, dim=1)
+    for b in range(3):
+        for h in range(3):
+            scores = r[b, :, h] @ f[b, :, h].T / 2.0
+            expected = torch.zeros_like(scores)
+            if keep[b].any():
+                expected[:, keep[b]] = torch.softmax(scores[:, keep[b]], dim=-1)
+            torch.testing.assert_close(weights[b, h].double(), expected, rtol=1e-5, atol=1e-6)
+    # The layer's own output is made from these weights: z = attn F + r, then the transmission.
+    z = (weights.double() @ f.transpose(1, 2)).transpose(1, 2).reshape(3, 3, 12) + r.reshape(3, 3, 12)
+    tokens = z @ w["transmit_proj.weight"].T + w["transmit_proj.bias"] + w["slot_embed"]
+    torch.testing.assert_close(layer.transmitted(hidden, image, request_pos=request_pos, image_mask=mask).double(),
+                               tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_weights_refused_for_a_user_interaction_module():
+    layer = InteractiveLayer(16, 10, 8, num_requests=3, num_heads=2, interaction=TinyEncoder(8), backend="reference")
+    hidden, image, _, _, request_pos = make_inputs(layer)
+    with pytest.raises(ValueError, match="TinyEncoder.*only the built-in attention"):
+        layer.attention_weights(hidden, image, request_pos=request_pos)
+    with pytest.raises(ValueError, match="image"):
+        InteractiveLayer(16, 10, 8, num_requests=3, num_heads=2).attention_weights(hidden, image[..., :9],
+                                                                                 request_pos=request_pos)
+
+
 def test_inplace_does_not_copy_and_gradients_reach_everything():
     layer = randomize(InteractiveLayer(16, 10, 8, num_requests=2, num_heads=2, backend="reference"))
     hidden, image, embeds, slot_pos, request_pos = make_inputs(layer)
