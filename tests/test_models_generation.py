@@ -79,3 +79,38 @@ def test_generation_from_pixels_with_a_clip_tower_and_static_schedule():
     static = model.generate(**batch, schedule="static", **kwargs)
     assert static.shape == single.shape
     assert len(proc.decode(single)) == 2
+
+
+def test_a_streamer_receives_the_generated_tokens_on_every_schedule():
+    from transformers import TextIteratorStreamer
+
+    proc, model = build("llama", vision=tiny_clip())
+    batch = proc(prompts(1), images=torch.randn(1, 3, 32, 32))
+    for schedule in ("single_pass", "two_pass", "static"):
+        streamer = TextIteratorStreamer(proc.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+        tokens = model.generate(**batch, schedule=schedule, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                streamer=streamer)
+        assert "".join(streamer) == proc.decode(tokens)[0]
+
+
+def test_attention_weights_are_those_of_the_request_the_llm_makes():
+    proc, model = build("qwen2", vision=tiny_clip())
+    batch = proc(prompts(2), images=torch.randn(2, 3, 32, 32))
+    weights = model.attention_weights(**batch)
+    assert weights.shape == (2, 2, 3, 17)  # (B, H, R, M*S)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 3))
+    # Independently: the whole prompt through the causal LLM (its prefix columns are the single pass's).
+    images = model.encode_images(batch["pixel_values"])
+    embeds = model.static(images["static_features"], model.embed(batch["input_ids"]), batch["image_pos"])
+    hidden = model.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).last_hidden_state
+    expected = model.ipn.attention_weights(hidden, images["image_features"], request_pos=batch["request_pos"])
+    torch.testing.assert_close(weights, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_max_new_tokens_beyond_the_llms_positions_is_refused():
+    proc, model = build("gpt2")  # learned positions: 256 of them
+    batch = proc(prompts(1))
+    room = 256 - batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"max_new_tokens: .*max_new_tokens={room + 1} .*256 positions"):
+        model.generate(**batch, image_features=features(model, 1), max_new_tokens=room + 1)

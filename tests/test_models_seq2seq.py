@@ -222,6 +222,22 @@ def test_pass_one_reads_the_learned_slot_embedding_and_the_decoder_runs_once(arc
 
 
 @pytest.mark.parametrize("arch", SEQ2SEQ_ARCHITECTURES)
+def test_attention_weights_are_those_of_the_request_read_in_pass_one(arch):
+    proc, model = build(arch)
+    batch = make_batch(proc, model, batch=3)
+    weights = model.attention_weights(**batch)
+    assert weights.shape == (3, 2, 3, 2 * model.config.num_image_tokens)  # (B, H, R, M*S)
+    (first, _), _ = encoder_inputs(model, lambda: model(**batch))
+    with torch.no_grad():
+        hidden = model.encoder(inputs_embeds=first, attention_mask=batch["attention_mask"]).last_hidden_state
+    expected = model.ipn.attention_weights(hidden, batch["image_features"], request_pos=batch["request_pos"],
+                                           image_mask=batch["image_mask"])
+    torch.testing.assert_close(weights, expected)
+    masked = ~batch["image_mask"].repeat_interleave(2, dim=1)[:, None, None, :].expand_as(weights)
+    assert torch.equal(weights[masked], torch.zeros_like(weights[masked]))
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHITECTURES)
 def test_padded_batch_equals_each_row_alone(arch):
     """Right padding in the encoder is masked; in BART (absolute positions) each row keeps its positions."""
     proc, model = build(arch)

@@ -490,6 +490,11 @@ class LMEyeModel(nn.Module):
             input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
             static_features, image_mask, request_pos, slot_pos, schedule, False)
         self._generation_defaults(generate_kwargs)
+        limit, new_tokens = _max_positions(self.llm), generate_kwargs.get("max_new_tokens")
+        if limit is not None and isinstance(new_tokens, int) and input_ids.shape[1] + new_tokens > limit:
+            raise ValueError(f"max_new_tokens: {input_ids.shape[1]} prompt tokens and max_new_tokens={new_tokens} "
+                             f"need more than the LLM's {limit} positions; ask for fewer new tokens or shorten "
+                             "the prompt")
         if schedule == "single_pass":
             cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, static_image,
                                                      image_pos, prefix_len)
@@ -505,6 +510,33 @@ class LMEyeModel(nn.Module):
                 embeds = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask,
                                   inplace=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    @torch.no_grad()
+    def attention_weights(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_pos: torch.Tensor,
+        prefix_len: int,
+        position_ids: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        static_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        request_pos: Optional[torch.Tensor] = None,
+        slot_pos: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """What each request of a batch attended to: ``InteractiveLayer.attention_weights`` (B, H, R, M*S)
+        for the requests the LLM makes at ``request_pos`` (the prefix's last hidden states), over the IPN's
+        image features. The attention interaction only: with a user interaction module the layer raises
+        ``ValueError``."""
+        del labels, slot_pos  # a batch is passed as it is; only the prefix is read
+        _, attention_mask, position_ids, static_image, image, request_pos, _ = self._inputs(
+            input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
+            static_features, image_mask, request_pos, None, "single_pass", False)
+        _, hidden, _, _ = self._prefill(input_ids, attention_mask, position_ids, static_image, image_pos, prefix_len)
+        return self.ipn.attention_weights(hidden, image, request_pos=request_pos, image_mask=image_mask)
 
     def _generation_defaults(self, generate_kwargs: dict) -> None:
         """Pad and stop with the processor's tokens unless the caller says otherwise."""

@@ -55,11 +55,10 @@ class LMEyeSeq2SeqModel(LMEyeModel):
     def reader(self) -> nn.Module:
         return self.encoder
 
-    def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
-                static_features, image_mask, schedule, validate):
-        """Check the inputs, then the encoder's output on the sequence with the image tokens and, for
-        ``two_pass``, the IPN's slots filled: passes 1 and 2 of the schedule."""
-        schedule = self._schedule(schedule)
+    def _mapped_inputs(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values,
+                       image_features, static_features, validate):
+        """Check the inputs; (the embedded sequence with the static mapping's image tokens, the IPN's
+        image features)."""
         batch, total, device = self._token_inputs(input_ids, attention_mask)
         static_features, image_features = self._image_inputs(batch, device, pixel_values, image_features,
                                                               static_features)
@@ -72,7 +71,15 @@ class LMEyeSeq2SeqModel(LMEyeModel):
             check_positions("image_pos", image_pos, total, distinct=True)
             check_positions("request_pos", request_pos, total)
             check_positions("slot_pos", slot_pos, total, distinct=True)
-        embeds = self._mapped_embeds(input_ids, static_features, image_pos)
+        return self._mapped_embeds(input_ids, static_features, image_pos), image_features
+
+    def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
+                static_features, image_mask, schedule, validate):
+        """Check the inputs, then the encoder's output on the sequence with the image tokens and, for
+        ``two_pass``, the IPN's slots filled: passes 1 and 2 of the schedule."""
+        schedule = self._schedule(schedule)
+        embeds, image_features = self._mapped_inputs(input_ids, attention_mask, image_pos, request_pos, slot_pos,
+                                                     pixel_values, image_features, static_features, validate)
         if schedule == "two_pass":
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             # Out of place: pass 1 keeps ``embeds`` for its backward.
@@ -148,6 +155,30 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         self._generation_defaults(generate_kwargs)
         tokens = self.llm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **generate_kwargs)
         return tokens[:, 1:]
+
+
+    @torch.no_grad()
+    def attention_weights(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_pos: torch.Tensor,
+        request_pos: torch.Tensor,
+        slot_pos: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        static_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """What each request attended to (B, H, R, M*S), as ``LMEyeModel.attention_weights``: the requests
+        are read from encoder pass 1."""
+        del labels, decoder_input_ids  # a batch is passed as it is; only the encoder's input is read
+        embeds, image_features = self._mapped_inputs(input_ids, attention_mask, image_pos, request_pos, slot_pos,
+                                                     pixel_values, image_features, static_features, False)
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        return self.ipn.attention_weights(hidden, image_features, request_pos=request_pos, image_mask=image_mask)
 
 
 def model_classes(encoder_decoder: bool):
