@@ -114,3 +114,17 @@ def test_max_new_tokens_beyond_the_llms_positions_is_refused():
     room = 256 - batch["input_ids"].shape[1]
     with pytest.raises(ValueError, match=rf"max_new_tokens: .*max_new_tokens={room + 1} .*256 positions"):
         model.generate(**batch, image_features=features(model, 1), max_new_tokens=room + 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_beam_search_and_several_sequences_on_the_single_pass(arch):
+    proc, model = build(arch)
+    batch = proc(prompts())
+    image = features(model, 3)
+    beams = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)
+    single = model.generate(**batch, image_features=image, **beams)
+    assert torch.equal(single, model.generate(**batch, image_features=image, schedule="two_pass", **beams))
+    several = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2)
+    single = model.generate(**batch, image_features=image, **several)
+    assert single.shape == (6, NEW_TOKENS)
+    assert torch.equal(single, model.generate(**batch, image_features=image, schedule="two_pass", **several))

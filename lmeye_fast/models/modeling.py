@@ -501,6 +501,12 @@ class LMEyeModel(nn.Module):
             suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
             # generate() runs only the columns the cache does not hold yet: the suffix.
             embeds = torch.cat([prefix, suffix], dim=1)
+            # It repeats every row of its inputs per beam and per returned sequence, but not a cache given to it.
+            settings = generate_kwargs.get("generation_config") or self.llm.generation_config
+            copies = max(generate_kwargs.get("num_beams", settings.num_beams or 1),
+                         generate_kwargs.get("num_return_sequences", settings.num_return_sequences or 1))
+            if copies > 1:
+                cache.batch_repeat_interleave(copies)
             generate_kwargs[self._cache_key] = cache
         else:
             embeds = self._mapped_embeds(input_ids, static_image, image_pos)
