@@ -48,8 +48,8 @@ MAX_BEAMS = 8
 MAX_NEW_TOKENS = 1024
 # The shown size of the image as the vision tower sees it, with the attention drawn over it.
 VIEW_SIZE = 224
-# The colour and the strongest opacity of the attention drawn over the image.
-HEAT_RGB, HEAT_ALPHA = (255, 48, 0), 0.7
+# How bright a patch that received no attention is drawn (one with the largest weight is as it is).
+DIM_FLOOR = 0.15
 
 
 @dataclass(frozen=True)
@@ -225,12 +225,12 @@ class ChatEngine:
         images = []
         for j, row in enumerate(per_token):
             grid = row[1:] if with_class else row
-            caption = f"<img-d> {j + 1}" + (f": class token {row[0].item():.0%}, patches {grid.sum().item():.0%}"
-                                            if with_class else "")
+            caption = f"<img-d> {j + 1}" + (f": class token {row[0].item():.0%}" if with_class else "")
             images.append((_overlay(view, grid.reshape(side, side)), caption))
         return AttentionView(images, f"Per `<img-d>` token, where its request attended over the {side}x{side} "
-                                     "patches (heads averaged; darker red is more weight, each map scaled to its "
-                                     "own largest weight), on the image as the vision tower sees it.")
+                                     "patches (heads averaged; the brighter a patch, the more weight, each map "
+                                     "scaled to its own largest weight), on the image as the vision tower sees it; "
+                                     "the caption gives the weight on the class token.")
 
     def _view(self, pixels: torch.Tensor):
         """The vision tower's input (C, H, W) as an RGB image of ``VIEW_SIZE``, the image processor's
@@ -257,13 +257,14 @@ def _top(weights: torch.Tensor, count: int = 5):
 
 
 def _overlay(view, grid: torch.Tensor):
-    """``grid`` (g, g) of weights drawn over ``view`` in red, its largest weight at ``HEAT_ALPHA``."""
+    """``view`` lit by ``grid`` (g, g): each patch's brightness follows its weight, the largest weight at
+    full brightness and none at ``DIM_FLOOR`` (a colour of its own would hide in images of that colour)."""
     from PIL import Image
 
-    heat = grid / grid.max().clamp_min(1e-12)
-    alpha = (heat * HEAT_ALPHA * 255).round().to(torch.uint8).numpy()
-    mask = Image.fromarray(alpha, "L").resize(view.size, Image.Resampling.NEAREST)
-    return Image.composite(Image.new("RGB", view.size, HEAT_RGB), view, mask)
+    light = DIM_FLOOR + (1 - DIM_FLOOR) * grid / grid.max().clamp_min(1e-12)
+    mask = Image.fromarray((light * 255).round().to(torch.uint8).numpy(), "L").resize(view.size,
+                                                                                       Image.Resampling.NEAREST)
+    return Image.composite(view, Image.new("RGB", view.size, (0, 0, 0)), mask)
 
 
 def load_engine(args: argparse.Namespace) -> ChatEngine:
@@ -352,13 +353,14 @@ def build_app(engine: ChatEngine, title: str = "LMEye"):
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Image file", file_types=["image"], elem_id="image-file")
-                preview = gr.Image(label="Image", type="pil", interactive=False, height=240)
+                preview = gr.Image(label="Image", type="pil", interactive=False, height=240, elem_id="preview")
                 with gr.Accordion("Generation settings", open=True):
                     beams = gr.Slider(1, MAX_BEAMS, value=1, step=1, label="Beams (beam search answers at once)")
                     sample = gr.Checkbox(value=False, label="Sampling")
                     temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
+                                        elem_id="max-new-tokens")
                 compare = gr.Checkbox(value=False, label="Also answer with the static-only model (no IPN)",
                                       elem_id="compare")
             with gr.Column(scale=2):
@@ -371,8 +373,8 @@ def build_app(engine: ChatEngine, title: str = "LMEye"):
                 with gr.Row():
                     ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
                     clear_button = gr.Button("New conversation")
-                gallery = gr.Gallery(label="What each <img-d> token's request attended to", columns=5,
-                                     height=220, elem_id="attention")
+                gallery = gr.Gallery(label="What each <img-d> token's request attended to", columns=4,
+                                     height=260, object_fit="contain", elem_id="attention")
                 note = gr.Markdown(elem_id="attention-note")
 
         inputs = [upload, question, lmeye_chat, static_chat, beams, sample, temperature, top_p, max_new, compare]
