@@ -36,7 +36,8 @@ import torch
 from .eval import DTYPES, EvalModel, load_eval_model
 from .models.processor import IGNORE_INDEX, LMEyeBatch, TokenizedRow
 
-__all__ = ["GenerationSettings", "AttentionView", "ChatEngine", "load_engine", "build_app", "main"]
+__all__ = ["GenerationSettings", "AttentionView", "ChatEngine", "load_engine", "chat_turns", "build_app", "launch",
+           "main"]
 
 HOST = "127.0.0.1"
 # How long the page waits for the next token before it says that generation stalled.
@@ -287,7 +288,7 @@ def _text(content) -> str:
     return ""
 
 
-def _turns(messages) -> List[Tuple[str, str]]:
+def chat_turns(messages) -> List[Tuple[str, str]]:
     """(question, answer) pairs of a chat's messages."""
     turns, question = [], None
     for message in messages or []:
@@ -327,7 +328,7 @@ def build_app(engine: ChatEngine, title: str = "LMEye"):
             image = engine.open_image(path)
             settings = GenerationSettings(int(beams), bool(sample), float(temperature), float(top_p),
                                           int(max_new_tokens))
-            lmeye_turns, static_turns = _turns(lmeye_chat), _turns(static_chat)
+            lmeye_turns, static_turns = chat_turns(lmeye_chat), chat_turns(static_chat)
             batch = engine.batch(image, lmeye_turns, question)
             static_batch = engine.batch(image, static_turns, question) if compare else None
             shown_static = _messages(static_turns) + [{"role": "user", "content": question}] if compare else []

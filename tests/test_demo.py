@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import torch
 gradio_client = pytest.importorskip("gradio_client", reason="the demo extra: pip install -e '.[demo]'")
 pytest.importorskip("gradio", reason="the demo extra: pip install -e '.[demo]'")
 
-from lmeye_fast.demo import ChatEngine, GenerationSettings, _turns  # noqa: E402
+from lmeye_fast.demo import ChatEngine, GenerationSettings, chat_turns  # noqa: E402
 from lmeye_fast.eval import EvalModel, load_eval_model  # noqa: E402
 from saved_tiny_model import RESPONSE_PREFIX, save_tiny_model  # noqa: E402
 
@@ -138,10 +137,10 @@ def test_the_answer_is_model_generates_and_streams_token_by_token(saved, engine,
     job = client.submit(gradio_client.handle_file(str(root / "circle.png")), QUESTION, [], [], *GREEDY, False,
                         api_name="/ask")
     lmeye, static, question, gallery, note = job.result(timeout=300)
-    assert _turns(lmeye) == [(QUESTION, expected)]
+    assert chat_turns(lmeye) == [(QUESTION, expected)]
     assert static == [] and question == ""
     # Streamed: the answer grew token by token, every partial answer a beginning of the next.
-    partial = [_turns(output[0])[-1][1] for output in job.outputs() if output[0]]
+    partial = [chat_turns(output[0])[-1][1] for output in job.outputs() if output[0]]
     grown = [text for k, text in enumerate(partial) if k == 0 or text != partial[k - 1]]
     assert grown[-1] == expected and len(grown) >= min(3, len(expected.split()))
     assert all(later.startswith(earlier) for earlier, later in zip(grown, grown[1:]))
@@ -154,15 +153,15 @@ def test_the_answer_is_model_generates_and_streams_token_by_token(saved, engine,
 def test_static_switch_and_a_second_turn(saved, engine, client):
     root, _ = saved
     lmeye, static, _, _, _ = ask(client, root / "circle.png", QUESTION, compare=True)
-    first = _turns(lmeye)
+    first = chat_turns(lmeye)
     assert first == [(QUESTION, expected_answer(engine, root / "circle.png"))]
-    assert _turns(static) == [(QUESTION, expected_answer(engine, root / "circle.png", schedule="static"))]
+    assert chat_turns(static) == [(QUESTION, expected_answer(engine, root / "circle.png", schedule="static"))]
     # The second question about the same image, after the first answer, in both columns.
     follow_up = "is the square red ?"
     lmeye2, static2, _, _, _ = ask(client, root / "circle.png", follow_up, lmeye, static, compare=True)
-    assert _turns(lmeye2) == first + [(follow_up, expected_answer(engine, root / "circle.png", follow_up, first))]
-    assert _turns(static2) == _turns(static) + [
-        (follow_up, expected_answer(engine, root / "circle.png", follow_up, _turns(static), schedule="static"))]
+    assert chat_turns(lmeye2) == first + [(follow_up, expected_answer(engine, root / "circle.png", follow_up, first))]
+    assert chat_turns(static2) == chat_turns(static) + [
+        (follow_up, expected_answer(engine, root / "circle.png", follow_up, chat_turns(static), schedule="static"))]
 
 
 def test_the_second_turn_follows_the_first_answer_as_training_lays_it_out(engine):
@@ -190,7 +189,7 @@ def test_bad_input_is_answered_in_words_and_the_server_keeps_serving(saved, engi
         with pytest.raises(gradio_client.exceptions.AppError, match=message):
             ask(client, **kwargs)
     lmeye, _, _, _, _ = ask(client, root / "circle.png", QUESTION)
-    assert _turns(lmeye) == [(QUESTION, expected_answer(engine, root / "circle.png"))]
+    assert chat_turns(lmeye) == [(QUESTION, expected_answer(engine, root / "circle.png"))]
 
 
 def test_beams_and_sampling_from_the_page(saved, engine, client):
@@ -198,9 +197,9 @@ def test_beams_and_sampling_from_the_page(saved, engine, client):
     lmeye, _, _, _, _ = ask(client, root / "circle.png", QUESTION, settings=(3, False, 1.0, 1.0, NEW_TOKENS))
     batch = engine.batch(engine.open_image(root / "circle.png"), [], QUESTION)
     beams = engine.model.generate(**batch, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)
-    assert _turns(lmeye) == [(QUESTION, engine.processor.decode(beams)[0].strip())]
+    assert chat_turns(lmeye) == [(QUESTION, engine.processor.decode(beams)[0].strip())]
     lmeye, _, _, _, _ = ask(client, root / "circle.png", QUESTION, settings=(1, True, 0.7, 0.9, NEW_TOKENS))
-    assert len(_turns(lmeye)) == 1
+    assert len(chat_turns(lmeye)) == 1
 
 
 def chromium_driver(profile):
@@ -284,6 +283,7 @@ def test_an_encoder_decoder_adapter_streams_and_draws_its_attention(tmp_path):
 
 
 def test_interactions_without_an_attention_map_say_so():
+    from PIL import Image
     from transformers import CLIPImageProcessor
 
     from lmeye_fast.models import published
@@ -295,9 +295,24 @@ def test_interactions_without_an_attention_map_say_so():
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     engine = ChatEngine(EvalModel(model.eval(), processor, images))
     picture = torch.rand(40, 48, 3).mul(255).to(torch.uint8).numpy()
-    from PIL import Image
-
     batch = engine.batch(Image.fromarray(picture), [], QUESTION)
     view = engine.attention(batch, None)
     assert view.images == [] and "CLIPTextInteraction" in view.note and "no attention" in view.note
     assert list(engine.stream(batch, GenerationSettings(max_new_tokens=3)))  # it still answers
+
+
+def test_attention_over_features_that_are_not_a_patch_grid_is_listed(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from lmeye_fast.models import LMEyeModel, LMEyeProcessor
+    from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
+
+    processor = LMEyeProcessor(word_tokenizer(QUESTION.split()), num_image_tokens=17, num_requests=2)
+    config = processor.make_config(interaction_dim=16, num_heads=2, sub_features=3, ipn_feature="pooled")
+    model = LMEyeModel(tiny_llm("llama", len(processor)), config, vision=tiny_clip()).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    engine = ChatEngine(EvalModel(model, processor, images))
+    image = engine.open_image(circle_image(tmp_path / "circle.png"))
+    view = engine.attention(engine.batch(image, [], QUESTION), image)
+    assert view.images == [] and "1 'pooled' image feature" in view.note
+    assert view.note.count("feature 0: 100%") == 2  # one global feature: each request's whole weight
