@@ -305,10 +305,10 @@ def _messages(turns: Sequence[Tuple[str, str]]) -> List[dict]:
     return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
-def build_app(engine: ChatEngine, title: str = "LMEye"):
-    """The page (a ``gradio.Blocks``) over ``engine``; its API endpoint ``/ask`` takes the image file,
-    the question, both chats, the settings and the comparison switch, and streams both chats and the
-    attention panel."""
+def build_app(engine: ChatEngine, title: str = "LMEye", settings: GenerationSettings = GenerationSettings()):
+    """The page (a ``gradio.Blocks``) over ``engine``, its settings starting at ``settings``; its API
+    endpoint ``/ask`` takes the image file, the question, both chats, the settings and the comparison
+    switch, and streams both chats and the attention panel."""
     import gradio as gr
 
     def fail(error: Exception):
@@ -356,12 +356,13 @@ def build_app(engine: ChatEngine, title: str = "LMEye"):
                 upload = gr.File(label="Image file", file_types=["image"], elem_id="image-file")
                 preview = gr.Image(label="Image", type="pil", interactive=False, height=240, elem_id="preview")
                 with gr.Accordion("Generation settings", open=True):
-                    beams = gr.Slider(1, MAX_BEAMS, value=1, step=1, label="Beams (beam search answers at once)")
-                    sample = gr.Checkbox(value=False, label="Sampling")
-                    temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
-                                        elem_id="max-new-tokens")
+                    beams = gr.Slider(1, MAX_BEAMS, value=settings.num_beams, step=1,
+                                      label="Beams (beam search answers at once)")
+                    sample = gr.Checkbox(value=settings.do_sample, label="Sampling")
+                    temperature = gr.Slider(0.05, 2.0, value=settings.temperature, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=settings.max_new_tokens, step=1,
+                                        label="Max new tokens", elem_id="max-new-tokens")
                 compare = gr.Checkbox(value=False, label="Also answer with the static-only model (no IPN)",
                                       elem_id="compare")
             with gr.Column(scale=2):
@@ -416,6 +417,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--response-prefix", default="", help="text between the <img-d> slots and the answer")
     parser.add_argument("--template", default="{question}", help="the first question's prompt, with {question}")
     parser.add_argument("--port", type=int, default=7860, help=f"port on {HOST}")
+    start = GenerationSettings()
+    settings = parser.add_argument_group("the page's first generation settings (the released demo's: --beams 5 "
+                                         "--sample --temperature 1 --max-new-tokens 200)")
+    settings.add_argument("--beams", type=int, default=start.num_beams)
+    settings.add_argument("--sample", action="store_true", help="sampling on")
+    settings.add_argument("--temperature", type=float, default=start.temperature)
+    settings.add_argument("--top-p", type=float, default=start.top_p)
+    settings.add_argument("--max-new-tokens", type=int, default=start.max_new_tokens)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     return parser
@@ -425,13 +434,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = _parser().parse_args(argv)
     if not 1 <= args.port <= 65535:
         raise SystemExit(f"--port: expected a port in [1, 65535], got {args.port}")
+    try:
+        settings = GenerationSettings(args.beams, args.sample, args.temperature, args.top_p, args.max_new_tokens)
+    except ValueError as error:
+        raise SystemExit(f"generation settings: {error}") from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit("the demo needs Gradio: pip install -e \".[demo]\"") from None
     engine = load_engine(args)
-    launch(build_app(engine, title=f"LMEye: {Path(args.adapter).name}"), args.port)
+    launch(build_app(engine, title=f"LMEye: {Path(args.adapter).name}", settings=settings), args.port)
 
 
 if __name__ == "__main__":

@@ -316,3 +316,16 @@ def test_attention_over_features_that_are_not_a_patch_grid_is_listed(tmp_path):
     view = engine.attention(engine.batch(image, [], QUESTION), image)
     assert view.images == [] and "1 'pooled' image feature" in view.note
     assert view.note.count("feature 0: 100%") == 2  # one global feature: each request's whole weight
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beams", "9"], "generation settings: beams: expected an int in \\[1, 8\\], got 9"),
+    (["--sample", "--top-p", "1.5"], "generation settings: top-p: expected a number in \\(0, 1\\], got 1.5"),
+    (["--port", "70000"], "--port: expected a port in \\[1, 65535\\], got 70000"),
+])
+def test_bad_command_line_settings_are_refused_before_anything_loads(flags, message):
+    from lmeye_fast.demo import main
+
+    # The adapter directory does not exist: the flags are refused before it is read.
+    with pytest.raises(SystemExit, match=message):
+        main(["--adapter", "no-such-adapter", "--llm", "no-llm", "--vision", "no-vision", *flags])
