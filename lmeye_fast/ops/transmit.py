@@ -149,6 +149,9 @@ def _check(z, w_o, b_o, slot_embed):
         raise ValueError(f"z: expected shape (B, R, Di), got {tuple(z.shape)}")
     device, dtype = z.device, z.dtype
     check_dtype("z", z, dtype)
+    if w_o.dim() == 3:
+        raise NotImplementedError("w_o (K, D, Di): the per-slot transmission has no Triton kernel yet "
+                                  "(use backend='reference')")
     if w_o.dim() != 2 or w_o.shape[1] != z.shape[2]:
         raise ValueError(f"w_o: expected shape (D, Di) with Di={z.shape[2]}, got {tuple(w_o.shape)}")
     check_dtype("w_o", w_o, dtype)
