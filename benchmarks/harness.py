@@ -732,7 +732,7 @@ class RatioSpec:
     scale: float = 1.0
 
 
-def _schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]:
+def schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]:
     """{shape: {(case, provider): row}} of the schedules suite's rows, shapes in the order they ran."""
     groups: Dict[str, Dict[Tuple[str, str], dict]] = {}
     for row in rows:
@@ -758,7 +758,7 @@ def add_schedule_ratios(rows: List[dict]) -> List[dict]:
     """Each schedules group's ratios (``_ratio_specs``) on the rows that carry them, from the rounds
     of the steadier clock: the one whose widest p20-p80 spread is the smaller (CPU time on a tie).
     Every row of the group gets that ``clock`` and ``clock_spreads`` ({clock: widest spread})."""
-    for by_key in _schedule_groups(rows).values():
+    for by_key in schedule_groups(rows).values():
         specs = _ratio_specs(by_key)
         by_clock = {}
         for clock in CLOCKS:
@@ -790,13 +790,13 @@ def schedule_us(row: dict) -> float:
     return row.get(schedule_clock(row).median_key, row["median_us"])
 
 
-def _duration(us: float) -> str:
+def duration_text(us: float) -> str:
     if us >= 1e6:
         return f"{_num(us / 1e6)} s"
     return f"{_num(us / 1e3)} ms" if us >= 1e3 else f"{_num(us)} us"
 
 
-def _ratio_text(row: dict, name: str, digits: int = 2, unit: str = "x") -> str:
+def ratio_text(row: dict, name: str, digits: int = 2, unit: str = "x") -> str:
     """``1.73x (1.70-1.78)``, marked ``noisy`` with the load average past ±NOISY_SPREAD; ``-`` if absent."""
     if row.get(name) is None:
         return "-"
@@ -853,9 +853,9 @@ def _time_text(row: Optional[dict]) -> str:
         return "-"
     us = schedule_us(row)
     if "throughput" not in row:
-        return _duration(us)
+        return duration_text(us)
     throughput = row["throughput"] * row["wall_us"] / us  # recorded at the wall time
-    return f"{_duration(us)} ({_num(throughput)} {row.get('throughput_unit', '')})"
+    return f"{duration_text(us)} ({_num(throughput)} {row.get('throughput_unit', '')})"
 
 
 SEQ2SEQ_TITLE = ("LMEye on an encoder-decoder LLM, two encoder passes + one decoder pass against two full "
@@ -870,7 +870,7 @@ def _seq2seq_table(shape: str, by_key: Dict[Tuple[str, str], dict]) -> List[str]
         if not any((case, p) in by_key for p in SEQ2SEQ_PROVIDERS):
             continue
         times = [_time_text(by_key.get((case, p))) for p in SEQ2SEQ_PROVIDERS]
-        cells.append([label, *times, _ratio_text(by_key.get((case, SEQ2SEQ), {}), "speedup_vs_two_full_passes")])
+        cells.append([label, *times, ratio_text(by_key.get((case, SEQ2SEQ), {}), "speedup_vs_two_full_passes")])
     lines += aligned(cells, labels=1)
     return lines + _noisy_note(by_key, ["speedup_vs_two_full_passes"]) + _peak_memory(by_key, SEQ2SEQ_CASES)
 
@@ -880,7 +880,7 @@ def format_schedules(rows: List[dict]) -> List[str]:
     encoder-decoder schedule against two full passes for its own shape; no lines without schedules
     rows. Times are medians per call on the clock the ratios use; generation is also given in tokens/s."""
     lines: List[str] = []
-    for shape, by_key in _schedule_groups(add_schedule_ratios(rows)).items():
+    for shape, by_key in schedule_groups(add_schedule_ratios(rows)).items():
         if any(provider in SEQ2SEQ_PROVIDERS for _, provider in by_key):
             lines += _seq2seq_table(shape, by_key)
             continue
@@ -893,13 +893,13 @@ def format_schedules(rows: List[dict]) -> List[str]:
             single = by_key.get((case, SINGLE_PASS), {})
             if case == "generate" and "new_tokens" in single:
                 label = f"{label} {single['new_tokens']} tokens"
-            cells.append([label, *times, _ratio_text(single, "speedup_vs_two_pass"),
-                          _ratio_text(single, "ratio_to_static_only", unit="")])
+            cells.append([label, *times, ratio_text(single, "speedup_vs_two_pass"),
+                          ratio_text(single, "ratio_to_static_only", unit="")])
         lines += aligned(cells, labels=1)
         ipn = by_key.get(IPN_SHARE)
         if ipn is not None:
-            share = _ratio_text(ipn, "share_of_single_pass_step_pct", digits=1, unit="%")
-            lines.append(f"the IPN's own forward+backward: {_duration(schedule_us(ipn))}"
+            share = ratio_text(ipn, "share_of_single_pass_step_pct", digits=1, unit="%")
+            lines.append(f"the IPN's own forward+backward: {duration_text(schedule_us(ipn))}"
                          + (f", {share} of the single-pass train step" if share != "-" else ""))
         lines += _noisy_note(by_key, ["speedup_vs_two_pass", "ratio_to_static_only", "share_of_single_pass_step_pct"])
         lines += _peak_memory(by_key, SCHEDULE_CASES)
