@@ -93,7 +93,7 @@ def test_summary_starts_with_single_pass_against_two_passes_and_static_only():
         ["generate 16 tokens", "500 ms (64 tokens/s)", "750 ms (42.7 tokens/s)", "600 ms (53.3 tokens/s)",
          "1.25x (1.25-1.25)", "1.20 (1.20-1.20)"],
     ]
-    assert lines[7] == "the IPN's own forward+backward: 200 ms, 5.0% (5.0-5.0) of the single-pass train step"
+    assert lines[7] == "the IPN's own forward+backward: 200 ms; its share of the single-pass train step: 5.0% (5.0-5.0)"
     assert lines[8] == harness.NO_GPU_LINE and "benchmarks/RESULTS.md" in lines[8]
     rest = "\n".join(lines[9:])
     assert "schedules/" not in rest  # the schedules are not repeated in the kernel table
@@ -126,6 +126,16 @@ def test_the_ratios_use_the_steadier_clock_and_say_which():
     assert "process CPU time ±" in lines[0]
     lines, ratio = single_vs_two_pass(cpu=(steady, (1,) * 7), wall=(jittery, (1,) * 7))
     assert ratio == "2.00x (2.00-2.00)" and "on process CPU time, the steadier here" in lines[0]
+
+
+def test_the_ipn_share_does_not_pick_the_clock():
+    # A call of a few ms beside one of seconds: its share is noisy, the comparisons are not.
+    ipn = schedule_row(*harness.IPN_SHARE, 0, cpu=(0.1, 0.3, 0.2, 0.1, 0.3, 0.2, 0.2))
+    lines = harness.format_schedules([r for r in rows() if r["case"] != harness.IPN_SHARE[0]] + [ipn])
+    assert "on process CPU time, the steadier here (widest spread ±0%" in lines[0]
+    assert lines[7] == ("the IPN's own forward+backward: 200 ms; its share of the single-pass train step: "
+                        "5.0% (3.0-7.0) noisy, load 0.3")
+    assert lines[8].startswith("noisy: ")
 
 
 def test_a_ratio_spread_past_20_percent_is_marked_noisy_with_the_load_average():
