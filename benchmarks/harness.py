@@ -802,15 +802,20 @@ def duration_text(us: float) -> str:
     return f"{_num(us / 1e3)} ms" if us >= 1e3 else f"{_num(us)} us"
 
 
-def ratio_text(row: dict, name: str, digits: int = 2, unit: str = "x") -> str:
+def ratio_text(row: dict, name: str, unit: str = "x", number: Callable[[float], str] = "{:.2f}".format) -> str:
     """``1.73x (1.70-1.78)``, marked ``noisy`` with the load average past ±NOISY_SPREAD; ``-`` if absent."""
     if row.get(name) is None:
         return "-"
     ratio = Ratio(row[name], row[f"{name}_p20"], row[f"{name}_p80"])
-    text = f"{ratio.median:.{digits}f}{unit} ({ratio.p20:.{digits}f}-{ratio.p80:.{digits}f})"
+    text = f"{number(ratio.median)}{unit} ({number(ratio.p20)}-{number(ratio.p80)})"
     if ratio.noisy:
         text += " noisy" + (f", load {row['load_avg'][0]:.1f}" if row.get("load_avg") else "")
     return text
+
+
+def _percent(value: float) -> str:
+    """A share in percent: one decimal, two below 1% (a small IPN beside a large LLM)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
 def _is_noisy(row: dict, name: str) -> bool:
@@ -904,7 +909,7 @@ def format_schedules(rows: List[dict]) -> List[str]:
         lines += aligned(cells, labels=1)
         ipn = by_key.get(IPN_SHARE)
         if ipn is not None:
-            share = ratio_text(ipn, "share_of_single_pass_step_pct", digits=1, unit="%")
+            share = ratio_text(ipn, "share_of_single_pass_step_pct", unit="%", number=_percent)
             lines.append(f"the IPN's own forward+backward: {duration_text(schedule_us(ipn))}"
                          + (f"; its share of the single-pass train step: {share}" if share != "-" else ""))
         lines += _noisy_note(by_key, ["speedup_vs_two_pass", "ratio_to_static_only", "share_of_single_pass_step_pct"])
