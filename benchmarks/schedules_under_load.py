@@ -33,6 +33,10 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 SPIN = "while True: pass"  # one core's worth of CPU-bound work, in any Python
+# The providers as the tables' columns name them.
+COLUMNS = {harness.STATIC_ONLY: "static-only", harness.TWO_PASS: "two passes", harness.SINGLE_PASS: "single pass",
+           harness.SEQ2SEQ_NAIVE: "two full encoder-decoder passes",
+           harness.SEQ2SEQ: "two encoder passes + one decoder pass"}
 # The speed-ups the comparison is about: (provider whose row carries it, ratio key).
 SPEEDUPS = ((harness.SINGLE_PASS, "speedup_vs_two_pass"), (harness.SEQ2SEQ, "speedup_vs_two_full_passes"))
 
@@ -91,7 +95,7 @@ def load(path: Path) -> dict:
 
 
 def both(idle: Optional[str], loaded: Optional[str]) -> str:
-    return f"{idle or '-'} / {loaded or '-'}"
+    return "—" if idle is None and loaded is None else f"{idle or '—'} / {loaded or '—'}"
 
 
 def ratio_cell(row: Optional[dict], name: str, **style) -> Optional[str]:
@@ -133,20 +137,20 @@ def tables(idle: dict, loaded: dict, tolerance: float) -> Tuple[List[str], List[
         ratios = [(speedup, "speed-up" if seq2seq else "single pass vs two passes", {})]
         if not seq2seq:
             ratios.append(("ratio_to_static_only", "single pass / static-only", {"unit": ""}))
-        header = ["", *providers, *(label for _, label, _ in ratios), "speed-up's change under load"]
-        markdown += [f"{shape} (idle / under load)", "", "| " + " | ".join(header) + " |",
-                     "|---|" + "---:|" * (len(header) - 1)]
+        header = [shape, *(COLUMNS[p] for p in providers), *(label for _, label, _ in ratios), "change under load"]
+        markdown += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         for case, label in cases.items():
             if not any((case, p) in idle_rows for p in providers):
                 continue
-            cells = [label]
+            tokens = idle_rows.get((case, harness.SINGLE_PASS), {}).get("new_tokens")
+            cells = [f"{label} {tokens} tokens" if tokens else label]
             cells += [both(time_cell(idle_rows.get((case, p))), time_cell(loaded_rows.get((case, p))))
                       for p in providers]
             carrier_idle, carrier_loaded = idle_rows.get((case, ours)), loaded_rows.get((case, ours))
             cells += [both(ratio_cell(carrier_idle, name, **style), ratio_cell(carrier_loaded, name, **style))
                       for name, _, style in ratios]
             moved = change(carrier_idle, carrier_loaded, speedup)
-            cells.append("-" if moved is None else f"{moved:+.1f}%")
+            cells.append("—" if moved is None else f"{moved:+.1f}%")
             markdown.append("| " + " | ".join(cells) + " |")
             if moved is not None:
                 verdicts.append(f"{shape}, {label}: {'within' if abs(moved) <= tolerance else 'OUTSIDE'} "
