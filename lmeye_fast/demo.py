@@ -217,16 +217,16 @@ class ChatEngine:
         if not with_class:
             side = math.isqrt(tokens)
         if config.ipn_feature != "tokens" or side < 2 or (not with_class and side * side != tokens):
-            lines = [f"- `<img-d>` {j + 1}: " + ", ".join(f"feature {n}: {w:.0%}" for w, n in _top(row))
-                     for j, row in enumerate(per_token)]
+            lines = [f"- `{name}`: " + ", ".join(f"feature {n}: {w:.0%}" for w, n in _top(row))
+                     for name, row in zip(_slot_names(self.model.ipn), per_token)]
             return AttentionView([], f"The IPN reads {tokens} {config.ipn_feature!r} image feature(s), not a grid of "
                                      "patches; each request's weights over them (heads averaged):\n"
                                      + "\n".join(lines))
         view = self._view(batch["pixel_values"][0])
         images = []
-        for j, row in enumerate(per_token):
+        for name, row in zip(_slot_names(self.model.ipn), per_token):
             grid = row[1:] if with_class else row
-            caption = f"<img-d> {j + 1}" + (f": class token {row[0].item():.0%}" if with_class else "")
+            caption = name + (f": class token {row[0].item():.0%}" if with_class else "")
             images.append((_overlay(view, grid.reshape(side, side)), caption))
         return AttentionView(images, f"Per `<img-d>` token, where its request attended over the {side}x{side} "
                                      "patches (heads averaged; the brighter a patch, the more weight, each map "
@@ -250,6 +250,14 @@ class ChatEngine:
                 pixels = pixels / getattr(images, "rescale_factor", 1 / 255)
         array = pixels.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         return Image.fromarray(array, "RGB").resize((VIEW_SIZE, VIEW_SIZE), Image.Resampling.BICUBIC)
+
+
+def _slot_names(ipn) -> List[str]:
+    """Per request, the ``<img-d>`` slots it feeds: request j the K/R consecutive slots from j·K/R."""
+    per_request = ipn.num_slots // ipn.num_requests
+    if per_request == 1:
+        return [f"<img-d> {j + 1}" for j in range(ipn.num_requests)]
+    return [f"<img-d> {j * per_request + 1}-{(j + 1) * per_request}" for j in range(ipn.num_requests)]
 
 
 def _top(weights: torch.Tensor, count: int = 5):
