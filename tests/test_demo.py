@@ -55,8 +55,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    from transformers import GenerationConfig
+
     root = tmp_path_factory.mktemp("demo")
-    save_tiny_model(root)
+    _, processor = save_tiny_model(root)
+    # Every answer NEW_TOKENS words long, whatever the random weights (some would end at once, with an
+    # empty answer): the LLM's own generation defaults, saved with it, as the server and the tests load it.
+    settings = GenerationConfig.from_pretrained(root / "llm")
+    settings.min_new_tokens = NEW_TOKENS
+    tokenizer = processor.tokenizer
+    settings.suppress_tokens = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id,
+                                processor.image_token_id, processor.request_token_id, processor.slot_token_id]
+    settings.save_pretrained(root / "llm")
     circle_image(root / "circle.png")
     (root / "notes.png").write_text("this file is named like an image but holds text\n")
     flags = ["--adapter", str(root / "adapter"), "--llm", str(root / "llm"), "--vision", str(root / "vision"),
@@ -142,7 +152,7 @@ def test_the_answer_is_model_generates_and_streams_token_by_token(saved, engine,
     # Streamed: the answer grew token by token, every partial answer a beginning of the next.
     partial = [chat_turns(output[0])[-1][1] for output in job.outputs() if output[0]]
     grown = [text for k, text in enumerate(partial) if k == 0 or text != partial[k - 1]]
-    assert grown[-1] == expected and len(grown) >= min(3, len(expected.split()))
+    assert len(expected.split()) == NEW_TOKENS and grown[-1] == expected and len(grown) >= NEW_TOKENS - 1
     assert all(later.startswith(earlier) for earlier, later in zip(grown, grown[1:]))
     # The attention panel: one map per <img-d> token (3), over CLIP's 4x4 patches.
     assert [item["caption"].split(":")[0] for item in gallery] == ["<img-d> 1", "<img-d> 2", "<img-d> 3"]
