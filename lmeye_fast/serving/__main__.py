@@ -1,11 +1,12 @@
 """``python -m lmeye_fast.serving --llm DIR --adapter DIR --vision DIR [--response-prefix TEXT]``:
-prints the ``vllm serve`` command that serves the adapter (add ``--host``, ``--port``, ``--dtype`` ...)."""
+prints the command of vLLM's OpenAI-compatible server that serves the adapter (add ``--host``, ``--port``,
+``--dtype`` ...)."""
 
 import argparse
 import shlex
 import sys
 
-from . import serve_args
+from . import SERVER_COMMAND, serve_args
 
 
 def main(argv=None) -> None:
@@ -15,7 +16,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vision", required=True, help="the vision tower's directory (model and image processor)")
     parser.add_argument("--response-prefix", default="", help="the text between the <img-d> slots and the answer")
     args = parser.parse_args(argv)
-    print(shlex.join(["vllm"] + serve_args(args.llm, args.adapter, args.vision, args.response_prefix)))
+    print(shlex.join(SERVER_COMMAND + serve_args(args.llm, args.adapter, args.vision, args.response_prefix)))
 
 
 if __name__ == "__main__":

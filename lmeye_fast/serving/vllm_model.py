@@ -6,10 +6,12 @@ The prompt, as ``LMEyeProcessor`` lays out one row (without padding)::
 
 **The image block.** The processor below makes one multimodal placeholder per image that spans the
 whole block from the first ``<img>`` to the last ``<img-d>`` slot; only its ``<img>`` positions take
-embeddings. With ``disable_chunked_mm_input`` vLLM's scheduler never splits a placeholder across
-steps, so the image's static tokens, its ``<img-q>`` and its slots are always computed in one
-forward; chunked prefill without it, and prefix caching (a cached prefix could end between
-``<img-q>`` and its slots), are refused when the model is built.
+embeddings. The block's ``<img-q>`` and slots must be computed in one forward, so LMEye refuses,
+when the model is built, the two engine settings that split a prompt: chunked prefill (vLLM's
+``disable_chunked_mm_input`` does not hold a placeholder together when it starts at a chunk's first
+token, which the step budget then cuts; the forward checks it and raises) and prefix caching (a
+cached prefix could end between ``<img-q>`` and its slots). Without chunked prefill vLLM schedules
+every prompt whole.
 
 **What reaches the forward.** ``embed_multimodal`` runs the vision tower and the static mapping
 and returns, per image, N rows ``[static token (D) | the IPN's image features, packed]``: the
@@ -109,16 +111,16 @@ def _ipn_tokens(config: LMEyeConfig) -> int:
 
 
 def check_engine_settings(vllm_config: VllmConfig) -> None:
-    """Refuse the scheduler settings under which an image block could be split (module docstring)."""
+    """Refuse the engine settings under which an image block could be split (module docstring)."""
     scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
     if cache.enable_prefix_caching:
         raise ValueError("LMEye on vLLM: prefix caching is not supported (a cached prefix could end between "
                          "<img-q> and its <img-d> slots, leaving the IPN without the request's hidden state); "
                          "start vLLM with --no-enable-prefix-caching (LLM(..., enable_prefix_caching=False))")
-    if scheduler.enable_chunked_prefill and not scheduler.disable_chunked_mm_input:
-        raise ValueError("LMEye on vLLM: chunked prefill may split an image block (its <img> tokens, <img-q> and "
-                         "<img-d> slots must be computed in one step); start vLLM with --disable-chunked-mm-input "
-                         "(LLM(..., disable_chunked_mm_input=True)) or --no-enable-chunked-prefill")
+    if scheduler.enable_chunked_prefill:
+        raise ValueError("LMEye on vLLM: chunked prefill is not supported (it can split a prompt between <img-q> "
+                         "and its <img-d> slots, which one forward must compute together); start vLLM with "
+                         "--no-enable-chunked-prefill (LLM(..., enable_chunked_prefill=False))")
 
 
 class LMEyeProcessingInfo(BaseProcessingInfo):
@@ -296,7 +298,7 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         if any(item.shape[0] != count for item in step.items):
             raise RuntimeError("LMEye on vLLM: an image block was split across scheduler steps (its static tokens "
                                f"came {[item.shape[0] for item in step.items]} at a time, expected {count}); "
-                               "run vLLM with --disable-chunked-mm-input and without prefix caching")
+                               "run vLLM without chunked prefill and prefix caching")
         ids = input_ids.cpu()
         image_at = step.is_multimodal.cpu().nonzero()[:, 0]
         last_image_token = image_at[count - 1::count].contiguous()
