@@ -28,7 +28,8 @@ embeddings, and the LLM runs the step again: every token's keys and values are w
 the same cache slots, those up to ``<img-q>`` with the same values (the LLM is causal) and the slots
 and what follows with the IPN's tokens in them. Steps without an image block (decoding) run once.
 Splitting the step at ``<img-q>`` instead would need attention metadata for the part before it,
-which vLLM builds outside the model; benchmarks/vllm_serving.py measures what the second pass costs.
+which vLLM builds outside the model; benchmarks/vllm_serving.py compares LMEye's time to first
+token with the LLM's alone on prompts as long.
 """
 
 from __future__ import annotations
