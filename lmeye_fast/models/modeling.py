@@ -64,7 +64,9 @@ def _adapter_modules(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn
                                  device=device, dtype=dtype)
     ipn = InteractiveLayer(llm_dim, config.vision_dim, config.interaction_dim, config.num_requests, config.sub_features,
                            config.num_heads, interaction if interaction is not None else "attention",
-                           backend=config.backend, device=device, dtype=dtype)
+                           backend=config.backend, device=device, dtype=dtype,
+                           **({} if config.num_slots is None and config.transmission == "shared" else
+                              dict(num_slots=config.num_slots, transmission=config.transmission)))
     return static, ipn
 
 
@@ -180,9 +182,9 @@ class LMEyeModel(nn.Module):
         super().__init__()
         if not isinstance(config, LMEyeConfig):
             raise TypeError(f"config: expected an LMEyeConfig, got {type(config).__name__}")
-        if None in config.token_ids() or config.vocab_size is None:
-            raise ValueError("config: the special-token ids and vocab_size are unset; build it with "
-                             "LMEyeProcessor.make_config(...)")
+        if config.missing_token_ids() or config.vocab_size is None:
+            unset = config.missing_token_ids() + (["vocab_size"] if config.vocab_size is None else [])
+            raise ValueError(f"config: {', '.join(unset)} unset; build it with LMEyeProcessor.make_config(...)")
         if bool(getattr(getattr(llm, "config", None), "is_encoder_decoder", False)) != self.encoder_decoder:
             kind, other = ("an encoder-decoder", "LMEyeSeq2SeqModel") if not self.encoder_decoder else \
                 ("a decoder-only", "LMEyeModel")
@@ -207,10 +209,18 @@ class LMEyeModel(nn.Module):
                              "pass an instance of it")
         self.config = LMEyeConfig.from_dict({**config.to_dict(), "llm_dim": llm_dim, "vision_dim": vision_dim,
                                              "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
-                                             else type(interaction).__name__})
-        if max(config.token_ids()) >= embedding.num_embeddings:
-            llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
+                                             else type(interaction).__name__,
+                                             "interaction_options": getattr(interaction, "options", None)})
+        token_ids = [i for i in config.token_ids() if i is not None]
+        appended = [i for i in token_ids if i >= embedding.num_embeddings]
+        if appended:
+            llm.resize_token_embeddings(max(config.vocab_size, max(token_ids) + 1), mean_resizing=False)
             embedding = llm.get_input_embeddings()
+            if "add" in self.config.row_modes:
+                # A row the LLM never had is no word: the learned vector alone makes it (the releases'
+                # added rows were random and never saved, so no other value reproduces them).
+                with torch.no_grad():
+                    embedding.weight[appended] = 0
 
         self.llm = llm.requires_grad_(False)
         self.vision = vision.requires_grad_(False) if vision is not None else None
@@ -218,12 +228,18 @@ class LMEyeModel(nn.Module):
         device = embedding.weight.device
         self.static, self.ipn = _adapter_modules(self.config, llm_dim, interaction, device=device)
         with torch.no_grad():
-            # <img> rows become exactly the mapped image tokens (the mapping adds
-            # into them); <img-q> and <img-d> start as an average word.
+            # A replaced <img> row becomes exactly the mapped image tokens (the mapping adds into it);
+            # replaced <img-q> and <img-d> rows start as an average word; an added vector starts at zero,
+            # leaving the word row as it is.
             mean = embedding.weight.float().mean(dim=0) * self.token_scale
             init = torch.stack([torch.zeros_like(mean), mean, mean])
+            modes = self.config.row_modes
+            init[torch.tensor([mode == "add" for mode in modes])] = 0
         self.special_embed = nn.Parameter(init.to(device))
-        self.register_buffer("special_ids", torch.tensor(config.token_ids(), dtype=torch.long, device=device),
+        # -1 (no token) for the request token of a layout without one.
+        self.register_buffer("special_ids", torch.tensor([-1 if i is None else i for i in config.token_ids()],
+                                                          dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("replaced_rows", torch.tensor([mode == "replace" for mode in modes], device=device),
                              persistent=False)
         self._cache_key = cache_kwarg(llm)
         self.set_stage(2)
@@ -274,13 +290,15 @@ class LMEyeModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, as the LLM would make them from ``input_ids`` (``token_scale``), with the special
-        tokens' rows taken from ``special_embed`` (trainable on its own)."""
+        tokens' rows taken from ``special_embed`` (trainable on its own), or that vector added to the word
+        row where ``config.special_rows`` says ``"add"``."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         if self.token_scale != 1.0:
             embeds = embeds * self.token_scale
         match = input_ids.unsqueeze(-1) == self.special_ids
         special = match.to(embeds.dtype) @ self.special_embed.to(embeds.dtype)
-        return torch.where(match.any(dim=-1, keepdim=True), special, embeds)
+        replaced = (match & self.replaced_rows).any(dim=-1, keepdim=True)
+        return torch.where(replaced, special, embeds + special)
 
     def _mapped_embeds(self, input_ids, static_image, image_pos):
         """The token embeddings with the static mapping's image tokens in the ``<img>`` rows."""
@@ -329,7 +347,7 @@ class LMEyeModel(nn.Module):
         check_tensor("image_pos", image_pos, (batch, self.config.num_image_tokens), INDEX_DTYPES, device,
                      dims="(B, N)")
         check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
-        check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
+        check_tensor("slot_pos", slot_pos, (batch, self.config.slots), INDEX_DTYPES, device, dims="(B, K)")
 
     def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
                 image_features, static_features, image_mask, request_pos, slot_pos, schedule, validate):
@@ -343,13 +361,13 @@ class LMEyeModel(nn.Module):
         static_features, image_features = self._image_inputs(batch, device, pixel_values, image_features,
                                                               static_features)
         if request_pos is None:
-            request_pos = torch.full((batch,), prefix_len - 1, dtype=torch.long, device=device)
+            request_pos = torch.full((batch,), self._request_reach(prefix_len) - 1, dtype=torch.long, device=device)
         if slot_pos is None:
-            slot_pos = prefix_len + torch.arange(self.config.num_requests, device=device).expand(batch, -1)
+            slot_pos = prefix_len + torch.arange(self.config.slots, device=device).expand(batch, -1)
         self._position_inputs(batch, device, image_pos, request_pos, slot_pos)
         if validating(validate):
             check_positions("image_pos", image_pos, prefix_len, distinct=True)
-            check_positions("request_pos", request_pos, prefix_len)
+            check_positions("request_pos", request_pos, self._request_reach(prefix_len))
             check_positions("slot_pos", slot_pos - prefix_len, total - prefix_len, distinct=True)
         return (schedule, attention_mask, position_ids, static_features, image_features, request_pos, slot_pos)
 
@@ -442,7 +460,36 @@ class LMEyeModel(nn.Module):
             return cache, out.hidden_states[-1], out.logits, embeds
         return cache, self.decoder(**common).last_hidden_state, None, embeds
 
-    def _suffix_embeds(self, input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len):
+    def _request_reach(self, prefix_len: int) -> int:
+        """One past the last column the single pass can read the request at: the prefix's, and the first
+        slot's where the request sits there (``request_position="first_slot"``)."""
+        return prefix_len + (self.config.request_position == "first_slot")
+
+    def _request_hidden(self, input_ids, mask, pos, cache, hidden, request_pos, prefix_len):
+        """The hidden states the single pass reads the request from: the prefix's, and with the request at
+        the first slot one more column. That column is a probe: the first slot with its first-pass row
+        (before the IPN fills it) runs on the prefix's cache, as in the first of two passes, and its cache
+        entry is dropped again, so that the suffix runs with the filled slot in its place."""
+        reach = self._request_reach(prefix_len)
+        if not torch.compiler.is_compiling():
+            # A value check (a host sync of B positions): the request outside what this pass computed
+            # would otherwise be read as zeros.
+            low, high = (int(v) for v in torch.stack([request_pos.min(), request_pos.max()]).tolist())
+            if low < 0 or high >= reach:
+                raise ValueError(f"request_pos: the single pass reads the request at columns [0, {reach}) (the "
+                                 f"prefix{' and the first slot' if reach > prefix_len else ''}), got positions in "
+                                 f"[{low}, {high}]; put the request in the prefix or use schedule='two_pass'")
+        if reach == prefix_len:
+            return hidden
+        probe = self.decoder(inputs_embeds=self.embed(input_ids[:, prefix_len:reach]), attention_mask=mask[:, :reach],
+                             position_ids=pos[:, prefix_len:reach], use_cache=True,
+                             **{self._cache_key: cache}).last_hidden_state
+        cache.crop(prefix_len - reach)  # a negative count drops that many positions in every 5.x release
+        return torch.cat([hidden, probe], dim=1)
+
+    def _suffix_embeds(self, input_ids, mask, pos, cache, hidden, image, image_mask, request_pos, slot_pos,
+                       prefix_len):
+        hidden = self._request_hidden(input_ids, mask, pos, cache, hidden, request_pos, prefix_len)
         # The suffix is embedded on its own, so the slots are written in place
         # without touching the prefix embeddings the cached pass still needs.
         suffix = self.embed(input_ids[:, prefix_len:])
@@ -453,7 +500,8 @@ class LMEyeModel(nn.Module):
                      prefix_len, all_logits):
         cache, hidden, prefix_logits, _ = self._prefill(input_ids, mask, pos, static_image, image_pos, prefix_len,
                                                         all_logits)
-        suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
+        suffix = self._suffix_embeds(input_ids, mask, pos, cache, hidden, image, image_mask, request_pos, slot_pos,
+                                     prefix_len)
         logits = self.llm(inputs_embeds=suffix, attention_mask=mask, position_ids=pos[:, prefix_len:],
                           use_cache=True, logits_to_keep=0, **{self._cache_key: cache}).logits
         return torch.cat([prefix_logits, logits], dim=1) if all_logits else logits
@@ -493,10 +541,11 @@ class LMEyeModel(nn.Module):
         if schedule == "single_pass":
             cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, static_image,
                                                      image_pos, prefix_len)
-            suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
+            suffix = self._suffix_embeds(input_ids, attention_mask, position_ids, cache, hidden, image, image_mask,
+                                         request_pos, slot_pos, prefix_len)
             # generate() runs only the columns the cache does not hold yet: the suffix.
             embeds = torch.cat([prefix, suffix], dim=1)
-            generate_kwargs[self._cache_key] = cache
+            generate_kwargs[self._cache_key] = self._expanded_cache(cache, generate_kwargs)
         else:
             embeds = self._mapped_embeds(input_ids, static_image, image_pos)
             if schedule == "two_pass":
@@ -505,6 +554,16 @@ class LMEyeModel(nn.Module):
                 embeds = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask,
                                   inplace=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def _expanded_cache(self, cache, generate_kwargs: dict):
+        """The prefix's cache with each row repeated as ``generate`` repeats its inputs (once per beam, or
+        per returned sequence): it expands the tensors it is given, never a cache."""
+        config = generate_kwargs.get("generation_config") or self.llm.generation_config
+        beams = generate_kwargs.get("num_beams", config.num_beams) or 1
+        repeats = beams if beams > 1 else generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        return cache
 
     def _generation_defaults(self, generate_kwargs: dict) -> None:
         """Pad and stop with the processor's tokens unless the caller says otherwise."""
@@ -550,6 +609,7 @@ class LMEyeModel(nn.Module):
                 if None not in (width, saved) and width != saved:
                     raise ValueError(f"vision: the adapter in {directory} was saved for {feature!r} vision "
                                      f"features {saved} wide, this module's are {width} wide")
+        _check_interaction_options(directory, config.interaction_options, getattr(interaction, "options", None))
         static, ipn = _adapter_modules(config, llm_dim, interaction, device="meta")
         expected = {f"static.{k}": tuple(v.shape) for k, v in static.state_dict().items()}
         expected.update({f"ipn.{k}": tuple(v.shape) for k, v in _ipn_state(ipn).items()})
@@ -566,8 +626,10 @@ class LMEyeModel(nn.Module):
         structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
                       "static_hidden_dim", "vision_dim", "static_vision_dim", "static_feature", "ipn_feature",
                       "llm_dim", "image_token_id", "request_token_id",
-                      "slot_token_id", "interaction", "encoder_decoder")
+                      "slot_token_id", "interaction", "encoder_decoder", "num_slots", "transmission",
+                      "request_position", "special_rows")
         differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
+        _check_interaction_options(directory, saved["interaction_options"], mine["interaction_options"])
         if differ:
             raise ValueError(f"directory: the adapter in {directory} does not fit this model (" + "; ".join(differ)
                              + ")")
@@ -576,6 +638,14 @@ class LMEyeModel(nn.Module):
         with torch.no_grad():
             for key, value in state.items():
                 value.copy_(tensors[key])
+
+
+def _check_interaction_options(directory, saved: Optional[dict], given: Optional[dict]) -> None:
+    """Refuse an interaction module set up otherwise than the one the adapter was saved with (an adapter
+    written before the options were recorded has none, and is taken as written for the module's defaults)."""
+    if saved is not None and saved != given:
+        raise ValueError(f"interaction: the adapter in {directory} was saved with an interaction set to {saved}, "
+                         f"the one passed is set to {given}")
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,10 @@ class LMEyeProcessor:
             to ``len(tokenizer)``).
         num_image_tokens: N, static image tokens per image (the number of
             vision features); the ``<img>`` placeholder of a prompt expands to N.
-        num_requests: R, ``<img-d>`` slots after ``<img-q>``.
+        num_requests: K, ``<img-d>`` slots after ``<img-q>`` (``make_config(num_requests=R)`` gives
+            the IPN fewer requests than slots).
+        request_token: the request token, last in the prefix; None for none, the request then
+            read at the first ``<img-d>`` slot (v1 LMEye's layout: the prefix ends before the slots).
         response_prefix: text between the slots and the answer (e.g. ``" Answer:"``).
         add_bos: put the tokenizer's BOS token first; by default when it has one
             that differs from EOS.
@@ -79,7 +82,7 @@ class LMEyeProcessor:
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, num_requests: int = 5, response_prefix: str = "",
-                 image_token: str = "<img>", request_token: str = "<img-q>", slot_token: str = "<img-d>",
+                 image_token: str = "<img>", request_token: Optional[str] = "<img-q>", slot_token: str = "<img-d>",
                  add_bos: Optional[bool] = None, encoder_decoder: bool = False,
                  decoder_start_token_id: Optional[int] = None):
         for name, value in (("num_image_tokens", num_image_tokens), ("num_requests", num_requests)):
@@ -96,9 +99,13 @@ class LMEyeProcessor:
         self.tokenizer = tokenizer
         self.num_image_tokens, self.num_requests = num_image_tokens, num_requests
         self.image_token, self.request_token, self.slot_token = image_token, request_token, slot_token
-        tokenizer.add_tokens([image_token, request_token, slot_token], special_tokens=True)
+        if request_token is None and encoder_decoder:
+            raise ValueError("request_token: an encoder-decoder LLM reads its request at <img-q>; pass a request "
+                             "token (None, the request at the first <img-d> slot, is for a causal LLM)")
+        tokenizer.add_tokens([t for t in (image_token, request_token, slot_token) if t is not None],
+                             special_tokens=True)
         self.image_token_id, self.request_token_id, self.slot_token_id = (
-            tokenizer.convert_tokens_to_ids(t) for t in (image_token, request_token, slot_token))
+            None if t is None else tokenizer.convert_tokens_to_ids(t) for t in (image_token, request_token, slot_token))
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         if self.pad_token_id is None:
@@ -119,7 +126,12 @@ class LMEyeProcessor:
         """An ``LMEyeConfig`` bound to this tokenizer; ``kwargs`` set the IPN sizes and the rest."""
         if self.encoder_decoder:
             kwargs.setdefault("schedule", "two_pass")
-        return LMEyeConfig(num_image_tokens=self.num_image_tokens, num_requests=self.num_requests,
+        if self.request_token_id is None:
+            kwargs.setdefault("request_position", "first_slot")
+        requests = kwargs.pop("num_requests", self.num_requests)
+        if requests != self.num_requests:
+            kwargs.setdefault("num_slots", self.num_requests)
+        return LMEyeConfig(num_image_tokens=self.num_image_tokens, num_requests=requests,
                            image_token_id=self.image_token_id, request_token_id=self.request_token_id,
                            slot_token_id=self.slot_token_id, pad_token_id=self.pad_token_id,
                            eos_token_id=self.eos_token_id, vocab_size=len(self.tokenizer),
@@ -148,8 +160,8 @@ class LMEyeProcessor:
             pieces = ["", prompt]
         ids += self.encode(pieces[0])
         start = len(ids)
-        ids += [self.image_token_id] * self.num_image_tokens + self.encode(pieces[1]) + [self.request_token_id]
-        return ids, start
+        ids += [self.image_token_id] * self.num_image_tokens + self.encode(pieces[1])
+        return ids + ([] if self.request_token_id is None else [self.request_token_id]), start
 
     def __call__(self, prompts: Sequence[str], answers: Optional[Sequence[str]] = None,
                  images: Optional[torch.Tensor] = None) -> LMEyeBatch:
@@ -246,7 +258,8 @@ class LMEyeProcessor:
             attention_mask=attention_mask,
             position_ids=position_ids,
             image_pos=torch.where(has_image, image_pos, -1),
-            request_pos=torch.full((batch,), prefix_len - 1, dtype=torch.long),
+            # The request is the prefix's last column, or the first slot's without a request token.
+            request_pos=torch.full((batch,), prefix_len - (self.request_token_id is not None), dtype=torch.long),
             slot_pos=torch.where(has_image, slot_pos, -1),
             prefix_len=prefix_len,
             labels=labels,
