@@ -25,6 +25,7 @@ def rel_err(a, b):
 
 
 def build(arch="llama", request_token=None, slots=5, requests=5, special_rows="replace", **config):
+    config.setdefault("transmission", "shared" if requests == slots else "per_slot")
     tokenizer = word_tokenizer(WORDS)
     processor = LMEyeProcessor(tokenizer, num_image_tokens=17, num_requests=slots, response_prefix="answer :",
                                request_token=request_token)
@@ -135,12 +136,28 @@ def test_single_pass_refuses_a_request_outside_its_reach(request_token):
         model(**outside, schedule="two_pass")  # two full passes can read it anywhere
 
 
-def test_fewer_requests_than_slots_config():
-    processor, model = build(requests=1, slots=5)
+@pytest.mark.parametrize("request_token", [None, "<img-q>"])
+def test_fewer_requests_than_slots(request_token):
+    """One request, five slots (v1's), each slot its own transmission: both schedules agree and the
+    five transmitted tokens differ."""
+    processor, model = build(request_token=request_token, requests=1, slots=5)
     config = model.config
-    assert (config.num_requests, config.num_slots, config.slots) == (1, 5, 5)
+    assert (config.num_requests, config.num_slots, config.slots, config.transmission) == (1, 5, 5, "per_slot")
+    assert model.ipn.transmit_proj.weight.shape == (5 * 32, 32)
+    batch = batch_of(processor)
+    single, g1 = _run(model, batch, "single_pass")
+    two, g2 = _run(model, batch, "two_pass")
+    assert rel_err(single.logits, two.logits) <= TOL and rel_err(single.loss, two.loss) <= TOL
+    for name in g1:
+        assert rel_err(g1[name], g2[name]) <= TOL, name
+    with torch.no_grad():
+        image = model.encode_images(batch["pixel_values"])["image_features"]
+        tokens = model.ipn.transmitted(torch.randn(3, 32), image)
+    assert tokens.shape == (3, 5, 32) and rel_err(tokens[:, 0], tokens[:, 1]) > 1e-2
     with pytest.raises(ValueError, match="num_slots: expected a positive multiple of num_requests=2"):
-        processor.make_config(num_requests=2)
+        processor.make_config(num_requests=2, transmission="per_slot")
+    with pytest.raises(ValueError, match="num_slots: the shared transmission fills one slot per request"):
+        processor.make_config(num_requests=1)
     with pytest.raises(ValueError, match="transmission: expected one of"):
         processor.make_config(transmission="per_request")
 

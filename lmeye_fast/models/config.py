@@ -119,6 +119,10 @@ class LMEyeConfig:
         for name, allowed in (("transmission", TRANSMISSIONS), ("request_position", REQUEST_POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.transmission == "shared" and self.slots != self.num_requests:
+            raise ValueError(f"num_slots: the shared transmission fills one slot per request, so {self.slots} slots "
+                             f"need num_requests={self.slots} or transmission='per_slot', got "
+                             f"num_requests={self.num_requests}")
         rows = [self.special_rows] * 3 if isinstance(self.special_rows, str) else self.special_rows
         if not isinstance(rows, (list, tuple)) or len(rows) != 3 or any(r not in SPECIAL_ROWS for r in rows):
             raise ValueError(f"special_rows: expected one of {SPECIAL_ROWS}, or a list of three of them (for <img>, "

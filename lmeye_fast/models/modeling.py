@@ -64,9 +64,8 @@ def _adapter_modules(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn
                                  device=device, dtype=dtype)
     ipn = InteractiveLayer(llm_dim, config.vision_dim, config.interaction_dim, config.num_requests, config.sub_features,
                            config.num_heads, interaction if interaction is not None else "attention",
-                           backend=config.backend, device=device, dtype=dtype,
-                           **({} if config.num_slots is None and config.transmission == "shared" else
-                              dict(num_slots=config.num_slots, transmission=config.transmission)))
+                           backend=config.backend, num_slots=config.num_slots, transmission=config.transmission,
+                           device=device, dtype=dtype)
     return static, ipn
 
 
