@@ -38,7 +38,8 @@ def write_release(path, state, module_prefix=False, epoch=4):
     them in fp32, the epoch, in the legacy (non-zip) format."""
     params = [torch.nn.Parameter(v.float()) for v in list(state.values())[:7]]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    sum(p.square().sum() for p in params).backward()
+    with torch.enable_grad():
+        sum(p.square().sum() for p in params).backward()
     optimizer.step()
     net = {("module." if module_prefix else "") + k: v for k, v in state.items()}
     torch.save({"net": net, "optimizer": optimizer.state_dict(), "epoch": epoch}, path,

@@ -217,9 +217,15 @@ class LMEyeModel(nn.Module):
             embedding = llm.get_input_embeddings()
             if "add" in self.config.row_modes:
                 # A row the LLM never had is no word: the learned vector alone makes it (the releases'
-                # added rows were random and never saved, so no other value reproduces them).
+                # added rows were random and never saved, so no other value reproduces them), and the
+                # head's new rows score the tokens 0, the same in every build.
+                head = llm.get_output_embeddings()
                 with torch.no_grad():
                     embedding.weight[appended] = 0
+                    if head is not None and head.weight is not embedding.weight:
+                        head.weight[appended] = 0
+                        if getattr(head, "bias", None) is not None:
+                            head.bias[appended] = 0
 
         self.llm = llm.requires_grad_(False)
         self.vision = vision.requires_grad_(False) if vision is not None else None

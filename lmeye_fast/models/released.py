@@ -370,20 +370,21 @@ def _build_v01(checkpoint, llm, clip, tokenizer, vision, dtype, response_prefix)
 
 
 def _load(model: LMEyeModel, dtype: torch.dtype, tensors: Dict[str, torch.Tensor], special) -> None:
-    """Copy the release's tensors into the adapter (in ``dtype``); the slot embedding and the rows of
-    tokens a layout lacks stay zero (the release has no such vectors)."""
-    adapter = [model.static, model.special_embed] + [p for n, p in model.ipn.named_parameters()
-                                                     if not n.startswith("interaction.")]
+    """Copy the release's tensors into the adapter and cast it to ``dtype``; the slot embedding and the
+    vector of a token the layout lacks stay zero (the release has no such vectors). The interaction (the
+    user's CLIP text tower) keeps its dtype."""
     state = model.adapter_state_dict()
     with torch.no_grad():
         for key, value in tensors.items():
-            target = state[key]
-            target.copy_(value.reshape(target.shape))
+            state[key].copy_(value.reshape(state[key].shape))
         model.ipn.slot_embed.zero_()
         for row, value in enumerate(special):
             model.special_embed[row] = 0 if value is None else value
-        for part in adapter:
-            part.data = part.data.to(dtype) if isinstance(part, torch.Tensor) else part.to(dtype)
+    ipn = model.ipn
+    for module in (model.static, ipn.request_proj, ipn.decompose_proj, ipn.transmit_proj):
+        module.to(dtype)
+    for param in (ipn.slot_embed, model.special_embed):
+        param.data = param.data.to(dtype)
 
 
 # ------------------------------------------------------------------ converter
