@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .sources import source_of
+
 __all__ = ["CLIPTextInteraction"]
 
 
@@ -58,6 +60,7 @@ class CLIPTextInteraction(nn.Module):
         self.final_layer_norm = text_model.final_layer_norm
         self.text_projection = projection
         self.num_requests = num_requests
+        self.source = source_of(clip)  # where the CLIPModel came from, for the adapter's record
         self.register_buffer("boundary_ids", torch.tensor(ids), persistent=False)
         self.requires_grad_(trainable)
 

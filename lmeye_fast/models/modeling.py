@@ -37,6 +37,7 @@ from ..layers import InteractiveLayer, StaticVisualMapping
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
 from .processor import IGNORE_INDEX
+from .sources import model_sources
 from .vision import feature_shape, vision_features
 
 __all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE"]
@@ -77,6 +78,25 @@ def _ipn_state(ipn: InteractiveLayer) -> Dict[str, torch.Tensor]:
     if interaction is not None and not any(p.requires_grad for p in interaction.parameters()):
         state = {k: v for k, v in state.items() if not k.startswith("interaction.")}
     return state
+
+
+def _zero_added_rows(llm: nn.Module, words: int) -> None:
+    """Zero the embedding and LM-head rows (and head bias) from ``words`` on, which the resize drew from the
+    random state: the same adapter then gives the same logits under any seed. The input rows are never read
+    (``embed`` takes LMEye's tokens from ``special_embed``); the head's give LMEye's tokens the logit 0,
+    and generation never picks them (``generate`` suppresses them)."""
+    head = llm.get_output_embeddings()
+    tensors = [llm.get_input_embeddings().weight]
+    if head is not None:
+        tensors += [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
+    whole = contextlib.nullcontext()
+    if any(hasattr(tensor, "ds_id") for tensor in tensors):  # DeepSpeed ZeRO-3 shards parameters
+        import deepspeed
+
+        whole = deepspeed.zero.GatheredParameters(tensors, modifier_rank=0)
+    with whole, torch.no_grad():
+        for tensor in tensors:
+            tensor[words:].zero_()
 
 
 class _Embedded(Exception):
@@ -208,8 +228,10 @@ class LMEyeModel(nn.Module):
         self.config = LMEyeConfig.from_dict({**config.to_dict(), "llm_dim": llm_dim, "vision_dim": vision_dim,
                                              "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
                                              else type(interaction).__name__})
-        if max(config.token_ids()) >= embedding.num_embeddings:
+        words = embedding.num_embeddings
+        if max(config.token_ids()) >= words:
             llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
+            _zero_added_rows(llm, words)
             embedding = llm.get_input_embeddings()
 
         self.llm = llm.requires_grad_(False)
@@ -220,7 +242,7 @@ class LMEyeModel(nn.Module):
         with torch.no_grad():
             # <img> rows become exactly the mapped image tokens (the mapping adds
             # into them); <img-q> and <img-d> start as an average word.
-            mean = embedding.weight.float().mean(dim=0) * self.token_scale
+            mean = embedding.weight[:words].float().mean(dim=0) * self.token_scale
             init = torch.stack([torch.zeros_like(mean), mean, mean])
         self.special_embed = nn.Parameter(init.to(device))
         self.register_buffer("special_ids", torch.tensor(config.token_ids(), dtype=torch.long, device=device),
@@ -507,8 +529,10 @@ class LMEyeModel(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def _generation_defaults(self, generate_kwargs: dict) -> None:
-        """Pad and stop with the processor's tokens unless the caller says otherwise."""
+        """Pad and stop with the processor's tokens unless the caller says otherwise; LMEye's own tokens
+        are placeholders of the input, never an answer's, so they are never generated."""
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        generate_kwargs.setdefault("suppress_tokens", list(self.config.token_ids()))
         if self.config.eos_token_id is not None:
             generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
 
@@ -523,12 +547,15 @@ class LMEyeModel(nn.Module):
         return state
 
     def save_pretrained(self, directory) -> None:
-        """Write the adapter (``lmeye_adapter.safetensors``) and its config (``lmeye_config.json``); never the LLM."""
+        """Write the adapter (``lmeye_adapter.safetensors``), its config (``lmeye_config.json``) and where its LLM,
+        vision model and CLIP interaction come from (``lmeye_sources.json``); never the LLM. With the processor's
+        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
         save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt", "lmeye_fast": __version__})
         self.config.save(directory)
+        model_sources(self).save(directory)
 
     @classmethod
     def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,

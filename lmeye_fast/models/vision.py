@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import VISION_FEATURES
+from .sources import Source, source_of
 
 __all__ = ["CLIPImageEncoder", "feature_shape", "vision_features", "read_image", "vision_class", "load_vision"]
 
@@ -47,8 +48,7 @@ class CLIPImageEncoder(nn.Module):
                              f"{type(clip).__name__}")
         self.vision_model, self.visual_projection = tower, projection
 
-        # Where the CLIPModel came from, for the adapter's record of how to rebuild it.
-        self.name_or_path = getattr(clip, "name_or_path", "")
+        self.source = source_of(clip)  # where the CLIPModel came from, for the adapter's record
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
@@ -189,7 +189,9 @@ def load_vision(name: str, features: Iterable[str] = ("tokens",), with_text: boo
                              f"{'the CLIP text interaction' if with_text else 'projected features'} need a CLIP "
                              "checkpoint")
         model = transformers.AutoModel.from_pretrained(name, revision=revision, dtype=dtype)
-        return getattr(model, "vision_model", model)
+        tower = getattr(model, "vision_model", model)
+        tower.source = Source(name, getattr(model.config, "_commit_hash", None) or revision, kind)
+        return tower
     chosen = vision_class(features, with_text)
     if chosen == "CLIPModel" and kind != "clip":
         raise ValueError(f"vision: {name} holds a CLIP vision tower only; the CLIP text interaction needs a whole "
