@@ -87,6 +87,9 @@ class StubScorer(EvalModel):
     def __init__(self, prefer):
         self.prefer = prefer
 
+    def seen_prompts(self, prompts):
+        return [turns[-1].question for turns in prompts]
+
     def score(self, prompts, images, options):
         summed = []
         for choices in options:

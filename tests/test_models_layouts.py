@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmeye_fast.models import CLIPTextInteraction, LMEyeModel, LMEyeProcessor
+from lmeye_fast.models.prompts import PromptTemplate
 from lmeye_fast.models.tiny import tiny_clip, tiny_clip_model, tiny_llm, word_tokenizer
 
 from released_reference import clip_ends_sequence, clip_text_rows, text_projection
@@ -24,11 +25,11 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def build(arch="llama", request_token=None, slots=5, requests=5, special_rows="replace", **config):
+def build(arch="llama", request_token=False, slots=5, requests=5, special_rows="replace", **config):
     config.setdefault("transmission", "shared" if requests == slots else "per_slot")
     tokenizer = word_tokenizer(WORDS)
-    processor = LMEyeProcessor(tokenizer, num_image_tokens=17, num_requests=slots, response_prefix="answer :",
-                               request_token=request_token)
+    template = PromptTemplate(response_prefix="answer :", request_token=request_token)
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=17, num_requests=slots, template=template)
     llm = tiny_llm(arch, len(tokenizer) - 1)  # the last special token lies beyond its table: appended
     model = LMEyeModel(llm, processor.make_config(interaction_dim=32, num_heads=4, num_requests=requests,
                                                   special_rows=special_rows, **config), vision=tiny_clip())
@@ -45,15 +46,13 @@ def batch_of(processor):
 
 def test_first_slot_layout():
     processor, _ = build()
-    assert processor.request_token_id is None
     batch = batch_of(processor)
     prefix_len = batch["prefix_len"]
     assert (batch["request_pos"] == prefix_len).all()
     assert (batch["slot_pos"] == prefix_len + torch.arange(5)).all()
     assert (batch["input_ids"][:, prefix_len] == processor.slot_token_id).all()
+    assert not (batch["input_ids"] == processor.request_token_id).any()
     assert processor.make_config().request_position == "first_slot"
-    with pytest.raises(ValueError, match="request_token: an encoder-decoder LLM reads its request at <img-q>"):
-        LMEyeProcessor(word_tokenizer(WORDS), num_image_tokens=1, request_token=None, encoder_decoder=True)
 
 
 def _run(model, batch, schedule):
@@ -118,12 +117,12 @@ def test_first_slot_probe_reads_the_unfilled_slot():
     assert rel_err(hidden["single_pass"], hidden["two_pass"]) <= TOL
 
 
-@pytest.mark.parametrize("request_token", [None, "<img-q>"])
+@pytest.mark.parametrize("request_token", [False, True])
 def test_single_pass_refuses_a_request_outside_its_reach(request_token):
     processor, model = build(request_token=request_token)
     batch = batch_of(processor)
     prefix_len = batch["prefix_len"]
-    reach = prefix_len + (request_token is None)
+    reach = prefix_len + (not request_token)
     outside = dict(batch, request_pos=torch.full_like(batch["request_pos"], reach))
     with torch.no_grad():
         with pytest.raises(ValueError, match=rf"request_pos: the single pass reads the request at columns "
@@ -136,7 +135,7 @@ def test_single_pass_refuses_a_request_outside_its_reach(request_token):
         model(**outside, schedule="two_pass")  # two full passes can read it anywhere
 
 
-@pytest.mark.parametrize("request_token", [None, "<img-q>"])
+@pytest.mark.parametrize("request_token", [False, True])
 def test_fewer_requests_than_slots(request_token):
     """One request, five slots (v1's), each slot its own transmission: both schedules agree and the
     five transmitted tokens differ."""

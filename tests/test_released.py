@@ -16,10 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, CLIPModel
 
 from lmeye_fast.models import CLIPImageEncoder, CLIPTextInteraction, LMEyeModel
-from lmeye_fast.models.released import (GENERATION, PROMPTS, main, read_released, released_prompt,
-                                        from_released)
+from lmeye_fast.models import LMEyeProcessor
+from lmeye_fast.models.released import GENERATION, TEMPLATES, from_released, main, read_released
+from lmeye_fast.models.sources import load_pretrained
 from lmeye_fast.models.tiny import tiny_clip_model, tiny_llm, tiny_seq2seq, word_tokenizer
 
+from training_helpers import image_processor
 from released_reference import V1_SHAPES, release_state, v1_forward, v1_logits, write_release
 
 WORDS = "what colour is the circle red blue left right Image as evidence: Question: Answer: is Image: ?".split()
@@ -70,16 +72,19 @@ def v1_file(tmp_path, module_prefix=False, name="checkpoint_with_epoch4.pth", **
 
 
 QUESTIONS = ["what colour is the circle ?", "is the circle left ?"]
+# The release's prompts, written out (not read off lmeye_fast's templates).
+RELEASE_PROMPTS = {"qa": "Image as evidence: <img>\n Question: {q} <img-d> <img-d> <img-d> <img-d> <img-d>\nAnswer:",
+                   "instruction": "Image: <img>\n {q} <img-d> <img-d> <img-d> <img-d> <img-d>\nAnswer:",
+                   "demo": "Image is <img>\n {q} <img-d> <img-d> <img-d> <img-d> <img-d>\nAnswer:"}
 
 
 def prompts():
-    return [released_prompt("qa", question=q) for q in QUESTIONS]
+    return list(QUESTIONS)
 
 
-def reference_ids(processor, text):
+def reference_ids(processor, question, prompt="qa"):
     """The release's tokenisation of one whole prompt (add_special_tokens=False, no BOS)."""
-    slots = " ".join([processor.slot_token] * 5)
-    return processor.tokenizer(f"{text} {slots}{PROMPTS['qa'].response_prefix}", add_special_tokens=False,
+    return processor.tokenizer(RELEASE_PROMPTS[prompt].format(q=question), add_special_tokens=False,
                                return_tensors="pt")["input_ids"]
 
 
@@ -217,39 +222,56 @@ def test_v1_converter_directory_gives_the_same_outputs(v1, tmp_path):
     llm.save_pretrained(base / "llm")
     fresh_tokenizer.save_pretrained(base / "llm")
     clip.save_pretrained(base / "clip")
+    image_processor().save_pretrained(base / "clip")
     main(["convert", str(v1["path"]), "--llm", str(base / "llm"), "--clip", str(base / "clip"),
           "--out", str(tmp_path / "adapter")])
 
-    # The same LLM weights as the converted one, and the adapter directory loaded the ordinary way.
-    again = AutoModelForCausalLM.from_pretrained(base / "llm").eval()
+    # The adapter directory loaded the ordinary way, from its records alone, against from_released on the
+    # same models.
+    loaded = load_pretrained(tmp_path / "adapter")
+    model2 = loaded.model.eval()
+    assert loaded.processor.template.name == "lmeye-v1-qa"
     clip2 = CLIPModel.from_pretrained(base / "clip").eval()
-    loaded = LMEyeModel.from_pretrained(tmp_path / "adapter", again, vision=CLIPImageEncoder(clip2),
-                                        interaction=CLIPTextInteraction(clip2, 1, positions="ends")).eval()
-    direct_tokenizer = word_tokenizer(WORDS)
-    direct_llm = AutoModelForCausalLM.from_pretrained(base / "llm").eval()
-    _, direct = from_released(v1["path"], direct_llm, clip2, direct_tokenizer)
+    direct_processor, direct = from_released(v1["path"], AutoModelForCausalLM.from_pretrained(base / "llm").eval(),
+                                             clip2, word_tokenizer(WORDS))
+    direct.eval()
     pixels = torch.rand(2, 3, 32, 32)
-    batch = processor(prompts(), images=pixels)
+    batch = direct_processor(prompts(), images=pixels)
+    assert torch.equal(loaded.processor(prompts(), images=pixels)["input_ids"], batch["input_ids"])
     with torch.no_grad():
         for schedule in ("single_pass", "two_pass"):
-            torch.testing.assert_close(loaded(**batch, schedule=schedule).logits,
-                                       direct.eval()(**batch, schedule=schedule).logits, rtol=0, atol=0)
+            torch.testing.assert_close(model2(**batch, schedule=schedule).logits,
+                                       direct(**batch, schedule=schedule).logits, rtol=0, atol=0)
         settings = dict(num_beams=3, max_new_tokens=5, do_sample=False)
-        assert torch.equal(loaded.generate(**batch, **settings), direct.generate(**batch, **settings))
+        assert torch.equal(model2.generate(**batch, **settings), direct.generate(**batch, **settings))
+    again = AutoModelForCausalLM.from_pretrained(base / "llm")
     # An interaction module set up otherwise than the saved one is refused before anything is built.
     with pytest.raises(ValueError, match="interaction: the adapter .* saved with an interaction set to"):
         LMEyeModel.from_pretrained(tmp_path / "adapter", again, vision=CLIPImageEncoder(clip2),
                                    interaction=CLIPTextInteraction(clip2, 1))
 
 
-def test_released_presets():
+@pytest.mark.parametrize("prompt", ["qa", "instruction", "demo"])
+def test_released_prompt_templates(prompt):
+    """Each released prompt is a named template: the processor lays out the release's token sequence (the
+    same ids as tokenising the whole prompt string), no BOS, the request at the first slot."""
+    tokenizer = word_tokenizer(WORDS + ["describe", "it"])
+    tokenizer.add_tokens(["<img>", "<img-d>"], special_tokens=True)
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=1, num_requests=5, template=TEMPLATES[prompt])
+    batch = processor(["describe it", "what colour is the circle ?"], images=torch.rand(2, 3, 32, 32))
+    for b, question in enumerate(["describe it", "what colour is the circle ?"]):
+        row = batch["input_ids"][b, batch["attention_mask"][b].bool()].tolist()
+        assert row == reference_ids(processor, question, prompt)[0].tolist()
+    assert (batch["request_pos"] == batch["prefix_len"]).all()
+    assert processor.make_config().request_position == "first_slot"
+
+
+def test_released_generation_settings():
     assert GENERATION["qa"] == dict(num_beams=5, max_new_tokens=100)
-    assert GENERATION["demo"]["do_sample"] and GENERATION["demo"]["temperature"] == 1
-    assert released_prompt("qa", question="why ?") == "Image as evidence: <img>\n Question: why ?"
-    assert released_prompt("instruction", question="describe it") == "Image: <img>\n describe it"
-    assert released_prompt("demo", question="describe it") == "Image is <img>\n describe it"
-    with pytest.raises(ValueError, match="name: expected one of"):
-        released_prompt("chat", question="?")
+    assert GENERATION["instruction"] == dict(num_beams=4, do_sample=True, max_new_tokens=300)
+    assert GENERATION["vqa"] == dict(num_beams=5, length_penalty=-1.0, max_new_tokens=50)
+    assert GENERATION["demo"] == dict(num_beams=5, do_sample=True, temperature=1.0, max_new_tokens=200)
+    assert GENERATION["mmbench"] == dict(num_beams=5, do_sample=False, max_new_tokens=16)
 
 
 # ------------------------------------------------------------------ refusals

@@ -17,11 +17,12 @@ from .clip_interaction import CLIPTextInteraction
 from .config import LMEyeConfig
 from .modeling import LMEyeModel, LMEyeOutput
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
+from .prompts import PROMPT_TEMPLATES, PromptTemplate, Turn
 from .presets import global_token, patch_tokens, published
 from .seq2seq import LMEyeSeq2SeqModel
 from .training import train
 from .vision import CLIPImageEncoder
 
 __all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch",
-           "IGNORE_INDEX", "train",
+           "IGNORE_INDEX", "PromptTemplate", "Turn", "PROMPT_TEMPLATES", "train",
            "CLIPTextInteraction", "CLIPImageEncoder", "published", "global_token", "patch_tokens"]

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .sources import source_of
+
 __all__ = ["CLIPTextInteraction"]
 
 
@@ -85,6 +87,7 @@ class CLIPTextInteraction(nn.Module):
         self.num_requests = num_requests
         self.requests, self.positions = requests, positions
         self.max_positions = config.max_position_embeddings
+        self.source = source_of(clip)  # where the CLIPModel came from, for the adapter's record
         self.register_buffer("boundary_ids", torch.tensor(ids), persistent=False)
         self.requires_grad_(trainable)
 

@@ -128,9 +128,6 @@ class LMEyeConfig:
             raise ValueError(f"special_rows: expected one of {SPECIAL_ROWS}, or a list of three of them (for <img>, "
                              f"<img-q>, <img-d>), got {self.special_rows!r}")
         self.special_rows = rows[0] if len(set(rows)) == 1 else list(rows)
-        if self.request_position == "first_slot" and self.encoder_decoder:
-            raise ValueError("request_position: 'first_slot' is for a causal LLM; an encoder-decoder LLM reads its "
-                             "request at <img-q>")
 
     @property
     def hidden_size(self) -> Optional[int]:

@@ -37,6 +37,7 @@ from ..layers import InteractiveLayer, StaticVisualMapping
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
 from .processor import IGNORE_INDEX
+from .sources import model_sources
 from .vision import feature_shape, vision_features
 
 __all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE"]
@@ -78,6 +79,26 @@ def _ipn_state(ipn: InteractiveLayer) -> Dict[str, torch.Tensor]:
     if interaction is not None and not any(p.requires_grad for p in interaction.parameters()):
         state = {k: v for k, v in state.items() if not k.startswith("interaction.")}
     return state
+
+
+def _zero_added_rows(llm: nn.Module, words: int) -> None:
+    """Zero the embedding and LM-head rows (and head bias) from ``words`` on, which the resize drew from the
+    random state: the same adapter then gives the same logits under any seed. The input rows are read only
+    where ``special_rows`` adds the learned vector to them (as released: the vector alone then makes the row;
+    elsewhere ``embed`` takes LMEye's tokens from ``special_embed``); the head's give LMEye's tokens the logit 0,
+    and generation never picks them (``generate`` suppresses them)."""
+    head = llm.get_output_embeddings()
+    tensors = [llm.get_input_embeddings().weight]
+    if head is not None:
+        tensors += [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
+    whole = contextlib.nullcontext()
+    if any(hasattr(tensor, "ds_id") for tensor in tensors):  # DeepSpeed ZeRO-3 shards parameters
+        import deepspeed
+
+        whole = deepspeed.zero.GatheredParameters(tensors, modifier_rank=0)
+    with whole, torch.no_grad():
+        for tensor in tensors:
+            tensor[words:].zero_()
 
 
 class _Embedded(Exception):
@@ -210,22 +231,12 @@ class LMEyeModel(nn.Module):
                                              "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
                                              else type(interaction).__name__,
                                              "interaction_options": getattr(interaction, "options", None)})
+        words = embedding.num_embeddings
         token_ids = [i for i in config.token_ids() if i is not None]
-        appended = [i for i in token_ids if i >= embedding.num_embeddings]
-        if appended:
+        if max(token_ids) >= words:
             llm.resize_token_embeddings(max(config.vocab_size, max(token_ids) + 1), mean_resizing=False)
+            _zero_added_rows(llm, words)
             embedding = llm.get_input_embeddings()
-            if "add" in self.config.row_modes:
-                # A row the LLM never had is no word: the learned vector alone makes it (the releases'
-                # added rows were random and never saved, so no other value reproduces them), and the
-                # head's new rows score the tokens 0, the same in every build.
-                head = llm.get_output_embeddings()
-                with torch.no_grad():
-                    embedding.weight[appended] = 0
-                    if head is not None and head.weight is not embedding.weight:
-                        head.weight[appended] = 0
-                        if getattr(head, "bias", None) is not None:
-                            head.bias[appended] = 0
 
         self.llm = llm.requires_grad_(False)
         self.vision = vision.requires_grad_(False) if vision is not None else None
@@ -236,7 +247,7 @@ class LMEyeModel(nn.Module):
             # A replaced <img> row becomes exactly the mapped image tokens (the mapping adds into it);
             # replaced <img-q> and <img-d> rows start as an average word; an added vector starts at zero,
             # leaving the word row as it is.
-            mean = embedding.weight.float().mean(dim=0) * self.token_scale
+            mean = embedding.weight[:words].float().mean(dim=0) * self.token_scale
             init = torch.stack([torch.zeros_like(mean), mean, mean])
             modes = self.config.row_modes
             init[torch.tensor([mode == "add" for mode in modes])] = 0
@@ -571,8 +582,10 @@ class LMEyeModel(nn.Module):
         return cache
 
     def _generation_defaults(self, generate_kwargs: dict) -> None:
-        """Pad and stop with the processor's tokens unless the caller says otherwise."""
+        """Pad and stop with the processor's tokens unless the caller says otherwise; LMEye's own tokens
+        are placeholders of the input, never an answer's, so they are never generated."""
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        generate_kwargs.setdefault("suppress_tokens", [i for i in self.config.token_ids() if i is not None])
         if self.config.eos_token_id is not None:
             generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
 
@@ -587,12 +600,15 @@ class LMEyeModel(nn.Module):
         return state
 
     def save_pretrained(self, directory) -> None:
-        """Write the adapter (``lmeye_adapter.safetensors``) and its config (``lmeye_config.json``); never the LLM."""
+        """Write the adapter (``lmeye_adapter.safetensors``), its config (``lmeye_config.json``) and where its LLM,
+        vision model and CLIP interaction come from (``lmeye_sources.json``); never the LLM. With the processor's
+        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
         save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt", "lmeye_fast": __version__})
         self.config.save(directory)
+        model_sources(self).save(directory)
 
     @classmethod
     def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,

@@ -1,9 +1,9 @@
 """LMEye's released checkpoints: read them, rebuild the network they were trained in, convert them.
 
     checkpoint = read_released("checkpoint_with_epoch4.pth")        # checked, nothing built yet
-    processor, model = from_released("checkpoint_with_epoch4.pth", llm, clip, tokenizer)
-    batch = processor([released_prompt("qa", question="What is in the image?")], images=pixels)
-    answer = model.generate(**batch, **GENERATION["qa"])
+    processor, model = from_released("checkpoint_with_epoch4.pth", llm, clip, tokenizer)   # the QA prompt
+    batch = processor(["What is in the image?"], images=pixels)
+    answer = processor.decode(model.generate(**batch, **GENERATION["qa"]))
 
     python -m lmeye_fast.models.released convert checkpoint_with_epoch4.pth \\
         --llm huggyllama/llama-7b --clip openai/clip-vit-large-patch14 --out llama7b-lmeye
@@ -33,7 +33,7 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -41,11 +41,12 @@ from torch import nn
 from .clip_interaction import CLIPTextInteraction
 from .modeling import LMEyeModel
 from .processor import LMEyeProcessor
+from .prompts import PromptTemplate, prompt_template
 from .seq2seq import LMEyeSeq2SeqModel
 from .vision import CLIPImageEncoder
 
-__all__ = ["ReleasedCheckpoint", "read_released", "from_released", "released_prompt", "QFormerImageTokens",
-           "PROMPTS", "GENERATION", "IMAGE_VECTORS", "V1_KEYS", "V01_KEYS"]
+__all__ = ["ReleasedCheckpoint", "read_released", "from_released", "QFormerImageTokens", "TEMPLATES", "GENERATION",
+           "IMAGE_VECTORS", "V1_KEYS", "V01_KEYS"]
 
 V1_KEYS = ("embedding_img", "embedding_imgd", "imgLinear.weight", "imgLinear.bias", "promptMlp.weight",
            "promptMlp.bias", "llm2clip.weight", "llm2clip.bias", "imgdLinear.weight", "imgdLinear.bias")
@@ -60,27 +61,14 @@ IMAGE_VECTORS = ("embedding_img", "embedding_imgd")
 V1_TOKENS = ("<img>", "<img-d>")
 V01_TOKENS = ("<img-d>", "<img-q>")
 # v0.1 prepends its image tokens to the text: its <img> slots get a token of their own, since the
-# prompt's literal "<img>" is text there.
+# prompt's literal "<img>" is text there. The processor adds it after the release's tokens.
 V01_IMAGE_TOKEN = "<lmeye-image>"
 
 
-@dataclass(frozen=True)
-class ReleasedPrompt:
-    """A released prompt: ``text`` up to the ``<img-d>`` slots (``{question}`` filled in), the
-    ``response_prefix`` after them, the layout it belongs to."""
-
-    layout: str
-    text: str
-    response_prefix: str
-
-
-PROMPTS: Dict[str, ReleasedPrompt] = {
-    "qa": ReleasedPrompt("v1", "Image as evidence: <img>\n Question: {question}", "\nAnswer:"),
-    "instruction": ReleasedPrompt("v1", "Image: <img>\n {question}", "\nAnswer:"),
-    "demo": ReleasedPrompt("v1", "Image is <img>\n {question}", "\nAnswer:"),
-    # The <img> of v0.1's prompt is text: its image tokens come before the whole prompt.
-    "mmbench": ReleasedPrompt("v0.1", "Human: <img>\n{question}\n", "\nAssistant:"),
-}
+# The released prompts, by what the release used them for: templates of ``PROMPT_TEMPLATES``
+# (``lmeye_fast.models.prompts``), which the processor ``from_released`` returns holds and saves.
+TEMPLATES: Dict[str, str] = {"qa": "lmeye-v1-qa", "instruction": "lmeye-v1-instruction", "demo": "lmeye-v1-demo",
+                             "mmbench": "lmeye-v0.1"}
 
 # The released scripts' generation settings, as keyword arguments of ``generate``.
 GENERATION: Dict[str, dict] = {
@@ -90,14 +78,6 @@ GENERATION: Dict[str, dict] = {
     "demo": dict(num_beams=5, do_sample=True, temperature=1.0, max_new_tokens=200),
     "mmbench": dict(num_beams=5, do_sample=False, max_new_tokens=16),
 }
-
-
-def released_prompt(name: str, question: str) -> str:
-    """The text of the released prompt ``name`` (``PROMPTS``) for ``question``, for the processor
-    ``from_released`` returns (which adds the slots and the response prefix)."""
-    if name not in PROMPTS:
-        raise ValueError(f"name: expected one of {sorted(PROMPTS)}, got {name!r}")
-    return PROMPTS[name].text.format(question=question)
 
 
 @dataclass(frozen=True)
@@ -282,7 +262,7 @@ def _clip_checks(clip: nn.Module, checkpoint: ReleasedCheckpoint, image_side: bo
 
 def from_released(path, llm: nn.Module, clip: nn.Module, tokenizer, image_vector: str = "embedding_img",
                   dtype: torch.dtype = torch.float32, vision: Optional[nn.Module] = None,
-                  prompt: Optional[str] = None) -> Tuple[LMEyeProcessor, LMEyeModel]:
+                  template: Union[str, PromptTemplate, None] = None) -> Tuple[LMEyeProcessor, LMEyeModel]:
     """The processor and model that compute a released checkpoint's forward.
 
     Args:
@@ -295,18 +275,22 @@ def from_released(path, llm: nn.Module, clip: nn.Module, tokenizer, image_vector
             ``"embedding_imgd"``, the one the released inference scripts load there.
         dtype: the adapter's dtype (the file holds float16; the LLM and CLIP keep theirs).
         vision: v0.1 only: the module giving the Q-Former's tokens (``QFormerImageTokens``).
-        prompt: the released prompt (``PROMPTS``) whose response prefix the processor writes after the
-            slots; by default the layout's (v1 ``"qa"``, v0.1 ``"mmbench"``).
+        template: the processor's prompt template: a name of ``TEMPLATES`` (``"qa"``, ``"instruction"``,
+            ``"demo"`` for v1, ``"mmbench"`` for v0.1), of ``PROMPT_TEMPLATES``, or a ``PromptTemplate``;
+            by default the layout's (v1 ``"qa"``, v0.1 ``"mmbench"``). v1's must have no request
+            token (the request is read at the first slot), v0.1's must have one.
     Returns:
         (processor, model); the model runs either schedule of its kind (v1: ``single_pass`` default).
     """
     checkpoint = read_released(path)
     if image_vector not in IMAGE_VECTORS:
         raise ValueError(f"image_vector: expected one of {IMAGE_VECTORS}, got {image_vector!r}")
-    prompt = prompt or ("qa" if checkpoint.layout == "v1" else "mmbench")
-    if prompt not in PROMPTS or PROMPTS[prompt].layout != checkpoint.layout:
-        fitting = sorted(name for name, p in PROMPTS.items() if p.layout == checkpoint.layout)
-        raise ValueError(f"prompt: expected one of {checkpoint.layout}'s prompts {fitting}, got {prompt!r}")
+    template = prompt_template(TEMPLATES.get(template, template) if isinstance(template, str) else
+                               template or TEMPLATES["qa" if checkpoint.layout == "v1" else "mmbench"])
+    if template.request_token != (checkpoint.layout == "v0.1"):
+        raise ValueError(f"template: {template.name!r} {'has' if template.request_token else 'has no'} request token; "
+                         f"LMEye {checkpoint.layout} reads its request "
+                         f"{'at <img-q>' if checkpoint.layout == 'v0.1' else 'at the first <img-d> slot'}")
     encoder_decoder = bool(getattr(getattr(llm, "config", None), "is_encoder_decoder", False))
     if encoder_decoder != (checkpoint.layout == "v0.1"):
         raise ValueError(f"llm: the checkpoint is LMEye {checkpoint.layout}, made for "
@@ -317,18 +301,17 @@ def from_released(path, llm: nn.Module, clip: nn.Module, tokenizer, image_vector
     if checkpoint.layout == "v1":
         if vision is not None:
             raise ValueError("vision: v1 reads CLIP's projected image vector; pass the CLIPModel as clip only")
-        return _build_v1(checkpoint, llm, clip, tokenizer, image_vector, dtype, PROMPTS[prompt].response_prefix)
+        return _build_v1(checkpoint, llm, clip, tokenizer, image_vector, dtype, template)
     if vision is None:
         raise ValueError("vision: v0.1 needs the module giving BLIP-2's Q-Former tokens (QFormerImageTokens)")
     _check_width("vision", getattr(vision, "width", None), checkpoint.vision_dim, "its Q-Former output")
-    return _build_v01(checkpoint, llm, clip, tokenizer, vision, dtype, PROMPTS[prompt].response_prefix)
+    return _build_v01(checkpoint, llm, clip, tokenizer, vision, dtype, template)
 
 
-def _build_v1(checkpoint, llm, clip, tokenizer, image_vector, dtype, response_prefix):
+def _build_v1(checkpoint, llm, clip, tokenizer, image_vector, dtype, template):
     _release_tokens(tokenizer, V1_TOKENS)
-    processor = LMEyeProcessor(tokenizer, num_image_tokens=1, num_requests=checkpoint.num_slots,
-                               response_prefix=response_prefix, image_token=V1_TOKENS[0], request_token=None,
-                               slot_token=V1_TOKENS[1], add_bos=False)
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=1, num_requests=checkpoint.num_slots, template=template,
+                               image_token=V1_TOKENS[0], slot_token=V1_TOKENS[1])
     config = processor.make_config(num_requests=checkpoint.num_requests, transmission="per_slot",
                                    sub_features=checkpoint.sub_features, interaction_dim=checkpoint.interaction_dim,
                                    num_heads=1, static_feature="projected", ipn_feature="projected",
@@ -345,12 +328,12 @@ def _build_v1(checkpoint, llm, clip, tokenizer, image_vector, dtype, response_pr
     return processor, model
 
 
-def _build_v01(checkpoint, llm, clip, tokenizer, vision, dtype, response_prefix):
+def _build_v01(checkpoint, llm, clip, tokenizer, vision, dtype, template):
     _release_tokens(tokenizer, V01_TOKENS)
     processor = LMEyeProcessor(tokenizer, num_image_tokens=vision.num_tokens, num_requests=checkpoint.num_slots,
-                               response_prefix=response_prefix, image_token=V01_IMAGE_TOKEN,
-                               request_token=V01_TOKENS[1], slot_token=V01_TOKENS[0], add_bos=False,
-                               encoder_decoder=True, decoder_start_token_id=llm.config.decoder_start_token_id)
+                               template=template, image_token=V01_IMAGE_TOKEN, request_token=V01_TOKENS[1],
+                               slot_token=V01_TOKENS[0], encoder_decoder=True,
+                               decoder_start_token_id=llm.config.decoder_start_token_id)
     config = processor.make_config(sub_features=1, interaction_dim=checkpoint.interaction_dim, num_heads=1,
                                    vision_dim=checkpoint.vision_dim, static_vision_dim=checkpoint.vision_dim,
                                    special_rows=["replace", "add", "add"])
@@ -409,14 +392,10 @@ def _convert(args) -> None:
 
         vision = QFormerImageTokens.from_blip2(Blip2Model.from_pretrained(args.blip2, dtype=dtype))
     processor, model = from_released(args.checkpoint, llm, clip, tokenizer, image_vector=args.image_vector,
-                                     dtype=torch.float32, vision=vision)
+                                     vision=vision, template=args.template)
     out = Path(args.out)
     model.save_pretrained(out)
-    save = getattr(processor, "save_pretrained", None)
-    if callable(save):
-        save(out)
-    else:
-        tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
     print(f"{args.checkpoint}: LMEye {checkpoint.layout} (LLM width {checkpoint.llm_dim}) written to {out}")
 
 
@@ -433,6 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     convert.add_argument("--blip2", help="v0.1: the BLIP-2 model whose vision tower and Q-Former it reads")
     convert.add_argument("--image-vector", choices=IMAGE_VECTORS, default="embedding_img",
                          help="the learned vector at <img> (default: the trained one)")
+    convert.add_argument("--template", choices=sorted(TEMPLATES),
+                         help="the released prompt the processor lays out (default: qa for v1, mmbench for v0.1)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                          help="the dtype the LLM and CLIP are loaded in for the conversion")
     args = parser.parse_args(argv)
