@@ -158,12 +158,14 @@ def test_v1_generation_matches_the_released_forward(v1, schedule, beams):
     batch = processor(prompts(), images=pixels)
     settings = dict(num_beams=beams, max_new_tokens=6, do_sample=False)
     tokens = model.generate(**batch, schedule=schedule, **settings)
+    suppressed = [i for i in model.config.token_ids() if i is not None]  # LMEye never generates its placeholders
     for b, text in enumerate(prompts()):
         ids = reference_ids(processor, text)
         embeds = v1_forward(v1["state"], model.llm, v1["clip"], ids, pixels[b:b + 1], processor.image_token_id,
                             processor.slot_token_id)
         want = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), **settings,
-                                  pad_token_id=processor.pad_token_id, eos_token_id=processor.eos_token_id)[0]
+                                  suppress_tokens=suppressed, pad_token_id=processor.pad_token_id,
+                                  eos_token_id=processor.eos_token_id)[0]
         assert tokens[b, :len(want)].tolist() == want.tolist()
         # A row that stopped before the batch's longest is filled after its end.
         assert set(tokens[b, len(want):].tolist()) <= {processor.pad_token_id, processor.eos_token_id}
