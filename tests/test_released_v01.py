@@ -70,7 +70,8 @@ def reference_logits(v01, pixels, state=None):
     for encoding, answer in zip(reference_encodings(v01, pixels, state), ANSWERS):
         labels = processor.encode(answer) + [processor.eos_token_id]
         decoder = torch.tensor([[t5.config.decoder_start_token_id] + labels[:-1]])
-        rows.append(t5(encoder_outputs=BaseModelOutput(last_hidden_state=encoding), decoder_input_ids=decoder).logits[0])
+        encoded = BaseModelOutput(last_hidden_state=encoding)
+        rows.append(t5(encoder_outputs=encoded, decoder_input_ids=decoder).logits[0])
     return rows
 
 

@@ -159,8 +159,8 @@ def read_released(path) -> ReleasedCheckpoint:
     for key, value in payload["net"].items():
         name = key[len("module."):] if isinstance(key, str) and key.startswith("module.") else key
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise ValueError(f"{path}: 'net'[{key!r}] is {type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}, "
-                             "expected a floating-point tensor")
+            found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{path}: 'net'[{key!r}] is {found}, expected a floating-point tensor")
         if name in state:
             raise ValueError(f"{path}: 'net' holds {name!r} both with and without the 'module.' prefix")
         state[name] = value
@@ -197,8 +197,8 @@ class QFormerImageTokens(nn.Module):
     def __init__(self, vision_model: nn.Module, qformer: nn.Module, query_tokens: torch.Tensor):
         super().__init__()
         if not isinstance(query_tokens, torch.Tensor) or query_tokens.dim() != 3:
-            raise ValueError(f"query_tokens: expected a (1, Q, Dq) tensor, got "
-                             f"{tuple(query_tokens.shape) if isinstance(query_tokens, torch.Tensor) else query_tokens!r}")
+            found = tuple(query_tokens.shape) if isinstance(query_tokens, torch.Tensor) else repr(query_tokens)
+            raise ValueError(f"query_tokens: expected a (1, Q, Dq) tensor, got {found}")
         self.vision_model, self.qformer = vision_model, qformer
         self.query_tokens = query_tokens if isinstance(query_tokens, nn.Parameter) else nn.Parameter(query_tokens)
 
