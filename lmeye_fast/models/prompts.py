@@ -150,8 +150,7 @@ PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {
     # Vicuna v1's turns, as LLaVA trains them: the image opens the first user turn.
     "vicuna": PromptTemplate(first_turn="USER: {image}{question}", later_turn="USER: {question}",
                              response_prefix=" ASSISTANT: ", name="vicuna"),
-    # LMEye's released prompts (lmeye_fast.models.released): v1 reads its request at the first
-    # <img-d>; v0.1 puts its image tokens before the text, in which "<img>" is a word.
+    # LMEye v1's released prompts (lmeye_fast.models.released): the request at the first <img-d>.
     "lmeye-v1-qa": PromptTemplate(first_turn="Image as evidence: {image}\n Question: {question}",
                                   response_prefix="\nAnswer:", request_token=False, add_bos=False,
                                   name="lmeye-v1-qa"),
@@ -159,8 +158,6 @@ PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {
                                            request_token=False, add_bos=False, name="lmeye-v1-instruction"),
     "lmeye-v1-demo": PromptTemplate(first_turn="Image is {image}\n {question}", response_prefix="\nAnswer:",
                                     request_token=False, add_bos=False, name="lmeye-v1-demo"),
-    "lmeye-v0.1": PromptTemplate(first_turn="{image}Human: <img>\n{question}\n", response_prefix="\nAssistant:",
-                                 add_bos=False, name="lmeye-v0.1"),
 }
 
 

@@ -67,8 +67,12 @@ V01_IMAGE_TOKEN = "<lmeye-image>"
 
 # The released prompts, by what the release used them for: templates of ``PROMPT_TEMPLATES``
 # (``lmeye_fast.models.prompts``), which the processor ``from_released`` returns holds and saves.
-TEMPLATES: Dict[str, str] = {"qa": "lmeye-v1-qa", "instruction": "lmeye-v1-instruction", "demo": "lmeye-v1-demo",
-                             "mmbench": "lmeye-v0.1"}
+# v0.1's image tokens come before the text, in which "<img>" is a word: a template only for a processor
+# whose image token is another (``from_released`` builds that one).
+V01_TEMPLATE = PromptTemplate(first_turn="{image}Human: <img>\n{question}\n", response_prefix="\nAssistant:",
+                              add_bos=False, name="lmeye-v0.1")
+TEMPLATES: Dict[str, Union[str, PromptTemplate]] = {"qa": "lmeye-v1-qa", "instruction": "lmeye-v1-instruction",
+                                                    "demo": "lmeye-v1-demo", "mmbench": V01_TEMPLATE}
 
 # The released scripts' generation settings, as keyword arguments of ``generate``.
 GENERATION: Dict[str, dict] = {
