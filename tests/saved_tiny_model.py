@@ -8,9 +8,11 @@ WORDS = "what colour is the circle square red blue green yellow ? answer : A. B.
 RESPONSE_PREFIX = "answer :"
 
 
-def save_tiny_model(root, arch="llama"):
+def save_tiny_model(root, arch="llama", llm_hidden=32, llm_heads=4, llm_init=None):
     """Save the parts under ``root`` (llm/, vision/, adapter/); returns the model and its processor.
-    ``arch``: the LLM, a causal one of ``tiny.ARCHITECTURES`` or ``"t5"`` (an ``LMEyeSeq2SeqModel``)."""
+    ``arch``: the LLM, a causal one of ``tiny.ARCHITECTURES`` or ``"t5"`` (an ``LMEyeSeq2SeqModel``);
+    ``llm_hidden`` and ``llm_heads`` size a causal one (vLLM's CPU attention needs heads 32 wide or wider),
+    ``llm_init`` its weights' standard deviation (the config's default when None)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, CLIPImageProcessor, CLIPVisionModel
 
     from lmeye_fast.models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
@@ -21,7 +23,8 @@ def save_tiny_model(root, arch="llama"):
     # Weights large enough that greedy decoding gives words (at the default initialisation a tiny T5
     # decodes pad tokens only, an empty answer).
     llm = tiny_seq2seq(arch, len(tokenizer), hidden=32, initializer_factor=3.0) if encoder_decoder else \
-        tiny_llm(arch, len(tokenizer), hidden=32)
+        tiny_llm(arch, len(tokenizer), hidden=llm_hidden, heads=llm_heads,
+                 **({} if llm_init is None else {"initializer_range": llm_init}))
     llm.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     tiny_clip().save_pretrained(root / "vision")

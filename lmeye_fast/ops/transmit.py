@@ -18,10 +18,11 @@ copy of E is the result). Slot positions outside ``[0, T')`` are skipped.
 
 Backward: ``dE`` passes through; ``dt`` is gathered from the slot rows; then
 ``dz = dt W_o`` and ``dW_o = dtᵀ z``, each skipped when its input needs no
-gradient, and ``d e_slot = Σ_b dt`` (shared: ``db_o`` is the fp32 column sum of
-``dW_o``'s GEMM; per slot: ``db_o = d e_slot``). Per slot, ``dz`` sums over the
-K/R slots of a request as the reduction of R GEMMs over (K/R)·D, and
-``dW_o`` is K GEMMs over the batch. On a GPU the dense GEMMs are ``torch.mm`` /
+gradient, ``d e_slot = Σ_b dt`` and ``db_o``, the fp32 sum of dt over all its
+rows (shared; under the interpreter the column sums of ``dW_o``'s GEMM) or
+``d e_slot`` itself (per slot). Per slot, ``dz`` sums over the K/R slots of a
+request as the reduction of R GEMMs over (K/R)·D, and ``dW_o`` is K GEMMs over
+the batch. On a GPU the dense GEMMs are ``torch.mm`` /
 ``torch.bmm`` (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE fp32
 unless the caller enabled TF32); under the interpreter they run through the
 Triton GEMM.

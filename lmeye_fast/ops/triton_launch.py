@@ -14,8 +14,8 @@ copy, and a row gather (``hidden[b, request_pos[b]]``) or scatter
 memory outside the tensor.
 
 A launch may also run P such GEMMs side by side (the third grid axis, ``batch``):
-GEMM p offsets each operand by ``(p // pdiv) * sp`` elements and its index by
-``(p // pdiv) * isp``, and the bias and row bias by their own stride times p, so
+GEMM p offsets A and B by ``(p // pdiv) * sp`` elements, C by ``p * sp`` and C's
+index by ``p * isp``, and the bias and row bias by their own stride times p, so
 the per-slot transmission's K matrices (slot j reading request ``j // (K/R)``)
 are one launch.
 """
@@ -190,8 +190,8 @@ class Rows(NamedTuple):
     si: int = 0
     lim: int = 0
     sp: int = 0  # stride between the GEMMs of a batched launch (see the module docstring)
-    pdiv: int = 1  # GEMM p reads this operand's (p // pdiv)-th block
-    isp: int = 0  # the index's stride between GEMMs
+    pdiv: int = 1  # A and B: GEMM p reads block p // pdiv
+    isp: int = 0  # C: the index's stride between GEMMs
 
 
 def rows2d(t: torch.Tensor, transpose: bool = False) -> Rows:
@@ -234,7 +234,7 @@ def _gemm_kernel(
     b_g, b_s0, b_s1, b_n, b_is0, b_is1, b_si, b_lim,
     c_g, c_s0, c_s1, c_n, c_is0, c_is1, c_si, c_lim,
     rb_g, rb_s, rb_n,
-    a_sp, a_pdiv, a_isp, b_sp, b_pdiv, b_isp, c_sp, c_pdiv, c_isp, bias_sp, rb_sp,
+    a_sp, a_pdiv, b_sp, b_pdiv, c_sp, c_isp, bias_sp, rb_sp,
     A_IDX: tl.constexpr, B_IDX: tl.constexpr, C_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ROWBIAS: tl.constexpr, ACCUMULATE: tl.constexpr, COLSUM: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
@@ -243,17 +243,13 @@ def _gemm_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_p = tl.program_id(2)
-    a_p = (pid_p // a_pdiv).to(tl.int64)
-    b_p = (pid_p // b_pdiv).to(tl.int64)
-    c_p = (pid_p // c_pdiv).to(tl.int64)
-    a_ptr += a_p * a_sp
-    a_idx += a_p * a_isp
-    b_ptr += b_p * b_sp
-    b_idx += b_p * b_isp
-    c_ptr += c_p * c_sp
-    c_idx += c_p * c_isp
-    bias_ptr += pid_p.to(tl.int64) * bias_sp
-    rowbias_ptr += pid_p.to(tl.int64) * rb_sp
+    p64 = pid_p.to(tl.int64)
+    a_ptr += (pid_p // a_pdiv).to(tl.int64) * a_sp
+    b_ptr += (pid_p // b_pdiv).to(tl.int64) * b_sp
+    c_ptr += p64 * c_sp
+    c_idx += p64 * c_isp
+    bias_ptr += p64 * bias_sp
+    rowbias_ptr += p64 * rb_sp
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -452,7 +448,7 @@ def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dt
         b.g, b.s0, b.s1, b.inner, b.is0, b.is1, b.si, b.lim,
         c.g, c.s0, c.s1, c.inner, c.is0, c.is1, c.si, c.lim,
         rb_g, rb_s, rb_n,
-        a.sp, a.pdiv, a.isp, b.sp, b.pdiv, b.isp, c.sp, c.pdiv, c.isp, bias_sp, rb_sp,
+        a.sp, a.pdiv, b.sp, b.pdiv, c.sp, c.isp, bias_sp, rb_sp,
     )
     constexprs = dict(
         A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
