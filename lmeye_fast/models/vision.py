@@ -148,9 +148,12 @@ def read_image(image):
     if mode == "RGB":
         return picture
     try:
+        if mode == "La":  # grey premultiplied by alpha, which Pillow converts to nothing: over white by hand
+            import numpy as np
+
+            grey, alpha = (np.asarray(band, dtype=np.int32) for band in picture.split())
+            return Image.fromarray(np.clip(grey + 255 - alpha, 0, 255).astype(np.uint8), mode="L").convert("RGB")
         if "A" in picture.getbands() or "a" in mode or "transparency" in picture.info:
-            if mode == "La":
-                picture = picture.convert("RGBa")
             rgba = picture.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, _BACKGROUND + (255,)), rgba).convert("RGB")
         return picture.convert("RGB")
@@ -181,7 +184,7 @@ def load_vision(name: str, features: Iterable[str] = ("tokens",), with_text: boo
     import transformers
     from transformers import AutoConfig
 
-    features = tuple(features)
+    name, features = str(name), tuple(features)
     config = AutoConfig.from_pretrained(name, revision=revision)
     kind = config.model_type
     if kind not in _CLIP_KINDS:
