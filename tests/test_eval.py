@@ -223,3 +223,21 @@ def test_command_line_on_an_encoder_decoder_adapter(tmp_path):
     for record, summed, normalised in zip(results["records"], scores.summed, scores.normalised):
         torch.testing.assert_close(torch.tensor(record["log_likelihood"]), summed, rtol=1e-4, atol=1e-5)
         assert (record["prediction"], record["prediction_norm"]) == (int(summed.argmax()), int(normalised.argmax()))
+
+
+def test_an_adapter_saved_without_its_records_needs_and_takes_the_flags(saved_model, tmp_path):
+    """An adapter directory without lmeye_sources.json and lmeye_processor.json (written before them) names
+    what it lacks, and loads with the models and the response prefix given."""
+    import shutil
+
+    root, model, processor = saved_model
+    bare = tmp_path / "bare"
+    shutil.copytree(root / "adapter", bare)
+    for name in ("lmeye_sources.json", "lmeye_processor.json"):
+        (bare / name).unlink()
+    with pytest.raises(ValueError, match=r"^llm: the adapter in .* does not record its llm .*pass it \(--llm\)"):
+        load_eval_model(bare)
+    runner = load_eval_model(bare, root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
+    prompts = ["what colour is the circle ?"]
+    pixels = torch.rand(1, 3, 32, 32)
+    assert runner.generate(prompts, [pixels[0]], 2) == EvalModel(model, processor).generate(prompts, [pixels[0]], 2)

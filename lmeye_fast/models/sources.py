@@ -194,7 +194,7 @@ def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] 
                                                                                      revision=llm_source.revision),
                                    num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,
                                    encoder_decoder=config.encoder_decoder, decoder_start_token_id=start,
-                                   **prompt_settings)
+                                   **{key: value for key, value in prompt_settings.items() if value is not None})
     ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
     if ids != config.token_ids():
         raise ValueError(f"tokenizer: its LMEye token ids {ids} differ from the adapter's {config.token_ids()}; "
