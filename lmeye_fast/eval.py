@@ -202,16 +202,6 @@ def rotations(example: Example) -> List[Example]:
 
 # ---------------------------------------------------------------- the model
 
-def load_vision(path, dtype):
-    """The vision tower saved at ``path`` (a Hugging Face name or directory), in ``dtype``."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel
-
-    kind = AutoConfig.from_pretrained(path).model_type
-    # A full CLIP checkpoint (text and vision) loads its vision tower only.
-    loader = CLIPVisionModel if kind in ("clip", "clip_vision_model") else AutoModel
-    return loader.from_pretrained(path, dtype=dtype)
-
-
 @dataclass
 class EvalModel:
     """A model, its processor and how images become pixel values (``image_processor``: a Hugging

@@ -21,20 +21,20 @@ def save_tiny_model(root, arch="llama", llm_hidden=32, llm_heads=4, llm_init=Non
     encoder_decoder = arch == "t5"
     tokenizer = word_tokenizer(WORDS)
     # Weights large enough that greedy decoding gives words (at the default initialisation a tiny T5
-    # decodes pad tokens only, an empty answer).
-    llm = tiny_seq2seq(arch, len(tokenizer), hidden=32, initializer_factor=3.0) if encoder_decoder else \
-        tiny_llm(arch, len(tokenizer), hidden=llm_hidden, heads=llm_heads,
-                 **({} if llm_init is None else {"initializer_range": llm_init}))
+    # decodes pad tokens only, an empty answer); room for LMEye's three tokens, so nothing is resized.
+    init = {} if llm_init is None else {"initializer_range": llm_init}
+    llm = tiny_seq2seq(arch, len(tokenizer) + 3, hidden=32, initializer_factor=3.0) if encoder_decoder else \
+        tiny_llm(arch, len(tokenizer) + 3, hidden=llm_hidden, heads=llm_heads, **init)
+    start = llm.config.decoder_start_token_id if encoder_decoder else None
+    processor = LMEyeProcessor(tokenizer, num_image_tokens=17, num_requests=3, response_prefix=RESPONSE_PREFIX,
+                               encoder_decoder=encoder_decoder, decoder_start_token_id=start)
     llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")  # with LMEye's tokens, as the adapter's
     tiny_clip().save_pretrained(root / "vision")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         root / "vision")
     # Built around the saved models, loaded back, as a user builds it: the adapter records where they are.
     llm = (AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM).from_pretrained(root / "llm")
-    start = llm.config.decoder_start_token_id if encoder_decoder else None
-    processor = LMEyeProcessor(tokenizer, num_image_tokens=17, num_requests=3, response_prefix=RESPONSE_PREFIX,
-                               encoder_decoder=encoder_decoder, decoder_start_token_id=start)
     config = processor.make_config(interaction_dim=16, num_heads=2)
     model_class = LMEyeSeq2SeqModel if encoder_decoder else LMEyeModel
     model = model_class(llm, config, vision=CLIPVisionModel.from_pretrained(root / "vision"))

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from lmeye_fast.models import LMEyeProcessor, PromptTemplate, Turn
 from lmeye_fast.models.processor import IGNORE_INDEX
@@ -116,3 +117,48 @@ def test_save_pretrained_and_from_pretrained_keep_the_template(tmp_path, name):
         LMEyeProcessor.from_pretrained(tmp_path, response_prefix="Answer:")
     with pytest.raises(ValueError, match="^num_image_tokens: .* saved with 2, but 7"):
         LMEyeProcessor.from_pretrained(tmp_path, num_image_tokens=7)
+
+
+@pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
+def test_prompts_padded_after_their_slots_answer_as_they_do_alone(schedule):
+    """Conversations of different lengths in one batch (the shorter waits in padding between its slots and
+    its body) generate the tokens and get the option scores each gets alone."""
+    from lmeye_fast.models import LMEyeModel
+    from lmeye_fast.models.scoring import score_options
+    from lmeye_fast.models.tiny import tiny_llm
+
+    tok, proc = processor("vicuna")
+    model = LMEyeModel(tiny_llm("llama", len(tok), hidden=32), proc.make_config(interaction_dim=8, num_heads=2,
+                                                                                  vision_dim=6)).eval()
+    with torch.no_grad():
+        for p in list(model.ipn.parameters()) + [model.special_embed]:
+            p.normal_(0.0, 0.3)
+    prompts = [[Turn("what ?")], [Turn("<image>\nwhat colour ?", "red blue"), Turn("the circle is what ?")],
+               [Turn("what colour ?", "red"), Turn("blue ?", "the"), Turn("red ?")]]
+    features = torch.randn(len(prompts), 2, 6)
+    options = [["red", "blue circle"], ["the"], ["red ?", "blue", "circle red"]]
+    batch = proc(prompts)
+    together = model.generate(**batch, image_features=features, schedule=schedule, max_new_tokens=3,
+                              do_sample=False)
+    scores = score_options(model, proc, prompts, options, image_features=features, schedule=schedule)
+    for index, prompt in enumerate(prompts):
+        alone = model.generate(**proc([prompt]), image_features=features[index:index + 1], schedule=schedule,
+                               max_new_tokens=3, do_sample=False)
+        assert together[index].tolist() == alone[0].tolist()
+        single = score_options(model, proc, [prompt], options[index:index + 1],
+                               image_features=features[index:index + 1], schedule=schedule)
+        torch.testing.assert_close(scores.summed[index], single.summed[0], rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_decoder_rows_put_the_response_prefix_in_the_encoder():
+    qa = PromptTemplate(first_turn="image as evidence : {image} question : {question}", response_prefix="answer :",
+                        request_token=False, add_bos=False, name="qa")
+    tok, proc = processor(qa, encoder_decoder=True, decoder_start_token_id=0)
+    batch = proc(["what colour ?", "the circle is what colour ?"], ["red", "blue"])
+    slot, eos = proc.slot_token_id, tok.eos_token_id
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert row[-6:] == [slot] * 3 + words(tok, "answer :") + [eos]
+    assert batch["request_pos"].tolist() == batch["slot_pos"][:, 0].tolist()  # the first slot reads the request
+    assert proc.row([Turn("what ?", "red")]).body == words(tok, "red") + [eos]
+    with pytest.raises(ValueError, match="one question at a time"):
+        proc([[Turn("what ?", "red"), Turn("blue ?")]])

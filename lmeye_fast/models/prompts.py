@@ -24,6 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
+from ..checks import check_known_fields
+
 __all__ = ["PromptTemplate", "Turn", "PROMPT_TEMPLATES", "prompt_template", "LLAVA_IMAGE_TAG"]
 
 LLAVA_IMAGE_TAG = "<image>"
@@ -123,10 +125,7 @@ class PromptTemplate:
 
     @classmethod
     def from_dict(cls, data: Dict[str, object]) -> "PromptTemplate":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"prompt template: unknown fields {unknown} (written by a newer lmeye_fast?)")
+        check_known_fields(cls, data, "prompt template")
         return cls(**data)
 
 

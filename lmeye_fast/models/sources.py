@@ -28,6 +28,7 @@ from typing import Any, Dict, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..checks import check_known_fields
 from ..files import write_json_atomically
 from .config import LMEyeConfig
 
@@ -62,10 +63,10 @@ class ModelSources:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelSources":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"model sources: unknown fields {unknown} (written by a newer lmeye_fast?)")
+        check_known_fields(cls, data, "model sources")
+        for value in data.values():
+            if value is not None:
+                check_known_fields(Source, value, "model source")
         return cls(**{key: None if value is None else Source(**value) for key, value in data.items()})
 
     def save(self, directory) -> Path:
@@ -193,7 +194,7 @@ def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] 
                                                                                      revision=llm_source.revision),
                                    num_image_tokens=config.num_image_tokens, num_requests=config.slots,
                                    encoder_decoder=config.encoder_decoder, decoder_start_token_id=start,
-                                   **prompt_settings)
+                                   **{key: value for key, value in prompt_settings.items() if value is not None})
     ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
     if ids != config.token_ids():
         raise ValueError(f"tokenizer: its LMEye token ids {ids} differ from the adapter's {config.token_ids()}; "

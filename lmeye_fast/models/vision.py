@@ -148,9 +148,12 @@ def read_image(image):
     if mode == "RGB":
         return picture
     try:
+        if mode == "La":  # grey premultiplied by alpha, which Pillow converts to nothing: over white by hand
+            import numpy as np
+
+            grey, alpha = (np.asarray(band, dtype=np.int32) for band in picture.split())
+            return Image.fromarray(np.clip(grey + 255 - alpha, 0, 255).astype(np.uint8), mode="L").convert("RGB")
         if "A" in picture.getbands() or "a" in mode or "transparency" in picture.info:
-            if mode == "La":
-                picture = picture.convert("RGBa")
             rgba = picture.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, _BACKGROUND + (255,)), rgba).convert("RGB")
         return picture.convert("RGB")
@@ -181,8 +184,9 @@ def load_vision(name: str, features: Iterable[str] = ("tokens",), with_text: boo
     import transformers
     from transformers import AutoConfig
 
-    features = tuple(features)
-    kind = AutoConfig.from_pretrained(name, revision=revision).model_type
+    name, features = str(name), tuple(features)
+    config = AutoConfig.from_pretrained(name, revision=revision)
+    kind = config.model_type
     if kind not in _CLIP_KINDS:
         if with_text or "projected" in features:
             raise ValueError(f"vision: {name} is a {kind!r} checkpoint; "
@@ -196,10 +200,16 @@ def load_vision(name: str, features: Iterable[str] = ("tokens",), with_text: boo
     if chosen == "CLIPModel" and kind != "clip":
         raise ValueError(f"vision: {name} holds a CLIP vision tower only; the CLIP text interaction needs a whole "
                          "CLIPModel checkpoint (vision and text towers)")
+    settings = {}
+    if chosen == "CLIPVisionModelWithProjection" and kind == "clip":
+        # The vision config taken out of a whole CLIP config keeps its own default projection width.
+        settings["projection_dim"] = config.projection_dim
     model, info = getattr(transformers, chosen).from_pretrained(name, revision=revision, dtype=dtype,
-                                                                output_loading_info=True)
+                                                                output_loading_info=True, **settings)
     missing = [key for key in info["missing_keys"] if "projection" in key or chosen == "CLIPModel"]
+    missing += [str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get("mismatched_keys", ())]
     if missing:
         raise ValueError(f"vision: {name} lacks {missing[0]} (and {len(missing) - 1} more) that {chosen} needs for "
                          f"the features {list(features)}; save the checkpoint with them, or pick features it has")
+    model.source = Source(name, getattr(model.config, "_commit_hash", None) or revision, kind)  # the checkpoint's
     return model
