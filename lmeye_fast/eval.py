@@ -1,16 +1,26 @@
 """Evaluate an LMEye adapter as the benchmarks do: open-ended VQA and multiple choice.
 
-    python -m lmeye_fast.eval --adapter ADAPTER_DIR --llm LLM --vision VISION \\
-        --data questions.jsonl --image-folder images/ --output results.json
+    python -m lmeye_fast.eval --adapter ADAPTER_DIR --data questions.jsonl --image-folder images/ \\
+        --output results.json
 
-Data is LLaVA-style JSON (a list) or JSONL, one record per question:
+The adapter directory (written by the training CLI, or by ``LMEyeModel.save_pretrained``
+and ``LMEyeProcessor.save_pretrained``) records the LLM, the vision model, the CLIP
+interaction and the processor with its prompt template (``lmeye_fast.models.sources``);
+``--llm``, ``--vision``, ``--tokenizer``, ``--image-processor`` read them from elsewhere,
+and ``--response-prefix`` / ``--prompt-template`` must agree with the saved processor (one
+that contradicts it is refused). Every prompt is built by the processor's ``row``, the
+function training builds its rows with, and the results JSON holds each one as the model
+read it (``prompt``, decoded).
+
+Data is LLaVA-style JSON (a list), JSONL or CSV, one record per question (read by
+``lmeye_fast.data.parse_record``, as training reads its records):
 
 - ``image``: a path, relative to ``--image-folder``;
-- the question: ``question`` or ``text``, or the first human turn of
-  ``conversations`` (LLaVA's training format), where ``<image>`` marks the
-  image's place (the image goes first without it);
+- the question: ``question`` or ``text``, or the last human turn of
+  ``conversations`` (LLaVA's training format), the turns before it its history;
+  ``<image>`` in the first question is the image's tag (the template places the image);
 - open-ended: ``answers``, the annotators' answers (VQAv2 gives ten); else the
-  single ``answer``, or the first ``gpt`` turn of ``conversations``;
+  single ``answer``, or the last ``gpt`` turn of ``conversations`` (when it ends with one);
 - multiple choice: ``options`` (or ``choices``), a list of answer texts, and
   ``answer``: the right option's index, its letter (``"B"``) or its text.
 
@@ -32,16 +42,20 @@ import json
 import re
 import string
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
+from .data import load_records, parse_record
+from .files import write_text_atomically
+from .models import LMEyeModel, LMEyeProcessor, Turn
 from .models.scoring import score_options
-from .models.seq2seq import model_classes
+from .models.sources import load_pretrained
+from .models.vision import read_image
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
            "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "format_table", "main"]
@@ -116,7 +130,7 @@ LETTERS = string.ascii_uppercase
 class Example:
     """One evaluation question. ``image`` is a path, a PIL image, a pixel tensor (C, H, W) or a
     dict of precomputed features (see ``EvalModel.image_inputs``); ``answer`` is the right
-    option's index for multiple choice."""
+    option's index for multiple choice; ``history``: the conversation's earlier turns."""
 
     id: str
     question: str
@@ -124,24 +138,15 @@ class Example:
     answers: List[str] = field(default_factory=list)
     options: List[str] = field(default_factory=list)
     answer: Optional[int] = None
+    history: Tuple[Turn, ...] = ()
 
     @property
     def is_choice(self) -> bool:
         return bool(self.options)
 
-
-def _question_and_answer(record: dict, where: str):
-    if "conversations" in record:
-        turns = record["conversations"]
-        human = [t["value"] for t in turns if t.get("from") == "human"]
-        model = [t["value"] for t in turns if t.get("from") == "gpt"]
-        if not human:
-            raise ValueError(f"{where}: 'conversations' has no human turn")
-        return human[0], (model[0] if model else None)
-    for key in ("question", "text"):
-        if key in record:
-            return record[key], None
-    raise ValueError(f"{where}: no question (expected 'question', 'text' or 'conversations')")
+    def prompt(self, question: str) -> List[Turn]:
+        """The conversation to answer: the history, then ``question`` (this one's, as formatted)."""
+        return list(self.history) + [Turn(question)]
 
 
 def _choice_index(answer, options: List[str], where: str) -> int:
@@ -158,37 +163,30 @@ def _choice_index(answer, options: List[str], where: str) -> int:
 
 
 def read_examples(path, image_folder=None) -> List[Example]:
-    """Read LLaVA-style evaluation records (JSON list or JSONL; see the module's docstring)."""
+    """Read LLaVA-style evaluation records (JSON list, JSONL or CSV; see the module's docstring)."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = json.loads(text)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or a .jsonl file)")
     folder = Path(image_folder) if image_folder is not None else path.parent
     examples = []
-    for index, record in enumerate(records):
+    for index, record in enumerate(load_records(path)):
         where = f"{path}: record {index}"
-        question, model_answer = _question_and_answer(record, where)
+        conversation = parse_record(record, where=where, open_question=True)
+        *history, last = conversation.turns
         options = list(record.get("options", record.get("choices", [])))
         if options:
             if "answer" not in record:
                 raise ValueError(f"{where}: a multiple-choice record needs 'answer'")
             answers, answer = [], _choice_index(record["answer"], options, where)
         else:
-            answers = record.get("answers") or [a for a in (record.get("answer"), model_answer) if a is not None][:1]
+            answers = record.get("answers") or [a for a in (record.get("answer"), last.answer) if a is not None][:1]
             if isinstance(answers, str):
                 answers = [answers]
             answers = [a["answer"] if isinstance(a, dict) else a for a in answers]  # VQAv2 annotation dicts
             if not answers:
-                raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a gpt turn")
+                raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a last gpt turn")
             answer = None
-        image = record.get("image")
-        examples.append(Example(id=str(record.get("question_id", record.get("id", index))), question=question,
-                                image=None if image is None else folder / image, answers=answers, options=options,
-                                answer=answer))
+        examples.append(Example(id=str(record.get("question_id", record.get("id", index))), question=last.question,
+                                image=None if conversation.image is None else folder / conversation.image,
+                                answers=answers, options=options, answer=answer, history=tuple(history)))
     return examples
 
 
@@ -198,22 +196,11 @@ def rotations(example: Example) -> List[Example]:
     count = len(example.options)
     if count == 0:
         raise ValueError(f"example {example.id}: has no options to rotate")
-    return [Example(id=example.id, question=example.question, image=example.image, answers=example.answers,
-                    options=example.options[shift:] + example.options[:shift],
-                    answer=(example.answer - shift) % count) for shift in range(count)]
+    return [dataclasses.replace(example, options=example.options[shift:] + example.options[:shift],
+                                answer=(example.answer - shift) % count) for shift in range(count)]
 
 
 # ---------------------------------------------------------------- the model
-
-def load_vision(path, dtype):
-    """The vision tower saved at ``path`` (a Hugging Face name or directory), in ``dtype``."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel
-
-    kind = AutoConfig.from_pretrained(path).model_type
-    # A full CLIP checkpoint (text and vision) loads its vision tower only.
-    loader = CLIPVisionModel if kind in ("clip", "clip_vision_model") else AutoModel
-    return loader.from_pretrained(path, dtype=dtype)
-
 
 @dataclass
 class EvalModel:
@@ -244,64 +231,54 @@ class EvalModel:
         elif self.image_processor is None:
             raise ValueError("images: image files or PIL images need an image_processor to become pixel values")
         else:
-            from PIL import Image
-
-            opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
-                      for image in images]
-            pixels = self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+            pixels = self.image_processor(images=[read_image(image) for image in images],
+                                          return_tensors="pt")["pixel_values"]
         tower = next(self.model.vision.parameters(), None) if self.model.vision is not None else None
         return pixels if tower is None else pixels.to(tower.device, tower.dtype)
 
-    def prompt(self, text: str) -> str:
-        """LLaVA's ``<image>`` placeholder becomes the processor's image token."""
-        return text.replace("<image>", self.processor.image_token)
+    def seen_prompts(self, prompts: Sequence[Sequence[Turn]]) -> List[str]:
+        """Each prompt as the model reads it: its tokens, LMEye's and the BOS included, decoded."""
+        batch = self.processor(prompts)
+        return [self.processor.prompt_text(ids[mask.bool()].tolist())
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
+    def generate(self, prompts: Sequence[Union[str, Sequence[Turn]]], images: Sequence, max_new_tokens: int,
                  **generate_kwargs) -> List[str]:
-        """Answers to ``prompts``: greedy unless ``generate_kwargs`` (for ``model.generate``) ask otherwise."""
-        batch = self.processor([self.prompt(p) for p in prompts]).to(self.model.special_embed.device)
+        """Answers to ``prompts`` (questions, or conversations ending in one): greedy unless ``generate_kwargs``
+        (for ``model.generate``) ask otherwise."""
+        batch = self.processor(prompts).to(self.model.special_embed.device)
         generate_kwargs.setdefault("do_sample", False)
         tokens = self.model.generate(**batch, **self.image_inputs(images), schedule=self.schedule,
                                      max_new_tokens=max_new_tokens, **generate_kwargs)
         return [text.strip() for text in self.processor.decode(tokens)]
 
-    def score(self, prompts: Sequence[str], images: Sequence, options: Sequence[Sequence[str]]):
-        return score_options(self.model, self.processor, [self.prompt(p) for p in prompts], options,
-                             **self.image_inputs(images), schedule=self.schedule)
+    def score(self, prompts: Sequence[Union[str, Sequence[Turn]]], images: Sequence,
+              options: Sequence[Sequence[str]]):
+        return score_options(self.model, self.processor, prompts, options, **self.image_inputs(images),
+                             schedule=self.schedule)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, response_prefix: str = "",
-                    device: Union[str, torch.device] = "cpu", dtype: str = "float32",
-                    schedule: Optional[str] = None) -> EvalModel:
-    """Load an adapter saved by ``LMEyeModel.save_pretrained`` around its LLM and vision tower.
+def load_eval_model(adapter, llm=None, vision=None, tokenizer=None, image_processor=None,
+                    response_prefix: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                    dtype: str = "float32", schedule: Optional[str] = None, template=None,
+                    llm_revision: Optional[str] = None, vision_revision: Optional[str] = None) -> EvalModel:
+    """Load an adapter directory with the models and processor it records (``models.sources.load_pretrained``).
 
-    ``llm`` and ``vision`` are Hugging Face model names or directories; the tokenizer and the
-    image processor default to theirs. ``response_prefix`` must be the one the adapter was
-    trained with (it is text of the prompt, not part of the adapter). An adapter saved for an
-    encoder-decoder LLM (its config's ``encoder_decoder``) loads its LLM as an
-    ``AutoModelForSeq2SeqLM`` into an ``LMEyeSeq2SeqModel``, with the encoder-decoder processor.
+    ``llm``, ``vision`` (names or directories, with revisions), ``tokenizer`` and ``image_processor``
+    read those from elsewhere; ``response_prefix`` and ``template`` (a ``PromptTemplate`` or its name)
+    must agree with the saved processor, and are needed only for an adapter saved without one.
+    ``schedule``: the adapter's by default.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    config = LMEyeConfig.load(adapter)
-    processor = LMEyeProcessor(AutoTokenizer.from_pretrained(tokenizer or llm),
-                               num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,
-                               response_prefix=response_prefix, encoder_decoder=config.encoder_decoder)
-    ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
-    if ids != config.token_ids():
-        raise ValueError(f"tokenizer: its special-token ids {ids} differ from the adapter's {config.token_ids()}; "
-                         "load the tokenizer the adapter was trained with")
-    llm_class, model_class = model_classes(config.encoder_decoder)
-    model = model_class.from_pretrained(adapter, llm_class.from_pretrained(llm, dtype=DTYPES[dtype]),
-                                        vision=load_vision(vision, DTYPES[dtype]))
-    images = AutoImageProcessor.from_pretrained(image_processor or vision)
-    return EvalModel(model.to(device).eval(), processor, images, schedule)
+    loaded = load_pretrained(adapter, llm=llm, vision=vision, llm_revision=llm_revision,
+                             vision_revision=vision_revision, tokenizer=tokenizer, image_processor=image_processor,
+                             dtype=DTYPES[dtype], response_prefix=response_prefix, template=template)
+    return EvalModel(loaded.model.to(device).eval(), loaded.processor, loaded.image_processor, schedule)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -317,14 +294,15 @@ def _batches(items: Sequence, batch_size: int, description: str, progress: bool)
 
 
 def evaluate_open(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 16,
-                  template: str = "{question}", progress: bool = True):
-    """Answer open-ended questions by greedy generation: (records, metrics)."""
+                  question_format: str = "{question}", progress: bool = True):
+    """Answer open-ended questions by greedy generation: (records, metrics). ``question_format`` formats
+    the question from ``{question}``; each record holds the ``prompt`` the model read."""
     records = []
     for chunk in _batches(examples, batch_size, "vqa", progress):
-        predictions = runner.generate([template.format(question=e.question) for e in chunk],
-                                      [e.image for e in chunk], max_new_tokens)
-        for example, prediction in zip(chunk, predictions):
-            records.append({"id": example.id, "question": example.question, "prediction": prediction,
+        prompts = [e.prompt(question_format.format(question=e.question)) for e in chunk]
+        predictions = runner.generate(prompts, [e.image for e in chunk], max_new_tokens)
+        for example, prediction, seen in zip(chunk, predictions, runner.seen_prompts(prompts)):
+            records.append({"id": example.id, "question": example.question, "prompt": seen, "prediction": prediction,
                             "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
                             "exact_match": exact_match(prediction, example.answers)})
     return records, _means(records, ("vqa_accuracy", "exact_match"))
@@ -335,11 +313,12 @@ def _options_text(options: Sequence[str]) -> str:
 
 
 def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8,
-                    template: str = "{question}\n{options}", circular: bool = False, progress: bool = True):
+                    question_format: str = "{question}\n{options}", circular: bool = False, progress: bool = True):
     """Answer multiple-choice questions by the likelihood of each option's text: (records, metrics).
 
-    ``template`` formats the prompt from ``{question}`` and ``{options}`` (one ``A. text`` line
-    per option, in the order of the rotation asked). With ``circular`` every rotation of the
+    ``question_format`` formats the question from ``{question}`` and ``{options}`` (one ``A. text``
+    line per option, in the order of the rotation asked); each record holds the ``prompt`` the model
+    read (of each rotation, with ``circular``). With ``circular`` every rotation of the
     options is asked, and ``circular_accuracy`` counts a question only if all are right.
     """
     for example in examples:
@@ -350,17 +329,20 @@ def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: 
     results: Dict[int, List[dict]] = {index: [] for index in range(len(examples))}
     for chunk in _batches(asked, batch_size, "choice", progress):
         variants = [variant for _, variant in chunk]
-        prompts = [template.format(question=v.question, options=_options_text(v.options)) for v in variants]
+        prompts = [v.prompt(question_format.format(question=v.question, options=_options_text(v.options)))
+                   for v in variants]
         scores = runner.score(prompts, [v.image for v in variants], [v.options for v in variants])
-        for (index, variant), summed, normalised in zip(chunk, scores.summed, scores.normalised):
-            results[index].append({"options": variant.options, "answer": variant.answer,
+        for (index, variant), summed, normalised, seen in zip(chunk, scores.summed, scores.normalised,
+                                                              runner.seen_prompts(prompts)):
+            results[index].append({"prompt": seen, "options": variant.options, "answer": variant.answer,
                                    "prediction": int(summed.argmax()), "prediction_norm": int(normalised.argmax()),
                                    "log_likelihood": summed.tolist()})
     records = []
     for index, example in enumerate(examples):
         asks = results[index]
         first = asks[0]
-        record = {"id": example.id, "question": example.question, "options": example.options,
+        record = {"id": example.id, "question": example.question, "prompt": first["prompt"],
+                  "options": example.options,
                   "answer": example.answer, "prediction": first["prediction"],
                   "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
                   "accuracy": float(first["prediction"] == example.answer),
@@ -391,19 +373,25 @@ def format_table(metrics: Dict[str, float], count: int) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="directory written by LMEyeModel.save_pretrained")
-    parser.add_argument("--llm", required=True, help="the LLM the adapter was trained on (name or directory)")
-    parser.add_argument("--vision", required=True, help="the vision tower (name or directory)")
-    parser.add_argument("--tokenizer", help="default: the LLM's")
-    parser.add_argument("--image-processor", help="default: the vision tower's")
-    parser.add_argument("--response-prefix", default="", help="text between the <img-d> slots and the answer")
+    parser.add_argument("--adapter", required=True, help="directory written by the training CLI (or by "
+                                                         "LMEyeModel and LMEyeProcessor.save_pretrained)")
+    parser.add_argument("--llm", help="read the LLM from here (name or directory); default: the adapter's record")
+    parser.add_argument("--llm-revision", help="the --llm hub repository's branch, tag or commit")
+    parser.add_argument("--vision", help="read the vision model from here; default: the adapter's record")
+    parser.add_argument("--vision-revision", help="the --vision hub repository's branch, tag or commit")
+    parser.add_argument("--tokenizer", help="default: the adapter's")
+    parser.add_argument("--image-processor", help="default: the vision model's")
+    parser.add_argument("--response-prefix", help="text between the <img-d> slots and the answer; default: the "
+                                                  "adapter's (given, it must agree)")
+    parser.add_argument("--prompt-template", help="a prompt template's name; default: the adapter's (given, it "
+                                                  "must agree)")
     parser.add_argument("--data", required=True, help="LLaVA-style JSON or JSONL questions")
     parser.add_argument("--image-folder", help="where the records' image paths start (default: the data's folder)")
     parser.add_argument("--task", choices=("auto", "vqa", "choice"), default="auto",
                         help="auto: multiple choice when the records have options")
     parser.add_argument("--circular", action="store_true", help="MMBench's circular evaluation (multiple choice)")
-    parser.add_argument("--template", help="prompt template; default '{question}' (vqa), "
-                                           "'{question}\\n{options}' (choice)")
+    parser.add_argument("--question-format", help="how the question is asked; default '{question}' (vqa), "
+                                                  "'{question}\\n{options}' (choice)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first LIMIT questions only")
@@ -417,36 +405,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
-        template: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True):
+        question_format: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16,
+        progress: bool = True):
     """Evaluate ``examples`` with ``runner``: ``{"task", "num_examples", "metrics", "records"}``."""
     if not examples:
         raise ValueError("examples: nothing to evaluate")
     if task == "auto":
         task = "choice" if examples[0].is_choice else "vqa"
     if task == "choice":
-        records, metrics = evaluate_choice(runner, examples, batch_size, template or "{question}\n{options}",
-                                           circular, progress)
+        records, metrics = evaluate_choice(runner, examples, batch_size,
+                                           question_format or "{question}\n{options}", circular, progress)
     elif task == "vqa":
         if circular:
             raise ValueError("circular: applies to multiple-choice questions only")
-        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens, template or "{question}",
-                                         progress)
+        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens,
+                                         question_format or "{question}", progress)
     else:
         raise ValueError(f"task: expected 'auto', 'vqa' or 'choice', got {task!r}")
     return {"task": task, "circular": circular, "num_examples": len(examples), "metrics": metrics,
-            "records": records}
+            "prompt_template": runner.processor.template.to_dict(), "records": records}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parser().parse_args(argv)
     examples = read_examples(args.data, args.image_folder)[:args.limit]
     runner = load_eval_model(args.adapter, args.llm, args.vision, args.tokenizer, args.image_processor,
-                             args.response_prefix, args.device, args.dtype, args.schedule)
-    results = run(runner, examples, args.task, args.circular, args.template, args.batch_size, args.max_new_tokens,
-                  not args.no_progress)
+                             args.response_prefix, args.device, args.dtype, args.schedule, args.prompt_template,
+                             args.llm_revision, args.vision_revision)
+    results = run(runner, examples, args.task, args.circular, args.question_format, args.batch_size,
+                  args.max_new_tokens, not args.no_progress)
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress")}
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(args.output, json.dumps(results, indent=2) + "\n")
     print(format_table(results["metrics"], results["num_examples"]))
     return results
 

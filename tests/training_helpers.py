@@ -24,16 +24,16 @@ def image_processor():
 
 
 def tiny_parts(num_requests=2, arch="llama"):
-    """(processor, llm, vision): a word tokenizer, a 2-layer LLM (``arch``: a causal one, or an encoder-decoder
+    """(processor, llm, vision): a word tokenizer with the vicuna prompt template, a 2-layer LLM (``arch``: a causal one, or an encoder-decoder
     one with the encoder-decoder processor) and a CLIP tower with 5 tokens per image."""
     tokenizer = word_tokenizer(WORDS)
     if arch in SEQ2SEQ_ARCHITECTURES:
         # The LLM first, for its decoder start token; the model resizes its embeddings for LMEye's special tokens.
         llm = tiny_seq2seq(arch, len(tokenizer))
         processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests, encoder_decoder=True,
-                                   decoder_start_token_id=llm.config.decoder_start_token_id)
+                                   decoder_start_token_id=llm.config.decoder_start_token_id, template="vicuna")
     else:
-        processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests)
+        processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests, template="vicuna")
         llm = tiny_llm(arch, len(processor), initializer_range=0.3)
     vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
     return processor, llm, vision

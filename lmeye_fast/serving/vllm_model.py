@@ -52,10 +52,9 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
                                         PromptReplacement, PromptUpdateDetails)
 from vllm.sequence import IntermediateTensors
 
-from ..eval import load_vision
 from ..models.config import LMEyeConfig
 from ..models.modeling import load_adapter_modules
-from ..models.vision import vision_features
+from ..models.vision import load_vision, vision_features
 
 __all__ = ["LMEyeForCausalLM", "ServingSettings"]
 
@@ -241,7 +240,9 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
             raise ValueError(f"llm: its vocabulary ({vocab} tokens) does not hold LMEye's special tokens (ids "
                              f"{adapter.config.token_ids()}); save the LLM with its embeddings resized to the "
                              "tokenizer (llm.resize_token_embeddings(len(processor)))")
-        self.vision = load_vision(settings.vision, vllm_config.model_config.dtype).requires_grad_(False).eval()
+        features = (adapter.config.static_feature, adapter.config.ipn_feature)
+        self.vision = load_vision(settings.vision, features, dtype=vllm_config.model_config.dtype)
+        self.vision.requires_grad_(False).eval()
         self.packed_width = _packed_width(adapter.config)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self._step: Optional[_StepImages] = None

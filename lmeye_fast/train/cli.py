@@ -3,13 +3,16 @@
     python -m lmeye_fast.train --config stage2.yaml
     torchrun --nproc_per_node 8 -m lmeye_fast.train --config stage2.yaml --batch_size 4
     python -m lmeye_fast.train --llm lmsys/vicuna-7b-v1.5 --vision openai/clip-vit-large-patch14 \\
-        --data llava_instruct.json --image_folder coco/ --output_dir out/stage2 --adapter out/stage1
+        --preset global_token --data llava_instruct.json --image_folder coco/ --output_dir out/stage2 \\
+        --adapter out/stage1
 
 The LLM is a causal LM or, as its config says, an encoder-decoder one (T5 /
 FlanT5, BART). The same command runs in one process and under ``torchrun`` (the
 Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir`` gets
 ``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler), the
-final adapter with the tokenizer, and ``log.jsonl`` (one JSON object per log).
+final adapter with its processor (tokenizer, prompt template) and the record of its
+models, and ``log.jsonl`` (one JSON object per log): ``python -m lmeye_fast.eval
+--adapter out/stage2 --data questions.jsonl`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -94,16 +97,20 @@ class ProgressBar(TrainerCallback):
 
 
 def _build(config: TrainConfig):
-    """Load the tokenizer, the LLM, the vision tower and its image processor; wrap them as an LMEyeModel,
-    or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``)."""
+    """Load the tokenizer, the LLM, the vision model and its image processor; wrap them as an LMEyeModel,
+    or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``): as
+    ``preset`` builds it, from the saved ``adapter``, or with the sizes and ``vision_feature`` of the config."""
     import torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     from ..models import LMEyeProcessor
+    from ..models.presets import PRESETS, preset_vision
     from ..models.seq2seq import model_classes
+    from ..models.sources import load_pretrained
+    from ..models.vision import load_vision
 
     # The LLM's config alone decides the model class and is checked before any weights load.
-    llm_config = AutoConfig.from_pretrained(config.llm)
+    llm_config = AutoConfig.from_pretrained(config.llm, revision=config.llm_revision)
     encoder_decoder = bool(getattr(llm_config, "is_encoder_decoder", False))
     llm_class, model_class = model_classes(encoder_decoder)
     schedule = config.model_schedule(encoder_decoder)
@@ -116,31 +123,41 @@ def _build(config: TrainConfig):
         raise ValueError(f"llm: the encoder-decoder LLM {config.llm} has no decoder_start_token_id in its config, "
                          "and the decoder's input begins with it")
     dtype = getattr(torch, config.llm_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(config.llm)
-    llm = llm_class.from_pretrained(config.llm, dtype=dtype)
-    vision = AutoModel.from_pretrained(config.vision)
-    # A two-tower checkpoint (CLIP's openai/clip-vit-large-patch14, SigLIP) loads whole; LMEye reads its image side.
-    vision = getattr(vision, "vision_model", vision)
-    image_processor = AutoImageProcessor.from_pretrained(config.vision)
-    num_image_tokens = _num_vision_tokens(vision, image_processor, config.vision_feature)
-    processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens, num_requests=config.num_requests,
-                               encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
+    template = config.template()
     if config.adapter is not None:
-        model = model_class.from_pretrained(config.adapter, llm, vision=vision)
+        # The adapter's own record of its processor and vision model; the config's template must agree with it.
+        processor, model, image_processor = load_pretrained(
+            config.adapter, llm=config.llm, vision=config.vision, llm_revision=config.llm_revision,
+            vision_revision=config.vision_revision, dtype=dtype, vision_dtype=torch.float32, template=template)
     else:
-        model = model_class(llm, processor.make_config(
-            interaction_dim=config.interaction_dim, num_heads=config.num_heads,
-            # The training config names one vision output; the static mapping and the IPN both read it.
-            static_feature=config.vision_feature, ipn_feature=config.vision_feature,
-            static_hidden_dim=config.static_hidden_dim, schedule=schedule), vision=vision)
+        tokenizer = AutoTokenizer.from_pretrained(config.llm, revision=config.llm_revision)
+        llm = llm_class.from_pretrained(config.llm, revision=config.llm_revision, dtype=dtype)
+        image_processor = AutoImageProcessor.from_pretrained(config.vision, revision=config.vision_revision)
+        if config.preset is not None:
+            vision = preset_vision(config.preset, config.vision, revision=config.vision_revision)
+            processor, model = PRESETS[config.preset](tokenizer, llm, vision, template=template,
+                                                      **config.preset_settings(), schedule=schedule)
+        else:
+            feature = config.vision_feature or "tokens"
+            vision = load_vision(config.vision, (feature,), revision=config.vision_revision)
+            num_image_tokens = _num_vision_tokens(vision, image_processor, feature)
+            processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens,
+                                       num_requests=config.num_requests, template=template,
+                                       encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
+            model = model_class(llm, processor.make_config(
+                interaction_dim=config.interaction_dim, num_heads=config.num_heads,
+                # The training config names one vision output; the static mapping and the IPN both read it.
+                static_feature=feature, ipn_feature=feature,
+                static_hidden_dim=config.static_hidden_dim, schedule=schedule), vision=vision)
     model.config.schedule = schedule
     model.set_stage(config.stage, train_special_tokens=config.train_special_tokens)
-    return tokenizer, processor, image_processor, model
+    return processor, image_processor, model
 
 
 def _num_vision_tokens(vision, image_processor, feature: str) -> int:
-    """N, the vision tower's tokens per image: 1 pooled, else what it returns for one preprocessed image."""
-    if feature == "pooled":
+    """N, the vision tower's tokens per image: 1 pooled or projected, else what it returns for one
+    preprocessed image."""
+    if feature in ("pooled", "projected"):
         return 1
     import torch
     from PIL import Image
@@ -189,14 +206,13 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
+    from ..data import LMEyeCollator, LMEyeDataset, LMEyeStream
     from .trainer import LMEyeTrainer
 
     args = _training_arguments(config)
     set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
-    tokenizer, processor, image_processor, model = _build(config)
+    processor, image_processor, model = _build(config)
     items = dict(image_folder=config.image_folder, caption_prompt=config.caption_prompt,
-                 template=ChatTemplate(config.system_prompt, config.user_prefix, config.assistant_prefix),
                  on_bad_image=config.on_bad_image, max_length=config.max_length)
     if config.streaming:
         dataset = LMEyeStream(_stream(config.data), processor, image_processor, **items)
@@ -204,8 +220,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
         dataset = LMEyeDataset(config.data, processor, image_processor, **items)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    # processing_class: every checkpoint and the final adapter get the processor (tokenizer, template).
     trainer = LMEyeTrainer(model=model, args=args, train_dataset=dataset, data_collator=LMEyeCollator(processor),
-                           callbacks=[JsonLinesLog(output / "log.jsonl")])
+                           processing_class=processor, callbacks=[JsonLinesLog(output / "log.jsonl")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if config.progress:
@@ -213,7 +230,6 @@ def main(argv: Optional[List[str]] = None) -> Path:
     result = trainer.train(resume_from_checkpoint=config.resume)
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output)  # with the special tokens whose ids the adapter's config holds
         # No skipped-image count here: DataLoader workers count their own (each warns on its first).
         summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics}
         (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
