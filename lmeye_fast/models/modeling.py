@@ -36,6 +36,7 @@ from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
+from .gathered import gathered
 from .processor import IGNORE_INDEX
 from .vision import feature_shape, vision_features
 
@@ -111,9 +112,13 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
     token = torch.ones(1, 1, dtype=torch.long, device=embedding.weight.device)
     handle = first.register_forward_pre_hook(stop, with_kwargs=True)
     training = reader.training
+    # The probe stops at the first layer: only the embedding stage's weights (the reader's outside its
+    # layer list) are read, and gathered under ZeRO-3.
+    layers = {id(p) for child in reader.children() if isinstance(child, nn.ModuleList) for p in child.parameters()}
+    embedding_stage = [p for p in reader.parameters() if id(p) not in layers]
     try:
         reader.eval()  # no dropout between the two runs
-        with torch.no_grad():
+        with torch.no_grad(), gathered(embedding_stage):
             for inputs in (dict(input_ids=token), dict(inputs_embeds=embedding(token)),
                            dict(inputs_embeds=embedding(token) * scale)):
                 with contextlib.suppress(_Embedded):
@@ -128,6 +133,23 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
         return float(scale)
     raise ValueError(f"llm: {type(reader).__name__} embeds input_ids in a way that neither its embedding module nor "
                      "its embed_scale reproduces, so LMEye cannot hand it the text as it would see it")
+
+
+def _resize_embeddings(llm: nn.Module, size: int) -> None:
+    """Resize ``llm``'s token embeddings (and an untied LM head) to ``size`` rows. The added rows start as
+    the mean of the existing ones, an average word whose logit is the average logit, rather than a random
+    draw: computed from the whole weights (gathered under ZeRO-3), it is the same in every world size."""
+    old = llm.get_input_embeddings().num_embeddings
+    llm.resize_token_embeddings(size, mean_resizing=False)
+    embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    tensors = [embedding.weight]
+    if head is not None and head.weight is not embedding.weight:
+        tensors.append(head.weight)
+    if head is not None and getattr(head, "bias", None) is not None:
+        tensors.append(head.bias)
+    with torch.no_grad(), gathered(tensors, modify=True):
+        for tensor in tensors:
+            tensor[old:] = tensor[:old].double().mean(dim=0).to(tensor.dtype)
 
 
 def _feature_widths(config: LMEyeConfig, vision: Optional[nn.Module]) -> Tuple[int, int]:
@@ -153,7 +175,10 @@ class LMEyeModel(nn.Module):
 
     Args:
         llm: any ``AutoModelForCausalLM`` model. Its token embeddings are resized
-            to ``config.vocab_size`` when the special tokens lie beyond them.
+            to ``config.vocab_size`` when the special tokens lie beyond them (the
+            added rows of the embeddings and the LM head start as the mean row).
+            Its weights may be partitioned by DeepSpeed ZeRO-3 (loaded under
+            ``zero.Init``): what is read from them here is gathered.
         config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
         vision: a module called as ``vision(pixel_values)`` that returns image
             features (B, N, Dv) or (B, Dv), or a Hugging Face CLIP model
@@ -209,7 +234,7 @@ class LMEyeModel(nn.Module):
                                              "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
                                              else type(interaction).__name__})
         if max(config.token_ids()) >= embedding.num_embeddings:
-            llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
+            _resize_embeddings(llm, max(config.vocab_size, max(config.token_ids()) + 1))
             embedding = llm.get_input_embeddings()
 
         self.llm = llm.requires_grad_(False)
@@ -217,7 +242,7 @@ class LMEyeModel(nn.Module):
         self.token_scale = _token_scale(self.reader, embedding)
         device = embedding.weight.device
         self.static, self.ipn = _adapter_modules(self.config, llm_dim, interaction, device=device)
-        with torch.no_grad():
+        with torch.no_grad(), gathered([embedding.weight]):
             # <img> rows become exactly the mapped image tokens (the mapping adds
             # into them); <img-q> and <img-d> start as an average word.
             mean = embedding.weight.float().mean(dim=0) * self.token_scale

@@ -139,14 +139,20 @@ def _build(config: TrainConfig):
 
 
 def _num_vision_tokens(vision, image_processor, feature: str) -> int:
-    """N, the vision tower's tokens per image: 1 pooled, else what it returns for one preprocessed image."""
-    if feature == "pooled":
-        return 1
+    """N, the vision tower's tokens per image: as its config says (1 pooled), else what it returns for one
+    preprocessed image. Under ZeRO-3 its weights are partitioned until gathered, so the config comes first."""
+    from ..models.vision import feature_shape
+
+    count = feature_shape(vision, feature)[0]
+    if count is not None:
+        return count
     import torch
     from PIL import Image
 
+    from ..models.gathered import gathered
+
     pixels = image_processor(images=Image.new("RGB", (32, 32)), return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
+    with torch.no_grad(), gathered(vision.parameters()):
         out = vision(pixels.to(next(vision.parameters()).dtype))
     return out.shape[1] if isinstance(out, torch.Tensor) else out.last_hidden_state.shape[1]
 
@@ -183,6 +189,32 @@ def _training_arguments(config: TrainConfig):
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False)
 
 
+def _resume_checkpoint(config: TrainConfig) -> Optional[str]:
+    """The checkpoint ``--resume`` names: its directory, the newest ``checkpoint-N`` in ``output_dir`` for
+    true, or None (a fresh run)."""
+    if config.resume is None or config.resume is False:
+        return None
+    if isinstance(config.resume, str):
+        return config.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    newest = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if newest is None:
+        raise ValueError(f"resume: true, but {config.output_dir} holds no checkpoint-N directory to resume from")
+    return newest
+
+
+def _per_rank(value) -> list:
+    """``value`` of every rank, in rank order (one process: ``[value]``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def main(argv: Optional[List[str]] = None) -> Path:
     """Run the CLI; returns the output directory, which holds the final adapter."""
     config = parse_args(argv)
@@ -190,8 +222,11 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
+    from .distributed import resident_parameter_bytes
     from .trainer import LMEyeTrainer
 
+    # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
+    # and the vision tower already partitioned (deepspeed.zero.Init), so no rank ever holds all of them.
     args = _training_arguments(config)
     set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
     tokenizer, processor, image_processor, model = _build(config)
@@ -210,12 +245,17 @@ def main(argv: Optional[List[str]] = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     if config.progress:
         trainer.add_callback(ProgressBar())
-    result = trainer.train(resume_from_checkpoint=config.resume)
+    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
     trainer.save_model(str(output))
+    # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3.
+    llm_bytes = _per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output)  # with the special tokens whose ids the adapter's config holds
-        # No skipped-image count here: DataLoader workers count their own (each warns on its first).
-        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics}
+        # result.metrics holds the run's skipped_images (and skipped_image_files), summed over workers and ranks.
+        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics,
+                   "llm_parameter_bytes_per_rank": llm_bytes}
         (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
+        line = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        line.update({k: summary[k] for k in ("skipped_image_files", "llm_parameter_bytes_per_rank") if k in summary})
+        print(json.dumps(line))
     return output
