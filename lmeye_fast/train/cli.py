@@ -97,7 +97,7 @@ def _build(config: TrainConfig):
     """Load the tokenizer, the LLM, the vision tower and its image processor; wrap them as an LMEyeModel,
     or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``)."""
     import torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, set_seed
 
     from ..models import LMEyeProcessor
     from ..models.seq2seq import model_classes
@@ -125,6 +125,9 @@ def _build(config: TrainConfig):
     num_image_tokens = _num_vision_tokens(vision, image_processor, config.vision_feature)
     processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens, num_requests=config.num_requests,
                                encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
+    # The adapter's initialisation draws from a generator seeded here, after the loading: zero.Init
+    # initialises the modules it loads (and draws from the generator) where a plain load does not.
+    set_seed(config.seed)
     if config.adapter is not None:
         model = model_class.from_pretrained(config.adapter, llm, vision=vision)
     else:
@@ -218,7 +221,6 @@ def _per_rank(value) -> list:
 def main(argv: Optional[List[str]] = None) -> Path:
     """Run the CLI; returns the output directory, which holds the final adapter."""
     config = parse_args(argv)
-    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
@@ -228,7 +230,6 @@ def main(argv: Optional[List[str]] = None) -> Path:
     # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
     # and the vision tower already partitioned (deepspeed.zero.Init), so no rank ever holds all of them.
     args = _training_arguments(config)
-    set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
     tokenizer, processor, image_processor, model = _build(config)
     items = dict(image_folder=config.image_folder, caption_prompt=config.caption_prompt,
                  template=ChatTemplate(config.system_prompt, config.user_prefix, config.assistant_prefix),
