@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 
 from ..models.modeling import LMEyeModel
 from ..data import SKIPPED_IMAGES
@@ -195,6 +196,11 @@ class LMEyeTrainer(Trainer):
         if self.is_deepspeed_enabled:
             # DeepSpeed's own checkpoint would hold the whole module, frozen LLM included.
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            # The Trainer's own learning-rate schedule (not in the DeepSpeed config) is not in that checkpoint.
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
         else:
             super()._save_optimizer_and_scheduler(output_dir)
 
