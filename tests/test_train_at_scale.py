@@ -1,5 +1,5 @@
 """python -m lmeye_fast.train as users launch it at scale: torchrun on 2 gloo CPU processes with DeepSpeed
-ZeRO-3 (the LLM loaded partitioned), ZeRO-2 and DDP, each equal to one process on the same global batches;
+ZeRO-3 (the LLM loaded partitioned), ZeRO-2, FSDP2 and DDP, each equal to one process on the same global batches;
 runs killed with SIGKILL after a checkpoint and resumed with --resume true; skipped images counted over
 every DataLoader worker and rank."""
 
@@ -23,7 +23,7 @@ STEPS, SAVE_STEPS, GLOBAL_BATCH = 12, 6, 4
 # Records 1 and 5 have unreadable images, each followed by a readable one: 2 skipped per epoch of 12 records.
 BAD_IMAGES, EPOCHS = ("1.png", "5.png"), STEPS * GLOBAL_BATCH // 12
 ENGINES = {"ddp": [], "zero2": ["--deepspeed", str(DEEPSPEED / "zero2.json")],
-           "zero3": ["--deepspeed", str(DEEPSPEED / "zero3.json")]}
+           "zero3": ["--deepspeed", str(DEEPSPEED / "zero3.json")], "fsdp2": ["--fsdp", "true"]}
 # Which LLM and vision feature: one with room in its vocabulary for LMEye's tokens, one resized for them.
 CASES = {"room-tokens": ("llama", 8, "tokens"), "resized-pooled": ("qwen2", 0, "pooled")}
 
@@ -138,7 +138,7 @@ def _killed_after_checkpoint(runs, case, engine, output):
     assert sorted(p.name for p in output.glob("checkpoint-*")) == [f"checkpoint-{SAVE_STEPS}"]
 
 
-@pytest.mark.parametrize("engine", [pytest.param(name, marks=[needs_deepspeed] if name != "ddp" else [])
+@pytest.mark.parametrize("engine", [pytest.param(name, marks=[needs_deepspeed] if name.startswith("zero") else [])
                                     for name in ENGINES])
 def test_a_killed_run_resumed_ends_as_an_uninterrupted_one(runs, engine):
     case = "room-tokens"
