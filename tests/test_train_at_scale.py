@@ -1,5 +1,5 @@
 """python -m lmeye_fast.train as users launch it at scale: torchrun on 2 gloo CPU processes with DeepSpeed
-ZeRO-3 (the LLM loaded partitioned), ZeRO-2, FSDP2 and DDP, each equal to one process on the same global batches;
+ZeRO-3 (the LLM loaded partitioned), ZeRO-2 and DDP, each equal to one process on the same global batches;
 runs killed with SIGKILL after a checkpoint and resumed with --resume true; skipped images counted over
 every DataLoader worker and rank."""
 
@@ -23,7 +23,7 @@ STEPS, SAVE_STEPS, GLOBAL_BATCH = 12, 6, 4
 # Records 1 and 5 have unreadable images, each followed by a readable one: 2 skipped per epoch of 12 records.
 BAD_IMAGES, EPOCHS = ("1.png", "5.png"), STEPS * GLOBAL_BATCH // 12
 ENGINES = {"ddp": [], "zero2": ["--deepspeed", str(DEEPSPEED / "zero2.json")],
-           "zero3": ["--deepspeed", str(DEEPSPEED / "zero3.json")], "fsdp2": ["--fsdp", "true"]}
+           "zero3": ["--deepspeed", str(DEEPSPEED / "zero3.json")]}
 # Which LLM and vision feature: one with room in its vocabulary for LMEye's tokens, one resized for them.
 CASES = {"room-tokens": ("llama", 8, "tokens"), "resized-pooled": ("qwen2", 0, "pooled")}
 

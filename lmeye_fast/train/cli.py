@@ -7,12 +7,12 @@
 
 The LLM is a causal LM or, as its config says, an encoder-decoder one (T5 /
 FlanT5, BART). The same command runs in one process and under ``torchrun`` (the
-Trainer then runs DDP, DeepSpeed with ``--deepspeed ds.json``, or FSDP2 with
-``--fsdp true``). ``output_dir`` gets ``checkpoint-N/`` every ``save_steps``
-(adapter, optimizer, scheduler; never the frozen LLM), from which ``--resume true``
-continues under any of them, the final adapter with the tokenizer, ``log.jsonl``
-(one JSON object per log) and ``train_result.json`` (the run's summary, also printed
-as one line: its skipped images, each rank's resident LLM parameter bytes).
+Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir``
+gets ``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler; never
+the frozen LLM), from which ``--resume true`` continues under either; at the end,
+the final adapter with the tokenizer, ``log.jsonl`` (one JSON object per log) and
+``train_result.json`` (the run's summary, also printed as one line: its skipped
+images, each rank's resident LLM parameter bytes).
 """
 
 from __future__ import annotations
@@ -187,25 +187,12 @@ def _training_arguments(config: TrainConfig):
         dataloader_num_workers=config.num_workers, dataloader_persistent_workers=config.num_workers > 0,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, deepspeed=config.deepspeed, report_to=[], disable_tqdm=True,
-        # FSDP2 through Accelerate; the layers it shards are named once the model is built (_shard_layers).
-        fsdp="full_shard" if config.fsdp else "", fsdp_config={"version": 2} if config.fsdp else None,
         include_num_input_tokens_seen="non_padding",
         # Accelerate would read a stream on rank 0 and send out concatenated batches, which fails on
         # batches padded to different lengths; instead every rank reads the stream and keeps its share.
         accelerator_config={"dispatch_batches": False} if config.streaming else None,
         # Every trainable parameter takes part in every step, and the frozen towers' buffers never change.
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False)
-
-
-def _shard_layers(args, model) -> None:
-    """Name the classes of the LLM's and the vision tower's repeated layers for FSDP2 to shard one by one
-    (the root, with the embeddings, the head and the adapter, is one more group)."""
-    from .distributed import decoder_layers
-
-    towers = [tower for tower in (model.llm, model.vision) if tower is not None]
-    names = sorted({type(layer).__name__ for tower in towers for layer in decoder_layers(tower)})
-    args.fsdp_config["transformer_layer_cls_to_wrap"] = names
-    args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(names)
 
 
 def _resume_checkpoint(config: TrainConfig) -> Optional[str]:
@@ -245,12 +232,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
 
     # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
     # and the vision tower already partitioned (deepspeed.zero.Init), so no rank ever holds all of them.
-    if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise ValueError("fsdp: shards the model across processes; launch with torchrun --nproc_per_node N, N > 1")
     args = _training_arguments(config)
     tokenizer, processor, image_processor, model = _build(config)
-    if config.fsdp:
-        _shard_layers(args, model)
     items = dict(image_folder=config.image_folder, caption_prompt=config.caption_prompt,
                  template=ChatTemplate(config.system_prompt, config.user_prefix, config.assistant_prefix),
                  on_bad_image=config.on_bad_image, max_length=config.max_length)

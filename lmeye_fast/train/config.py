@@ -31,10 +31,9 @@ class TrainConfig:
     reads it as it goes (``datasets``' streaming, for files larger than
     memory), which needs ``max_steps``, as a stream has no length.
     Optimisation: the ``transformers.TrainingArguments`` of the same meaning;
-    ``deepspeed`` is a DeepSpeed JSON config (ZeRO-3 loads the LLM partitioned);
-    ``fsdp`` shards the LLM's and the vision tower's layers with FSDP2 under
-    ``torchrun`` (through the Trainer's Accelerate FSDP2). ``resume``: a
-    checkpoint directory, or true for the newest one in ``output_dir``.
+    ``deepspeed`` is a DeepSpeed JSON config (ZeRO-3 loads the LLM partitioned).
+    ``resume``: a checkpoint directory, or true for the newest one in
+    ``output_dir``.
     """
 
     llm: str
@@ -76,7 +75,6 @@ class TrainConfig:
     save_total_limit: Optional[int] = None
     resume: Union[bool, str, None] = None
     deepspeed: Optional[str] = None
-    fsdp: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -110,8 +108,6 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.stage == 2 and self.schedule == "static":
             raise ValueError("schedule: 'static' runs no IPN, so stage 2 (which trains the IPN) cannot use it")
-        if self.fsdp and self.deepspeed is not None:
-            raise ValueError("fsdp: shards with FSDP2, deepspeed with DeepSpeed; pass one of them, not both")
         for name in ("data", "deepspeed"):
             if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: no file {getattr(self, name)}")

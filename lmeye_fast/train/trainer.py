@@ -72,16 +72,6 @@ def encoder_decoder_loss(outputs, labels: torch.Tensor, num_items_in_batch=None)
     return _labelled_loss(outputs.logits, labels, num_items_in_batch)
 
 
-@contextlib.contextmanager
-def _unsharded(model):
-    """FSDP2's root group (embeddings, head, adapter) gathered whole, as for its forward, then sharded again."""
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
-
-
 class _SkipRecordingCollator:
     """A collator that also puts the images skipped to reach its items into the batch (``SKIPPED_IMAGES``),
     so that the count crosses the DataLoader workers' processes with the data; the trainer takes it out
@@ -153,9 +143,6 @@ class LMEyeTrainer(Trainer):
         super().log(logs, start_time)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        if self.is_fsdp_enabled and resume_from_checkpoint is not None:
-            # The adapter's saved tensors are whole; they load into the model before FSDP2 shards it.
-            self._adapter_model().load_adapter(resume_from_checkpoint)
         if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         # The Trainer would load DeepSpeed's checkpoint strictly, but it leaves the frozen LLM out
@@ -173,17 +160,12 @@ class LMEyeTrainer(Trainer):
 
     def _whole_adapter(self):
         """A context in which the adapter's parameters are whole on every rank: ZeRO-3 partitions every
-        parameter (the adapter's too, past its first steps), so they are gathered for reading; FSDP2 shards
-        them in the root's group, which is unsharded for reading."""
-        model = self._adapter_model()
-        if self.is_fsdp_enabled:
-            from torch.distributed.fsdp import FSDPModule
-
-            return _unsharded(model) if isinstance(model, FSDPModule) else contextlib.nullcontext()
+        parameter (the adapter's too, past its first steps), so they are gathered for reading."""
         if not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
             return contextlib.nullcontext()
         import deepspeed
 
+        model = self._adapter_model()
         towers = tuple(f"{name}." for name in ("llm", "vision"))
         adapter = [p for name, p in model.named_parameters() if not name.startswith(towers)]
         return deepspeed.zero.GatheredParameters(adapter, modifier_rank=None)
@@ -219,21 +201,10 @@ class LMEyeTrainer(Trainer):
             # The Trainer's own learning-rate schedule (not in the DeepSpeed config) is not in that checkpoint.
             if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-        elif self.is_fsdp_enabled:
-            # The Trainer would also write the whole model's FSDP state, frozen LLM included: the optimizer's
-            # state (the adapter's parameters only) and the schedule suffice, with the adapter file.
-            from accelerate.utils import save_fsdp_optimizer
-
-            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
-                                output_dir)
-            if self.args.should_save:
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
         else:
             super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        if self.is_fsdp_enabled:
-            return  # loaded before Accelerate shards the model (_prepare_for_training)
         self._adapter_model().load_adapter(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
