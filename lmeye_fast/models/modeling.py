@@ -135,23 +135,6 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
                      "its embed_scale reproduces, so LMEye cannot hand it the text as it would see it")
 
 
-def _resize_embeddings(llm: nn.Module, size: int) -> None:
-    """Resize ``llm``'s token embeddings (and an untied LM head) to ``size`` rows. The added rows start as
-    the mean of the existing ones, an average word whose logit is the average logit, rather than a random
-    draw: computed from the whole weights (gathered under ZeRO-3), it is the same in every world size."""
-    old = llm.get_input_embeddings().num_embeddings
-    llm.resize_token_embeddings(size, mean_resizing=False)
-    embedding, head = llm.get_input_embeddings(), llm.get_output_embeddings()
-    tensors = [embedding.weight]
-    if head is not None and head.weight is not embedding.weight:
-        tensors.append(head.weight)
-    if head is not None and getattr(head, "bias", None) is not None:
-        tensors.append(head.bias)
-    with torch.no_grad(), gathered(tensors, modify=True):
-        for tensor in tensors:
-            tensor[old:] = tensor[:old].double().mean(dim=0).to(tensor.dtype)
-
-
 def _feature_widths(config: LMEyeConfig, vision: Optional[nn.Module]) -> Tuple[int, int]:
     """(IPN feature width Dv, static feature width): the config's, else read off the vision module."""
     def read(feature):
@@ -175,9 +158,8 @@ class LMEyeModel(nn.Module):
 
     Args:
         llm: any ``AutoModelForCausalLM`` model. Its token embeddings are resized
-            to ``config.vocab_size`` when the special tokens lie beyond them (the
-            added rows of the embeddings and the LM head start as the mean row).
-            Its weights may be partitioned by DeepSpeed ZeRO-3 (loaded under
+            to ``config.vocab_size`` when the special tokens lie beyond them. Its
+            weights may be partitioned by DeepSpeed ZeRO-3 (loaded under
             ``zero.Init``): what is read from them here is gathered.
         config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
         vision: a module called as ``vision(pixel_values)`` that returns image
@@ -234,7 +216,9 @@ class LMEyeModel(nn.Module):
                                              "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
                                              else type(interaction).__name__})
         if max(config.token_ids()) >= embedding.num_embeddings:
-            _resize_embeddings(llm, max(config.vocab_size, max(config.token_ids()) + 1))
+            # Under ZeRO-3, transformers gathers the partitioned rows to copy them; the added rows are drawn
+            # from the generator, as in one process.
+            llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
             embedding = llm.get_input_embeddings()
 
         self.llm = llm.requires_grad_(False)
