@@ -210,24 +210,13 @@ def _resume_checkpoint(config: TrainConfig) -> Optional[str]:
     return newest
 
 
-def _per_rank(value) -> list:
-    """``value`` of every rank, in rank order (one process: ``[value]``)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
 def main(argv: Optional[List[str]] = None) -> Path:
     """Run the CLI; returns the output directory, which holds the final adapter."""
     config = parse_args(argv)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
-    from .distributed import resident_parameter_bytes
+    from .distributed import per_rank, resident_parameter_bytes
     from .trainer import LMEyeTrainer
 
     # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
@@ -252,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
     trainer.save_model(str(output))
     # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3.
-    llm_bytes = _per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
+    llm_bytes = per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output)  # with the special tokens whose ids the adapter's config holds
         # result.metrics holds the run's skipped_images (and skipped_image_files), summed over workers and ranks.

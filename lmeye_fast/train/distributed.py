@@ -15,12 +15,13 @@ then suffix on the cache); FSDP2 gathers a layer's weights for each call.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["leave_frozen_out_of_ddp", "decoder_layers", "shard_frozen_llm", "resident_parameter_bytes"]
+__all__ = ["leave_frozen_out_of_ddp", "decoder_layers", "shard_frozen_llm", "resident_parameter_bytes", "per_rank"]
 
 
 def leave_frozen_out_of_ddp(model: nn.Module) -> List[str]:
@@ -70,3 +71,13 @@ def resident_parameter_bytes(module: nn.Module) -> int:
         else:
             total += param.numel() * param.element_size()
     return total
+
+
+def per_rank(value: Any) -> List[Any]:
+    """``value`` (any picklable object) of every rank, in rank order; ``[value]`` outside torch.distributed.
+    A collective: every rank calls it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

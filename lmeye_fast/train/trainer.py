@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
 
-from ..models.modeling import LMEyeModel
 from ..data import SKIPPED_IMAGES
+from ..models.modeling import LMEyeModel
 from ..models.processor import IGNORE_INDEX
-from .distributed import leave_frozen_out_of_ddp
+from .distributed import leave_frozen_out_of_ddp, per_rank
 
 __all__ = ["LMEyeTrainer", "suffix_loss", "encoder_decoder_loss"]
 
@@ -126,11 +126,7 @@ class LMEyeTrainer(Trainer):
 
     def log(self, logs, start_time=None) -> None:
         # Every rank logs at the same steps, so the ranks' counts are gathered here (a small collective).
-        shares = [(len(self._skipped_here), self._skipped_here[:SKIPPED_EXAMPLES])]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            shares = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shares, (len(self._skipped_here),
-                                                         self._skipped_here[:SKIPPED_EXAMPLES]))
+        shares = per_rank((len(self._skipped_here), self._skipped_here[:SKIPPED_EXAMPLES]))
         count = sum(number for number, _ in shares)
         files = [name for _, names in shares for name in names][:SKIPPED_EXAMPLES]
         if count and not self.skipped_images and self.is_world_process_zero():
