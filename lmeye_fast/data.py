@@ -49,9 +49,11 @@ from .models.prompts import LLAVA_IMAGE_TAG, Turn
 from .models.vision import read_image
 
 __all__ = ["Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "parse_record",
-           "BAD_IMAGE_POLICIES"]
+           "BAD_IMAGE_POLICIES", "SKIPPED_IMAGES"]
 
 BAD_IMAGE_POLICIES = ("skip", "raise")
+# The key of a dataset item that lists the images skipped to reach it (present only when there were any).
+SKIPPED_IMAGES = "skipped_images"
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class _RecordItems:
         self.caption_prompt = caption_prompt
         self.on_bad_image, self.max_length = on_bad_image, max_length
         self.skipped_images: List[str] = []
+        self.warn_skipped = True  # LMEyeTrainer turns it off and warns once per run itself
         self._blank_pixels: Optional[torch.Tensor] = None
 
     def image_path(self, image: str) -> Path:
@@ -187,12 +190,18 @@ class _RecordItems:
                 path = self.image_path(conversation.image)
                 if self.on_bad_image == "raise":
                     raise
-                if not self.skipped_images:
+                if not self.skipped_images and self.warn_skipped:
                     warnings.warn(f"skipping unreadable image {path} ({error}); later ones are counted in "
                                   f"{type(self).__name__}.skipped_images", stacklevel=3)
                 self.skipped_images.append(str(path))
                 return None
         return {"row": self.tokenize(conversation), "pixel_values": pixels}
+
+    def with_skipped(self, item: Dict[str, Any], before: int) -> Dict[str, Any]:
+        """``item`` with the images skipped since ``skipped_images`` held ``before`` names, if any."""
+        if len(self.skipped_images) > before:
+            item[SKIPPED_IMAGES] = self.skipped_images[before:]
+        return item
 
 
 class LMEyeDataset(_RecordItems, Dataset):
@@ -210,7 +219,9 @@ class LMEyeDataset(_RecordItems, Dataset):
             is skipped and the item is the next readable record (so batches keep
             their size); the first is warned about, all are counted in
             ``skipped_images`` (per process: each DataLoader worker counts its
-            own). ``"raise"``: raise ``OSError`` naming the file.
+            own), and the item names those skipped to reach it (its
+            ``"skipped_images"``), which ``LMEyeTrainer`` sums over workers and
+            ranks. ``"raise"``: raise ``OSError`` naming the file.
         max_length: cut a sample's suffix so that it holds at most this many
             tokens in all (later turns are lost first); None keeps everything.
             For an encoder-decoder processor it bounds the decoder's sequence
@@ -237,10 +248,11 @@ class LMEyeDataset(_RecordItems, Dataset):
             # Also ends iteration: ``for item in dataset`` stops at the first IndexError.
             raise IndexError(f"index: expected an int in [-{len(self)}, {len(self)}), got {index}")
         index %= len(self)
+        before = len(self.skipped_images)
         for attempt in range(len(self)):
             item = self.item(self.conversations[(index + attempt) % len(self)])
             if item is not None:
-                return item
+                return self.with_skipped(item, before)
         raise OSError("images: no record of the dataset has a readable image")
 
 
@@ -276,10 +288,12 @@ class LMEyeStream(_RecordItems, IterableDataset):
         return itertools.islice(enumerate(self.records), worker.id, None, worker.num_workers)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        before = len(self.skipped_images)
         for index, record in self._own_records():
             item = self.item(parse_record(record, self.caption_prompt, where=f"records[{index}]"))
             if item is not None:
-                yield item
+                yield self.with_skipped(item, before)
+                before = len(self.skipped_images)
 
 
 def _is_datasets_stream(records) -> bool:

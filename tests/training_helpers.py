@@ -46,13 +46,14 @@ def tiny_model(stage=2, arch="llama"):
     return processor, model.set_stage(stage, train_special_tokens=stage == 2)
 
 
-def save_tiny_models(directory, arch="llama"):
+def save_tiny_models(directory, arch="llama", vocab_room=0):
     """The tiny LLM of ``arch`` with its tokenizer, and the tiny CLIP tower with its image processor, saved as
-    Hugging Face directories ``directory/llm`` and ``directory/vision``; returns both paths."""
+    Hugging Face directories ``directory/llm`` and ``directory/vision``; returns both paths. The LLM's vocabulary
+    is the tokenizer's, which LMEye's special tokens outgrow (resizing it), plus ``vocab_room`` unused rows."""
     directory = Path(directory)
     tokenizer = word_tokenizer(WORDS)
-    llm = tiny_seq2seq(arch, len(tokenizer)) if arch in SEQ2SEQ_ARCHITECTURES else \
-        tiny_llm(arch, len(tokenizer), initializer_range=0.3)
+    llm = tiny_seq2seq(arch, len(tokenizer) + vocab_room) if arch in SEQ2SEQ_ARCHITECTURES else \
+        tiny_llm(arch, len(tokenizer) + vocab_room, initializer_range=0.3)
     vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
     llm.save_pretrained(directory / "llm")
     tokenizer.save_pretrained(directory / "llm")

@@ -36,6 +36,7 @@ from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
+from .gathered import gathered
 from .processor import IGNORE_INDEX
 from .sources import model_sources
 from .vision import feature_shape, vision_features
@@ -91,12 +92,7 @@ def _zero_added_rows(llm: nn.Module, words: int) -> None:
     tensors = [llm.get_input_embeddings().weight]
     if head is not None:
         tensors += [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
-    whole = contextlib.nullcontext()
-    if any(hasattr(tensor, "ds_id") for tensor in tensors):  # DeepSpeed ZeRO-3 shards parameters
-        import deepspeed
-
-        whole = deepspeed.zero.GatheredParameters(tensors, modifier_rank=0)
-    with whole, torch.no_grad():
+    with gathered(tensors, modify=True), torch.no_grad():
         for tensor in tensors:
             tensor[words:].zero_()
 
@@ -133,9 +129,13 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
     token = torch.ones(1, 1, dtype=torch.long, device=embedding.weight.device)
     handle = first.register_forward_pre_hook(stop, with_kwargs=True)
     training = reader.training
+    # The probe stops at the first layer: only the embedding stage's weights (the reader's outside its
+    # layer list) are read, and gathered under ZeRO-3.
+    layers = {id(p) for child in reader.children() if isinstance(child, nn.ModuleList) for p in child.parameters()}
+    embedding_stage = [p for p in reader.parameters() if id(p) not in layers]
     try:
         reader.eval()  # no dropout between the two runs
-        with torch.no_grad():
+        with torch.no_grad(), gathered(embedding_stage):
             for inputs in (dict(input_ids=token), dict(inputs_embeds=embedding(token)),
                            dict(inputs_embeds=embedding(token) * scale)):
                 with contextlib.suppress(_Embedded):
@@ -175,7 +175,9 @@ class LMEyeModel(nn.Module):
 
     Args:
         llm: any ``AutoModelForCausalLM`` model. Its token embeddings are resized
-            to ``config.vocab_size`` when the special tokens lie beyond them.
+            to ``config.vocab_size`` when the special tokens lie beyond them. Its
+            weights may be partitioned by DeepSpeed ZeRO-3 (loaded under
+            ``zero.Init``): what is read from them here is gathered.
         config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
         vision: a module called as ``vision(pixel_values)`` that returns image
             features (B, N, Dv) or (B, Dv), or a Hugging Face CLIP model
@@ -243,7 +245,7 @@ class LMEyeModel(nn.Module):
         self.token_scale = _token_scale(self.reader, embedding)
         device = embedding.weight.device
         self.static, self.ipn = _adapter_modules(self.config, llm_dim, interaction, device=device)
-        with torch.no_grad():
+        with torch.no_grad(), gathered([embedding.weight]):
             # A replaced <img> row becomes exactly the mapped image tokens (the mapping adds into it);
             # replaced <img-q> and <img-d> rows start as an average word; an added vector starts at zero,
             # leaving the word row as it is.

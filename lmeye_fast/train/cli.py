@@ -9,10 +9,13 @@
 The LLM is a causal LM or, as its config says, an encoder-decoder one (T5 /
 FlanT5, BART). The same command runs in one process and under ``torchrun`` (the
 Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir`` gets
-``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler), the
+``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler; never the
+frozen LLM), from which ``--resume true`` continues under either; at the end, the
 final adapter with its processor (tokenizer, prompt template) and the record of its
-models, and ``log.jsonl`` (one JSON object per log): ``python -m lmeye_fast.eval
---adapter out/stage2 --data questions.jsonl`` needs nothing else.
+models, ``log.jsonl`` (one JSON object per log) and ``train_result.json`` (the run's
+summary, also printed as one line: its skipped images, each rank's resident LLM
+parameter bytes). ``python -m lmeye_fast.eval --adapter out/stage2 --data
+questions.jsonl`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def _build(config: TrainConfig):
     or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``): as
     ``preset`` builds it, from the saved ``adapter``, or with the sizes and ``vision_feature`` of the config."""
     import torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, set_seed
 
     from ..models import LMEyeProcessor
     from ..models.presets import PRESETS, preset_vision
@@ -126,6 +129,7 @@ def _build(config: TrainConfig):
     template = config.template()
     if config.adapter is not None:
         # The adapter's own record of its processor and vision model; the config's template must agree with it.
+        set_seed(config.seed)
         processor, model, image_processor = load_pretrained(
             config.adapter, llm=config.llm, vision=config.vision, llm_revision=config.llm_revision,
             vision_revision=config.vision_revision, dtype=dtype, vision_dtype=torch.float32, template=template)
@@ -135,12 +139,16 @@ def _build(config: TrainConfig):
         image_processor = AutoImageProcessor.from_pretrained(config.vision, revision=config.vision_revision)
         if config.preset is not None:
             vision = preset_vision(config.preset, config.vision, revision=config.vision_revision)
+            set_seed(config.seed)  # after the loading, as below
             processor, model = PRESETS[config.preset](tokenizer, llm, vision, template=template,
                                                       **config.preset_settings(), schedule=schedule)
         else:
             feature = config.vision_feature or "tokens"
             vision = load_vision(config.vision, (feature,), revision=config.vision_revision)
             num_image_tokens = _num_vision_tokens(vision, image_processor, feature)
+            # The adapter's initialisation draws from a generator seeded here, after the loading: zero.Init
+            # initialises the modules it loads (and draws from the generator) where a plain load does not.
+            set_seed(config.seed)
             processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens,
                                        num_requests=config.num_requests, template=template,
                                        encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
@@ -155,15 +163,20 @@ def _build(config: TrainConfig):
 
 
 def _num_vision_tokens(vision, image_processor, feature: str) -> int:
-    """N, the vision tower's tokens per image: 1 pooled or projected, else what it returns for one
-    preprocessed image."""
-    if feature in ("pooled", "projected"):
-        return 1
+    """N, the vision tower's tokens per image: as its config says (1 pooled or projected), else what it returns for one
+    preprocessed image. Under ZeRO-3 its weights are partitioned until gathered, so the config comes first."""
+    from ..models.vision import feature_shape
+
+    count = feature_shape(vision, feature)[0]
+    if count is not None:
+        return count
     import torch
     from PIL import Image
 
+    from ..models.gathered import gathered
+
     pixels = image_processor(images=Image.new("RGB", (32, 32)), return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
+    with torch.no_grad(), gathered(vision.parameters()):
         out = vision(pixels.to(next(vision.parameters()).dtype))
     return out.shape[1] if isinstance(out, torch.Tensor) else out.last_hidden_state.shape[1]
 
@@ -200,17 +213,33 @@ def _training_arguments(config: TrainConfig):
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False)
 
 
+def _resume_checkpoint(config: TrainConfig) -> Optional[str]:
+    """The checkpoint ``--resume`` names: its directory, the newest ``checkpoint-N`` in ``output_dir`` for
+    true, or None (a fresh run)."""
+    if config.resume is None or config.resume is False:
+        return None
+    if isinstance(config.resume, str):
+        return config.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    newest = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if newest is None:
+        raise ValueError(f"resume: true, but {config.output_dir} holds no checkpoint-N directory to resume from")
+    return newest
+
+
 def main(argv: Optional[List[str]] = None) -> Path:
     """Run the CLI; returns the output directory, which holds the final adapter."""
     config = parse_args(argv)
-    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import LMEyeCollator, LMEyeDataset, LMEyeStream
+    from .distributed import per_rank, resident_parameter_bytes
     from .trainer import LMEyeTrainer
 
+    # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
+    # and the vision tower already partitioned (deepspeed.zero.Init), so no rank ever holds all of them.
     args = _training_arguments(config)
-    set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
     processor, image_processor, model = _build(config)
     items = dict(image_folder=config.image_folder, caption_prompt=config.caption_prompt,
                  on_bad_image=config.on_bad_image, max_length=config.max_length)
@@ -227,11 +256,16 @@ def main(argv: Optional[List[str]] = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     if config.progress:
         trainer.add_callback(ProgressBar())
-    result = trainer.train(resume_from_checkpoint=config.resume)
+    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
     trainer.save_model(str(output))
+    # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3.
+    llm_bytes = per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
     if trainer.is_world_process_zero():
-        # No skipped-image count here: DataLoader workers count their own (each warns on its first).
-        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics}
+        # result.metrics holds the run's skipped_images (and skipped_image_files), summed over workers and ranks.
+        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics,
+                   "llm_parameter_bytes_per_rank": llm_bytes}
         (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
+        line = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        line.update({k: summary[k] for k in ("skipped_image_files", "llm_parameter_bytes_per_rank") if k in summary})
+        print(json.dumps(line))
     return output

@@ -42,8 +42,9 @@ class TrainConfig:
     reads it as it goes (``datasets``' streaming, for files larger than
     memory), which needs ``max_steps``, as a stream has no length.
     Optimisation: the ``transformers.TrainingArguments`` of the same meaning;
-    ``deepspeed`` is a DeepSpeed JSON config. ``resume``: a checkpoint
-    directory, or true for the latest one in ``output_dir``.
+    ``deepspeed`` is a DeepSpeed JSON config (ZeRO-3 loads the LLM partitioned).
+    ``resume``: a checkpoint directory, or true for the newest one in
+    ``output_dir``.
     """
 
     llm: str
