@@ -32,7 +32,7 @@ from ..checks import check_known_fields
 from ..files import write_json_atomically
 from .config import LMEyeConfig
 
-__all__ = ["Source", "ModelSources", "SOURCES_FILE", "LoadedLMEye", "load_pretrained", "source_of", "model_sources"]
+__all__ = ["Source", "ModelSources", "SOURCES_FILE", "LoadedLMEye", "load_pretrained", "adapter_processor", "source_of", "model_sources"]
 
 SOURCES_FILE = "lmeye_sources.json"
 SOURCES_FORMAT_VERSION = 1
@@ -149,6 +149,36 @@ def model_sources(model: nn.Module) -> ModelSources:
                         else None)
 
 
+def adapter_processor(directory, config: LMEyeConfig, llm: Source, llm_config=None, tokenizer=None,
+                      **prompt_settings) -> "LMEyeProcessor":
+    """The ``LMEyeProcessor`` the adapter in ``directory`` was saved with (``config`` its ``LMEyeConfig``).
+
+    An adapter saved without one gets a processor on the LLM's tokenizer (``llm``, ``llm_config`` its
+    config for an encoder-decoder's start token) laid out by ``prompt_settings``; with one, the
+    settings must agree with it. ``tokenizer`` replaces the saved tokenizer. The processor's LMEye
+    token ids are checked against the adapter's.
+    """
+    from transformers import AutoTokenizer
+
+    from .processor import LMEyeProcessor, read_processor_config
+
+    if read_processor_config(directory) is not None:
+        processor = LMEyeProcessor.from_pretrained(directory, tokenizer=tokenizer,
+                                                   num_image_tokens=config.num_image_tokens,
+                                                   num_requests=config.slots, **prompt_settings)
+    else:
+        start = getattr(llm_config, "decoder_start_token_id", None) if config.encoder_decoder else None
+        processor = LMEyeProcessor(tokenizer or AutoTokenizer.from_pretrained(llm.name, revision=llm.revision),
+                                   num_image_tokens=config.num_image_tokens, num_requests=config.slots,
+                                   encoder_decoder=config.encoder_decoder, decoder_start_token_id=start,
+                                   **{key: value for key, value in prompt_settings.items() if value is not None})
+    ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
+    if ids != config.token_ids():
+        raise ValueError(f"tokenizer: its LMEye token ids {ids} differ from the adapter's {config.token_ids()}; "
+                         "load the tokenizer the adapter was trained with")
+    return processor
+
+
 def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] = None,
                     llm_revision: Optional[str] = None, vision_revision: Optional[str] = None,
                     tokenizer: Optional[str] = None, image_processor: Optional[str] = None,
@@ -169,7 +199,6 @@ def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] 
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     from .clip_interaction import CLIPTextInteraction
-    from .processor import LMEyeProcessor, read_processor_config
     from .seq2seq import model_classes
     from .vision import CLIPImageEncoder, load_vision
 
@@ -184,21 +213,7 @@ def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] 
                          f"{llm_source.name} is not one")
 
     loaded_tokenizer = None if tokenizer is None else AutoTokenizer.from_pretrained(tokenizer)
-    if read_processor_config(directory) is not None:
-        processor = LMEyeProcessor.from_pretrained(directory, tokenizer=loaded_tokenizer,
-                                                   num_image_tokens=config.num_image_tokens,
-                                                   num_requests=config.slots, **prompt_settings)
-    else:
-        start = getattr(llm_config, "decoder_start_token_id", None) if config.encoder_decoder else None
-        processor = LMEyeProcessor(loaded_tokenizer or AutoTokenizer.from_pretrained(llm_source.name,
-                                                                                     revision=llm_source.revision),
-                                   num_image_tokens=config.num_image_tokens, num_requests=config.slots,
-                                   encoder_decoder=config.encoder_decoder, decoder_start_token_id=start,
-                                   **{key: value for key, value in prompt_settings.items() if value is not None})
-    ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
-    if ids != config.token_ids():
-        raise ValueError(f"tokenizer: its LMEye token ids {ids} differ from the adapter's {config.token_ids()}; "
-                         "load the tokenizer the adapter was trained with")
+    processor = adapter_processor(directory, config, llm_source, llm_config, loaded_tokenizer, **prompt_settings)
 
     vision_dtype = dtype if vision_dtype is None else vision_dtype
     interaction = None
