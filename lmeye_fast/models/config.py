@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .adapter_files import CONFIG_FILE, check_save_id, config_file
+
 __all__ = ["LMEyeConfig", "SCHEDULES", "SEQ2SEQ_SCHEDULES", "VISION_FEATURES", "CONFIG_FILE"]
 
 SCHEDULES = ("single_pass", "two_pass", "static")
 # An encoder reads the whole sequence both ways: no prefix is the same in both passes (docs/encoder_decoder.md).
 SEQ2SEQ_SCHEDULES = ("two_pass", "static")
 VISION_FEATURES = ("tokens", "pooled", "projected")
-CONFIG_FILE = "lmeye_config.json"
 FORMAT_VERSION = 1
 
 
@@ -116,15 +117,14 @@ class LMEyeConfig:
             raise ValueError(f"LMEye config: unknown fields {unknown} (written by a newer lmeye_fast?)")
         return cls(**data)
 
-    def save(self, directory) -> Path:
-        path = Path(directory) / CONFIG_FILE
-        payload = {"format_version": FORMAT_VERSION, "config": self.to_dict()}
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        return path
+    def payload(self) -> dict:
+        """What ``lmeye_config.json`` holds (``save_pretrained`` adds the save id)."""
+        return {"format_version": FORMAT_VERSION, "config": self.to_dict()}
 
     @classmethod
     def load(cls, directory) -> "LMEyeConfig":
-        path = Path(directory) / CONFIG_FILE
+        """The config of the adapter saved in ``directory`` (``adapter_files.config_file`` says which file)."""
+        path = config_file(directory)
         if not path.is_file():
             raise FileNotFoundError(f"directory: no {CONFIG_FILE} in {directory} (not written by save_pretrained?)")
         try:
@@ -133,4 +133,5 @@ class LMEyeConfig:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION or "config" not in payload:
             raise ValueError(f"{path}: expected an LMEye config with format_version {FORMAT_VERSION}")
+        check_save_id(path, payload)
         return cls.from_dict(payload["config"])

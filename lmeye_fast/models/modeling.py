@@ -27,21 +27,19 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .. import __version__
 from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
+from .adapter_files import ADAPTER_FILE, write_adapter
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
 from .processor import IGNORE_INDEX
 from .vision import feature_shape, vision_features
 
 __all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE"]
-
-ADAPTER_FILE = "lmeye_adapter.safetensors"
 
 
 @dataclass
@@ -523,12 +521,12 @@ class LMEyeModel(nn.Module):
         return state
 
     def save_pretrained(self, directory) -> None:
-        """Write the adapter (``lmeye_adapter.safetensors``) and its config (``lmeye_config.json``); never the LLM."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the adapter (``lmeye_adapter.safetensors``) and its config (``lmeye_config.json``); never the LLM.
+
+        A process killed at any moment of the save leaves the adapter that was there or this one, never
+        a mix (``adapter_files``: one save id in both files, the config renamed last)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt", "lmeye_fast": __version__})
-        self.config.save(directory)
+        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__}, self.config.payload())
 
     @classmethod
     def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,

@@ -25,6 +25,7 @@ from typing import List, Optional
 
 from transformers import TrainerCallback
 
+from ..atomic import replace_files, write_atomic
 from .config import TrainConfig, load_config
 
 __all__ = ["main", "parse_args", "JsonLinesLog", "ProgressBar"]
@@ -192,6 +193,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
     from .trainer import LMEyeTrainer
 
+    from .checkpoints import checkpoint_to_resume
+
+    resume = checkpoint_to_resume(config.resume, config.output_dir)  # before any model loads
     args = _training_arguments(config)
     set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
     tokenizer, processor, image_processor, model = _build(config)
@@ -210,12 +214,12 @@ def main(argv: Optional[List[str]] = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     if config.progress:
         trainer.add_callback(ProgressBar())
-    result = trainer.train(resume_from_checkpoint=config.resume)
+    result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output)  # with the special tokens whose ids the adapter's config holds
+        replace_files(output, tokenizer.save_pretrained)  # with the special tokens whose ids the adapter's config holds
         # No skipped-image count here: DataLoader workers count their own (each warns on its first).
         summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics}
-        (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(output / "train_result.json", json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
     return output
