@@ -15,8 +15,8 @@ Data is LLaVA-style JSON (a list) or JSONL, one record per question:
   ``answer``: the right option's index, its letter (``"B"``) or its text.
 
 Open-ended questions are answered by batched greedy generation and scored
-with VQAv2's accuracy and exact match, both after VQAv2's answer
-normalisation. Multiple-choice questions are answered by likelihood: every
+with VQAv2's accuracy, as the released VQA evaluation computes it
+(``lmeye_fast.vqa``), and exact match after the same normalisation. Multiple-choice questions are answered by likelihood: every
 option's answer text is scored on one shared prefix, or for an encoder-decoder
 LLM on one encoding of the question (``lmeye_fast.models.scoring.score_options``),
 and the argmax of the summed and of the per-token log-likelihood are the two
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -42,70 +41,10 @@ from tqdm.auto import tqdm
 from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from .models.scoring import score_options
 from .models.seq2seq import model_classes
+from .vqa import exact_match, normalize_answer, vqa_accuracy
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
            "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "format_table", "main"]
-
-# ---------------------------------------------------------------- VQAv2 answers
-
-NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-# Contractions written without their apostrophe, as annotators often type them. Words that are
-# also ordinary words without one ("its", "well", "were", "shell", "id") are left alone.
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "howd": "how'd", "hows": "how's", "im": "i'm", "isnt": "isn't",
-    "itd": "it'd", "itll": "it'll", "ive": "i've", "mightnt": "mightn't", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "thered": "there'd",
-    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "wasnt": "wasn't", "werent": "weren't", "weve": "we've", "whats": "what's", "whered": "where'd",
-    "wheres": "where's", "whod": "who'd", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyd": "why'd", "wont": "won't", "wouldnt": "wouldn't", "wouldve": "would've", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've", "yall": "y'all",
-}
-_KEEP = {"'", ":"}  # apostrophes keep possessives apart from plurals, colons keep times ("2:50")
-_PUNCTUATION = re.compile("[" + re.escape("".join(c for c in string.punctuation if c not in _KEEP)) + "]")
-_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
-
-
-def normalize_answer(answer: str) -> str:
-    """VQAv2's answer normalisation: lower case; periods dropped except decimal points; commas
-    between digits dropped (``100,978`` -> ``100978``); other punctuation but apostrophes and
-    colons becomes a space; number words become digits; articles go; contractions missing their
-    apostrophe get it back (``dont`` -> ``don't``)."""
-    if not isinstance(answer, str):
-        raise TypeError(f"answer: expected a string, got {type(answer).__name__}")
-    text = _DIGIT_COMMA.sub("", answer.lower())
-    text = _DECIMAL_POINT.sub("\0", text)  # protect decimal points from the punctuation pass
-    text = _PUNCTUATION.sub(" ", text).replace("\0", ".")
-    words = [NUMBER_WORDS.get(w, CONTRACTIONS.get(w, w)) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
-
-
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2's accuracy: min(#annotators who gave the prediction / 3, 1), averaged over every
-    set of all annotators but one (the 10 choose 9 sets for VQAv2's ten answers), so that it
-    matches how human accuracy is measured. Both sides are normalised first; a single
-    reference answer is used as the one set there is."""
-    if isinstance(answers, str) or len(answers) == 0:
-        raise ValueError(f"answers: expected a non-empty list of reference answers, got {answers!r}")
-    predicted = normalize_answer(prediction)
-    matches = [normalize_answer(a) == predicted for a in answers]
-    if len(matches) == 1:
-        return min(matches[0] / 3.0, 1.0)
-    total = sum(matches)
-    return sum(min((total - left_out) / 3.0, 1.0) for left_out in matches) / len(matches)
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals any normalised reference answer."""
-    predicted = normalize_answer(prediction)
-    return float(any(normalize_answer(a) == predicted for a in answers))
-
 
 # ---------------------------------------------------------------- data
 
