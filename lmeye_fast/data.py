@@ -170,8 +170,9 @@ class _RecordItems:
             self._blank_pixels = torch.zeros_like(processed[0])
         return self._blank_pixels
 
-    def tokenize(self, conversation: Conversation) -> TokenizedRow:
-        """The conversation as one row: the first question ends the prefix, every answer is labelled."""
+    def tokenize(self, conversation: Conversation, where: str = "record") -> TokenizedRow:
+        """The conversation as one row: the first question ends the prefix, every answer is labelled.
+        Raises ``ValueError`` naming ``where`` when ``max_length`` leaves no answer token to learn."""
         proc, template = self.processor, self.template
         end = [] if proc.eos_token_id is None else [proc.eos_token_id]
         has_image = conversation.image is not None
@@ -191,9 +192,12 @@ class _RecordItems:
             taken = 0 if proc.encoder_decoder else len(prefix) + (proc.num_requests if has_image else 0)
             room = max(1, self.max_length - taken)
             body, labels = body[:room], labels[:room]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise ValueError(f"{where}: max_length={self.max_length} cuts every answer token (the prefix and "
+                                 f"slots take {taken} of them); raise max_length or shorten the question")
         return TokenizedRow(prefix, image_start, body, labels)
 
-    def item(self, conversation: Conversation) -> Optional[Dict[str, Any]]:
+    def item(self, conversation: Conversation, where: str = "record") -> Optional[Dict[str, Any]]:
         """The dataset item of ``conversation``; None when its image is unreadable and the policy skips it."""
         if conversation.image is None:
             pixels = self.blank_pixels()
@@ -209,7 +213,7 @@ class _RecordItems:
                                   f"{type(self).__name__}.skipped_images", stacklevel=3)
                 self.skipped_images.append(str(path))
                 return None
-        return {"row": self.tokenize(conversation), "pixel_values": pixels}
+        return {"row": self.tokenize(conversation, where), "pixel_values": pixels}
 
 
 class LMEyeDataset(_RecordItems, Dataset):
@@ -230,7 +234,10 @@ class LMEyeDataset(_RecordItems, Dataset):
             ``skipped_images`` (per process: each DataLoader worker counts its
             own). ``"raise"``: raise ``OSError`` naming the file.
         max_length: cut a sample's suffix so that it holds at most this many
-            tokens in all (later turns are lost first); None keeps everything.
+            tokens in all (later turns are lost first, the prefix never); None
+            keeps everything. A sample left with no labelled token (a first
+            question that fills ``max_length`` alone) is refused with a
+            ``ValueError`` naming the record, never trained on with no loss.
             For an encoder-decoder processor it bounds the decoder's sequence
             (the answers and later turns); the encoder's input, the first
             question with the image and the slots, is never cut, as the
@@ -257,7 +264,8 @@ class LMEyeDataset(_RecordItems, Dataset):
             raise IndexError(f"index: expected an int in [-{len(self)}, {len(self)}), got {index}")
         index %= len(self)
         for attempt in range(len(self)):
-            item = self.item(self.conversations[(index + attempt) % len(self)])
+            position = (index + attempt) % len(self)
+            item = self.item(self.conversations[position], where=f"records[{position}]")
             if item is not None:
                 return item
         raise OSError("images: no record of the dataset has a readable image")
@@ -297,7 +305,8 @@ class LMEyeStream(_RecordItems, IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         for index, record in self._own_records():
-            item = self.item(parse_record(record, self.caption_prompt, where=f"records[{index}]"))
+            where = f"records[{index}]"
+            item = self.item(parse_record(record, self.caption_prompt, where=where), where)
             if item is not None:
                 yield item
 

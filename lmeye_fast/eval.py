@@ -29,22 +29,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_atomic
 from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
+from .models.adapter_files import check_adapter
 from .models.scoring import score_options
 from .models.seq2seq import model_classes
 from .vqa import exact_match, normalize_answer, vqa_accuracy
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
-           "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "format_table", "main"]
+           "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "resolve_task", "check_examples",
+           "ResultsFile", "format_table", "main"]
 
 # ---------------------------------------------------------------- data
 
@@ -255,16 +259,25 @@ def _batches(items: Sequence, batch_size: int, description: str, progress: bool)
 
 
 def evaluate_open(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 16,
-                  template: str = "{question}", progress: bool = True):
-    """Answer open-ended questions by greedy generation: (records, metrics)."""
-    records = []
-    for chunk in _batches(examples, batch_size, "vqa", progress):
-        predictions = runner.generate([template.format(question=e.question) for e in chunk],
-                                      [e.image for e in chunk], max_new_tokens)
-        for example, prediction in zip(chunk, predictions):
-            records.append({"id": example.id, "question": example.question, "prediction": prediction,
-                            "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
-                            "exact_match": exact_match(prediction, example.answers)})
+                  template: str = "{question}", progress: bool = True, answered: Optional[Dict[int, dict]] = None,
+                  on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
+    """Answer open-ended questions by greedy generation: (records, metrics).
+
+    ``answered`` maps the indices of questions answered already (a resumed run) to their records;
+    ``on_answers`` gets every batch's new ``(index, record)`` pairs as soon as they are scored."""
+    answered = dict(answered or {})
+    asked = [(index, example) for index, example in enumerate(examples) if index not in answered]
+    for chunk in _batches(asked, batch_size, "vqa", progress):
+        predictions = runner.generate([template.format(question=e.question) for _, e in chunk],
+                                      [e.image for _, e in chunk], max_new_tokens)
+        new = [(index, {"id": example.id, "question": example.question, "prediction": prediction,
+                        "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
+                        "exact_match": exact_match(prediction, example.answers)})
+               for (index, example), prediction in zip(chunk, predictions)]
+        answered.update(new)
+        if on_answers is not None:
+            on_answers(new)
+    records = [answered[index] for index in range(len(examples))]
     return records, _means(records, ("vqa_accuracy", "exact_match"))
 
 
@@ -273,19 +286,24 @@ def _options_text(options: Sequence[str]) -> str:
 
 
 def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8,
-                    template: str = "{question}\n{options}", circular: bool = False, progress: bool = True):
+                    template: str = "{question}\n{options}", circular: bool = False, progress: bool = True,
+                    answered: Optional[Dict[int, dict]] = None,
+                    on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
     """Answer multiple-choice questions by the likelihood of each option's text: (records, metrics).
 
     ``template`` formats the prompt from ``{question}`` and ``{options}`` (one ``A. text`` line
     per option, in the order of the rotation asked). With ``circular`` every rotation of the
     options is asked, and ``circular_accuracy`` counts a question only if all are right.
+    ``answered`` and ``on_answers`` are those of ``evaluate_open``: a question is reported once all
+    its rotations are scored.
     """
     for example in examples:
         if not example.is_choice or example.answer is None:
             raise ValueError(f"examples: {example.id} is not a multiple-choice question (options and answer)")
-    asked = [(index, variant) for index, example in enumerate(examples)
+    answered = dict(answered or {})
+    asked = [(index, variant) for index, example in enumerate(examples) if index not in answered
              for variant in (rotations(example) if circular else [example])]
-    results: Dict[int, List[dict]] = {index: [] for index in range(len(examples))}
+    results: Dict[int, List[dict]] = {index: [] for index, _ in asked}
     for chunk in _batches(asked, batch_size, "choice", progress):
         variants = [variant for _, variant in chunk]
         prompts = [template.format(question=v.question, options=_options_text(v.options)) for v in variants]
@@ -294,22 +312,29 @@ def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: 
             results[index].append({"options": variant.options, "answer": variant.answer,
                                    "prediction": int(summed.argmax()), "prediction_norm": int(normalised.argmax()),
                                    "log_likelihood": summed.tolist()})
-    records = []
-    for index, example in enumerate(examples):
-        asks = results[index]
-        first = asks[0]
-        record = {"id": example.id, "question": example.question, "options": example.options,
-                  "answer": example.answer, "prediction": first["prediction"],
-                  "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
-                  "accuracy": float(first["prediction"] == example.answer),
-                  "accuracy_norm": float(first["prediction_norm"] == example.answer)}
-        if circular:
-            record["rotations"] = asks
-            record["circular_accuracy"] = float(all(a["prediction"] == a["answer"] for a in asks))
-            record["circular_accuracy_norm"] = float(all(a["prediction_norm"] == a["answer"] for a in asks))
-        records.append(record)
+        done = sorted({index for index, _ in chunk if len(results[index]) == (len(examples[index].options)
+                                                                                if circular else 1)})
+        new = [(index, _choice_record(examples[index], results.pop(index), circular)) for index in done]
+        answered.update(new)
+        if on_answers is not None:
+            on_answers(new)
+    records = [answered[index] for index in range(len(examples))]
     keys = ("accuracy", "accuracy_norm") + (("circular_accuracy", "circular_accuracy_norm") if circular else ())
     return records, _means(records, keys)
+
+
+def _choice_record(example: Example, asks: List[dict], circular: bool) -> dict:
+    first = asks[0]
+    record = {"id": example.id, "question": example.question, "options": example.options,
+              "answer": example.answer, "prediction": first["prediction"],
+              "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
+              "accuracy": float(first["prediction"] == example.answer),
+              "accuracy_norm": float(first["prediction_norm"] == example.answer)}
+    if circular:
+        record["rotations"] = asks
+        record["circular_accuracy"] = float(all(a["prediction"] == a["answer"] for a in asks))
+        record["circular_accuracy_norm"] = float(all(a["prediction_norm"] == a["answer"] for a in asks))
+    return record
 
 
 def _means(records: Sequence[dict], keys: Sequence[str]) -> Dict[str, float]:
@@ -325,6 +350,16 @@ def format_table(metrics: Dict[str, float], count: int) -> str:
 
 
 # ---------------------------------------------------------------- command line
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
@@ -342,49 +377,173 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--circular", action="store_true", help="MMBench's circular evaluation (multiple choice)")
     parser.add_argument("--template", help="prompt template; default '{question}' (vqa), "
                                            "'{question}\\n{options}' (choice)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--limit", type=int, help="evaluate the first LIMIT questions only")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    parser.add_argument("--limit", type=_positive_int, help="evaluate the first LIMIT questions only")
     parser.add_argument("--schedule", choices=("single_pass", "two_pass", "static"),
                         help="default: the adapter's; an encoder-decoder LLM has two_pass and static only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--output", help="results JSON (metrics, settings and every answer)")
+    parser.add_argument("--output", help="results JSON (metrics, settings and every answer); its folder is created. "
+                                         "Answers are kept as they come in OUTPUT.answers.jsonl until the run ends")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run of --output (same data and settings)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
-        template: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True):
-    """Evaluate ``examples`` with ``runner``: ``{"task", "num_examples", "metrics", "records"}``."""
+def resolve_task(examples: Sequence[Example], task: str = "auto", circular: bool = False) -> str:
+    """The task of ``examples`` ("vqa" or "choice"), every example checked to be of it."""
     if not examples:
         raise ValueError("examples: nothing to evaluate")
-    if task == "auto":
+    if task not in ("auto", "vqa", "choice"):
+        raise ValueError(f"task: expected 'auto', 'vqa' or 'choice', got {task!r}")
+    given = task != "auto"
+    if not given:
         task = "choice" if examples[0].is_choice else "vqa"
+    for example in examples:
+        if example.is_choice != (task == "choice"):
+            kind = "multiple-choice" if example.is_choice else "open-ended"
+            raise ValueError(f"examples: question {example.id} is {kind}, but the task is {task!r} "
+                             f"(from {'--task' if given else 'the first question'}); one task per data file")
+    if circular and task != "choice":
+        raise ValueError("circular: applies to multiple-choice questions only")
+    return task
+
+
+def check_examples(examples: Sequence[Example], task: str, template: Optional[str]) -> None:
+    """What the evaluation will need, checked for every question before any model loads: an image
+    that exists (a path) and a template whose placeholders are the task's."""
+    for example in examples:
+        if example.image is None:
+            raise ValueError(f"examples: question {example.id} has no 'image' (every question needs one)")
+        if isinstance(example.image, (str, Path)) and not Path(example.image).is_file():
+            raise FileNotFoundError(f"examples: question {example.id}: no image file {example.image}")
+    if template is not None:
+        try:
+            template.format(question="", options="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"template: {template!r} is not a template of {{question}}"
+                             f"{' and {options}' if task == 'choice' else ''} ({error!r})") from None
+
+
+def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
+        template: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True,
+        answered: Optional[Dict[int, dict]] = None,
+        on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
+    """Evaluate ``examples`` with ``runner``: ``{"task", "num_examples", "metrics", "records"}``
+    (``answered`` and ``on_answers`` as in ``evaluate_open``)."""
+    task = resolve_task(examples, task, circular)
     if task == "choice":
         records, metrics = evaluate_choice(runner, examples, batch_size, template or "{question}\n{options}",
-                                           circular, progress)
-    elif task == "vqa":
-        if circular:
-            raise ValueError("circular: applies to multiple-choice questions only")
-        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens, template or "{question}",
-                                         progress)
+                                           circular, progress, answered, on_answers)
     else:
-        raise ValueError(f"task: expected 'auto', 'vqa' or 'choice', got {task!r}")
+        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens, template or "{question}",
+                                         progress, answered, on_answers)
     return {"task": task, "circular": circular, "num_examples": len(examples), "metrics": metrics,
             "records": records}
 
 
+class ResultsFile:
+    """Where a command-line run keeps its answers: ``OUTPUT.answers.jsonl`` as they come, then ``OUTPUT``.
+
+    The answers file starts with a line of the run's settings; every batch then appends one line
+    per answered question (``{"index", "record"}``), flushed and ``fsync``-ed. A kill can only cut
+    the last line short, and a line without its newline is not read back, so what was answered
+    before is kept. At the end ``OUTPUT`` is written whole (``lmeye_fast.atomic``) and the answers
+    file removed. ``--resume`` reads the answers back, after checking that the settings are the same.
+    """
+
+    # Settings that change the answers: a resumed run must have the same.
+    SAME_ON_RESUME = ("adapter", "llm", "vision", "tokenizer", "image_processor", "response_prefix", "data",
+                      "image_folder", "task", "circular", "template", "max_new_tokens", "limit", "schedule", "dtype")
+
+    def __init__(self, output: Union[str, Path]):
+        self.output = Path(output)
+        self.answers = self.output.with_name(self.output.name + ".answers.jsonl")
+
+    def check(self, resume: bool) -> None:
+        """Refuse an output that cannot be written, before any model loads; create its folder."""
+        if self.output.is_dir():
+            raise IsADirectoryError(f"--output: {self.output} is a folder, expected a results file path")
+        folder = self.output.parent
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"--output: {folder} is a file, expected the folder of {self.output.name}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"--output: cannot create the folder {folder} ({error.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--output: the folder {folder} is not writable")
+        if self.answers.exists() and not resume:
+            raise FileExistsError(f"--output: {self.answers} holds the answers of an interrupted run; pass "
+                                  "--resume to continue it, or remove it to start again")
+        if resume and not self.answers.exists():
+            raise FileNotFoundError(f"--resume: no interrupted run to continue ({self.answers} does not exist)")
+
+    def resume(self, settings: dict, examples: Sequence[Example]) -> Dict[int, dict]:
+        """The answers of the interrupted run, checked against this run's ``settings`` and questions."""
+        lines = self.answers.read_text(encoding="utf-8").split("\n")[:-1]  # the last is cut short or empty
+        if not lines:
+            return {}
+        saved = json.loads(lines[0])["settings"]
+        for key in self.SAME_ON_RESUME:
+            if saved.get(key) != settings.get(key):
+                raise ValueError(f"--resume: --{key.replace('_', '-')} is {settings.get(key)!r}, but the "
+                                 f"interrupted run in {self.answers} used {saved.get(key)!r}")
+        answered = {}
+        for number, line in enumerate(lines[1:], start=2):
+            entry = json.loads(line)
+            index, record = entry["index"], entry["record"]
+            if not 0 <= index < len(examples) or record["id"] != examples[index].id:
+                raise ValueError(f"--resume: {self.answers} line {number}: question {record['id']} is not question "
+                                 f"{index} of --data any more")
+            answered[index] = record
+        return answered
+
+    def start(self, settings: dict) -> None:
+        if not self.answers.exists():
+            self._append([{"settings": settings}])
+
+    def write(self, answers: List[Tuple[int, dict]]) -> None:
+        self._append([{"index": index, "record": record} for index, record in answers])
+
+    def _append(self, entries: List[dict]) -> None:
+        with open(self.answers, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(entry) + "\n" for entry in entries))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, results: dict) -> None:
+        write_atomic(self.output, json.dumps(results, indent=2) + "\n")
+        self.answers.unlink()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the command line; every value, the data file and the adapter folder are checked before any
+    model loads."""
     args = _parser().parse_args(argv)
+    if args.resume and not args.output:
+        raise ValueError("--resume: continues the run of --output; pass --output")
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress", "resume")}
     examples = read_examples(args.data, args.image_folder)[:args.limit]
+    task = resolve_task(examples, args.task, args.circular)
+    check_examples(examples, task, args.template)
+    check_adapter(args.adapter, "--adapter")
+    results_file = answered = None
+    if args.output:
+        results_file = ResultsFile(args.output)
+        results_file.check(args.resume)
+        answered = results_file.resume(settings, examples) if args.resume else {}
     runner = load_eval_model(args.adapter, args.llm, args.vision, args.tokenizer, args.image_processor,
                              args.response_prefix, args.device, args.dtype, args.schedule)
-    results = run(runner, examples, args.task, args.circular, args.template, args.batch_size, args.max_new_tokens,
-                  not args.no_progress)
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress")}
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    if results_file is not None:
+        results_file.start(settings)
+    results = run(runner, examples, task, args.circular, args.template, args.batch_size, args.max_new_tokens,
+                  not args.no_progress, answered, None if results_file is None else results_file.write)
+    results["settings"] = settings
+    if results_file is not None:
+        results_file.finish(results)
     print(format_table(results["metrics"], results["num_examples"]))
     return results
 

@@ -35,7 +35,7 @@ import torch
 
 from ..atomic import fsync_folder, replacing, write_atomic
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "SAVE_ID_KEY", "write_adapter", "config_file", "check_save_id",
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "SAVE_ID_KEY", "write_adapter", "config_file", "check_save_id", "check_adapter",
            "tensors_save_id"]
 
 ADAPTER_FILE = "lmeye_adapter.safetensors"
@@ -101,3 +101,17 @@ def write_adapter(directory: Union[str, os.PathLike], tensors: Dict[str, torch.T
     for leftover in directory.glob(".*lmeye_config.*"):  # pending configs and temporaries of killed saves
         leftover.unlink(missing_ok=True)
     return directory
+
+
+def check_adapter(directory: Union[str, os.PathLike], name: str = "adapter") -> None:
+    """Refuse a folder that holds no complete adapter, naming ``name`` (a flag or key) and what is missing;
+    reads the config and the tensors' header only, so it runs before any model loads."""
+    from .config import LMEyeConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{name}: no folder {directory}")
+    if not (directory / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{name}: {directory} holds no {ADAPTER_FILE}, so no saved adapter "
+                                "(written by LMEyeModel.save_pretrained)")
+    LMEyeConfig.load(directory)

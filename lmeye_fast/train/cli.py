@@ -21,7 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from transformers import TrainerCallback
 
@@ -92,6 +92,34 @@ class ProgressBar(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# Keys of the adapter's structure that a flag also sets: the flag must agree with a saved adapter.
+ADAPTER_KEYS = ("num_requests", "interaction_dim", "num_heads", "static_hidden_dim")
+
+
+def check_before_loading(config: TrainConfig) -> Tuple[TrainConfig, Optional[Path]]:
+    """What ``TrainConfig`` cannot check alone, checked before any model loads: the adapter folder is
+    complete, the checkpoint to resume exists and is complete, and the adapter flags agree with the
+    adapter that training continues (``adapter``, or the resumed checkpoint's). A flag left at its
+    default takes the adapter's value. Returns the config so completed and the checkpoint to resume."""
+    from ..models import LMEyeConfig
+    from ..models.adapter_files import check_adapter
+    from .checkpoints import checkpoint_to_resume
+
+    resume = checkpoint_to_resume(config.resume, config.output_dir)
+    for key, folder in (("adapter", config.adapter), ("resume", resume)):
+        if folder is None:
+            continue
+        check_adapter(folder, key)
+        saved = LMEyeConfig.load(folder)
+        for name in ADAPTER_KEYS:
+            value, default = getattr(config, name), TrainConfig.__dataclass_fields__[name].default
+            if value != default and value != getattr(saved, name):
+                raise ValueError(f"{name}: {value!r} contradicts the {key} {folder}, saved with {name}="
+                                 f"{getattr(saved, name)!r}")
+        config = dataclasses.replace(config, **{name: getattr(saved, name) for name in ADAPTER_KEYS})
+    return config, resume
 
 
 def _build(config: TrainConfig):
@@ -193,9 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
     from .trainer import LMEyeTrainer
 
-    from .checkpoints import checkpoint_to_resume
-
-    resume = checkpoint_to_resume(config.resume, config.output_dir)  # before any model loads
+    config, resume = check_before_loading(config)
     args = _training_arguments(config)
     set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
     tokenizer, processor, image_processor, model = _build(config)
