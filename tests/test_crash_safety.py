@@ -185,14 +185,13 @@ def test_a_checkpoint_save_killed_midway_is_never_resumed(training, tmp_path, ki
     assert latest_complete_checkpoint(out) == out / "checkpoint-5"
 
 
-def test_training_killed_at_random_moments_resumes_from_a_complete_checkpoint(training, tmp_path):
+def test_training_killed_at_a_random_moment_leaves_a_complete_checkpoint(training, tmp_path):
     root, flags = training
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(int(os.environ.get("LMEYE_FAST_SEED", "0")))
     process = subprocess.Popen([sys.executable, str(WORKER), "train", "--", *flags, "--output_dir", str(out),
-                                "--max_steps", "1000", "--save_total_limit", "2"]
-                               + (["--resume", "true"] if latest_complete_checkpoint(out) else []),
+                                "--max_steps", "1000", "--save_total_limit", "2"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while len(list(out.glob("checkpoint-*"))) < 2 and time.monotonic() < deadline:
@@ -203,3 +202,34 @@ def test_training_killed_at_random_moments_resumes_from_a_complete_checkpoint(tr
     latest = latest_complete_checkpoint(out)
     assert latest is not None
     _checkpoint_loads(latest)
+
+
+# ---------------------------------------------------------------- evaluation results
+
+def test_an_evaluation_killed_midway_keeps_its_answers_and_resumes(tmp_path):
+    from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model
+
+    from lmeye_fast.eval import main
+
+    save_tiny_model(tmp_path)
+    (tmp_path / "images").mkdir()
+    for index in range(5):
+        random_image().save(tmp_path / "images" / f"{index}.png")
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question_id": i, "image": f"{i}.png", "question": "what colour is the circle ?",
+                                        "answers": ["red"] * 10}) + "\n" for i in range(5)))
+    flags = ["--adapter", tmp_path / "adapter", "--llm", tmp_path / "llm", "--vision", tmp_path / "vision",
+             "--response-prefix", RESPONSE_PREFIX, "--image-folder", tmp_path / "images", "--data", data,
+             "--batch-size", 2, "--max-new-tokens", 2, "--no-progress"]
+    flags = [str(flag) for flag in flags]
+    output = tmp_path / "out" / "results.json"  # its folder does not exist yet
+    assert worker("eval", "answers:3", "--", *flags, "--output", output) == -signal.SIGKILL
+    answers = output.with_name("results.json.answers.jsonl")
+    lines = answers.read_text().splitlines()
+    assert not output.exists() and len(lines) == 1 + 4  # the settings, then two batches of two
+    with pytest.raises(ValueError, match=r"^--resume: --max-new-tokens is 3, but the interrupted run in .* used 2"):
+        main(flags[:-3] + ["--max-new-tokens", "3", "--no-progress", "--output", str(output), "--resume"])
+    resumed = main(flags + ["--output", str(output), "--resume"])
+    assert not answers.exists() and json.loads(output.read_text())["records"] == resumed["records"]
+    whole = main(flags + ["--output", str(tmp_path / "whole.json")])
+    assert resumed["records"] == whole["records"] and resumed["metrics"] == whole["metrics"]
