@@ -56,7 +56,7 @@ def loaded_state(directory) -> int:
 ADAPTER_KILLS = {
     "fsync:1": 0,      # the tensors are written under a temporary name, the pending config is being written
     "replace:2": 0,    # the pending config is complete, the tensors not yet renamed
-    "replaced:2": 1,   # new tensors beside the old lmeye_config.json: the pending config settles it
+    "replaced:2": 1,   # new tensors beside the old lmeye_config.json: its pending copy settles it
     "replaced:3": 1,   # the config renamed, the leftovers not yet removed
 }
 

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from lmeye_fast.eval import EvalModel, Example, evaluate_choice, load_eval_model, main, read_examples, rotations
+from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, load_eval_model, main, read_examples, rotations,
+                             vqa_accuracy)
 from lmeye_fast.models import LMEyeSeq2SeqModel
 from lmeye_fast.models.scoring import OptionScores, score_options
 from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model

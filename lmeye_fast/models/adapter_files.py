@@ -1,26 +1,27 @@
-"""The two files of a saved adapter and the rule that keeps them one adapter through a crash.
+"""The files of a saved adapter and the rule that keeps them one adapter through a crash.
 
-A saved adapter is ``lmeye_adapter.safetensors`` (the tensors) and
-``lmeye_config.json`` (the config). They must be replaced together, and no file
-system renames two files as one step, so every save gets a fresh *save id*,
-written into both: the tensors' safetensors metadata (``lmeye_save_id``) and the
-config's ``save_id``. ``write_adapter`` then
+A saved adapter is ``lmeye_adapter.safetensors`` (the tensors) and JSON files
+beside it (``lmeye_config.json``, the config, and any others its writer adds).
+They must be replaced together, and no file system renames several files as one
+step, so every save gets a fresh *save id*, written into all of them: the
+tensors' safetensors metadata (``lmeye_save_id``) and each JSON file's
+``save_id``. ``write_adapter`` then
 
 1. writes the tensors to a temporary name (``lmeye_fast.atomic``);
-2. writes the config, whole, as ``.lmeye_config.<save id>.json`` (the *pending* config);
+2. writes each JSON file, whole, as ``.NAME.<save id>.pending`` (its *pending* copy);
 3. renames the tensors over ``lmeye_adapter.safetensors``;
-4. renames the pending config over ``lmeye_config.json``;
+4. renames each pending copy over its ``NAME``;
 5. removes the leftovers of earlier killed saves.
 
-``config_file`` names the config that belongs to the tensors: the pending config
-of their save id when there is one (a save killed between 3 and 4: new tensors,
-old ``lmeye_config.json``), else ``lmeye_config.json``. A kill before 3 leaves the
-old tensors, whose pending config is gone (step 5 of their own save), so the old
-``lmeye_config.json`` is theirs. A kill at any moment therefore loads the old
-complete adapter or the new one; the temporaries and pending configs it leaves
-are never read as an adapter and the next save removes them. Tensors without a
-save id (written by other tools) go with ``lmeye_config.json``; a config and
-tensors whose ids differ with no pending config to settle it are refused.
+``adapter_file`` names the copy of a JSON file that belongs to the tensors: its
+pending copy of their save id when there is one (a save killed after 3: new
+tensors, some old JSON files), else ``NAME``. A kill before 3 leaves the old
+tensors, whose pending copies are gone (step 5 of their own save), so the old
+files are theirs. A kill at any moment therefore loads the old complete adapter
+or the new one; the temporaries and pending copies it leaves are never read as
+an adapter and the next save removes them. Tensors without a save id (written by
+other tools) go with the plain files; a file and tensors whose ids differ with no
+pending copy to settle it are refused.
 """
 
 from __future__ import annotations
@@ -35,16 +36,16 @@ import torch
 
 from ..atomic import fsync_folder, replacing, write_atomic
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "SAVE_ID_KEY", "write_adapter", "config_file", "check_save_id", "check_adapter",
-           "tensors_save_id"]
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "SAVE_ID_KEY", "write_adapter", "adapter_file", "config_file",
+           "check_save_id", "check_adapter", "tensors_save_id"]
 
 ADAPTER_FILE = "lmeye_adapter.safetensors"
 CONFIG_FILE = "lmeye_config.json"
 SAVE_ID_KEY = "lmeye_save_id"
 
 
-def _pending_config(directory: Path, save_id: str) -> Path:
-    return directory / f".lmeye_config.{save_id}.json"
+def _pending(directory: Path, name: str, save_id: str) -> Path:
+    return directory / f".{name}.{save_id}.pending"
 
 
 def tensors_save_id(directory: Union[str, os.PathLike]) -> Optional[str]:
@@ -62,19 +63,25 @@ def tensors_save_id(directory: Union[str, os.PathLike]) -> Optional[str]:
     return metadata.get(SAVE_ID_KEY)
 
 
-def config_file(directory: Union[str, os.PathLike]) -> Path:
-    """The config file of the adapter saved in ``directory`` (see the module's docstring)."""
+def adapter_file(directory: Union[str, os.PathLike], name: str) -> Path:
+    """The copy of the JSON file ``name`` that belongs to the adapter saved in ``directory`` (see the
+    module's docstring)."""
     directory = Path(directory)
     save_id = tensors_save_id(directory)
     if save_id is not None:
-        pending = _pending_config(directory, save_id)
+        pending = _pending(directory, name, save_id)
         if pending.is_file():
             return pending
-    return directory / CONFIG_FILE
+    return directory / name
+
+
+def config_file(directory: Union[str, os.PathLike]) -> Path:
+    """The config file of the adapter saved in ``directory``."""
+    return adapter_file(directory, CONFIG_FILE)
 
 
 def check_save_id(path: Path, payload: dict) -> None:
-    """Refuse a config whose save id is not that of the tensors beside it."""
+    """Refuse a JSON file of an adapter whose save id is not that of the tensors beside it."""
     saved = payload.get("save_id")
     tensors = tensors_save_id(path.parent)
     if None not in (saved, tensors) and saved != tensors:
@@ -83,8 +90,9 @@ def check_save_id(path: Path, payload: dict) -> None:
 
 
 def write_adapter(directory: Union[str, os.PathLike], tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
-                  config_payload: dict) -> Path:
-    """Save ``tensors`` (with ``metadata``) and ``config_payload`` as one adapter in ``directory``."""
+                  files: Dict[str, dict]) -> Path:
+    """Save ``tensors`` (with ``metadata``) and the JSON ``files`` (name -> payload, ``lmeye_config.json``
+    among them) as one adapter in ``directory``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -92,14 +100,17 @@ def write_adapter(directory: Union[str, os.PathLike], tensors: Dict[str, torch.T
         raise NotADirectoryError(f"directory: {directory} is a file, expected a folder to save the adapter in")
     directory.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
-    pending = _pending_config(directory, save_id)
+    pending = {name: _pending(directory, name, save_id) for name in files}
     with replacing(directory / ADAPTER_FILE) as temporary:
         save_file(tensors, str(temporary), metadata={**metadata, SAVE_ID_KEY: save_id})
-        write_atomic(pending, json.dumps({**config_payload, "save_id": save_id}, indent=2, sort_keys=True) + "\n")
-    os.replace(pending, directory / CONFIG_FILE)
+        for name, payload in files.items():
+            write_atomic(pending[name], json.dumps({**payload, "save_id": save_id}, indent=2, sort_keys=True) + "\n")
+    for name, path in pending.items():
+        os.replace(path, directory / name)
     fsync_folder(directory)
-    for leftover in directory.glob(".*lmeye_config.*"):  # pending configs and temporaries of killed saves
-        leftover.unlink(missing_ok=True)
+    for name in files:  # pending copies and temporaries of killed saves
+        for leftover in directory.glob(f".*{name}.*"):
+            leftover.unlink(missing_ok=True)
     return directory
 
 

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from .. import __version__
 from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
-from .adapter_files import ADAPTER_FILE, write_adapter
+from .adapter_files import ADAPTER_FILE, CONFIG_FILE, write_adapter
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
 from .processor import IGNORE_INDEX
@@ -526,7 +526,8 @@ class LMEyeModel(nn.Module):
         A process killed at any moment of the save leaves the adapter that was there or this one, never
         a mix (``adapter_files``: one save id in both files, the config renamed last)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__}, self.config.payload())
+        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__},
+                      {CONFIG_FILE: self.config.payload()})
 
     @classmethod
     def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,
