@@ -30,6 +30,7 @@ decoder's (docs/encoder_decoder.md).
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -43,8 +44,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
 
-__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "parse_record",
-           "BAD_IMAGE_POLICIES"]
+__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records",
+           "read_record_file", "SourceRecord", "parse_record", "BAD_IMAGE_POLICIES"]
 
 LLAVA_IMAGE_TOKEN = "<image>"
 BAD_IMAGE_POLICIES = ("skip", "raise")
@@ -71,27 +72,75 @@ class Conversation:
     turns: Tuple[Tuple[str, str], ...]
 
 
-def load_records(source) -> Sequence[Dict[str, Any]]:
-    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header, or
-    a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    path = Path(source)
+@dataclass(frozen=True)
+class SourceRecord:
+    """A record as read from a file, with where it is: ``data.jsonl: line 3``, ``data.json: record 0``
+    or ``data.csv: row 2`` (row 1 being the header)."""
+
+    where: str
+    record: Any
+
+
+def read_record_file(path) -> List[SourceRecord]:
+    """The records of a ``.json`` list, a ``.jsonl`` file or a ``.csv`` file with a header, each with its place.
+
+    The file must be UTF-8 (a byte-order mark, as spreadsheets write it, is dropped); undecodable
+    bytes, invalid JSON and CSV rows with more fields than the header raise ``ValueError`` naming
+    the file and the line or row."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: no file {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the "
+                         "file as UTF-8") from None
     if suffix == ".json":
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") \
+                from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        return records
+        return [SourceRecord(f"{path}: record {index}", record) for index, record in enumerate(records)]
     if suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(SourceRecord(f"{path}: line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}, column {error.colno}: not valid JSON ({error.msg})") \
+                    from None
+        return records
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    for number, row in enumerate(reader, start=2):
+        if None in row:
+            raise ValueError(f"{path}: row {number}: more fields than the header's {reader.fieldnames}")
+        records.append(SourceRecord(f"{path}: row {number}", row))
+    return records
+
+
+def load_records(source) -> Sequence[Dict[str, Any]]:
+    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header
+    (``read_record_file``), or a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    return [entry.record for entry in read_record_file(source)]
+
+
+def _source_records(source) -> List[SourceRecord]:
+    if isinstance(source, (str, os.PathLike)):
+        return read_record_file(source)
+    return [SourceRecord(f"records[{index}]", record) for index, record in enumerate(source)]
 
 
 def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record") -> Conversation:
@@ -249,9 +298,9 @@ class LMEyeDataset(_RecordItems, Dataset):
                  max_length: Optional[int] = None):
         super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
                          max_length)
-        records = load_records(records)
-        self.conversations = [parse_record(record, caption_prompt, where=f"records[{index}]")
-                              for index, record in enumerate(records)]
+        entries = _source_records(records)
+        self.places = [entry.where for entry in entries]
+        self.conversations = [parse_record(entry.record, caption_prompt, where=entry.where) for entry in entries]
         if not self.conversations:
             raise ValueError("records: no record to train on")
 
@@ -265,7 +314,7 @@ class LMEyeDataset(_RecordItems, Dataset):
         index %= len(self)
         for attempt in range(len(self)):
             position = (index + attempt) % len(self)
-            item = self.item(self.conversations[position], where=f"records[{position}]")
+            item = self.item(self.conversations[position], where=self.places[position])
             if item is not None:
                 return item
         raise OSError("images: no record of the dataset has a readable image")

@@ -1,0 +1,81 @@
+"""The data on the user's path: every error names the file and the record (line for JSONL, index for
+JSON, row for CSV) and what is wrong; nothing is silently converted. Each case asserts the exception
+type and the place in the message."""
+
+import json
+import re
+
+import pytest
+import torch
+from training_helpers import image_processor, tiny_parts
+
+from lmeye_fast.data import LMEyeDataset, load_records, read_record_file
+
+
+def _where(path, place):
+    return re.escape(f"{path}: {place}")
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"caption": "a"}\n\n{"caption": "b"\n')
+    with pytest.raises(ValueError, match=_where(path, "line 3, column") + r".*not valid JSON"):
+        load_records(path)
+
+
+def test_a_malformed_json_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[{"caption": "a"},\n {"caption": }]')
+    with pytest.raises(ValueError, match=_where(path, "line 2, column") + r".*not valid JSON"):
+        load_records(path)
+    path.write_text('{"caption": "a"}')
+    with pytest.raises(ValueError, match=_where(path, "expected a JSON list of records, got dict")):
+        load_records(path)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes('{"caption": "a"}\n{"caption": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=_where(path, "line 2: not UTF-8 text")):
+        load_records(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_a_byte_order_mark_is_dropped(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    record = {"image": "0.png", "caption": "a red image"}
+    text = {".csv": "image,caption\n0.png,a red image\n", ".json": json.dumps([record]),
+            ".jsonl": json.dumps(record) + "\n"}[suffix]
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_records(path) == [record]  # with the BOM the CSV's first column was "\ufeffimage"
+
+
+def test_csv_rows_are_named_counting_the_header(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("image,caption\n0.png,red\n1.png,blue,extra\n")
+    with pytest.raises(ValueError, match=_where(path, "row 3: more fields than the header")):
+        load_records(path)
+    path.write_text("image,caption\n0.png,red\n1.png,blue\n")
+    assert [entry.where for entry in read_record_file(path)] == [f"{path}: row 2", f"{path}: row 3"]
+
+
+def test_a_malformed_record_is_named_by_its_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"caption": "a"}) + "\n" + json.dumps({"image": "0.png"}) + "\n")
+    processor, _, _ = tiny_parts()
+    with pytest.raises(ValueError, match=_where(path, "line 2: expected a 'conversations' list")):
+        LMEyeDataset(path, processor, image_processor())
+
+
+def test_max_length_that_cuts_every_answer_token_is_refused_naming_the_record(tmp_path):
+    path = tmp_path / "data.jsonl"
+    long = " ".join(["what colour is it"] * 10)
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": long},
+                                                  {"from": "gpt", "value": "red"}]}) + "\n")
+    processor, _, _ = tiny_parts()
+    dataset = LMEyeDataset(path, processor, image_processor(), max_length=8)
+    with pytest.raises(ValueError, match=_where(path, "line 1: max_length=8 cuts every answer token")):
+        dataset[0]
+    item = LMEyeDataset(path, processor, image_processor(), max_length=64)[0]
+    assert any(label != -100 for label in item["row"].body_labels)
+    assert isinstance(item["pixel_values"], torch.Tensor)
