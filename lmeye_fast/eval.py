@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import write_atomic
+from .data import read_record_file
 from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from .models.adapter_files import check_adapter
 from .models.scoring import score_options
@@ -100,31 +101,57 @@ def _choice_index(answer, options: List[str], where: str) -> int:
                      f"(options: {options})")
 
 
+def _options(record: dict, where: str) -> List[str]:
+    """A multiple-choice record's options: a list of distinct texts (``options`` or ``choices``), or []."""
+    key = "options" if "options" in record else "choices"
+    options = record.get(key)
+    if options is None:
+        return []
+    if not isinstance(options, list):
+        raise ValueError(f"{where}: {key!r} must be a list of option texts in order, got {type(options).__name__}"
+                         + (" (a mapping: give its values as a list, in order)" if isinstance(options, dict) else ""))
+    for index, option in enumerate(options):
+        if not isinstance(option, str):
+            raise ValueError(f"{where}: {key}[{index}] must be a string, got {type(option).__name__} ({option!r})")
+    repeated = sorted({option for option in options if options.count(option) > 1})
+    if repeated:
+        raise ValueError(f"{where}: {key!r} repeats {repeated[0]!r}, so the right option is ambiguous")
+    return options
+
+
+def _reference_answers(answers, where: str) -> List[str]:
+    """An open-ended record's reference answers: texts, or VQAv2's annotation dicts ``{"answer": text}``."""
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list):
+        raise ValueError(f"{where}: 'answers' must be a list of answer texts, got {type(answers).__name__}")
+    texts = []
+    for index, answer in enumerate(answers):
+        text = answer.get("answer") if isinstance(answer, dict) else answer
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: answers[{index}] must be a string or {{'answer': string}}, got {answer!r}")
+        texts.append(text)
+    return texts
+
+
 def read_examples(path, image_folder=None) -> List[Example]:
     """Read LLaVA-style evaluation records (JSON list or JSONL; see the module's docstring)."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = json.loads(text)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or a .jsonl file)")
     folder = Path(image_folder) if image_folder is not None else path.parent
     examples = []
-    for index, record in enumerate(records):
-        where = f"{path}: record {index}"
+    for index, entry in enumerate(read_record_file(path)):
+        record, where = entry.record, entry.where
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
         question, model_answer = _question_and_answer(record, where)
-        options = list(record.get("options", record.get("choices", [])))
+        options = _options(record, where)
         if options:
             if "answer" not in record:
                 raise ValueError(f"{where}: a multiple-choice record needs 'answer'")
             answers, answer = [], _choice_index(record["answer"], options, where)
         else:
             answers = record.get("answers") or [a for a in (record.get("answer"), model_answer) if a is not None][:1]
-            if isinstance(answers, str):
-                answers = [answers]
-            answers = [a["answer"] if isinstance(a, dict) else a for a in answers]  # VQAv2 annotation dicts
+            answers = _reference_answers(answers, where)
             if not answers:
                 raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a gpt turn")
             answer = None
