@@ -206,8 +206,11 @@ class _RecordItems:
         from PIL import Image
 
         path = self.image_path(image)
-        with Image.open(path) as file:
-            picture = file.convert("RGB")
+        try:
+            with Image.open(path) as file:
+                picture = file.convert("RGB")
+        except Image.DecompressionBombError as error:  # more pixels than Image.MAX_IMAGE_PIXELS allows
+            raise OSError(str(error)) from error
         return self.image_processor(images=picture, return_tensors="pt")["pixel_values"][0]
 
     def blank_pixels(self) -> torch.Tensor:

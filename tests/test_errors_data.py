@@ -79,3 +79,44 @@ def test_max_length_that_cuts_every_answer_token_is_refused_naming_the_record(tm
     item = LMEyeDataset(path, processor, image_processor(), max_length=64)[0]
     assert any(label != -100 for label in item["row"].body_labels)
     assert isinstance(item["pixel_values"], torch.Tensor)
+
+
+def _dataset_of_images(tmp_path, pictures, **kwargs):
+    from PIL import Image  # noqa: F401  (the pictures are PIL images)
+
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for index, picture in enumerate(pictures):
+        picture.save(folder / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "caption": "red"}))
+    path = tmp_path / "captions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    processor, _, _ = tiny_parts()
+    return LMEyeDataset(path, processor, image_processor(), image_folder=folder, **kwargs), folder
+
+
+def test_a_16_bit_png_reads_as_its_grey_not_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    sixteen = Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16))  # 32896 / 65535 of white: grey 128
+    eight = Image.new("L", (16, 16), 128)
+    dataset, _ = _dataset_of_images(tmp_path, [sixteen, eight])
+    assert Image.open(tmp_path / "images" / "0.png").mode.startswith("I")
+    assert torch.equal(dataset[0]["pixel_values"], dataset[1]["pixel_values"])
+
+
+def test_a_decompression_bomb_counts_as_an_unreadable_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    pictures = [Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (8, 8), (10, 10, 200))]
+    dataset, folder = _dataset_of_images(tmp_path, pictures, on_bad_image="raise")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is over twice this: Pillow refuses to decode
+    with pytest.raises(OSError, match=re.escape(f"image {folder / '0.png'}")):
+        dataset[0]
+    skipping, _ = _dataset_of_images(tmp_path, pictures)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        item = skipping[0]  # the next readable record instead
+    assert torch.equal(item["pixel_values"], skipping[1]["pixel_values"])
+    assert skipping.skipped_images == [str(folder / "0.png")]
