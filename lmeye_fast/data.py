@@ -247,6 +247,9 @@ class _RecordItems:
             if all(label == IGNORE_INDEX for label in labels):
                 raise ValueError(f"{where}: max_length={self.max_length} cuts every answer token (the prefix and "
                                  f"slots take {taken} of them); raise max_length or shorten the question")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"{where}: no answer token to train on (its answers are empty and the tokenizer has no "
+                             "EOS token to end them)")
         return TokenizedRow(prefix, image_start, body, labels)
 
     def item(self, conversation: Conversation, where: str = "record") -> Optional[Dict[str, Any]]:
@@ -356,11 +359,17 @@ class LMEyeStream(_RecordItems, IterableDataset):
         return itertools.islice(enumerate(self.records), worker.id, None, worker.num_workers)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        read = kept = 0
         for index, record in self._own_records():
+            read += 1
             where = f"records[{index}]"
             item = self.item(parse_record(record, self.caption_prompt, where=where), where)
             if item is not None:
+                kept += 1
                 yield item
+        if read and not kept:  # a pass that trains on nothing must not end as if it had trained
+            raise OSError(f"records: none of the {read} records read has a readable image "
+                          f"({len(self.skipped_images)} skipped, the first {self.skipped_images[0]})")
 
 
 def _is_datasets_stream(records) -> bool:

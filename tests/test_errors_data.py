@@ -120,3 +120,14 @@ def test_a_decompression_bomb_counts_as_an_unreadable_image(tmp_path, monkeypatc
         item = skipping[0]  # the next readable record instead
     assert torch.equal(item["pixel_values"], skipping[1]["pixel_values"])
     assert skipping.skipped_images == [str(folder / "0.png")]
+
+
+def test_a_stream_with_no_readable_image_stops_with_an_error(tmp_path):
+    from lmeye_fast.data import LMEyeStream
+
+    records = [{"image": "missing.png", "caption": "red"}, {"image": "gone.png", "caption": "blue"}]
+    processor, _, _ = tiny_parts()
+    stream = LMEyeStream(records, processor, image_processor(), image_folder=tmp_path)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        with pytest.raises(OSError, match=r"^records: none of the 2 records read has a readable image .*missing\.png"):
+            list(stream)
