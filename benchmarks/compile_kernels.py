@@ -47,17 +47,20 @@ HEADS = (12, 1, 2, 4, 16)
 
 def run_modules(dtype: torch.dtype, heads: int) -> None:
     """A forward and backward of InteractiveLayer (attention in both schedules, image mask, in
-    place and not, the transmitted tokens) and StaticVisualMapping, launches recorded."""
+    place and not, the transmitted tokens; the shared transmission and the per-slot one of one
+    request into five slots) and StaticVisualMapping, launches recorded."""
     for schedule in ("split", "folded"):
         run_layers(dtype, heads, schedule)
+    run_layers(dtype, heads, "auto", num_requests=1, transmission="per_slot")
 
 
-def run_layers(dtype: torch.dtype, heads: int, schedule: str) -> None:
+def run_layers(dtype: torch.dtype, heads: int, schedule: str, num_requests: int = 5,
+               transmission: str = "shared") -> None:
     from lmeye_fast import InteractiveLayer, StaticVisualMapping
 
     batch, seq, llm, vision, tokens, width, requests = 2, 12, 4096, 1024, 257, 768, 5
-    layer = InteractiveLayer(llm, vision, width, requests, 1, heads, backend="triton", attention=schedule,
-                             dtype=dtype)
+    layer = InteractiveLayer(llm, vision, width, num_requests, 1, heads, backend="triton", attention=schedule,
+                             dtype=dtype, num_slots=requests, transmission=transmission)
     mapping = StaticVisualMapping(vision, llm, backend="triton", dtype=dtype)
     hidden = torch.randn(batch, seq, llm, dtype=dtype, requires_grad=True)
     image = torch.randn(batch, tokens, vision, dtype=dtype, requires_grad=True)

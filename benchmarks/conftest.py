@@ -10,7 +10,8 @@ Options:
 
 A test module declares ``SUITE = "<name of a shape-table suite>"`` and takes a ``bench_shape``
 argument to be parametrized over that suite's shapes. Every benchmark whose ``extra_info``
-carries the standard keys (benchmarks/harness.py) gets a summary row, whoever wrote it.
+carries the standard keys (benchmarks/harness.py), or a list of such rows under ``rows``, gets
+its summary rows, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ def pytest_runtest_call(item):
     bench = getattr(item, "funcargs", {}).get("benchmark")
     if bench is not None and bench.stats is not None:
         stats = bench.stats.stats
-        row = harness.summary_row(dict(bench.extra_info), stats.median if stats else None,
-                                  item.config.stash.get(CEILINGS, None))
-        if row is not None:
+        rows = harness.summary_rows(dict(bench.extra_info), stats.median if stats else None,
+                                    item.config.stash.get(CEILINGS, None))
+        for row in rows:
             row["test"] = item.nodeid
-            item.config.stash[ROWS].append(row)
+        item.config.stash[ROWS].extend(rows)
+        if rows:
             write_summary(item.config)
     return result
 

@@ -19,6 +19,15 @@ On the CPU there is only the wall time. The physical floor of a case is
 ``max(bytes / copy bandwidth, flops / matmul peak)``, both ceilings measured
 in the same run (``measure_ceilings``).
 
+Cases that compare providers of one computation against each other (the
+schedules suite) time them together instead, in interleaved rounds
+(``time_interleaved``): each round runs every provider once, the order
+rotating by one each round, so that a load that comes and goes falls on all of
+them alike; a ratio between two providers is the median over rounds of the
+ratio within a round, with its p20 and p80 (``Ratio``). On the CPU each call
+also gets the process's CPU time, and the rounds run on one thread
+(``CPU_ROUND_THREADS``).
+
 Summary rows
 ------------
 Any benchmark gets a row in the end-of-run summary (benchmarks/conftest.py)
@@ -38,6 +47,11 @@ gpu_p20_us,
 gpu_p80_us
 wall_us               wall time per eager call; when absent, the
                       pytest-benchmark median is taken
+cpu_us                process CPU time per call (interleaved rounds, CPU)
+rounds_wall_us,       the times of each round (interleaved rounds): item i
+rounds_cpu_us         of every provider of a case is from the same round
+threads, load_avg,    the CPU threads the rounds ran on, the 1/5/15-minute
+cores                 load average as they ended, and the machine's cores
 bytes, flops          the case's cost model; ``record`` (or else the
                       summary) derives median_us, floor_us, pct_of_floor,
                       tbps and tflops from them and the measured ceilings
@@ -48,6 +62,9 @@ throughput_unit
 resolved, note        the backend(s) actually run; anything else to keep
 ====================  ======================================================
 
+A benchmark that times several providers together puts one such dict per
+provider into ``benchmark.extra_info["rows"]`` (``record_rows``).
+
 The summary's ``median_us`` is the GPU time where there is one, else the
 wall time; ``pct_of_floor`` is ``100 * floor_us / median_us`` (100 = at the
 floor). Test modules import this file as ``harness`` (benchmarks/conftest.py
@@ -57,10 +74,12 @@ puts benchmarks/ on ``sys.path``); ``run_case`` times a case and records it,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
 import math
+import os
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -371,6 +390,114 @@ def run_case(benchmark, ceilings: Ceilings, fn: Callable[[], object], *, suite: 
     release(dev)
 
 
+# ---- interleaved rounds ---------------------------------------------------------------------
+
+# On the CPU the rounds run on one thread. With as many threads as cores, a competing process
+# preempts one of them at every parallel op while the others spin at its barrier: the wall time
+# then measures the scheduler, and the process CPU time counts the spinning. One thread's CPU time
+# is its own work, whatever else runs.
+CPU_ROUND_THREADS = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderCall:
+    """One provider of a case timed in interleaved rounds: ``run`` is the timed call (its result
+    dropped), ``prepare`` puts the model into the provider's state before each call, untimed."""
+
+    provider: str
+    run: Callable[[], object]
+    prepare: Optional[Callable[[], None]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTimes:
+    """Seconds per call of each provider, round by round: item i of every list is from round i.
+    ``cpu_s`` (process CPU time) and ``threads`` are empty on a GPU."""
+
+    wall_s: Dict[str, List[float]]
+    cpu_s: Dict[str, List[float]]
+    threads: Optional[int]
+    load_avg: Optional[Tuple[float, float, float]]
+
+    def keys(self, provider: str) -> dict:
+        """The provider's summary keys (module docstring): medians and per-round times in us."""
+        keys = {"wall_us": percentile(self.wall_s[provider], 50) * 1e6,
+                "rounds_wall_us": [t * 1e6 for t in self.wall_s[provider]],
+                "threads": self.threads, "load_avg": self.load_avg, "cores": os.cpu_count()}
+        if provider in self.cpu_s:
+            keys["cpu_us"] = percentile(self.cpu_s[provider], 50) * 1e6
+            keys["rounds_cpu_us"] = [t * 1e6 for t in self.cpu_s[provider]]
+        return keys
+
+
+def round_order(providers: Sequence[str], index: int) -> List[str]:
+    """The order of round ``index``: ``providers`` rotated by one per round, so each comes first in turn."""
+    shift = index % len(providers)
+    return list(providers[shift:]) + list(providers[:shift])
+
+
+def load_average() -> Optional[Tuple[float, float, float]]:
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+@contextlib.contextmanager
+def round_threads(dev: torch.device):
+    """Run the rounds on ``CPU_ROUND_THREADS`` threads on the CPU (yields the count; None on a GPU)."""
+    if dev.type != "cpu":
+        yield None
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(CPU_ROUND_THREADS)
+    try:
+        yield CPU_ROUND_THREADS
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_interleaved(benchmark, calls: Sequence[ProviderCall], dev: torch.device, rounds: int,
+                     warmup: int) -> RoundTimes:
+    """Time ``calls`` in ``rounds`` interleaved rounds after ``warmup`` untimed ones: each round runs
+    every provider once, in ``round_order``; each call is synchronised inside its timed region.
+
+    pytest-benchmark drives the rounds (its own figure is the time of a whole round); skips the
+    test when benchmarking is disabled.
+    """
+    by_name = {call.provider: call for call in calls}
+    if len(by_name) != len(calls):
+        raise ValueError(f"calls: expected distinct providers, got {[c.provider for c in calls]}")
+    on_cpu = dev.type == "cpu"
+    measured: List[Dict[str, Tuple[float, float]]] = []
+
+    def one_round():
+        times = {}
+        for name in round_order(list(by_name), len(measured)):
+            call = by_name[name]
+            if call.prepare is not None:
+                call.prepare()
+            sync(dev)
+            # No collection inside a timed call: it would land on whichever provider triggers it.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                wall, cpu = time.perf_counter(), time.process_time()
+                call.run()
+                sync(dev)
+                times[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+            finally:
+                if collecting:
+                    gc.enable()
+        measured.append(times)
+
+    with round_threads(dev) as threads:
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    if benchmark.disabled or benchmark.stats is None:
+        pytest.skip("benchmarking is disabled (--benchmark-disable)")
+    timed = measured[warmup:warmup + rounds]  # --benchmark-cprofile runs more rounds after these
+    wall = {name: [r[name][0] for r in timed] for name in by_name}
+    cpu = {name: [r[name][1] for r in timed] for name in by_name} if on_cpu else {}
+    return RoundTimes(wall, cpu, threads, load_average())
+
+
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
@@ -378,11 +505,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
-def record(benchmark, *, suite: str, case: str, provider: str, n_bytes: Optional[int] = None,
-           flops: Optional[int] = None, ceilings: Optional[Ceilings] = None, dtype: Optional[str] = None,
-           **keys) -> None:
-    """Put the standard keys (module docstring) into ``benchmark.extra_info``, with the floor,
-    % of floor, TB/s and TFLOP/s derived from the costs and the ceilings when they are known."""
+def row_info(*, suite: str, case: str, provider: str, n_bytes: Optional[int] = None, flops: Optional[int] = None,
+             ceilings: Optional[Ceilings] = None, dtype: Optional[str] = None, **keys) -> dict:
+    """The standard keys (module docstring) of one summary row, with the floor, % of floor, TB/s
+    and TFLOP/s derived from the costs and the ceilings when they are known; no None values."""
     info = {"suite": suite, "case": case, "provider": provider, "dtype": dtype,
             "baseline": BASELINE_OF.get(provider)}
     info.update({k: v for k, v in keys.items() if v is not None})
@@ -391,7 +517,18 @@ def record(benchmark, *, suite: str, case: str, provider: str, n_bytes: Optional
     if flops is not None:
         info["flops"] = int(flops)
     derive(info, ceilings)
-    benchmark.extra_info.update({k: v for k, v in info.items() if v is not None})
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def record(benchmark, **keys) -> None:
+    """Put one row's keys (``row_info``) into ``benchmark.extra_info``."""
+    benchmark.extra_info.update(row_info(**keys))
+
+
+def record_rows(benchmark, rows: Sequence[dict]) -> None:
+    """Put several rows (``row_info`` dicts) into ``benchmark.extra_info["rows"]``: a benchmark
+    that times several providers together."""
+    benchmark.extra_info["rows"] = list(rows)
 
 
 def _torch_dtype(name: Optional[str]) -> torch.dtype:
@@ -428,6 +565,16 @@ def summary_row(info: dict, stats_median_s: Optional[float], ceilings: Optional[
         row["wall_us"] = stats_median_s * 1e6
     derive(row, ceilings)
     return row if "median_us" in row else None
+
+
+def summary_rows(extra_info: dict, stats_median_s: Optional[float], ceilings: Optional[Ceilings]) -> List[dict]:
+    """The summary rows of one benchmark: those under ``rows`` (``record_rows``; each has its own
+    times), else the one of the extra_info itself."""
+    if "rows" in extra_info:
+        found = [summary_row(dict(info), None, ceilings) for info in extra_info["rows"]]
+    else:
+        found = [summary_row(dict(extra_info), stats_median_s, ceilings)]
+    return [row for row in found if row is not None]
 
 
 def add_speedups(rows: List[dict]) -> List[dict]:
@@ -528,7 +675,67 @@ NO_GPU_LINE = ("no CUDA GPU here: kernel timings need one (the triton and cuda p
                "PyTorch reference); recorded GPU runs are in benchmarks/RESULTS.md")
 
 
-def _schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]:
+# The clocks a schedules ratio can use, steadier first on a tie: the summary keys of the median
+# per call and of the per-round times, and the clock's name.
+@dataclasses.dataclass(frozen=True)
+class Clock:
+    name: str
+    median_key: str
+    rounds_key: str
+    label: str
+
+
+CLOCKS = (Clock("cpu", "cpu_us", "rounds_cpu_us", "process CPU time"),
+          Clock("wall", "wall_us", "rounds_wall_us", "wall time"))
+CLOCK_OF = {clock.name: clock for clock in CLOCKS}
+# A ratio whose p20 or p80 lies further than this from its median is printed as noisy.
+NOISY_SPREAD = 0.20
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """A ratio between two providers of a case: the median over rounds of the ratio within a round,
+    and the p20 and p80 of those ratios."""
+
+    median: float
+    p20: float
+    p80: float
+
+    @classmethod
+    def of_rounds(cls, numerator: Sequence[float], denominator: Sequence[float], scale: float = 1.0
+                  ) -> Optional["Ratio"]:
+        """None unless both have the same rounds, every one of them measured."""
+        if not numerator or len(numerator) != len(denominator) or not all(t > 0 for t in denominator):
+            return None
+        within = [scale * a / b for a, b in zip(numerator, denominator)]
+        return cls(percentile(within, 50), percentile(within, 20), percentile(within, 80))
+
+    @property
+    def spread(self) -> float:
+        """How far p20 or p80 lies from the median, relative to it (0.1 = ±10%)."""
+        return max(self.median - self.p20, self.p80 - self.median) / self.median
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioSpec:
+    """A ratio of a schedules group: ``numerator`` / ``denominator`` (x ``scale``), rows named by
+    (case, provider), stored on row ``on`` under ``name`` (its p20 and p80 under ``name_p20``, ``name_p80``).
+    ``picks_clock``: whether its spread counts when the group's clock is chosen (the schedules'
+    comparisons do; the IPN's share, a call of a few ms beside one of seconds, does not)."""
+
+    name: str
+    on: Tuple[str, str]
+    numerator: Tuple[str, str]
+    denominator: Tuple[str, str]
+    scale: float = 1.0
+    picks_clock: bool = True
+
+
+def schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]:
     """{shape: {(case, provider): row}} of the schedules suite's rows, shapes in the order they ran."""
     groups: Dict[str, Dict[Tuple[str, str], dict]] = {}
     for row in rows:
@@ -537,33 +744,112 @@ def _schedule_groups(rows: List[dict]) -> Dict[str, Dict[Tuple[str, str], dict]]
     return groups
 
 
+def _ratio_specs(by_key: Dict[Tuple[str, str], dict]) -> List[RatioSpec]:
+    """The ratios whose rows are all there: the encoder-decoder schedule against two full passes;
+    the single pass against two passes and against static-only; the IPN's share of the single-pass step."""
+    specs = [RatioSpec("speedup_vs_two_full_passes", (case, SEQ2SEQ), (case, SEQ2SEQ_NAIVE), (case, SEQ2SEQ))
+             for case in SEQ2SEQ_CASES]
+    for case in SCHEDULE_CASES:
+        single = (case, SINGLE_PASS)
+        specs += [RatioSpec("speedup_vs_two_pass", single, (case, TWO_PASS), single),
+                  RatioSpec("ratio_to_static_only", single, single, (case, STATIC_ONLY))]
+    specs.append(RatioSpec("share_of_single_pass_step_pct", IPN_SHARE, IPN_SHARE, ("train-step", SINGLE_PASS), 100.0,
+                           picks_clock=False))
+    return [s for s in specs if all(key in by_key for key in (s.on, s.numerator, s.denominator))]
+
+
 def add_schedule_ratios(rows: List[dict]) -> List[dict]:
-    """On each single-pass row, ``speedup_vs_two_pass`` (two-pass time / single-pass time) and
-    ``ratio_to_static_only``; on the IPN's own row, its share of the single-pass training step; on
-    each encoder-decoder schedule row, ``speedup_vs_two_full_passes``."""
-    for by_key in _schedule_groups(rows).values():
-        for case in SEQ2SEQ_CASES:
-            ours, naive = by_key.get((case, SEQ2SEQ)), by_key.get((case, SEQ2SEQ_NAIVE))
-            if ours is not None and naive is not None:
-                ours["speedup_vs_two_full_passes"] = naive["median_us"] / ours["median_us"]
-        for case in SCHEDULE_CASES:
-            single = by_key.get((case, SINGLE_PASS))
-            if single is None:
-                continue
-            for name, other, ratio in (("speedup_vs_two_pass", TWO_PASS, lambda o, s: o / s),
-                                       ("ratio_to_static_only", STATIC_ONLY, lambda o, s: s / o)):
-                if (case, other) in by_key:
-                    single[name] = ratio(by_key[(case, other)]["median_us"], single["median_us"])
-        ipn, step = by_key.get(IPN_SHARE), by_key.get(("train-step", SINGLE_PASS))
-        if ipn is not None and step is not None:
-            ipn["share_of_single_pass_step_pct"] = 100.0 * ipn["median_us"] / step["median_us"]
+    """Each schedules group's ratios (``_ratio_specs``) on the rows that carry them, from the rounds
+    of the steadier clock: the one whose widest p20-p80 spread (of the ratios that pick the clock)
+    is the smaller, CPU time on a tie. Every row of the group gets that ``clock`` and
+    ``clock_spreads`` ({clock: widest spread})."""
+    for by_key in schedule_groups(rows).values():
+        specs = _ratio_specs(by_key)
+        by_clock = {}
+        for clock in CLOCKS:
+            ratios = [Ratio.of_rounds(by_key[s.numerator].get(clock.rounds_key),
+                                      by_key[s.denominator].get(clock.rounds_key), s.scale) for s in specs]
+            if specs and all(r is not None for r in ratios):
+                by_clock[clock.name] = ratios
+        if not by_clock:
+            continue
+        widest = {name: max((r.spread for r, s in zip(ratios, specs) if s.picks_clock), default=0.0)
+                  for name, ratios in by_clock.items()}
+        chosen = min(widest, key=widest.get)
+        for spec, ratio in zip(specs, by_clock[chosen]):
+            row = by_key[spec.on]
+            row[spec.name], row[f"{spec.name}_p20"], row[f"{spec.name}_p80"] = ratio.median, ratio.p20, ratio.p80
+        for row in by_key.values():
+            row["clock"], row["clock_spreads"] = chosen, widest
     return rows
 
 
-def _duration(us: float) -> str:
+def schedule_clock(row: dict) -> Clock:
+    """The clock of a schedules row's group (``add_schedule_ratios``); without ratios, the first it has."""
+    if row.get("clock") in CLOCK_OF:
+        return CLOCK_OF[row["clock"]]
+    return next((c for c in CLOCKS if row.get(c.median_key) is not None), CLOCK_OF["wall"])
+
+
+def schedule_us(row: dict) -> float:
+    """A schedules row's median per call on its group's clock, in us."""
+    return row.get(schedule_clock(row).median_key, row["median_us"])
+
+
+def duration_text(us: float) -> str:
     if us >= 1e6:
         return f"{_num(us / 1e6)} s"
     return f"{_num(us / 1e3)} ms" if us >= 1e3 else f"{_num(us)} us"
+
+
+def ratio_text(row: dict, name: str, unit: str = "x", number: Callable[[float], str] = "{:.2f}".format) -> str:
+    """``1.73x (1.70-1.78)``, marked ``noisy`` with the load average past ±NOISY_SPREAD; ``-`` if absent."""
+    if row.get(name) is None:
+        return "-"
+    ratio = Ratio(row[name], row[f"{name}_p20"], row[f"{name}_p80"])
+    text = f"{number(ratio.median)}{unit} ({number(ratio.p20)}-{number(ratio.p80)})"
+    if ratio.noisy:
+        text += " noisy" + (f", load {row['load_avg'][0]:.1f}" if row.get("load_avg") else "")
+    return text
+
+
+def _percent(value: float) -> str:
+    """A share in percent: one decimal, two below 1% (a small IPN beside a large LLM)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def _is_noisy(row: dict, name: str) -> bool:
+    return row.get(name) is not None and Ratio(row[name], row[f"{name}_p20"], row[f"{name}_p80"]).noisy
+
+
+def _header(title: str, shape: str, by_key: Dict[Tuple[str, str], dict]) -> str:
+    """The table's title line: what it compares, the shape, and how the times and ratios were taken."""
+    first = next(iter(by_key.values()))
+    clock = schedule_clock(first)
+    rounds = len(first.get(clock.rounds_key) or [])
+    threads = first.get("threads")
+    how = f"{rounds} interleaved rounds" if rounds else "one figure per provider"
+    if threads:
+        how += f" on {threads} thread" + ("s" if threads > 1 else "")
+    line = (f"{title}: {shape}, {first.get('dtype', '')}, {first.get('device', '')}; {how}, median "
+            f"{clock.label} per call")
+    spreads = first.get("clock_spreads") or {}
+    if spreads:
+        line += "; each ratio the median over rounds of the ratio within a round (p20-p80)"
+    if len(spreads) > 1:
+        others = "; ".join(f"{CLOCK_OF[n].label} ±{100 * s:.0f}%" for n, s in spreads.items() if n != clock.name)
+        line += (f", on {clock.label}, the steadier here (widest spread ±{100 * spreads[clock.name]:.0f}%; "
+                 f"{others})")
+    return line
+
+
+def _noisy_note(by_key: Dict[Tuple[str, str], dict], names: Sequence[str]) -> List[str]:
+    if not any(_is_noisy(row, name) for row in by_key.values() for name in names):
+        return []
+    cores = next((row["cores"] for row in by_key.values() if row.get("cores")), None)
+    return [f"noisy: p20-p80 over the rounds wider than ±{100 * NOISY_SPREAD:.0f}% of the median; load: the "
+            "1-minute load average as that case's rounds ended" + (f", on {cores} cores" if cores else "")
+            + ". Rerun on an idle machine; benchmarks/schedules_under_load.py shows how load moves the ratios"]
 
 
 def _peak_memory(by_key: Dict[Tuple[str, str], dict], labels: Dict[str, str]) -> List[str]:
@@ -572,59 +858,61 @@ def _peak_memory(by_key: Dict[Tuple[str, str], dict], labels: Dict[str, str]) ->
     return ["peak memory beyond the inputs: " + "; ".join(peaks)] if peaks else []
 
 
+def _time_text(row: Optional[dict]) -> str:
+    """The median per call on the group's clock, and the throughput at that time where there is one."""
+    if row is None:
+        return "-"
+    us = schedule_us(row)
+    if "throughput" not in row:
+        return duration_text(us)
+    throughput = row["throughput"] * row["wall_us"] / us  # recorded at the wall time
+    return f"{duration_text(us)} ({_num(throughput)} {row.get('throughput_unit', '')})"
+
+
+SEQ2SEQ_TITLE = ("LMEye on an encoder-decoder LLM, two encoder passes + one decoder pass against two full "
+                 "encoder-decoder passes")
+SCHEDULES_TITLE = "LMEye schedules, single pass against two passes and static-only"
+
+
 def _seq2seq_table(shape: str, by_key: Dict[Tuple[str, str], dict]) -> List[str]:
-    first = next(iter(by_key.values()))
-    lines = [f"LMEye on an encoder-decoder LLM, two encoder passes + one decoder pass against two full "
-             f"encoder-decoder passes: {shape}, {first.get('dtype', '')}, {first.get('device', '')}; "
-             "median time per call"]
+    lines = [_header(SEQ2SEQ_TITLE, shape, by_key)]
     cells = [["case", *SEQ2SEQ_PROVIDERS, "speed-up"]]
     for case, label in SEQ2SEQ_CASES.items():
         if not any((case, p) in by_key for p in SEQ2SEQ_PROVIDERS):
             continue
-        times = [_duration(by_key[(case, p)]["median_us"]) if (case, p) in by_key else "-" for p in SEQ2SEQ_PROVIDERS]
-        speedup = by_key.get((case, SEQ2SEQ), {}).get("speedup_vs_two_full_passes")
-        cells.append([label, *times, f"{speedup:.2f}x" if speedup else "-"])
+        times = [_time_text(by_key.get((case, p))) for p in SEQ2SEQ_PROVIDERS]
+        cells.append([label, *times, ratio_text(by_key.get((case, SEQ2SEQ), {}), "speedup_vs_two_full_passes")])
     lines += aligned(cells, labels=1)
-    return lines + _peak_memory(by_key, SEQ2SEQ_CASES)
+    return lines + _noisy_note(by_key, ["speedup_vs_two_full_passes"]) + _peak_memory(by_key, SEQ2SEQ_CASES)
 
 
 def format_schedules(rows: List[dict]) -> List[str]:
     """Single pass against two passes and against static-only, one table per shape, and the
     encoder-decoder schedule against two full passes for its own shape; no lines without schedules
-    rows. Times are medians per call; generation is also given in tokens/s."""
+    rows. Times are medians per call on the clock the ratios use; generation is also given in tokens/s."""
     lines: List[str] = []
-    for shape, by_key in _schedule_groups(add_schedule_ratios(rows)).items():
+    for shape, by_key in schedule_groups(add_schedule_ratios(rows)).items():
         if any(provider in SEQ2SEQ_PROVIDERS for _, provider in by_key):
             lines += _seq2seq_table(shape, by_key)
             continue
-        first = next(iter(by_key.values()))
-        lines.append(f"LMEye schedules, single pass against two passes and static-only: {shape}, "
-                     f"{first.get('dtype', '')}, {first.get('device', '')}; median time per call")
+        lines.append(_header(SCHEDULES_TITLE, shape, by_key))
         cells = [["case", *SCHEDULE_PROVIDERS, "single vs two-pass", "single / static-only"]]
         for case, label in SCHEDULE_CASES.items():
             if not any((case, p) in by_key for p in SCHEDULE_PROVIDERS):
                 continue
-            times = []
-            for provider in SCHEDULE_PROVIDERS:
-                row = by_key.get((case, provider))
-                if row is None:
-                    times.append("-")
-                elif "throughput" in row:
-                    times.append(f"{_duration(row['median_us'])} ({_num(row['throughput'])} "
-                                 f"{row.get('throughput_unit', '')})")
-                else:
-                    times.append(_duration(row["median_us"]))
+            times = [_time_text(by_key.get((case, provider))) for provider in SCHEDULE_PROVIDERS]
             single = by_key.get((case, SINGLE_PASS), {})
-            speedup, ratio = single.get("speedup_vs_two_pass"), single.get("ratio_to_static_only")
             if case == "generate" and "new_tokens" in single:
                 label = f"{label} {single['new_tokens']} tokens"
-            cells.append([label, *times, f"{speedup:.2f}x" if speedup else "-", f"{ratio:.2f}" if ratio else "-"])
+            cells.append([label, *times, ratio_text(single, "speedup_vs_two_pass"),
+                          ratio_text(single, "ratio_to_static_only", unit="")])
         lines += aligned(cells, labels=1)
         ipn = by_key.get(IPN_SHARE)
         if ipn is not None:
-            share = ipn.get("share_of_single_pass_step_pct")
-            lines.append(f"the IPN's own forward+backward: {_duration(ipn['median_us'])}"
-                         + (f", {share:.1f}% of the single-pass train step" if share is not None else ""))
+            share = ratio_text(ipn, "share_of_single_pass_step_pct", unit="%", number=_percent)
+            lines.append(f"the IPN's own forward+backward: {duration_text(schedule_us(ipn))}"
+                         + (f"; its share of the single-pass train step: {share}" if share != "-" else ""))
+        lines += _noisy_note(by_key, ["speedup_vs_two_pass", "ratio_to_static_only", "share_of_single_pass_step_pct"])
         lines += _peak_memory(by_key, SCHEDULE_CASES)
     return lines
 

@@ -3,7 +3,8 @@
     python benchmarks/plot.py benchmarks/out/summary.json [-o speedup.png] [--table]
 
 The first panel is the schedules suite: median time per call of static-only, two-pass and
-single-pass LMEye for each case, the single pass's speed-up over two passes printed on its bars.
+single-pass LMEye for each case, the single pass's speed-up over two passes printed on its bars
+(both on the clock the summary's ratios use, ``harness.add_schedule_ratios``).
 Then one panel per suite/case/configuration that sweeps the batch size, one line per provider:
 solid lines are the speedup in GPU time (graph replay), dashed lines in wall time per eager call;
 on the CPU there is only the wall time. A panel whose providers all run the same implementation
@@ -66,7 +67,7 @@ def schedule_bars(rows):
     out = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         if row["suite"] == "schedules" and row["provider"] in harness.SCHEDULE_PROVIDERS:
-            out[row.get("shape", "")][row["case"]][row["provider"]] = (row["median_us"] / 1e6,
+            out[row.get("shape", "")][row["case"]][row["provider"]] = (harness.schedule_us(row) / 1e6,
                                                                        row.get("speedup_vs_two_pass"))
     return out
 

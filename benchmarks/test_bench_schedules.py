@@ -4,13 +4,12 @@ Cases, each for the providers ``static-only``, ``lmeye-two-pass`` and ``lmeye-si
 
 - ``prefill``: the forward of a prompt batch (inference, suffix logits);
 - ``train-step``: forward + backward with a trainable prefix (static mapping
-  and special-token embeddings) and the IPN;
+  and special-token embeddings) and the IPN; in its rounds also ``ipn-share``,
+  the IPN's own forward + backward, as a share of the single-pass step;
 - ``train-step-frozen-prefix``: forward + backward with only the IPN trainable
   (no static-only row: nothing of it would train);
 - ``generate``: greedy generation of a fixed number of new tokens, reported
-  as tokens per second;
-- ``ipn-share``: the IPN's own forward + backward, as a share of the
-  single-pass training step.
+  as tokens per second.
 
 And for an encoder-decoder LLM (``LMEyeSeq2SeqModel``, a T5 of its own shape),
 ``prefill`` and ``train-step`` (static mapping, special-token embeddings and
@@ -24,15 +23,19 @@ On a GPU the shape is Llama-3.2-1B-like (2048 wide, 16 layers, 32 heads, 8 KV
 heads, vocabulary 128256), bfloat16, B=8, T=1024, 256 image tokens (1024 wide),
 prefix 801 (the request at column 800), R=5 slots, random weights. On the CPU a
 512-wide, 8-layer float32 Llama (8 heads, 4 KV heads, vocabulary 4096), B=2,
-T=384, 64 image tokens, prefix 300: the LLM's work dominates there as on a GPU
-(the suite is about 4 minutes of CPU work, some 2 minutes on 2 idle cores). The T5 is
+T=384, 64 image tokens, prefix 300: the LLM's work dominates there as on a GPU. The T5 is
 FlanT5-XL-like on a GPU (2048 wide, 24 + 24 layers, 32 heads of 64, gated-GELU 5120, vocabulary
 32128), bfloat16, B=8, an encoder input of 512 tokens with 256 image tokens (1024 wide), R=5,
 answers of 32 tokens; on the CPU 512 wide, 4 + 4 layers (8 heads of 64, 1024 feed-forward,
 vocabulary 4096), float32, B=2, 320 input tokens with 64 image tokens (256 wide), answers of 32.
-Wall time per call,
-synchronised inside the timed function; the end-of-run summary puts these
-cases first (``harness.format_schedules``).
+
+Each test times its case's providers together, in interleaved rounds
+(``harness.time_interleaved``: 7 rounds after a warm-up, each running every
+provider once in rotating order; on the CPU on one thread, with the process
+CPU time beside the wall time), so that a ratio between providers is taken
+within a round; the end-of-run summary puts these cases first
+(``harness.format_schedules``). ``benchmarks/schedules_under_load.py`` runs
+this file idle and beside a competing process and compares the two.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class Case:
     llm: dict
     interaction_dim: int = 768
     heads: int = 12
-    rounds: int = 7
+    rounds: int = 7  # interleaved rounds after ``warmup`` untimed ones (harness.time_interleaved)
     warmup: int = 2
     RECORDED: ClassVar[Tuple[str, ...]] = ("T", "prefix", "image_tokens", "requests")  # in each summary row
 
@@ -83,7 +86,7 @@ GPU = Case("llama-2048x16 B=8 T=1024 P=801", torch.bfloat16, B=8, T=1024, prefix
 # On the CPU, a Llama large enough that its layers, not the fixed cost of a call, take the time,
 # as they do on a GPU: at a 64-wide, 2-layer toy size the overheads hid the single pass's saving.
 CPU = Case("llama-512x8 B=2 T=384 P=300", torch.float32, B=2, T=384, prefix=300, image_tokens=64,
-           vision_dim=256, requests=5, answer=32, new_tokens=16, interaction_dim=128, heads=4, rounds=3, warmup=1,
+           vision_dim=256, requests=5, answer=32, new_tokens=16, interaction_dim=128, heads=4, warmup=1,
            llm=dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512))
 
@@ -145,26 +148,44 @@ def setup():
     yield from prepared(GPU, CPU, build, make_batch)
 
 
-def timed(benchmark, fn, case: Case, dev: torch.device) -> float:
-    """Median wall seconds per call over ``case.rounds`` rounds, synchronised inside the timed function."""
-    def target():
-        out = fn()
-        harness.sync(dev)
-        return out
-
-    benchmark.pedantic(target, rounds=case.rounds, iterations=1, warmup_rounds=case.warmup)
-    if benchmark.disabled or benchmark.stats is None:
-        pytest.skip("benchmarking is disabled (--benchmark-disable)")
-    return benchmark.stats.stats.median
+def timed(benchmark, calls, case: Case, dev: torch.device) -> harness.RoundTimes:
+    """``calls`` (``harness.ProviderCall``) timed in ``case.rounds`` interleaved rounds."""
+    return harness.time_interleaved(benchmark, calls, dev, rounds=case.rounds, warmup=case.warmup)
 
 
-def report(benchmark, case, dev, test_case, provider, seconds, **keys):
-    """Record a case; the summary adds the ratios between schedules (``harness.add_schedule_ratios``).
-    The decoder-only case records its prefix, the encoder-decoder one its answer length."""
+def peak_memory(calls, dev: torch.device) -> dict:
+    """{provider: {"peak_mem_mb": ...}} of one call each (nothing on the CPU)."""
+    peaks = {}
+    for call in calls:
+        if call.prepare is not None:
+            call.prepare()
+        peaks[call.provider] = {"peak_mem_mb": harness.peak_memory_mb(call.run, dev)}
+    return peaks
+
+
+def report(benchmark, case, dev, test_case, times: harness.RoundTimes, keys=None):
+    """Record a summary row per provider timed; the summary adds the ratios between schedules
+    (``harness.add_schedule_ratios``). ``keys[provider]``: more keys of its row (``case`` among them
+    overrides ``test_case``). The decoder-only case records its prefix, the encoder-decoder one its
+    answer length."""
     sizes = {name: getattr(case, name) for name in case.RECORDED}
-    harness.record(benchmark, suite=SUITE, case=test_case, provider=provider, shape=case.label,
-                   config=case.label.split(" B=")[0], batch=case.B, dtype=harness.DTYPE_NAMES[case.dtype],
-                   device=harness.device_name(dev), wall_us=seconds * 1e6, **sizes, **keys)
+    rows = []
+    for provider in times.wall_s:
+        extra = dict(times.keys(provider), **(keys or {}).get(provider, {}))
+        rows.append(harness.row_info(suite=SUITE, case=extra.pop("case", test_case), provider=provider,
+                                     shape=case.label, config=case.label.split(" B=")[0], batch=case.B,
+                                     dtype=harness.DTYPE_NAMES[case.dtype], device=harness.device_name(dev),
+                                     **sizes, **extra))
+    harness.record_rows(benchmark, rows)
+
+
+def merged(*per_provider: dict) -> dict:
+    """{provider: keys} dicts merged provider by provider."""
+    out: dict = {}
+    for keys in per_provider:
+        for provider, values in keys.items():
+            out.setdefault(provider, {}).update(values)
+    return out
 
 
 def train_step(model, batch, schedule):
@@ -177,60 +198,30 @@ def train_step(model, batch, schedule):
     return step
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_prefill(benchmark, setup, provider):
+def test_prefill(benchmark, setup):
     case, dev, model, batch = setup
-    schedule = PROVIDERS[provider]
 
-    def prefill():
-        with torch.inference_mode():
-            return model(**batch, schedule=schedule).logits
+    def prefill(schedule):
+        def run():
+            with torch.inference_mode():
+                return model(**batch, schedule=schedule).logits
+        return run
 
-    report(benchmark, case, dev, "prefill", provider, timed(benchmark, prefill, case, dev))
+    calls = [harness.ProviderCall(provider, prefill(schedule)) for provider, schedule in PROVIDERS.items()]
+    report(benchmark, case, dev, "prefill", timed(benchmark, calls, case, dev))
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_train_step(benchmark, setup, provider):
+def test_train_step(benchmark, setup):
+    """The three schedules' steps with the prefix trainable, and in the same rounds the IPN's own
+    forward + backward (its share of the single-pass step is a ratio within a round too)."""
     case, dev, model, batch = setup
-    schedule = PROVIDERS[provider]
-    model.set_stage(1 if schedule == "static" else 2, train_special_tokens=True)
-    model.static.requires_grad_(True)  # the static mapping trains too: the prefix is in the graph
-    step = train_step(model, batch, schedule)
-    seconds = timed(benchmark, step, case, dev)
-    report(benchmark, case, dev, "train-step", provider, seconds, peak_mem_mb=harness.peak_memory_mb(step, dev),
-           note="static mapping + special embeddings trainable" + ("" if schedule == "static" else " + IPN"))
 
+    def stage(schedule):
+        def prepare():
+            model.set_stage(1 if schedule == "static" else 2, train_special_tokens=True)
+            model.static.requires_grad_(True)  # the static mapping trains too: the prefix is in the graph
+        return prepare
 
-@pytest.mark.parametrize("provider", [harness.TWO_PASS, harness.SINGLE_PASS])
-def test_train_step_frozen_prefix(benchmark, setup, provider):
-    case, dev, model, batch = setup
-    model.set_stage(2)
-    step = train_step(model, batch, PROVIDERS[provider])
-    seconds = timed(benchmark, step, case, dev)
-    report(benchmark, case, dev, "train-step-frozen-prefix", provider, seconds,
-           peak_mem_mb=harness.peak_memory_mb(step, dev), note="IPN trainable only")
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_generate(benchmark, setup, provider):
-    case, dev, model, batch = setup
-    # The prompt ends with the slots: every row's last column is a real token.
-    prompt = {k: (v[:, :case.prefix + case.requests] if k in ("input_ids", "attention_mask", "position_ids")
-                  else v) for k, v in batch.items() if k != "labels"}
-
-    def generate():
-        return model.generate(**prompt, schedule=PROVIDERS[provider], max_new_tokens=case.new_tokens,
-                              min_new_tokens=case.new_tokens, do_sample=False)
-
-    quick = dataclasses.replace(case, rounds=max(2, case.rounds // 2), warmup=1)
-    seconds = timed(benchmark, generate, quick, dev)
-    report(benchmark, case, dev, "generate", provider, seconds, throughput=case.B * case.new_tokens / seconds,
-           throughput_unit="tokens/s", new_tokens=case.new_tokens)
-
-
-def test_ipn_share(benchmark, setup):
-    case, dev, model, batch = setup
-    model.set_stage(2)
     P, B = case.prefix, case.B
     hidden = torch.randn(B, P, model.config.llm_dim, device=dev, dtype=case.dtype)
     suffix = torch.randn(B, case.T - P, model.config.llm_dim, device=dev, dtype=case.dtype)
@@ -243,7 +234,45 @@ def test_ipn_share(benchmark, setup):
             p.grad = None
         return out
 
-    report(benchmark, case, dev, *harness.IPN_SHARE, timed(benchmark, ipn_step, case, dev))
+    ipn_case, ipn_provider = harness.IPN_SHARE
+    calls = [harness.ProviderCall(provider, train_step(model, batch, schedule), stage(schedule))
+             for provider, schedule in PROVIDERS.items()]
+    calls.append(harness.ProviderCall(ipn_provider, ipn_step, lambda: model.set_stage(2)))
+    times = timed(benchmark, calls, case, dev)
+    notes = {provider: {"note": "static mapping + special embeddings trainable"
+                        + ("" if schedule == "static" else " + IPN")} for provider, schedule in PROVIDERS.items()}
+    notes[ipn_provider] = {"case": ipn_case, "note": "IPN forward + backward alone"}
+    report(benchmark, case, dev, "train-step", times, merged(notes, peak_memory(calls[:-1], dev)))
+
+
+def test_train_step_frozen_prefix(benchmark, setup):
+    case, dev, model, batch = setup
+    model.set_stage(2)
+    calls = [harness.ProviderCall(provider, train_step(model, batch, PROVIDERS[provider]))
+             for provider in (harness.TWO_PASS, harness.SINGLE_PASS)]
+    times = timed(benchmark, calls, case, dev)
+    notes = {call.provider: {"note": "IPN trainable only"} for call in calls}
+    report(benchmark, case, dev, "train-step-frozen-prefix", times, merged(notes, peak_memory(calls, dev)))
+
+
+def test_generate(benchmark, setup):
+    case, dev, model, batch = setup
+    # The prompt ends with the slots: every row's last column is a real token.
+    prompt = {k: (v[:, :case.prefix + case.requests] if k in ("input_ids", "attention_mask", "position_ids")
+                  else v) for k, v in batch.items() if k != "labels"}
+
+    def generate(schedule):
+        def run():
+            return model.generate(**prompt, schedule=schedule, max_new_tokens=case.new_tokens,
+                                  min_new_tokens=case.new_tokens, do_sample=False)
+        return run
+
+    calls = [harness.ProviderCall(provider, generate(schedule)) for provider, schedule in PROVIDERS.items()]
+    times = timed(benchmark, calls, case, dev)
+    tokens = case.B * case.new_tokens
+    report(benchmark, case, dev, "generate", times,
+           {p: dict(throughput=tokens / (times.keys(p)["wall_us"] * 1e-6), throughput_unit="tokens/s",
+                    new_tokens=case.new_tokens) for p in PROVIDERS})
 
 
 # ---- encoder-decoder: two encoder passes + one decoder against two full encoder-decoder passes ----
@@ -265,7 +294,7 @@ GPU_SEQ2SEQ = Seq2SeqCase("t5-2048x24+24 B=8 T=512 L=32", torch.bfloat16, B=8, T
                           llm=dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
                                    num_decoder_layers=24, num_heads=32, **T5_SHAPE))
 CPU_SEQ2SEQ = Seq2SeqCase("t5-512x4+4 B=2 T=320 L=32", torch.float32, B=2, T=320, image_tokens=64, vision_dim=256,
-                          requests=5, answer=32, interaction_dim=128, heads=4, rounds=3, warmup=1,
+                          requests=5, answer=32, interaction_dim=128, heads=4, warmup=1,
                           llm=dict(vocab_size=4096, d_model=512, d_kv=64, d_ff=1024, num_layers=4,
                                    num_decoder_layers=4, num_heads=8, **T5_SHAPE))
 
@@ -335,31 +364,34 @@ def seq2seq_setup():
     yield from prepared(GPU_SEQ2SEQ, CPU_SEQ2SEQ, build_seq2seq, make_seq2seq_batch, check=same_logits)
 
 
-@pytest.mark.parametrize("provider", harness.SEQ2SEQ_PROVIDERS)
-def test_seq2seq_prefill(benchmark, seq2seq_setup, provider):
+def test_seq2seq_prefill(benchmark, seq2seq_setup):
     case, dev, model, batch = seq2seq_setup
 
-    def prefill():
-        with torch.inference_mode():
-            return run_seq2seq(model, batch, provider)[0]
+    def prefill(provider):
+        def run():
+            with torch.inference_mode():
+                return run_seq2seq(model, batch, provider)[0]
+        return run
 
-    report(benchmark, case, dev, "prefill", provider, timed(benchmark, prefill, case, dev))
+    calls = [harness.ProviderCall(provider, prefill(provider)) for provider in harness.SEQ2SEQ_PROVIDERS]
+    report(benchmark, case, dev, "prefill", timed(benchmark, calls, case, dev))
 
 
-@pytest.mark.parametrize("provider", harness.SEQ2SEQ_PROVIDERS)
-def test_seq2seq_train_step(benchmark, seq2seq_setup, provider):
+def test_seq2seq_train_step(benchmark, seq2seq_setup):
     case, dev, model, batch = seq2seq_setup
     model.set_stage(2, train_special_tokens=True)
     model.static.requires_grad_(True)
 
-    def step():
-        loss = run_seq2seq(model, batch, provider)[1]
-        loss.backward()
-        for p in model.trainable_parameters():
-            p.grad = None
-        return loss
+    def step(provider):
+        def run():
+            loss = run_seq2seq(model, batch, provider)[1]
+            loss.backward()
+            for p in model.trainable_parameters():
+                p.grad = None
+            return loss
+        return run
 
-    seconds = timed(benchmark, step, case, dev)
-    report(benchmark, case, dev, "train-step", provider, seconds,
-                   peak_mem_mb=harness.peak_memory_mb(step, dev),
-                   note="static mapping + special embeddings + IPN trainable")
+    calls = [harness.ProviderCall(provider, step(provider)) for provider in harness.SEQ2SEQ_PROVIDERS]
+    times = timed(benchmark, calls, case, dev)
+    notes = {call.provider: {"note": "static mapping + special embeddings + IPN trainable"} for call in calls}
+    report(benchmark, case, dev, "train-step", times, merged(notes, peak_memory(calls, dev)))

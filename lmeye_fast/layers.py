@@ -41,7 +41,7 @@ class _Params(NamedTuple):
     slot_embed: torch.Tensor
 
 
-def _check_slots(embeds, slot_pos, device, validate, batch, width):
+def _check_slots(embeds, slot_pos, device, validate, batch, width, dims="(B, R)"):
     """``embeds`` (B, T', D) with the image's batch B and the LLM's width D, ``slot_pos`` (B, ?)."""
     check_tensor("embeds", embeds, (None, None, None), device=device, dims="(B, T', D)")
     if embeds.shape[0] != batch:
@@ -49,7 +49,7 @@ def _check_slots(embeds, slot_pos, device, validate, batch, width):
                          f"got {tuple(embeds.shape)}")
     if embeds.shape[2] != width:
         raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {width}), got {tuple(embeds.shape)}")
-    check_tensor("slot_pos", slot_pos, (batch, None), INDEX_DTYPES, device, dims="(B, R)")
+    check_tensor("slot_pos", slot_pos, (batch, None), INDEX_DTYPES, device, dims=dims)
     if validating(validate):
         check_positions("slot_pos", slot_pos, embeds.shape[1], distinct=True)
 
@@ -68,6 +68,10 @@ def _available_backend(backend: str) -> str:
     return choice
 
 
+# The transmissions InteractiveLayer offers (see its docstring).
+TRANSMISSIONS = ("shared", "per_slot")
+
+
 def _as(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
@@ -77,14 +81,14 @@ class InteractiveLayer(nn.Module):
 
     Turns the LLM's hidden state at the request token into ``num_requests``
     requests, lets them attend over the decomposed image features, and adds the
-    transmitted tokens into the slot rows of an embedding sequence
+    ``num_slots`` transmitted tokens into the slot rows of an embedding sequence
     (docs/design.md §2).
 
     Args:
         llm_dim: LLM width D.
         vision_dim: image-feature width Dv.
         interaction_dim: interaction width Di (divisible by ``num_heads``).
-        num_requests: R, request / transmitted tokens (``<img-d>`` slots).
+        num_requests: R, requests (the interaction's output rows).
         sub_features: S, sub-features per image token.
         num_heads: H, heads of the attention interaction.
         interaction: ``"attention"`` (fused kernels) or an ``nn.Module`` called
@@ -100,6 +104,12 @@ class InteractiveLayer(nn.Module):
             ``"split"`` forms F by one GEMM, ``"folded"`` never forms it,
             ``"auto"`` is split except for heads wider than 64, which fold
             (split stays the default until both are measured on a GPU).
+        num_slots: K, transmitted tokens (``<img-d>`` slots); R when not given.
+        transmission: ``"shared"``, one (D, Di) linear map for every request
+            (K = R, slot j reads request j), or ``"per_slot"``, a map of its own
+            for every slot (stored as one ``nn.Linear(Di, K*D)``, row ``j*D + d``
+            for column d of slot j), slot j reading request ``j // (K / R)``
+            (K a multiple of R).
     """
 
     # Metadata keys whose argument checks passed, kept per layer; emptied when full, so a
@@ -115,29 +125,44 @@ class InteractiveLayer(nn.Module):
         sub_features: int = 1,
         num_heads: int = 12,
         interaction: Union[str, nn.Module] = "attention",
+        *,
+        num_slots: Optional[int] = None,
+        transmission: str = "shared",
         backend: str = "auto",
         attention: str = "auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        num_slots = num_requests if num_slots is None else num_slots
         for name, value in (("llm_dim", llm_dim), ("vision_dim", vision_dim), ("interaction_dim", interaction_dim),
-                            ("num_requests", num_requests), ("sub_features", sub_features), ("num_heads", num_heads)):
+                            ("num_requests", num_requests), ("sub_features", sub_features), ("num_heads", num_heads),
+                            ("num_slots", num_slots)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if transmission not in TRANSMISSIONS:
+            raise ValueError(f"transmission: expected one of {TRANSMISSIONS}, got {transmission!r}")
+        if transmission == "shared" and num_slots != num_requests:
+            raise ValueError(f"num_slots: the shared transmission writes one slot per request, so num_slots must "
+                             f"equal num_requests={num_requests}, got {num_slots} (use transmission='per_slot')")
+        if num_slots % num_requests:
+            raise ValueError(f"num_slots: must be a multiple of num_requests={num_requests} (slot j reads request "
+                             f"j // (num_slots / num_requests)), got {num_slots}")
         if interaction_dim % num_heads:
             raise ValueError(f"num_heads: must divide interaction_dim={interaction_dim}, got {num_heads}")
         if not (interaction == "attention" or isinstance(interaction, nn.Module)):
             raise ValueError(f"interaction: expected 'attention' or an nn.Module, got {interaction!r}")
         self.llm_dim, self.vision_dim, self.interaction_dim = llm_dim, vision_dim, interaction_dim
         self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
+        self.num_slots, self.transmission = num_slots, transmission
         self.backend = _available_backend(backend)
         self.attention = ops.check_schedule(attention)
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)
-        self.transmit_proj = nn.Linear(interaction_dim, llm_dim, **factory)
-        self.slot_embed = nn.Parameter(torch.zeros(num_requests, llm_dim, **factory))
+        per_slot = num_slots if transmission == "per_slot" else 1
+        self.transmit_proj = nn.Linear(interaction_dim, per_slot * llm_dim, **factory)
+        self.slot_embed = nn.Parameter(torch.zeros(num_slots, llm_dim, **factory))
         self.interaction = interaction if isinstance(interaction, nn.Module) else None
         # Per-instance caches of the eager hot path (see ``_ops`` and ``_check``).
         self._resolved = {}
@@ -154,8 +179,9 @@ class InteractiveLayer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "attention" if self.interaction is None else type(self.interaction).__name__
-        return (f"requests={self.num_requests}, sub_features={self.sub_features}, heads={self.num_heads}, "
-                f"interaction={kind}, backend={self.backend}, attention={self.attention}")
+        return (f"requests={self.num_requests}, slots={self.num_slots}, transmission={self.transmission}, "
+                f"sub_features={self.sub_features}, heads={self.num_heads}, interaction={kind}, "
+                f"backend={self.backend}, attention={self.attention}")
 
     def _ops(self, device: torch.device, dtype: torch.dtype, traced: bool) -> _Ops:
         """The step functions for ``device`` and ``dtype``, resolved once per device type and dtype. A
@@ -194,9 +220,9 @@ class InteractiveLayer(nn.Module):
         check_tensor("image", image, (None, None, self.vision_dim), device=device, dims="(B, N, Dv)")
         batch = image.shape[0]
         if embeds is not None:
-            _check_slots(embeds, slot_pos, device, False, batch, self.llm_dim)
-            if slot_pos.shape[1] != self.num_requests:
-                raise ValueError(f"slot_pos: expected shape (B, R) with R = num_requests = {self.num_requests}, "
+            _check_slots(embeds, slot_pos, device, False, batch, self.llm_dim, dims="(B, K)")
+            if slot_pos.shape[1] != self.num_slots:
+                raise ValueError(f"slot_pos: expected shape (B, K) with K = num_slots = {self.num_slots}, "
                                  f"got {tuple(slot_pos.shape)}")
         if request_pos is None:
             check_tensor("hidden", hidden, (batch, self.llm_dim), device=device, dims="(B, D) request vectors")
@@ -219,8 +245,13 @@ class InteractiveLayer(nn.Module):
     def _params(self, dtype: torch.dtype) -> _Params:
         """The parameters in ``dtype``; the casts are autograd ops, so gradients reach the parameters in
         their own dtype."""
+        w_o, b_o = self.transmit_proj.weight, self.transmit_proj.bias
+        if self.transmission == "per_slot":
+            # The (K·D, Di) linear weight as the per-slot transmission's (K, D, Di) (a view, no copy).
+            w_o = w_o.view(self.num_slots, self.llm_dim, self.interaction_dim)
+            b_o = None if b_o is None else b_o.view(self.num_slots, self.llm_dim)
         tensors = (self.request_proj.weight, self.request_proj.bias, self.decompose_proj.weight,
-                   self.decompose_proj.bias, self.transmit_proj.weight, self.transmit_proj.bias, self.slot_embed)
+                   self.decompose_proj.bias, w_o, b_o, self.slot_embed)
         return _Params(*(_as(t, dtype) for t in tensors))
 
     def _interaction_output(self, hidden, request_pos, image, image_mask, embeds, slot_pos, validate):
@@ -254,7 +285,7 @@ class InteractiveLayer(nn.Module):
         return out[:, -self.num_requests:]
 
     def transmitted(self, hidden, image, request_pos=None, image_mask=None, validate: bool = False):
-        """The R transmitted tokens (B, R, D), without writing them anywhere."""
+        """The K transmitted tokens (B, K, D), without writing them anywhere."""
         fns, p, z = self._interaction_output(hidden, request_pos, image, image_mask, None, None, validate)
         return fns.transmit(z, p.w_o, p.b_o, p.slot_embed)
 
@@ -276,7 +307,7 @@ class InteractiveLayer(nn.Module):
                 the request hidden vectors (B, D) with ``request_pos=None``.
             image: image features (B, N, Dv); ``image_mask`` (B, N) bool, True = keep.
             embeds: the embedding sequence (B, T', D) to write into.
-            slot_pos: (B, R) slot positions, distinct per row, in ``[0, T')``.
+            slot_pos: (B, K) slot positions, distinct per row, in ``[0, T')``.
             inplace: write into ``embeds`` itself (no copy of the sequence).
             validate: also check position values (a host sync; positions built
                 by ``lmeye_fast.models`` are checked where they are built).

@@ -7,7 +7,8 @@ accumulated in float32 (float64 inputs stay float64), and each op's result is
 cast back to the storage dtype of its inputs, as a fused kernel would store it.
 
 Shapes: B batch, T sequence, D LLM width, N image tokens, Dv vision width,
-S sub-features per image token, Di interaction width, H heads, R requests.
+S sub-features per image token, Di interaction width, H heads, R requests,
+K slots (K = R with the shared transmission, a multiple of R per slot).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "request",
     "decompose",
     "attend",
+    "slot_groups",
     "transmit",
     "interleave",
     "static_map",
@@ -108,12 +110,38 @@ def attend(
     return z.to(requests.dtype)
 
 
+def slot_groups(num_requests: int, num_slots: int) -> int:
+    """How many consecutive slots read each request in the per-slot transmission: ``K // R``, which
+    must divide exactly (slot j reads request ``j // (K // R)``)."""
+    if num_requests < 1 or num_slots % num_requests:
+        raise ValueError(f"w_o (K, D, Di): the slot count K = {num_slots} must be a multiple of the request "
+                         f"count R = {num_requests} (z is (B, R, Di))")
+    return num_slots // num_requests
+
+
 def transmit(
     z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor], slot_embed: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """Step 4: ``t_b = z_b · W_oᵀ + b_o + e_slot`` -> (B, R, D)."""
+    """Step 4: the transmitted slot tokens.
+
+    Shared (``w_o`` (D, Di), ``b_o`` (D,), ``slot_embed`` (R, D)):
+    ``t_b = z_b · W_oᵀ + b_o + e_slot`` -> (B, R, D).
+
+    Per slot (``w_o`` (K, D, Di), ``b_o`` (K, D), ``slot_embed`` (K, D), K a multiple of R):
+    ``t_(b,j) = W_o[j] · z_(b, j // (K/R)) + b_o[j] + e_slot[j]`` -> (B, K, D). ``w_o`` is the
+    (K·D, Di) weight of one linear layer viewed as (K, D, Di): its row ``j·D + d`` is ``w_o[j, d]``.
+    """
     acc = compute_dtype(z.dtype)
-    t = F.linear(z.to(acc), w_o.to(acc), None if b_o is None else b_o.to(acc))
+    if w_o.dim() == 2:
+        t = F.linear(z.to(acc), w_o.to(acc), None if b_o is None else b_o.to(acc))
+    else:
+        batch, num_req = z.shape[:2]
+        num_slots, width = w_o.shape[:2]
+        groups = slot_groups(num_req, num_slots)
+        weight = w_o.to(acc).reshape(num_req, groups, width, w_o.shape[2])  # (R, K/R, D, Di)
+        t = torch.einsum("bri,rgdi->brgd", z.to(acc), weight).reshape(batch, num_slots, width)
+        if b_o is not None:
+            t = t + b_o.to(acc)
     if slot_embed is not None:
         t = t + slot_embed.to(acc)
     return t.to(z.dtype)
@@ -124,7 +152,7 @@ def interleave(
 ) -> torch.Tensor:
     """Step 5: ``E[b, s[b, j]] += t[b, j]``; every other row of E is untouched.
 
-    ``embeds`` (B, T', D), ``rows`` (B, R, D), ``slot_pos`` (B, R) distinct per
+    ``embeds`` (B, T', D), ``rows`` (B, K, D), ``slot_pos`` (B, K) distinct per
     row. The sum is formed in float32 and rounded once to E's dtype. A position
     outside ``[0, T')`` (such as the -1 the planner gives a malformed row) is
     skipped, as every kernel skips it, and its row's gradient is zero.
@@ -184,8 +212,9 @@ def interactive(
     sub_features: int,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """The whole IPN (steps 1-5) with the attention interaction."""
-    num_requests = slot_pos.shape[1]
+    """The whole IPN (steps 1-5) with the attention interaction; ``w_o`` (D, Di) is the shared
+    transmission (``slot_pos`` (B, R)), (K, D, Di) the per-slot one (``slot_pos`` (B, K))."""
+    num_requests = w_q.shape[0] // w_o.shape[-1]
     r = request(hidden, request_pos, w_q, b_q, num_requests)
     feats = decompose(image, w_f, b_f, sub_features)
     z = attend(r, feats, image_mask, num_heads, sub_features)

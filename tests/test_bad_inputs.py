@@ -118,6 +118,15 @@ CASES = [
     ("layer unknown interaction", lambda: InteractiveLayer(D, DV, DI, R, 1, H, interaction="mlp"), ValueError,
      "interaction"),
     ("layer unknown backend", lambda: InteractiveLayer(D, DV, DI, R, 1, H, backend="fast"), ValueError, "backend"),
+    ("layer unknown transmission", lambda: InteractiveLayer(D, DV, DI, R, 1, H, transmission="slot"), ValueError,
+     "transmission"),
+    ("layer shared with more slots than requests", lambda: InteractiveLayer(D, DV, DI, R, 1, H, num_slots=R + 1),
+     ValueError, "num_slots"),
+    ("layer per-slot slots not a multiple of requests", lambda: InteractiveLayer(
+        D, DV, DI, R, 1, H, num_slots=R + 1, transmission="per_slot"), ValueError, "num_slots"),
+    ("layer per-slot slot count", lambda: layer(num_slots=2 * R, transmission="per_slot")(
+        *(inputs()[k] for k in ("hidden", "image", "embeds", "slot_pos")), request_pos=inputs()["request_pos"]),
+     ValueError, "slot_pos"),
     # --- InteractiveLayer: every tensor's rank, shape, dtype, device
     ("hidden rank", lambda: run_layer(hidden=torch.randn(B, D)), ValueError, "hidden"),
     ("hidden width", lambda: run_layer(hidden=torch.randn(B, T, D + 1)), ValueError, "hidden"),
@@ -175,6 +184,20 @@ CASES = [
     ("triton transmit slot count", lambda: triton_op("transmit_interleave")(
         torch.randn(B, R, DI), torch.randn(D, DI), None, None, torch.randn(B, T, D),
         torch.zeros(B, R + 1, dtype=torch.long)), ValueError, "slot_pos"),
+    ("triton per-slot transmit slots not a multiple", lambda: triton_op("transmit_interleave")(
+        torch.randn(B, R, DI), torch.randn(R + 1, D, DI), None, None, torch.randn(B, T, D),
+        torch.zeros(B, R + 1, dtype=torch.long)), ValueError, "w_o"),
+    ("triton per-slot transmit flat bias", lambda: triton_op("transmit")(
+        torch.randn(B, 1, DI), torch.randn(3, D, DI), torch.randn(3 * D), None), ValueError, "b_o"),
+    ("triton per-slot transmit slot embedding count", lambda: triton_op("transmit")(
+        torch.randn(B, 1, DI), torch.randn(3, D, DI), None, torch.randn(1, D)), ValueError, "slot_embed"),
+    ("triton per-slot transmit weight width", lambda: triton_op("transmit")(
+        torch.randn(B, 1, DI), torch.randn(3, D, DI + 1), None, None), ValueError, "w_o"),
+    ("triton per-slot transmit slot_pos count", lambda: triton_op("transmit_interleave")(
+        torch.randn(B, 1, DI), torch.randn(3, D, DI), None, None, torch.randn(B, T, D),
+        torch.zeros(B, 1, dtype=torch.long)), ValueError, "slot_pos"),
+    ("reference per-slot transmit slots not a multiple", lambda: lmeye_fast.reference.transmit(
+        torch.randn(B, R, DI), torch.randn(R + 1, D, DI), None, None), ValueError, "w_o"),
     ("triton interleave rows alias embeds", lambda: _aliased_rows_in_place(triton_op("interleave")), ValueError,
      "rows"),
     # --- planner

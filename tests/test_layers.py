@@ -11,7 +11,7 @@ def make_inputs(layer, batch=3, seq=11, tokens=5, extra=4):
     hidden = torch.randn(batch, seq, layer.llm_dim)
     image = torch.randn(batch, tokens, layer.vision_dim)
     embeds = torch.randn(batch, seq + extra, layer.llm_dim)
-    slot_pos = torch.stack([torch.randperm(seq + extra)[: layer.num_requests] for _ in range(batch)])
+    slot_pos = torch.stack([torch.randperm(seq + extra)[: layer.num_slots] for _ in range(batch)])
     request_pos = torch.randint(0, seq, (batch,))
     return hidden, image, embeds, slot_pos, request_pos
 
@@ -166,8 +166,8 @@ BAD_CALLS = [
     ("image_mask", dict(image_mask=torch.ones(3, 4, dtype=torch.bool)), "image_mask (B, N): expected shape (3, 5)"),
     ("image_mask", dict(image_mask=torch.ones(3, 5)), "image_mask (B, N): expected dtype in (bool)"),
     ("embeds", dict(embeds=torch.randn(3, 15, 17)), "embeds: expected shape (B, T', D) = (3, ?, 16)"),
-    ("slot_pos", dict(slot_pos=torch.zeros(3, 3, dtype=torch.int64)), "slot_pos: expected shape (B, R) with R"),
-    ("slot_pos", dict(slot_pos=torch.zeros(3, 2)), "slot_pos (B, R): expected dtype"),
+    ("slot_pos", dict(slot_pos=torch.zeros(3, 3, dtype=torch.int64)), "slot_pos: expected shape (B, K) with K = num_slots"),
+    ("slot_pos", dict(slot_pos=torch.zeros(3, 2)), "slot_pos (B, K): expected dtype"),
     ("hidden", dict(hidden=torch.randn(3, 11, 16, device="meta")), "hidden (B, T, D): expected a tensor on cpu"),
 ]
 
@@ -250,3 +250,68 @@ def test_torch_compile_inductor_fullgraph_matches_eager():
     expected = torch.autograd.grad((want * weight).sum(), list(layer.parameters()))
     for (name, _), g, e in zip(layer.named_parameters(), grads, expected):
         torch.testing.assert_close(g, e, msg=name)
+
+
+@pytest.mark.parametrize("num_requests,num_slots", [(1, 5), (2, 6), (3, 3)])
+def test_per_slot_transmission_matches_reference(num_requests, num_slots):
+    """Each slot through its own rows of one (K·D, Di) linear layer, slot j reading request j // (K/R)."""
+    llm, width = 13, 8
+    layer = randomize(InteractiveLayer(llm, 10, width, num_requests=num_requests, num_heads=2, num_slots=num_slots,
+                                       transmission="per_slot", backend="reference"))
+    assert layer.transmit_proj.weight.shape == (num_slots * llm, width)
+    assert layer.transmit_proj.bias.shape == (num_slots * llm,) and layer.slot_embed.shape == (num_slots, llm)
+    hidden, image, embeds, _, request_pos = make_inputs(layer)
+    slot_pos = torch.stack([torch.randperm(embeds.shape[1])[:num_slots] for _ in range(3)])
+    out = layer(hidden, image, embeds, slot_pos, request_pos=request_pos)
+    w_o = layer.transmit_proj.weight.view(num_slots, llm, width)
+    b_o = layer.transmit_proj.bias.view(num_slots, llm)
+    torch.testing.assert_close(out, reference.interactive(
+        hidden, request_pos, image, None, embeds, slot_pos, layer.request_proj.weight, layer.request_proj.bias,
+        layer.decompose_proj.weight, layer.decompose_proj.bias, w_o, b_o, layer.slot_embed, layer.num_heads,
+        layer.sub_features))
+    # Written out slot by slot from the linear layer itself, as a (K·D, Di) layer is applied.
+    r = reference.request(hidden, request_pos, layer.request_proj.weight, layer.request_proj.bias, num_requests)
+    z = reference.attend(r, reference.decompose(image, layer.decompose_proj.weight, layer.decompose_proj.bias, 1),
+                         None, layer.num_heads, 1)
+    tokens = layer.transmitted(hidden, image, request_pos=request_pos)
+    assert tokens.shape == (3, num_slots, llm)
+    for j in range(num_slots):
+        full = layer.transmit_proj(z[:, j // (num_slots // num_requests)])  # (B, K·D)
+        torch.testing.assert_close(tokens[:, j], full[:, j * llm:(j + 1) * llm] + layer.slot_embed[j])
+    manual = embeds.clone()
+    manual[torch.arange(3)[:, None], slot_pos] += tokens
+    torch.testing.assert_close(out, manual)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_shared_transmission_keeps_its_parameters():
+    layer = InteractiveLayer(16, 10, 8, num_requests=2, num_heads=2, backend="reference")
+    assert layer.num_slots == 2 and layer.transmission == "shared"
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items() if "transmit" in k or "slot" in k} == {
+        "transmit_proj.weight": (16, 8), "transmit_proj.bias": (16,), "slot_embed": (2, 16)}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_slots=5), "num_slots: the shared transmission writes one slot per request"),
+    (dict(num_slots=5, transmission="per_slot"), "num_slots: must be a multiple of num_requests=2"),
+    (dict(num_slots=0, transmission="per_slot"), "num_slots: expected a positive int"),
+    (dict(transmission="slot"), "transmission: expected one of ('shared', 'per_slot')"),
+])
+def test_bad_transmission_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        InteractiveLayer(16, 10, 8, num_requests=2, num_heads=2, backend="reference", **kwargs)
+
+
+def test_per_slot_slot_positions_are_checked_against_num_slots():
+    layer = InteractiveLayer(16, 10, 8, num_requests=1, num_heads=2, num_slots=3, transmission="per_slot",
+                             backend="reference")
+    hidden, image, embeds, slot_pos, request_pos = make_inputs(layer)
+    with pytest.raises(ValueError, match=r"slot_pos: expected shape \(B, K\) with K = num_slots = 3, got \(3, 1\)"):
+        layer(hidden, image, embeds, slot_pos[:, :1], request_pos=request_pos)
+
+
+def test_reference_transmit_refuses_a_slot_count_that_is_not_a_multiple():
+    with pytest.raises(ValueError, match=r"w_o \(K, D, Di\): the slot count K = 5 must be a multiple of the "
+                                         r"request count R = 2"):
+        reference.transmit(torch.randn(3, 2, 4), torch.randn(5, 6, 4), None, None)

@@ -16,8 +16,11 @@ F64 = torch.float64
 
 
 def loop_ipn(h, q, x, mask, e, s, wq, bq, wf, bf, wo, bo, slot, heads, sub):
-    batch, num_req = s.shape
-    di = wo.shape[1]
+    """``wo`` (D, Di) is the shared transmission, (K, D, Di) the per-slot one (slot j through ``wo[j]``
+    from request j // (K/R))."""
+    batch, num_slots = s.shape
+    di = wo.shape[-1]
+    num_req = wq.shape[0] // di
     dh = di // heads
     out = e.clone()
     for b in range(batch):
@@ -40,27 +43,33 @@ def loop_ipn(h, q, x, mask, e, s, wq, bq, wf, bf, wo, bo, slot, heads, sub):
                 total = sum(weights)
                 for w, f in zip(weights, kept):
                     z[j, cols] += (w / total) * f[cols]
-        for j in range(num_req):
-            out[b, s[b, j]] += wo @ z[j] + bo + slot[j]
+        for j in range(num_slots):
+            if wo.dim() == 3:
+                out[b, s[b, j]] += wo[j] @ z[j // (num_slots // num_req)] + bo[j] + slot[j]
+            else:
+                out[b, s[b, j]] += wo @ z[j] + bo + slot[j]
     return out
 
 
-def random_case(batch, seq, dim, vdim, tokens, di, num_req, heads, sub, masked, dtype=F64):
+def random_case(batch, seq, dim, vdim, tokens, di, num_req, heads, sub, masked, dtype=F64, num_slots=None):
+    """``num_slots`` given: the per-slot transmission into that many slots."""
     g = dict(dtype=dtype)
+    per_slot = () if num_slots is None else (num_slots,)
+    num_slots = num_req if num_slots is None else num_slots
     case = dict(
         h=torch.randn(batch, seq, dim, **g),
         q=torch.randint(0, seq, (batch,)),
         x=torch.randn(batch, tokens, vdim, **g),
         mask=(torch.rand(batch, tokens) > 0.4) if masked else None,
-        e=torch.randn(batch, seq + num_req + 2, dim, **g),
-        s=torch.stack([torch.randperm(seq + num_req + 2)[:num_req] for _ in range(batch)]),
+        e=torch.randn(batch, seq + num_slots + 2, dim, **g),
+        s=torch.stack([torch.randperm(seq + num_slots + 2)[:num_slots] for _ in range(batch)]),
         wq=torch.randn(num_req * di, dim, **g) / math.sqrt(dim),
         bq=torch.randn(num_req * di, **g),
         wf=torch.randn(sub * di, vdim, **g) / math.sqrt(vdim),
         bf=torch.randn(sub * di, **g),
-        wo=torch.randn(dim, di, **g) / math.sqrt(di),
-        bo=torch.randn(dim, **g),
-        slot=torch.randn(num_req, dim, **g),
+        wo=torch.randn(*per_slot, dim, di, **g) / math.sqrt(di),
+        bo=torch.randn(*per_slot, dim, **g),
+        slot=torch.randn(num_slots, dim, **g),
     )
     if masked:
         case["mask"][0] = False  # one row with every image token masked: z must equal r
@@ -81,11 +90,17 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}D{}Dv{}N{}Di{}R{}H{}S{}m{}".format(*s))
-def test_reference_matches_loop(shape):
+# The per-slot transmission: (shape, K).
+PER_SLOT_SHAPES = [(SHAPES[0], 5), (SHAPES[1], 6), (SHAPES[3], 2), ((2, 4, 12, 7, 3, 8, 1, 2, 1, True), 1)]
+
+
+@pytest.mark.parametrize("shape,num_slots", [(s, None) for s in SHAPES] + PER_SLOT_SHAPES,
+                         ids=lambda s: "B{}T{}D{}Dv{}N{}Di{}R{}H{}S{}m{}".format(*s) if isinstance(s, tuple)
+                         else f"K{s}" if s else "shared")
+def test_reference_matches_loop(shape, num_slots):
     *dims, heads, sub, masked = shape
     batch, seq, dim, vdim, tokens, di, num_req = dims
-    c = random_case(batch, seq, dim, vdim, tokens, di, num_req, heads, sub, masked)
+    c = random_case(batch, seq, dim, vdim, tokens, di, num_req, heads, sub, masked, num_slots=num_slots)
     got = run_reference(c, heads, sub)
     want = loop_ipn(c["h"], c["q"], c["x"], c["mask"], c["e"], c["s"], c["wq"], c["bq"], c["wf"], c["bf"],
                     c["wo"], c["bo"], c["slot"], heads, sub)
@@ -126,8 +141,9 @@ def test_low_precision_accumulates_in_fp32(dtype):
     assert err < 8 * eps, f"relative error {err:.2e} exceeds 8 eps of {dtype}"
 
 
-def test_gradcheck_every_input_and_parameter():
-    c = random_case(2, 4, 6, 5, 3, 4, 2, 2, 2, masked=True)
+@pytest.mark.parametrize("num_slots", [None, 4], ids=["shared", "per_slot"])
+def test_gradcheck_every_input_and_parameter(num_slots):
+    c = random_case(2, 4, 6, 5, 3, 4, 2, 2, 2, masked=True, num_slots=num_slots)
     c["mask"][1] = torch.tensor([True, False, True])
     names = ["h", "x", "e", "wq", "bq", "wf", "bf", "wo", "bo", "slot"]
     for name in names:

@@ -44,6 +44,9 @@ def op_cases():
     wo, bo, se = rnd(llm, width), rnd(llm), rnd(num_req, llm)
     embeds = rnd(batch, seq + 2, llm)
     sp = torch.stack([torch.randperm(seq + 2, device=DEVICE)[:num_req] for _ in range(batch)])
+    # The per-slot transmission: two slots per request, each with its own (D, Di) matrix.
+    wk, bk, sek = rnd(2 * num_req, llm, width), rnd(2 * num_req, llm), rnd(2 * num_req, llm)
+    spk = torch.stack([torch.randperm(seq + 2, device=DEVICE)[:2 * num_req] for _ in range(batch)])
     z, lse, feats = L.attend_fwd_triton(r, x, mask, wf, bf, heads, subs)
     _, probs, q_f, u_f, sums = L.attend_folded_fwd_triton(r, x, mask, wf, bf, heads, subs)
     return [
@@ -68,6 +71,13 @@ def op_cases():
         (L.transmit_bwd_triton, (rnd(batch, num_req, llm), z, wo)),
         (L.transmit_interleave_triton, (z, wo, bo, se, embeds, sp)),
         (L.transmit_interleave_triton_, (z, wo, bo, se, embeds.clone(), sp)),
+        (L.transmit_bwd_triton, (rnd(batch, num_req, llm), z, wo, True, False)),
+        (L.transmit_fwd_triton, (z, wk, bk, sek)),
+        (L.transmit_fwd_triton, (z[:, :1], wk, None, None)),
+        (L.transmit_bwd_triton, (rnd(batch, 2 * num_req, llm), z, wk)),
+        (L.transmit_bwd_triton, (rnd(batch, 2 * num_req, llm), z, wk, False, True)),
+        (L.transmit_interleave_triton, (z, wk, bk, sek, embeds, spk)),
+        (L.transmit_interleave_triton_, (z[:, :1], wk, None, sek, embeds.clone(), spk)),
         (L.interleave_triton, (embeds, rnd(batch, num_req, llm), sp)),
         (L.interleave_triton_, (embeds.clone(), rnd(batch, num_req, llm), sp)),
         (L.gather_slots_triton, (embeds, sp)),
@@ -83,29 +93,35 @@ def test_opcheck_every_op():
     assert len(seen) == 13
 
 
-def make_layers(dtype=torch.float32, attention="auto"):
-    layer = InteractiveLayer(40, 24, 32, 3, 2, 2, backend="triton", attention=attention, device=DEVICE, dtype=dtype)
+# The per-slot layer: one request into five slots, as LMEye v1.
+PER_SLOT = dict(num_requests=1, num_slots=5, transmission="per_slot")
+
+
+def make_layers(dtype=torch.float32, attention="auto", **transmission):
+    kinds = transmission or dict(num_requests=3)
+    layer = InteractiveLayer(40, 24, 32, sub_features=2, num_heads=2, backend="triton", attention=attention,
+                             device=DEVICE, dtype=dtype, **kinds)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     return layer
 
 
-def inputs(dtype=torch.float32):
+def inputs(dtype=torch.float32, num_slots=3):
     batch, seq, length, tokens = 2, 7, 10, 5
     hidden = torch.randn(batch, seq, 40, device=DEVICE, dtype=dtype, requires_grad=True)
     image = torch.randn(batch, tokens, 24, device=DEVICE, dtype=dtype, requires_grad=True)
     embeds = torch.randn(batch, length, 40, device=DEVICE, dtype=dtype, requires_grad=True)
-    slot_pos = torch.stack([torch.randperm(length, device=DEVICE)[:3] for _ in range(batch)])
+    slot_pos = torch.stack([torch.randperm(length, device=DEVICE)[:num_slots] for _ in range(batch)])
     request_pos = torch.randint(0, seq, (batch,), device=DEVICE)
     mask = torch.rand(batch, tokens, device=DEVICE) > 0.3
     return hidden, image, embeds, slot_pos, request_pos, mask
 
 
-def compiled_matches_eager(backend, attention):
+def compiled_matches_eager(backend, attention, **transmission):
     torch._dynamo.reset()
-    layer = make_layers(attention=attention)
-    hidden, image, embeds, slot_pos, request_pos, mask = inputs()
+    layer = make_layers(attention=attention, **transmission)
+    hidden, image, embeds, slot_pos, request_pos, mask = inputs(num_slots=layer.num_slots)
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     params = list(layer.parameters())
     for inplace in (False, True):
@@ -121,6 +137,10 @@ def compiled_matches_eager(backend, attention):
         torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-4)
         for ge, gc in zip(grads_e, grads_c):
             torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
+    tokens_e = layer.transmitted(hidden, image, request_pos=request_pos)
+    tokens_c = torch.compile(layer.transmitted, backend=backend, fullgraph=True)(hidden, image, request_pos=request_pos)
+    assert tokens_c.shape == (hidden.shape[0], layer.num_slots, 40)
+    torch.testing.assert_close(tokens_c, tokens_e, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; the GPU runs the inductor test below")
@@ -132,6 +152,17 @@ def test_compile_fullgraph_aot_eager(attention_schedule):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor over Triton kernels needs a CUDA device")
 def test_compile_fullgraph_inductor(attention_schedule):
     compiled_matches_eager("inductor", attention_schedule)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; the GPU runs the inductor test below")
+def test_compile_fullgraph_aot_eager_per_slot():
+    compiled_matches_eager("aot_eager", "auto", **PER_SLOT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor over Triton kernels needs a CUDA device")
+def test_compile_fullgraph_inductor_per_slot():
+    compiled_matches_eager("inductor", "auto", **PER_SLOT)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

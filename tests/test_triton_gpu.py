@@ -31,26 +31,28 @@ def run(layer, inputs, grad, inplace):
 
 
 def check_layer(dtype, batch, seq, llm, vision, tokens, width, num_req, subs, heads, inplace, masked=True,
-                attention="auto"):
+                attention="auto", **transmission):
     assert backends.status("triton")[0]
     dev = "cuda"
     layer64 = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev,
-                               dtype=torch.float64)
+                               dtype=torch.float64, **transmission)
+    num_slots = layer64.num_slots
     with torch.no_grad():
         # Values representable in ``dtype``, so all three layers hold the same parameters.
         for p in layer64.parameters():
             p.copy_((torch.randn_like(p) / p.shape[-1] ** 0.5).to(dtype))
-    low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev, dtype=dtype)
+    low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=dev, dtype=dtype,
+                           **transmission)
     tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", attention=attention, device=dev,
-                           dtype=dtype)
+                           dtype=dtype, **transmission)
     low.load_state_dict(layer64.state_dict())
     tri.load_state_dict(layer64.state_dict())
-    length = seq + num_req
+    length = seq + num_slots
     hidden = torch.randn(batch, seq, llm, device=dev).to(dtype)
     request_pos = torch.randint(0, seq, (batch,), device=dev)
     image = torch.randn(batch, tokens, vision, device=dev).to(dtype)
     embeds = torch.randn(batch, length, llm, device=dev).to(dtype)
-    slot_pos = torch.stack([torch.randperm(length, device=dev)[:num_req] for _ in range(batch)])
+    slot_pos = torch.stack([torch.randperm(length, device=dev)[:num_slots] for _ in range(batch)])
     mask = None
     if masked:
         mask = torch.rand(batch, tokens, device=dev) > 0.2
@@ -82,6 +84,14 @@ def test_bf16_layer(shape, inplace, attention_schedule):
 def test_7b_shape(dtype, attention_schedule):
     # LMEye-7B: B=32, T=512, D=4096, Dv=1024, N=257, Di=768, R=5, S=1, H=12
     check_layer(dtype, 32, 512, 4096, 1024, 257, 768, 5, 1, 12, inplace=True, attention=attention_schedule)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("shape,num_slots", [((3, 9, 200, 72, 37, 48, 1, 2, 3), 5), ((2, 5, 96, 40, 9, 32, 2, 1, 2), 6),
+                                             # LMEye v1 at 7B: one request into five slots, D=4096, Di=768
+                                             ((4, 64, 4096, 1024, 257, 768, 1, 1, 12), 5)], ids=str)
+def test_bf16_per_slot_layer(shape, num_slots, inplace):
+    check_layer(torch.bfloat16, *shape, inplace=inplace, num_slots=num_slots, transmission="per_slot")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,

@@ -66,28 +66,48 @@ CASES = [
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}D{}Dv{}N{}Di{}R{}S{}H{}m{}v{}s{}".format(*c))
 def test_layer_parity(dtype, inplace, case, attention_schedule):
+    check_parity(dtype, inplace, case, attention_schedule)
+
+
+# (case, K): the per-slot transmission, one request into five slots (LMEye v1) and two into six.
+PER_SLOT_CASES = [(CASES[1], 5), ((2, 7, 23, 13, 3, 12, 2, 1, 2, True, False, True), 6),
+                  ((2, 5, 21, 11, 257, 12, 1, 1, 2, True, False, False), 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case,num_slots", PER_SLOT_CASES,
+                         ids=lambda c: "B{}T{}D{}Dv{}N{}Di{}R{}S{}H{}m{}v{}s{}".format(*c) if isinstance(c, tuple)
+                         else f"K{c}")
+def test_per_slot_layer_parity(dtype, inplace, case, num_slots):
+    check_parity(dtype, inplace, case, "auto", num_slots=num_slots, transmission="per_slot")
+
+
+def check_parity(dtype, inplace, case, attention, **transmission):
     batch, seq, llm, vision, tokens, width, num_req, subs, heads, masked, vectors, strided = case
     layer64 = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference",
-                               device=DEVICE, dtype=torch.float64)
+                               device=DEVICE, dtype=torch.float64, **transmission)
+    num_slots = layer64.num_slots
     with torch.no_grad():
         # Non-trivial transmission and slot embedding so every gradient path carries signal; the values
         # are representable in ``dtype``, so all three layers hold the same parameters.
         for p in layer64.parameters():
             p.copy_((torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5).to(dtype))
-    low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=DEVICE, dtype=dtype)
-    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", attention=attention_schedule,
-                           device=DEVICE, dtype=dtype)
+    low = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="reference", device=DEVICE, dtype=dtype,
+                           **transmission)
+    tri = InteractiveLayer(llm, vision, width, num_req, subs, heads, backend="triton", attention=attention,
+                           device=DEVICE, dtype=dtype, **transmission)
     low.load_state_dict(layer64.state_dict())
     tri.load_state_dict(layer64.state_dict())
     assert all(torch.equal(a.double(), b) for a, b in zip(tri.parameters(), layer64.parameters()))
 
-    length = seq + num_req + 2
+    length = seq + num_slots + 2
     hidden = torch.randn(batch, llm, device=DEVICE) if vectors else torch.randn(batch, seq, llm, device=DEVICE)
     hidden = hidden.to(dtype)
     image = torch.randn(batch, tokens, vision, device=DEVICE).to(dtype)
     embeds = torch.randn(batch, length, llm, device=DEVICE).to(dtype)
     request_pos = None if vectors else torch.randint(0, seq, (batch,), device=DEVICE)
-    slot_pos = torch.stack([torch.randperm(length, device=DEVICE)[:num_req] for _ in range(batch)])
+    slot_pos = torch.stack([torch.randperm(length, device=DEVICE)[:num_slots] for _ in range(batch)])
     mask = None
     if masked:
         mask = torch.rand(batch, tokens, device=DEVICE) > 0.4

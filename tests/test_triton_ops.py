@@ -490,6 +490,102 @@ def test_transmit_interleave(dtype, inplace):
     assert torch.equal(embeds.detach(), before)
 
 
+# The per-slot transmission, (R requests, K slots): one request into five slots (LMEye v1), two into
+# six, as many slots as requests, one into one.
+PER_SLOT = [(1, 5), (2, 6), (3, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_req,num_slots", PER_SLOT)
+@pytest.mark.parametrize("bias,slot", [(True, True), (False, False), (True, False)])
+def test_transmit_per_slot(dtype, num_req, num_slots, bias, slot):
+    """Slot j through its own (D, Di) matrix from request j // (K/R); z and the (K, D, Di) weight as
+    non-contiguous views (the weight's slot rows then are no single stride)."""
+    from lmeye_fast.ops.transmit import transmit
+
+    batch, width, llm = 3, 20, 37
+    z = noncontig(leaf(batch, num_req, width, dtype=dtype))
+    w = noncontig(leaf(num_slots, llm, width, dtype=dtype, scale=width ** -0.5))
+    b = leaf(num_slots, llm, dtype=dtype) if bias else None
+    e = leaf(num_slots, llm, dtype=dtype) if slot else None
+    assert w.stride(0) != llm * w.stride(1)
+    compare(transmit, reference.transmit, [z, w, b, e], dtype, ["z", "w_o", "b_o", "slot_embed"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("num_req,num_slots", PER_SLOT)
+def test_transmit_interleave_per_slot(dtype, inplace, num_req, num_slots):
+    """The per-slot transmission written into the slot rows, its weight an nn.Linear's (K·D, Di) viewed as
+    (K, D, Di), with strided int32 slot positions."""
+    from lmeye_fast.ops.transmit import transmit_interleave
+
+    batch, width, llm, length = 3, 12, 29, 13
+    z = noncontig(leaf(batch, num_req, width, dtype=dtype))
+    w = leaf(num_slots * llm, width, dtype=dtype, scale=width ** -0.5)
+    b = leaf(num_slots * llm, dtype=dtype)
+    e = leaf(num_slots, llm, dtype=dtype)
+    embeds = noncontig(leaf(batch, length, llm, dtype=dtype))
+    pos = slots(batch, 2 * num_slots, length).to(torch.int32)[:, ::2]
+    before = embeds.detach().clone()
+
+    def kernel(z_, w_, b_, e_, E):
+        target = E * 1 if inplace else E
+        out = transmit_interleave(z_, w_.view(num_slots, llm, width), b_.view(num_slots, llm), e_, target, pos,
+                                  inplace)
+        assert (out is target) == inplace
+        return out
+
+    def ref(z_, w_, b_, e_, E):
+        return ops.transmit_interleave(z_, w_.view(num_slots, llm, width), b_.view(num_slots, llm), e_, E, pos)
+
+    compare(kernel, ref, [z, w, b, e, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"], exact=["embeds"])
+    assert torch.equal(embeds.detach(), before)
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("frozen", ["z", "w_o"])
+def test_transmit_frozen_input_gets_no_gradient(per_slot, frozen):
+    """An input that needs no gradient is skipped by the backward (the op hands back an empty tensor in
+    its place); the other gradients still match."""
+    from lmeye_fast.ops.transmit import transmit, transmit_bwd
+
+    batch, num_req, num_slots, width, llm = 2, 2, 4 if per_slot else 2, 12, 19
+    z = leaf(batch, num_req, width, dtype=torch.float32)
+    w = leaf(*((num_slots,) if per_slot else ()), llm, width, dtype=torch.float32)
+    b = leaf(*((num_slots,) if per_slot else ()), llm, dtype=torch.float32)
+    e = leaf(num_slots, llm, dtype=torch.float32)
+    inputs = {"z": z, "w_o": w}
+    inputs[frozen] = inputs[frozen].detach()
+    compare(transmit, reference.transmit, [inputs["z"], inputs["w_o"], b, e], torch.float32,
+            ["z", "w_o", "b_o", "slot_embed"])
+    grad = torch.randn(batch, num_slots, llm, device=DEVICE)
+    full = transmit_bwd(grad, z.detach(), w.detach())
+    part = transmit_bwd(grad, z.detach(), w.detach(), frozen != "z", frozen != "w_o")
+    assert full[0].shape == z.shape and full[1].shape == w.shape
+    assert part[0 if frozen == "z" else 1].numel() == 0
+    for whole, kept in zip(full, part):
+        if kept.numel():  # d b_o may be summed in another order without the weight's GEMM
+            torch.testing.assert_close(kept, whole)
+
+
+def test_per_slot_bad_slot_positions_never_write_outside():
+    from lmeye_fast.ops.transmit import transmit_interleave
+
+    batch, length, llm, width = 2, 5, 24, 8
+    storage = torch.randn(batch * length * llm + 64, device=DEVICE)
+    embeds = storage[32:32 + batch * length * llm].view(batch, length, llm)
+    guard = storage.clone()
+    pos = torch.tensor([[length, 1, -3], [-1, 4, 2]], device=DEVICE)
+    z = torch.randn(batch, 1, width, device=DEVICE)
+    transmit_interleave(z, torch.randn(3, llm, width, device=DEVICE), torch.randn(3, llm, device=DEVICE),
+                        torch.randn(3, llm, device=DEVICE), embeds, pos, inplace=True)
+    changed = (storage != guard).nonzero().flatten() - 32
+    rows_hit = set((changed // llm).tolist())
+    assert rows_hit == {0 * length + 1, 1 * length + 4, 1 * length + 2}, rows_hit
+    assert torch.equal(storage[:32], guard[:32]) and torch.equal(storage[-32:], guard[-32:])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_interleave(dtype, inplace):
@@ -587,3 +683,17 @@ def test_strided_biases(dtype):
                 [r, w_o, b_o, embeds], dtype, ["z", "w_o", "b_o", "embeds"], exact=["embeds"])
         compare(lambda z, w, b: ops.get("transmit", "triton")(z, w, b, None),
                 lambda z, w, b: reference.transmit(z, w, b, None), [r, w_o, b_o], dtype, ["z", "w_o", "b_o"])
+    # Per slot, after the shared calls above cached plans for the same z and embeds: (K, D) biases whose
+    # rows lie apart (a slice of a wider tensor) and whose columns are strided (copied first).
+    num_slots = 2 * num_req
+    slots = torch.stack([torch.randperm(seq + 4, device=DEVICE)[:num_slots] for _ in range(batch)])
+    w_k = leaf(num_slots, llm, width, dtype=dtype, scale=width ** -0.5)
+    wide = torch.randn(num_slots, 2 * llm, dtype=torch.float64, device=DEVICE).to(dtype)
+    for b_k in (wide[:, :llm].detach().requires_grad_(), wide[:, ::2].detach().requires_grad_()):
+        e_k = wide[:, 1::2].detach().requires_grad_()
+        compare(lambda z, w, b, e, E: ops.get("transmit_interleave", "triton")(z, w, b, e, E, slots),
+                lambda z, w, b, e, E: reference.interleave(E, reference.transmit(z, w, b, e), slots),
+                [r, w_k, b_k, e_k, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"], exact=["embeds"])
+        compare(lambda z, w, b, e: ops.get("transmit", "triton")(z, w, b, e),
+                lambda z, w, b, e: reference.transmit(z, w, b, e), [r, w_k, b_k, e_k], dtype,
+                ["z", "w_o", "b_o", "slot_embed"])

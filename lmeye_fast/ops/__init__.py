@@ -18,6 +18,10 @@ transmit_interleave    steps 4-5, the interleave as the epilogue
 backend of ``AUTO_ORDER[op]`` (the order is what benchmarks/RESULTS.md
 measured), and the reference elsewhere.
 
+``transmit`` and ``transmit_interleave`` take the shared transmission's (D, Di) weight or the
+per-slot (K, D, Di) one (docs/design.md §2 step 4) through the same arguments; the weight's rank
+says which.
+
 ``attend_decomposed`` takes the Triton backend's attention schedule as its last argument,
 ``schedule`` (one of ``ATTENTION_SCHEDULES``, see docs/design.md §5); the other backends have
 one way to compute it and accept the argument.

@@ -1,45 +1,103 @@
 """Transmission (docs/design.md §2 step 4) with the interleave (step 5) as its epilogue.
 
-``t = z W_oᵀ + b_o + e_slot`` is one GEMM over the B·R rows of z (any
-strides); bias and slot embedding (``e_slot[row % R]``) are added in the
-epilogue. ``transmit_interleave`` stores nothing else: the epilogue loads the
-slot rows ``E[b, slot_pos[b, j]]``, adds in fp32, rounds once to E's dtype and
-stores them back, so the sequence is never copied in place mode (out of place,
-one copy of E is the result). Slot positions outside ``[0, T')`` are skipped.
+The weight's rank says which transmission runs; both take the same arguments.
+
+Shared (``w_o`` (D, Di)): ``t = z W_oᵀ + b_o + e_slot`` is one GEMM over the
+B·R rows of z (any strides); bias and slot embedding (``e_slot[row % R]``) are
+added in the epilogue.
+
+Per slot (``w_o`` (K, D, Di), K a multiple of R): ``t_(b,j) = W_o[j] z_(b, j // (K/R))
++ b_o[j] + e_slot[j]`` is one launch of K GEMMs side by side (the GEMM's batch
+axis), GEMM j reading its own (D, Di) matrix and request ``j // (K/R)`` of every
+row, with ``b_o[j] + e_slot[j]`` in its epilogue.
+
+``transmit_interleave`` stores nothing else: the epilogue loads the slot rows
+``E[b, slot_pos[b, j]]``, adds in fp32, rounds once to E's dtype and stores
+them back, so the sequence is never copied in place mode (out of place, one
+copy of E is the result). Slot positions outside ``[0, T')`` are skipped.
 
 Backward: ``dE`` passes through; ``dt`` is gathered from the slot rows; then
-``dz = dt W_o`` and ``dW_o = dtᵀ z`` with ``db_o`` as its fp32 column sums, and
-``d e_slot = Σ_b dt``. On a GPU the two dense GEMMs are ``torch.mm`` (cuBLAS,
-fp32 accumulation; fp32 inputs stay exact IEEE fp32 unless the caller enabled
-TF32); under the interpreter they run through the Triton GEMM.
+``dz = dt W_o`` and ``dW_o = dtᵀ z``, each skipped when its input needs no
+gradient, ``d e_slot = Σ_b dt`` and ``db_o``, the fp32 sum of dt over all its
+rows (shared; under the interpreter the column sums of ``dW_o``'s GEMM) or
+``d e_slot`` itself (per slot). Per slot, ``dz`` sums over the K/R slots of a
+request as the reduction of R GEMMs over (K/R)·D, and ``dW_o`` is K GEMMs over
+the batch. On a GPU the dense GEMMs are ``torch.mm`` /
+``torch.bmm`` (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE fp32
+unless the caller enabled TF32); under the interpreter they run through the
+Triton GEMM.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from ..checks import check_writable, metadata_key
+from ..reference import slot_groups
 from .interleave import check_slots, gather_slots
-from .triton_launch import (PlanCache, Rows, as_is, bump_version, check_device, check_dtype, check_like,
-                            compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
-                            launch_gemm, needs_grad, op, rows2d, rows3d)
+from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, check_device, check_dtype,
+                            check_like, compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
+                            launch_gemm, needs_grad, op, row_bias, rows2d, rows3d)
 
 
-def _slot_rows(embeds: torch.Tensor, slot_pos: torch.Tensor) -> Rows:
-    return Rows(embeds, slot_pos.shape[1], embeds.stride(0), 0, embeds.stride(2), slot_pos,
-                slot_pos.stride(0), slot_pos.stride(1), embeds.stride(1), embeds.shape[1])
+def _per_slot(w_o: torch.Tensor) -> bool:
+    return w_o.dim() == 3
+
+
+def _out_shape(z: torch.Tensor, w_o: torch.Tensor) -> Tuple[int, int, int]:
+    """(B, K, D): K = R shared, the weight's K per slot."""
+    if _per_slot(w_o):
+        return z.shape[0], w_o.shape[0], w_o.shape[1]
+    return z.shape[0], z.shape[1], w_o.shape[0]
+
+
+class _Projection(NamedTuple):
+    """The forward GEMM(s): rows of z, the weight as (Di, D), the sizes and the GEMM count."""
+
+    z: Rows
+    w_o: Rows
+    m: int
+    n: int
+    k: int
+    batch: int
+
+
+def _projection(z: torch.Tensor, w_o: torch.Tensor) -> _Projection:
+    batch, num_req, width = z.shape
+    if not _per_slot(w_o):
+        return _Projection(rows3d(z), rows2d(w_o, transpose=True), batch * num_req, w_o.shape[0], width, 1)
+    # GEMM j: row b of z's request j // (K/R) times w_o[j]ᵀ.
+    groups = w_o.shape[0] // num_req
+    return _Projection(Rows(z, 1, z.stride(0), 0, z.stride(2), sp=z.stride(1), pdiv=groups),
+                       Rows(w_o, 1, w_o.stride(2), 0, w_o.stride(1), sp=w_o.stride(0)),
+                       batch, w_o.shape[1], width, w_o.shape[0])
+
+
+def _target_rows(target: torch.Tensor, slot_pos: Optional[torch.Tensor], num_slots: int, per_slot: bool) -> Rows:
+    """Where the projection's rows go: a (B, K, D) tensor, or with ``slot_pos`` the slot rows
+    ``target[b, slot_pos[b, j]]`` of a (B, T', D) sequence. Shared, row ``b*K + j`` of one GEMM; per
+    slot, row b of GEMM j. Only the strides and shape of ``target`` are read."""
+    if slot_pos is None:
+        if per_slot:
+            return Rows(target, 1, target.stride(0), 0, target.stride(2), sp=target.stride(1))
+        return rows3d(target)
+    rows = Rows(target, num_slots, target.stride(0), 0, target.stride(2), slot_pos, slot_pos.stride(0),
+                slot_pos.stride(1), target.stride(1), target.shape[1])
+    if per_slot:
+        return rows._replace(g=1, is1=0, isp=slot_pos.stride(1))
+    return rows
 
 
 def _project(wrap, z, w_o, b_o, slot_embed, target: Rows, accumulate: bool) -> None:
-    batch, num_req, width = z.shape
-    gemm(wrap, rows3d(z), rows2d(w_o, transpose=True), target, batch * num_req, w_o.shape[0], width,
-         bias=b_o, rowbias=slot_embed, accumulate=accumulate, config="transmit_fwd")
+    p = _projection(z, w_o)
+    gemm(wrap, p.z, p.w_o, target, p.m, p.n, p.k, bias=b_o, rowbias=slot_embed, accumulate=accumulate,
+         config="transmit_fwd", batch=p.batch)
 
 
 def _fwd_fake(z, w_o, b_o, slot_embed):
-    return z.new_empty((z.shape[0], z.shape[1], w_o.shape[0]))
+    return z.new_empty(_out_shape(z, w_o))
 
 
 def _out_fake(z, w_o, b_o, slot_embed, embeds, slot_pos):
@@ -50,16 +108,17 @@ def _inplace_fake(z, w_o, b_o, slot_embed, embeds, slot_pos):
     return None
 
 
-def _bwd_fake(grad, z, w_o):
-    return (z.new_empty(z.shape), w_o.new_empty(w_o.shape), w_o.new_empty((w_o.shape[0],)),
-            w_o.new_empty((z.shape[1], w_o.shape[0])))
+def _bwd_fake(grad, z, w_o, z_grad=True, w_grad=True):
+    _, num_slots, llm = _out_shape(z, w_o)
+    return (z.new_empty(z.shape if z_grad else (0,)), w_o.new_empty(w_o.shape if w_grad else (0,)),
+            w_o.new_empty(w_o.shape[:2] if _per_slot(w_o) else (llm,)), w_o.new_empty((num_slots, llm)))
 
 
 @op("transmit_fwd_triton", _fwd_fake)
 def transmit_fwd(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
                  slot_embed: Optional[torch.Tensor]) -> torch.Tensor:
-    out = torch.empty((z.shape[0], z.shape[1], w_o.shape[0]), device=z.device, dtype=z.dtype)
-    _project(wrap, z, w_o, b_o, slot_embed, rows3d(out), accumulate=False)
+    out = torch.empty(_out_shape(z, w_o), device=z.device, dtype=z.dtype)
+    _project(wrap, z, w_o, b_o, slot_embed, _target_rows(out, None, out.shape[1], _per_slot(w_o)), accumulate=False)
     return out
 
 
@@ -68,7 +127,8 @@ def transmit_interleave_out(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optio
                             slot_embed: Optional[torch.Tensor], embeds: torch.Tensor,
                             slot_pos: torch.Tensor) -> torch.Tensor:
     out = embeds.clone()
-    _project(wrap, z, w_o, b_o, slot_embed, _slot_rows(out, slot_pos), accumulate=True)
+    rows = _target_rows(out, slot_pos, slot_pos.shape[1], _per_slot(w_o))
+    _project(wrap, z, w_o, b_o, slot_embed, rows, accumulate=True)
     return out
 
 
@@ -76,25 +136,26 @@ def transmit_interleave_out(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optio
 def transmit_interleave_inplace(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
                                 slot_embed: Optional[torch.Tensor], embeds: torch.Tensor,
                                 slot_pos: torch.Tensor) -> None:
-    _project(wrap, z, w_o, b_o, slot_embed, _slot_rows(embeds, slot_pos), accumulate=True)
+    rows = _target_rows(embeds, slot_pos, slot_pos.shape[1], _per_slot(w_o))
+    _project(wrap, z, w_o, b_o, slot_embed, rows, accumulate=True)
 
 
-@op("transmit_bwd_triton", _bwd_fake)
-def transmit_bwd(wrap, grad: torch.Tensor, z: torch.Tensor,
-                 w_o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _shared_bwd(wrap, grad, z, w_o, z_grad, w_grad):
     batch, num_req, width = z.shape
     llm = w_o.shape[0]
-    if grad.dtype != z.dtype:
-        grad = grad.to(z.dtype)
+    d_z, d_w = z.new_empty((0,)), w_o.new_empty((0,))
     if not interpret():
         rows = grad.reshape(batch * num_req, llm)
-        d_z = torch.mm(rows, w_o).view(z.shape)
-        d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
-        d_b = rows.sum(0, dtype=torch.float32).to(w_o.dtype)
-        d_slot = grad.sum(0, dtype=torch.float32).to(w_o.dtype)
-        return d_z, d_w, d_b, d_slot
-    d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-    gemm(wrap, rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
+        if z_grad:
+            d_z = torch.mm(rows, w_o).view(z.shape)
+        if w_grad:
+            d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
+        return d_z, d_w, rows.sum(0, dtype=torch.float32).to(w_o.dtype)
+    if z_grad:
+        d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+        gemm(wrap, rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
+    if not w_grad:
+        return d_z, d_w, grad.sum((0, 1), dtype=torch.float32).to(w_o.dtype)
     # dW_o = dtᵀ z needs the B·R rows of dt as one stride.
     if grad.stride(0) != num_req * grad.stride(1):
         grad = grad.contiguous()
@@ -102,8 +163,59 @@ def transmit_bwd(wrap, grad: torch.Tensor, z: torch.Tensor,
     d_b = torch.empty((llm,), device=w_o.device, dtype=w_o.dtype)
     gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(1)), rows3d(z), rows2d(d_w), llm, width, batch * num_req,
          colsum=d_b)
-    d_slot = grad.sum(0, dtype=torch.float32).to(w_o.dtype)
+    return d_z, d_w, d_b
+
+
+def _per_slot_bwd(wrap, grad, z, w_o, z_grad, w_grad):
+    batch, num_req, width = z.shape
+    num_slots, llm = w_o.shape[:2]
+    groups = num_slots // num_req
+    d_z, d_w = z.new_empty((0,)), w_o.new_empty((0,))
+    if not interpret():
+        # Request r's K/R slots side by side: dz_r = dt_r W_r over (K/R)·D, dW_r = dt_rᵀ z_r.
+        rows = grad.reshape(batch, num_req, groups * llm).transpose(0, 1)  # (R, B, (K/R)·D)
+        if z_grad:
+            d_z = torch.bmm(rows, w_o.reshape(num_req, groups * llm, width)).transpose(0, 1).contiguous()
+        if w_grad:
+            d_w = torch.bmm(rows.transpose(1, 2), z.transpose(0, 1)).view(w_o.shape)
+        return d_z, d_w, grad.sum(0, dtype=torch.float32).to(w_o.dtype)
+    if z_grad:
+        # GEMM r reduces over the (K/R)·D columns (g, d) of dt's slots r·K/R + g, which must be one stride.
+        if groups > 1 and grad.stride(1) != llm * grad.stride(2):
+            grad = grad.contiguous()
+        d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+        gemm(wrap, Rows(grad, 1, grad.stride(0), 0, grad.stride(2), sp=groups * grad.stride(1)),
+             Rows(w_o, llm, w_o.stride(0), w_o.stride(1), w_o.stride(2), sp=groups * w_o.stride(0)),
+             Rows(d_z, 1, d_z.stride(0), 0, d_z.stride(2), sp=d_z.stride(1)), batch, width, groups * llm,
+             batch=num_req)
+    if w_grad:
+        # GEMM j: dW_o[j] = dt[:, j]ᵀ z[:, j // (K/R)], reduced over the batch.
+        d_w = torch.empty(w_o.shape, device=w_o.device, dtype=w_o.dtype)
+        gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(0), sp=grad.stride(1)),
+             Rows(z, 1, z.stride(0), 0, z.stride(2), sp=z.stride(1), pdiv=groups),
+             Rows(d_w, 1, d_w.stride(1), 0, d_w.stride(2), sp=d_w.stride(0)), llm, width, batch, batch=num_slots)
+    return d_z, d_w, grad.sum(0, dtype=torch.float32).to(w_o.dtype)
+
+
+@op("transmit_bwd_triton", _bwd_fake)
+def transmit_bwd(wrap, grad: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, z_grad: bool = True,
+                 w_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d z, d w_o (each empty without ``z_grad`` / ``w_grad``), d b_o and d slot_embed."""
+    if grad.dtype != z.dtype:
+        grad = grad.to(z.dtype)
+    backward = _per_slot_bwd if _per_slot(w_o) else _shared_bwd
+    d_z, d_w, d_b = backward(wrap, grad, z, w_o, z_grad, w_grad)
+    d_slot = d_b.clone() if _per_slot(w_o) else grad.sum(0, dtype=torch.float32).to(w_o.dtype)
     return d_z, d_w, d_b, d_slot
+
+
+def _grads(ctx, grad):
+    """The four parameter gradients of both autograd functions, None where none is wanted."""
+    z, w_o = ctx.saved_tensors[:2]
+    z_grad, w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_z, d_w, d_b, d_slot = transmit_bwd(grad, z, w_o, z_grad, w_grad)
+    return ((d_z if z_grad else None), (d_w if w_grad else None), (d_b if ctx.has_bias else None),
+            (d_slot if ctx.has_slot else None))
 
 
 class TransmitFunction(torch.autograd.Function):
@@ -115,9 +227,7 @@ class TransmitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        z, w_o = ctx.saved_tensors
-        d_z, d_w, d_b, d_slot = transmit_bwd(grad, z, w_o)
-        return d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None)
+        return _grads(ctx, grad)
 
 
 class TransmitInterleaveFunction(torch.autograd.Function):
@@ -138,10 +248,8 @@ class TransmitInterleaveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        z, w_o, slot_pos = ctx.saved_tensors
-        d_z, d_w, d_b, d_slot = transmit_bwd(gather_slots(grad, slot_pos), z, w_o)
-        return (d_z, d_w, (d_b if ctx.has_bias else None), (d_slot if ctx.has_slot else None), grad, None, None,
-                None)
+        slot_pos = ctx.saved_tensors[2]
+        return (*_grads(ctx, gather_slots(grad, slot_pos)), grad, None, None, None)
 
 
 def _check(z, w_o, b_o, slot_embed):
@@ -149,30 +257,40 @@ def _check(z, w_o, b_o, slot_embed):
         raise ValueError(f"z: expected shape (B, R, Di), got {tuple(z.shape)}")
     device, dtype = z.device, z.dtype
     check_dtype("z", z, dtype)
-    if w_o.dim() != 2 or w_o.shape[1] != z.shape[2]:
-        raise ValueError(f"w_o: expected shape (D, Di) with Di={z.shape[2]}, got {tuple(w_o.shape)}")
+    if w_o.dim() not in (2, 3) or w_o.shape[-1] != z.shape[2]:
+        raise ValueError(f"w_o: expected shape (D, Di) (shared) or (K, D, Di) (per slot) with Di={z.shape[2]}, "
+                         f"got {tuple(w_o.shape)}")
     check_dtype("w_o", w_o, dtype)
     check_device("w_o", w_o, device)
-    check_like("b_o", b_o, (w_o.shape[0],), dtype, device)
-    check_like("slot_embed", slot_embed, (z.shape[1], w_o.shape[0]), dtype, device, "(R, D) = ")
+    _, num_slots, llm = _out_shape(z, w_o)
+    if _per_slot(w_o):
+        slot_groups(z.shape[1], num_slots)
+        check_like("b_o", b_o, (num_slots, llm), dtype, device, "(K, D) = ")
+        check_like("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(K, D) = ")
+    else:
+        check_like("b_o", b_o, (llm,), dtype, device)
+        check_like("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(R, D) = ")
+
+
+def _check_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos):
+    _check(z, w_o, b_o, slot_embed)
+    check_slots(embeds, _out_shape(z, w_o), slot_pos)
+    check_device("embeds", embeds, z.device)
 
 
 _PLANS = PlanCache()
 
 
 def _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
-    _check(z, w_o, b_o, slot_embed)
-    check_slots(embeds, (z.shape[0], z.shape[1], w_o.shape[0]), slot_pos)
-    check_device("embeds", embeds, z.device)
-    batch, num_req, width = z.shape
+    _check_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos)
     # The out-of-place result is a clone of embeds, which keeps its strides when
     # it is dense and is contiguous otherwise, exactly as ``empty_like`` lays out.
     target = embeds if inplace else torch.empty_like(embeds, device="meta")
-    rows = Rows(None, num_req, target.stride(0), 0, target.stride(2), slot_pos, slot_pos.stride(0),
-                slot_pos.stride(1), target.stride(1), target.shape[1])
-    rb = None if slot_embed is None else (slot_embed.shape[0], slot_embed.stride(0), slot_embed.stride(1))
-    launch = gemm_plan(rows3d(z), rows2d(w_o, transpose=True), rows, batch * num_req, w_o.shape[0], width, z.dtype,
-                       device_index(z), bias=b_o is not None, rowbias=rb, accumulate=True, config="transmit_fwd")
+    p = _projection(z, w_o)
+    rows = _target_rows(target, slot_pos, slot_pos.shape[1], _per_slot(w_o))
+    launch = gemm_plan(p.z, p.w_o, rows, p.m, p.n, p.k, z.dtype, device_index(z), bias=b_o is not None,
+                       rowbias=row_bias(slot_embed, p.batch), accumulate=True, config="transmit_fwd",
+                       batch=p.batch, bias_sp=bias_stride(b_o, p.batch))
     return _PLANS.add(key, launch)
 
 
@@ -185,7 +303,8 @@ def _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
 
 def transmit(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
              slot_embed: Optional[torch.Tensor]) -> torch.Tensor:
-    """``t = z W_oᵀ + b_o + e_slot`` -> (B, R, D); see ``reference.transmit``."""
+    """The transmitted tokens (B, K, D), shared (``w_o`` (D, Di), K = R) or per slot (``w_o``
+    (K, D, Di)); see ``reference.transmit``."""
     b_o = dense_bias(b_o)
     _check(z, w_o, b_o, slot_embed)
     if needs_grad(z, w_o, b_o, slot_embed):
@@ -196,16 +315,15 @@ def transmit(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
 def transmit_interleave(z: torch.Tensor, w_o: torch.Tensor, b_o: Optional[torch.Tensor],
                         slot_embed: Optional[torch.Tensor], embeds: torch.Tensor, slot_pos: torch.Tensor,
                         inplace: bool = False) -> torch.Tensor:
-    """``E[b, slot_pos[b, j]] += z[b, j] W_oᵀ + b_o + e_slot[j]``, the add in fp32 rounded once to E's dtype.
+    """``E[b, slot_pos[b, j]] += t[b, j]`` with ``t = transmit(z, w_o, b_o, slot_embed)``, the add in fp32
+    rounded once to E's dtype.
 
     ``inplace=True`` writes into ``embeds`` and returns it; otherwise a new
     tensor is returned and ``embeds`` is left untouched.
     """
     b_o = dense_bias(b_o)
     if compiling():
-        _check(z, w_o, b_o, slot_embed)
-        check_slots(embeds, (z.shape[0], z.shape[1], w_o.shape[0]), slot_pos)
-        check_device("embeds", embeds, z.device)
+        _check_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos)
         return TransmitInterleaveFunction.apply(z, w_o, b_o, slot_embed, embeds, slot_pos, bool(inplace), None)
     inplace = bool(inplace)
     key = metadata_key(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace)

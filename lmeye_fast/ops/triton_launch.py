@@ -12,6 +12,12 @@ copy, and a row gather (``hidden[b, request_pos[b]]``) or scatter
 (``E[b, slot_pos[b, j]]``) costs nothing extra. Rows whose index falls outside
 ``[0, lim)`` are never read (zeros) nor written, so bad positions cannot touch
 memory outside the tensor.
+
+A launch may also run P such GEMMs side by side (the third grid axis, ``batch``):
+GEMM p offsets A and B by ``(p // pdiv) * sp`` elements, C by ``p * sp`` and C's
+index by ``p * isp``, and the bias and row bias by their own stride times p, so
+the per-slot transmission's K matrices (slot j reading request ``j // (K/R)``)
+are one launch.
 """
 
 from __future__ import annotations
@@ -78,9 +84,9 @@ def check_like(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dt
 
 
 def dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The kernels read a bias as a unit-stride vector (and launch plans are cached
-    on that assumption), so a strided one is copied first; autograd sees the copy."""
-    if bias is None or bias.stride(0) == 1:
+    """The kernels read a bias (or each row of a (P, N) one) as a unit-stride vector (and launch plans
+    are cached on that assumption), so a strided one is copied first; autograd sees the copy."""
+    if bias is None or bias.stride(-1) == 1:
         return bias
     return bias.contiguous()
 
@@ -183,6 +189,9 @@ class Rows(NamedTuple):
     is1: int = 0
     si: int = 0
     lim: int = 0
+    sp: int = 0  # stride between the GEMMs of a batched launch (see the module docstring)
+    pdiv: int = 1  # A and B: GEMM p reads block p // pdiv
+    isp: int = 0  # C: the index's stride between GEMMs
 
 
 def rows2d(t: torch.Tensor, transpose: bool = False) -> Rows:
@@ -225,6 +234,7 @@ def _gemm_kernel(
     b_g, b_s0, b_s1, b_n, b_is0, b_is1, b_si, b_lim,
     c_g, c_s0, c_s1, c_n, c_is0, c_is1, c_si, c_lim,
     rb_g, rb_s, rb_n,
+    a_sp, a_pdiv, b_sp, b_pdiv, c_sp, c_isp, bias_sp, rb_sp,
     A_IDX: tl.constexpr, B_IDX: tl.constexpr, C_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ROWBIAS: tl.constexpr, ACCUMULATE: tl.constexpr, COLSUM: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
@@ -232,6 +242,14 @@ def _gemm_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    p64 = pid_p.to(tl.int64)
+    a_ptr += (pid_p // a_pdiv).to(tl.int64) * a_sp
+    b_ptr += (pid_p // b_pdiv).to(tl.int64) * b_sp
+    c_ptr += p64 * c_sp
+    c_idx += p64 * c_isp
+    bias_ptr += p64 * bias_sp
+    rowbias_ptr += p64 * rb_sp
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -389,31 +407,48 @@ def gemm_blocks(m: int, n: int, k: int, device_index: int, config: Optional[str]
     return pow2(m, 16, 64), pow2(n, 16, c["BN"]), pow2(k, 16, c["BK"]), c["num_warps"], c["num_stages"]
 
 
+def row_bias(rowbias: Optional[torch.Tensor], batch: int = 1) -> Optional[Tuple[int, int, int, int]]:
+    """``gemm_plan``'s description of a row bias: (g, N) added as ``rowbias[m % g]`` by one GEMM, or
+    (P, N) with row p added to every row of GEMM p of a batched launch."""
+    if rowbias is None:
+        return None
+    if batch == 1:
+        return rowbias.shape[0], rowbias.stride(0), rowbias.stride(-1), 0
+    return 1, 0, rowbias.stride(1), rowbias.stride(0)
+
+
+def bias_stride(bias: Optional[torch.Tensor], batch: int = 1) -> int:
+    """The bias's stride between the GEMMs of a batched launch ((P, N), unit-stride rows)."""
+    return 0 if bias is None or batch == 1 else bias.stride(0)
+
+
 def device_index(t: torch.Tensor) -> int:
     index = t.device.index
     return 0 if index is None else index
 
 
 def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dtype, device: int, *,
-              bias: bool = False, rowbias: Optional[Tuple[int, int, int]] = None, colsum: bool = False,
-              accumulate: bool = False, config: Optional[str] = None):
-    """The ``Launch`` of one GEMM (``NOTHING`` when there is nothing to compute).
+              bias: bool = False, rowbias: Optional[Tuple[int, int, int, int]] = None, colsum: bool = False,
+              accumulate: bool = False, config: Optional[str] = None, batch: int = 1, bias_sp: int = 0):
+    """The ``Launch`` of ``batch`` GEMMs (``NOTHING`` when there is nothing to compute).
 
     Only the integer parts of ``a``, ``b``, ``c`` are read (their ``tensor``
-    may be None); ``rowbias`` is ``(g, stride0, stride1)`` of the (g, N) row
-    bias. ``launch_gemm`` supplies the pointers, so a plan can be cached.
+    may be None); ``rowbias`` is ``(g, stride0, stride1, stride between GEMMs)``
+    of the (g, N) row bias, ``bias_sp`` the bias's stride between GEMMs.
+    ``launch_gemm`` supplies the pointers, so a plan can be cached.
     """
-    if m == 0 or n == 0:
+    if m == 0 or n == 0 or batch == 0:
         return NOTHING
     dot_fp32, ieee = dot_flags(dtype)
     bm, bn, bk, warps, stages = gemm_blocks(int(m), int(n), int(k), device, config)
-    rb_g, rb_s, rb_n = rowbias if rowbias is not None else (1, 0, 0)
+    rb_g, rb_s, rb_n, rb_sp = rowbias if rowbias is not None else (1, 0, 0, 0)
     scalars = (
         m, n, k,
         a.g, a.s0, a.s1, a.inner, a.is0, a.is1, a.si, a.lim,
         b.g, b.s0, b.s1, b.inner, b.is0, b.is1, b.si, b.lim,
         c.g, c.s0, c.s1, c.inner, c.is0, c.is1, c.si, c.lim,
         rb_g, rb_s, rb_n,
+        a.sp, a.pdiv, b.sp, b.pdiv, c.sp, c.isp, bias_sp, rb_sp,
     )
     constexprs = dict(
         A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
@@ -421,7 +456,7 @@ def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dt
         COLSUM=colsum, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
         num_warps=warps, num_stages=stages,
     )
-    return Launch((cdiv(n, bn), cdiv(m, bm)), scalars, constexprs)
+    return Launch((cdiv(n, bn), cdiv(m, bm), batch), scalars, constexprs)
 
 
 def launch_gemm(wrap, plan: Launch, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx) -> None:
@@ -432,17 +467,19 @@ def launch_gemm(wrap, plan: Launch, a, b, c, bias, rowbias, colsum, a_idx, b_idx
 
 def gemm(wrap, a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
          rowbias: Optional[torch.Tensor] = None, colsum: Optional[torch.Tensor] = None,
-         accumulate: bool = False, config: Optional[str] = None) -> None:
+         accumulate: bool = False, config: Optional[str] = None, batch: int = 1) -> None:
     """Launch the gather/scatter GEMM (see the module docstring) into ``c.tensor`` as ``wrap(kernel)``.
 
     ``rowbias`` (g, N) is added to row m as ``rowbias[m % g]``; ``colsum`` (M,)
     receives ``sum_k A[m, k]`` accumulated in fp32 (a bias gradient for free
     when A is a transposed output gradient). ``config`` names an entry of
     ``CONFIGS``; without one the block sizes follow a bandwidth heuristic.
+    With ``batch`` = P GEMMs, GEMM p adds ``bias[p]`` and ``rowbias[p]``
+    ((P, N) each; one row bias row per GEMM) and writes no column sums.
     """
-    rb = None if rowbias is None else (rowbias.shape[0], rowbias.stride(0), rowbias.stride(-1))
-    plan = gemm_plan(a, b, c, m, n, k, a.tensor.dtype, device_index(a.tensor), bias=bias is not None, rowbias=rb,
-                     colsum=colsum is not None, accumulate=accumulate, config=config)
+    plan = gemm_plan(a, b, c, m, n, k, a.tensor.dtype, device_index(a.tensor), bias=bias is not None,
+                     rowbias=row_bias(rowbias, batch), colsum=colsum is not None, accumulate=accumulate,
+                     config=config, batch=batch, bias_sp=bias_stride(bias, batch))
     dummy = c.tensor
     launch_gemm(wrap, plan, a.tensor, b.tensor, c.tensor,
                 dummy if bias is None else bias, dummy if rowbias is None else rowbias,
