@@ -2,6 +2,7 @@
 
     python crash_worker.py adapter DIR STATE [KILL]   # save adapter state STATE into DIR
     python crash_worker.py loop DIR                   # save states 0, 1, 2, ... into DIR until killed
+    python crash_worker.py files DIR TAG [KILL]       # atomic.replace_files: a.json and b.json holding TAG
     python crash_worker.py train [KILL] -- CLI ARGS   # python -m lmeye_fast.train with CLI ARGS
     python crash_worker.py eval [KILL] -- CLI ARGS    # python -m lmeye_fast.eval with CLI ARGS
 
@@ -82,9 +83,36 @@ def install_kill(kill: str) -> None:
         raise ValueError(f"kill: unknown point {point!r}")
 
 
+def atomic_module():
+    """lmeye_fast/atomic.py alone: it needs no torch, so this process starts in a moment."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "lmeye_fast" / "atomic.py"
+    spec = importlib.util.spec_from_file_location("atomic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_tagged_files(atomic, directory, tag: str) -> None:
+    import json
+
+    def write(folder):
+        for name in ("a.json", "b.json"):
+            (folder / name).write_text(json.dumps({"tag": tag, "padding": "x" * 100_000}))
+
+    atomic.replace_files(directory, write)
+
+
 def main(argv):
     mode = argv[0]
-    if mode == "adapter":
+    if mode == "files":
+        atomic = atomic_module()
+        if len(argv) > 3:
+            install_kill(argv[3])
+        write_tagged_files(atomic, argv[1], argv[2])
+    elif mode == "adapter":
         directory, state = argv[1], int(argv[2])
         model = build_model()
         set_state(model, state)

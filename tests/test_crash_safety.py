@@ -125,6 +125,19 @@ def test_write_atomic_keeps_the_old_file_on_an_error_and_leaves_nothing(tmp_path
         write_atomic(tmp_path, "x")
 
 
+@pytest.mark.parametrize("kill, tags", [("fsync:2", ("0", "0")), ("replace:2", ("1", "0")),
+                                        ("replaced:2", ("1", "1"))])
+def test_a_tokenizer_style_save_killed_midway_leaves_each_file_whole(tmp_path, kill, tags):
+    """atomic.replace_files, which saves the tokenizer and the processor's files: each file is old or new."""
+    from crash_worker import atomic_module, write_tagged_files
+
+    write_tagged_files(atomic_module(), tmp_path, "0")
+    assert worker("files", tmp_path, "1", kill) == -signal.SIGKILL
+    assert tuple(json.loads((tmp_path / name).read_text())["tag"] for name in ("a.json", "b.json")) == tags
+    write_tagged_files(atomic_module(), tmp_path, "2")  # removes the killed save's temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
 def test_replace_files_writes_each_file_whole(tmp_path):
     def write(folder):
         (folder / "a.json").write_text("{}")
