@@ -229,7 +229,8 @@ def test_an_evaluation_killed_midway_keeps_its_answers_and_resumes(tmp_path):
     for index in range(5):
         random_image().save(tmp_path / "images" / f"{index}.png")
     data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps({"question_id": i, "image": f"{i}.png", "question": "what colour is the circle ?",
+    question = "what colour is the circle ?"
+    data.write_text("".join(json.dumps({"question_id": i, "image": f"{i}.png", "question": question,
                                         "answers": ["red"] * 10}) + "\n" for i in range(5)))
     flags = ["--adapter", tmp_path / "adapter", "--llm", tmp_path / "llm", "--vision", tmp_path / "vision",
              "--response-prefix", RESPONSE_PREFIX, "--image-folder", tmp_path / "images", "--data", data,

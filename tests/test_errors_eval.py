@@ -45,7 +45,8 @@ def test_an_option_that_is_not_text_is_refused(tmp_path):
 
 
 def test_a_reference_answer_that_is_not_text_is_refused(tmp_path):
-    record = {"question_id": 2, "image": "0.png", "question": "how many ?", "answers": [{"answer": "2"}, {"answer": None}]}
+    record = {"question_id": 2, "image": "0.png", "question": "how many ?",
+              "answers": [{"answer": "2"}, {"answer": None}]}
     path = _read(tmp_path, [record])
     with pytest.raises(ValueError, match=re.escape(f"{path}: line 1: answers[1] must be a string")):
         read_examples(path)

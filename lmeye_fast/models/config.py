@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from .adapter_files import CONFIG_FILE, check_save_id, config_file

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..models.modeling import LMEyeModel
 from ..atomic import replace_files, replacing
+from ..models.modeling import LMEyeModel
 from ..models.processor import IGNORE_INDEX
 from .checkpoints import checkpoint_to_resume, mark_complete, remove_incomplete_checkpoints, unmark
 from .distributed import leave_frozen_out_of_ddp
