@@ -17,9 +17,10 @@ Data is LLaVA-style JSON (a list) or JSONL, one record per question:
 Open-ended questions are answered by batched greedy generation and scored
 with VQAv2's accuracy, as the released VQA evaluation computes it
 (``lmeye_fast.vqa``), and exact match after the same normalisation.
-Multiple-choice questions are answered by likelihood: every option's answer text is scored on one shared prefix, or for an encoder-decoder
-LLM on one encoding of the question (``lmeye_fast.models.scoring.score_options``),
-and the argmax of the summed and of the per-token log-likelihood are the two
+Multiple-choice questions are answered by likelihood: every option's answer
+text is scored on one shared prefix, or for an encoder-decoder LLM on one
+encoding of the question (``lmeye_fast.models.scoring.score_options``), and
+the argmax of the summed and of the per-token log-likelihood are the two
 predictions. ``--circular`` is MMBench's circular evaluation: the question is
 asked once per rotation of its options and counts as right only if every
 rotation is answered right.
