@@ -24,6 +24,11 @@ the argmax of the summed and of the per-token log-likelihood are the two
 predictions. ``--circular`` is MMBench's circular evaluation: the question is
 asked once per rotation of its options and counts as right only if every
 rotation is answered right.
+
+The command line checks the whole data file (every record, every image path,
+the task and the template), the adapter folder and ``--output`` before any
+model loads; with ``--output`` the answers are kept as they come
+(``ResultsFile``), and ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
