@@ -181,7 +181,8 @@ def rotations(example: Example) -> List[Example]:
 
 # ---------------------------------------------------------------- the model
 
-def _load_vision(path, dtype):
+def load_vision(path, dtype):
+    """The vision tower saved at ``path`` (a Hugging Face name or directory), in ``dtype``."""
     from transformers import AutoConfig, AutoModel, CLIPVisionModel
 
     kind = AutoConfig.from_pretrained(path).model_type
@@ -274,7 +275,7 @@ def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, 
                          "load the tokenizer the adapter was trained with")
     llm_class, model_class = model_classes(config.encoder_decoder)
     model = model_class.from_pretrained(adapter, llm_class.from_pretrained(llm, dtype=DTYPES[dtype]),
-                                        vision=_load_vision(vision, DTYPES[dtype]))
+                                        vision=load_vision(vision, DTYPES[dtype]))
     images = AutoImageProcessor.from_pretrained(image_processor or vision)
     return EvalModel(model.to(device).eval(), processor, images, schedule)
 

@@ -7,9 +7,11 @@ WORDS = "what colour is the circle square red blue green yellow ? answer : A. B.
 RESPONSE_PREFIX = "answer :"
 
 
-def save_tiny_model(root, arch="llama"):
+def save_tiny_model(root, arch="llama", llm_hidden=32, llm_heads=4, llm_init=None):
     """Save the parts under ``root`` (llm/, vision/, adapter/); returns the model and its processor.
-    ``arch``: the LLM, a causal one of ``tiny.ARCHITECTURES`` or ``"t5"`` (an ``LMEyeSeq2SeqModel``)."""
+    ``arch``: the LLM, a causal one of ``tiny.ARCHITECTURES`` or ``"t5"`` (an ``LMEyeSeq2SeqModel``);
+    ``llm_hidden`` and ``llm_heads`` size a causal one (vLLM's CPU attention needs heads 32 wide or wider),
+    ``llm_init`` its weights' standard deviation (the config's default when None)."""
     from transformers import CLIPImageProcessor
 
     from lmeye_fast.models import LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel
@@ -25,7 +27,9 @@ def save_tiny_model(root, arch="llama"):
         model = LMEyeSeq2SeqModel(tiny_seq2seq(arch, len(processor), hidden=32, initializer_factor=3.0), config,
                                   vision=tiny_clip())
     else:
-        model = LMEyeModel(tiny_llm(arch, len(processor), hidden=32), config, vision=tiny_clip())
+        init = {} if llm_init is None else {"initializer_range": llm_init}
+        model = LMEyeModel(tiny_llm(arch, len(processor), hidden=llm_hidden, heads=llm_heads, **init), config,
+                           vision=tiny_clip())
     with torch.no_grad():
         for p in list(model.ipn.parameters()) + [model.special_embed]:
             p.normal_(0.0, 0.3)

