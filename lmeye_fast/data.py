@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
+from .models.vision import read_image
 
 __all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records",
            "read_record_file", "SourceRecord", "parse_record", "BAD_IMAGE_POLICIES"]
@@ -202,15 +203,8 @@ class _RecordItems:
         return self.image_folder / image if self.image_folder is not None else Path(image)
 
     def pixels(self, image: str) -> torch.Tensor:
-        """The preprocessed image (C, H, W); raises ``OSError`` when it is missing or corrupt."""
-        from PIL import Image
-
-        path = self.image_path(image)
-        try:
-            with Image.open(path) as file:
-                picture = file.convert("RGB")
-        except Image.DecompressionBombError as error:  # more pixels than Image.MAX_IMAGE_PIXELS allows
-            raise OSError(str(error)) from error
+        """The preprocessed image (C, H, W); raises ``OSError`` naming it when it cannot be read."""
+        picture = read_image(self.image_path(image))
         return self.image_processor(images=picture, return_tensors="pt")["pixel_values"][0]
 
     def blank_pixels(self) -> torch.Tensor:
@@ -259,12 +253,12 @@ class _RecordItems:
         else:
             try:
                 pixels = self.pixels(conversation.image)
-            except OSError as error:  # PIL raises OSError subclasses for missing and undecodable files
+            except OSError as error:  # read_image raises OSError, naming the file, for every unreadable one
                 path = self.image_path(conversation.image)
                 if self.on_bad_image == "raise":
-                    raise OSError(f"image {path}: {error}") from error
+                    raise
                 if not self.skipped_images:
-                    warnings.warn(f"skipping unreadable image {path} ({error}); later ones are counted in "
+                    warnings.warn(f"skipping unreadable {error}; later ones are counted in "
                                   f"{type(self).__name__}.skipped_images", stacklevel=3)
                 self.skipped_images.append(str(path))
                 return None

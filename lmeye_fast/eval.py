@@ -51,6 +51,7 @@ from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from .models.adapter_files import check_adapter
 from .models.scoring import score_options
 from .models.seq2seq import model_classes
+from .models.vision import read_image
 from .vqa import exact_match, normalize_answer, vqa_accuracy
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
@@ -220,10 +221,7 @@ class EvalModel:
         elif self.image_processor is None:
             raise ValueError("images: image files or PIL images need an image_processor to become pixel values")
         else:
-            from PIL import Image
-
-            opened = [Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
-                      for image in images]
+            opened = [read_image(image) for image in images]
             pixels = self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
         tower = next(self.model.vision.parameters(), None) if self.model.vision is not None else None
         return pixels if tower is None else pixels.to(tower.device, tower.dtype)

@@ -131,3 +131,42 @@ def test_a_stream_with_no_readable_image_stops_with_an_error(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         with pytest.raises(OSError, match=r"^records: none of the 2 records read has a readable image .*missing\.png"):
             list(stream)
+
+
+def _modes():
+    import numpy as np
+    from PIL import Image
+
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # black under full transparency: white, not black
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0, 0, 0] * 254)
+    transparent_palette = palette.copy()
+    transparent_palette.info["transparency"] = 1
+    return [
+        ("RGBA", clear, (255, 255, 255)), ("LA", Image.new("LA", (4, 4), (0, 0)), (255, 255, 255)),
+        ("P", palette, (200, 10, 10)), ("P transparent", transparent_palette, (255, 255, 255)),
+        ("L", Image.new("L", (4, 4), 77), (77, 77, 77)), ("1", Image.new("1", (4, 4), 1), (255, 255, 255)),
+        ("I;16", Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)), (255, 255, 255)),
+        ("I", Image.fromarray(np.full((4, 4), 257 * 100, dtype=np.int32)), (100, 100, 100)),
+        ("F", Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), (128, 128, 128)),
+        ("CMYK", Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
+    ]
+
+
+@pytest.mark.parametrize("mode, picture, rgb", _modes(), ids=[m[0] for m in _modes()])
+def test_every_image_mode_becomes_its_rgb(mode, picture, rgb):
+    from lmeye_fast.models.vision import read_image
+
+    converted = read_image(picture)
+    assert converted.mode == "RGB" and converted.getpixel((1, 1)) == rgb
+
+
+def test_an_unreadable_image_file_is_named(tmp_path):
+    from lmeye_fast.models.vision import read_image
+
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not a png")
+    with pytest.raises(OSError, match=re.escape(f"image {path}: ")):
+        read_image(path)
+    with pytest.raises(OSError, match=re.escape(f"image {tmp_path / 'missing.png'}: ")):
+        read_image(tmp_path / "missing.png")

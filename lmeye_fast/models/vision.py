@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import VISION_FEATURES
 
-__all__ = ["CLIPImageEncoder", "feature_shape", "vision_features"]
+__all__ = ["CLIPImageEncoder", "feature_shape", "vision_features", "read_image"]
 
 
 class CLIPImageEncoder(nn.Module):
@@ -98,3 +98,50 @@ def vision_features(vision: nn.Module, pixel_values: torch.Tensor, features: Ite
                 tensor = projection(out.pooler_output)
         selected[feature] = _as_tokens(tensor)
     return selected
+
+
+def read_image(image):
+    """An image file (a path) or a PIL image as an 8-bit RGB PIL image, whatever its mode.
+
+    Integer modes past 8 bits (``I;16*`` and ``I``, Pillow's modes of 16-bit PNG and TIFF) are
+    scaled from 0..65535 and float images (``F``) from 0..1, where Pillow's ``convert("RGB")``
+    would clip them to white; transparent pixels are laid over white, where ``convert`` keeps the
+    colour hidden under them; the EXIF orientation is applied. A file that is missing, cannot be
+    decoded, exceeds Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) or has a mode
+    with no RGB form raises ``OSError`` naming it.
+    """
+    from pathlib import Path
+
+    from PIL import Image, ImageOps
+
+    if isinstance(image, Image.Image):
+        return _as_rgb(ImageOps.exif_transpose(image), "image")
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"image: expected a path or a PIL image, got {type(image).__name__}")
+    try:
+        with Image.open(image) as file:
+            file.load()
+            return _as_rgb(ImageOps.exif_transpose(file), f"image {image}")
+    except (OSError, Image.DecompressionBombError) as error:
+        if str(error).startswith(f"image {image}"):
+            raise
+        raise OSError(f"image {image}: {error}") from error
+
+
+def _as_rgb(picture, name: str):
+    import numpy as np
+    from PIL import Image
+
+    mode = picture.mode
+    if mode.startswith("I") or mode == "F":
+        scale = 255.0 if mode == "F" else 255.0 / 65535.0
+        grey = np.clip(np.rint(np.asarray(picture, dtype=np.float64) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("PA", "LA", "La", "RGBa") or (mode == "P" and "transparency" in picture.info):
+        picture, mode = picture.convert("RGBA"), "RGBA"
+    if mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", picture.size, (255, 255, 255, 255)), picture).convert("RGB")
+    try:
+        return picture.convert("RGB")
+    except ValueError as error:
+        raise OSError(f"{name}: its mode {mode} has no RGB form ({error})") from None
