@@ -163,9 +163,17 @@ def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = 
             if roles != ("human", "gpt"):
                 raise ValueError(f"{where}: conversations[{k}:{k + 2}] must be a 'human' then a 'gpt' message, "
                                  f"got {roles}")
-            turns.append((str(ask.get("value", "")), str(answer.get("value", ""))))
+            values = (ask.get("value"), answer.get("value"))
+            for offset, value in enumerate(values):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: conversations[{k + offset}].value must be a string, got "
+                                     f"{type(value).__name__} ({value!r})")
+            turns.append(values)
     elif record.get("caption") is not None:
-        turns = [(caption_prompt, str(record["caption"]))]
+        if not isinstance(record["caption"], str):
+            raise ValueError(f"{where}: 'caption' must be a string, got {type(record['caption']).__name__} "
+                             f"({record['caption']!r})")
+        turns = [(caption_prompt, record["caption"])]
     else:
         raise ValueError(f"{where}: expected a 'conversations' list (LLaVA format) or a 'caption'")
     if any(LLAVA_IMAGE_TOKEN in question for question, _ in turns[1:]):

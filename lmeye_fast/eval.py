@@ -84,6 +84,12 @@ class Example:
 def _question_and_answer(record: dict, where: str):
     if "conversations" in record:
         turns = record["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise ValueError(f"{where}: 'conversations' must be a list of {{'from', 'value'}} messages")
+        for index, turn in enumerate(turns):
+            if not isinstance(turn.get("value"), str):
+                raise ValueError(f"{where}: conversations[{index}].value must be a string, got "
+                                 f"{type(turn.get('value')).__name__} ({turn.get('value')!r})")
         human = [t["value"] for t in turns if t.get("from") == "human"]
         model = [t["value"] for t in turns if t.get("from") == "gpt"]
         if not human:
@@ -91,6 +97,8 @@ def _question_and_answer(record: dict, where: str):
         return human[0], (model[0] if model else None)
     for key in ("question", "text"):
         if key in record:
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
             return record[key], None
     raise ValueError(f"{where}: no question (expected 'question', 'text' or 'conversations')")
 

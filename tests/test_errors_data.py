@@ -170,3 +170,19 @@ def test_an_unreadable_image_file_is_named(tmp_path):
         read_image(path)
     with pytest.raises(OSError, match=re.escape(f"image {tmp_path / 'missing.png'}: ")):
         read_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"conversations": [{"from": "human", "value": "what ?"}, {"from": "gpt", "value": None}]},
+     r"conversations\[1\]\.value must be a string, got NoneType"),
+    ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "red"}]},
+     r"conversations\[0\]\.value must be a string, got int"),
+    ({"caption": ["a", "list"]}, r"'caption' must be a string, got list"),
+    ({"image": 5, "caption": "red"}, r"'image' must be a path string, got int"),
+])
+def test_a_field_of_the_wrong_type_is_refused_never_turned_into_text(tmp_path, record, field):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"caption": "fine"}, record]))
+    processor, _, _ = tiny_parts()
+    with pytest.raises(ValueError, match=_where(path, "record 1: ") + field):
+        LMEyeDataset(path, processor, image_processor())

@@ -59,3 +59,14 @@ def test_a_record_that_is_not_an_object_is_refused(tmp_path):
     path = _read(tmp_path, [GOOD, ["not", "a", "record"]])
     with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: expected a dict, got list")):
         read_examples(path)
+
+
+def test_a_question_that_is_not_text_is_refused(tmp_path):
+    record = {"id": "q", "image": "0.png", "conversations": [{"from": "human", "value": None},
+                                                             {"from": "gpt", "value": "red"}]}
+    path = _read(tmp_path, [record])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 1: conversations[0].value must be a string")):
+        read_examples(path)
+    path = _read(tmp_path, [{"id": "q", "image": "0.png", "question": ["what"], "answer": "red"}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 1: 'question' must be a string, got list")):
+        read_examples(path)
