@@ -93,6 +93,13 @@ class LMEyeProcessor:
                     or decoder_start_token_id < 0:
                 raise ValueError(f"decoder_start_token_id: expected a token id (an int >= 0), got "
                                  f"{decoder_start_token_id!r}")
+        marks = {"image_token": image_token, "request_token": request_token, "slot_token": slot_token}
+        for name, mark in marks.items():
+            if not isinstance(mark, str) or not mark.strip():
+                raise ValueError(f"{name}: expected a non-empty string, got {mark!r}")
+        if len(set(marks.values())) < 3:
+            raise ValueError(f"image_token, request_token, slot_token: expected three different tokens, got "
+                             f"{tuple(marks.values())}")
         self.tokenizer = tokenizer
         self.num_image_tokens, self.num_requests = num_image_tokens, num_requests
         self.image_token, self.request_token, self.slot_token = image_token, request_token, slot_token
@@ -177,6 +184,10 @@ class LMEyeProcessor:
             raise ValueError("prompts: expected at least one prompt")
         if answers is not None and len(answers) != batch:
             raise ValueError(f"answers: expected {batch} answers (one per prompt), got {len(answers)}")
+        for name, texts in (("prompts", prompts), ("answers", answers or ())):
+            for index, text in enumerate(texts):
+                if not isinstance(text, str):  # never tokenized as its repr
+                    raise TypeError(f"{name}[{index}]: expected a string, got {type(text).__name__} ({text!r})")
         if images is not None and (not isinstance(images, torch.Tensor) or images.shape[0] != batch):
             raise ValueError(f"images: expected a tensor with batch size {batch}, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
