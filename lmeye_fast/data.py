@@ -13,11 +13,14 @@ conversation in LLaVA's format (stage 2)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
                        {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."}]}
 
-A conversation is laid out as LMEye reads it: the first human turn (with the
-image's ``<img>`` block where ``<image>`` stood, first when it is absent) ends
-the prefix with ``<img-q>``; the ``<img-d>`` slots follow, then the first
-answer and every later turn. The labels are the answers' tokens and the
-end-of-turn token after each, nothing else. A record without ``"image"`` is a
+A conversation is laid out by the processor's prompt template
+(``LMEyeProcessor.row``, the function evaluation builds its prompts with too): the
+first human turn with the image's ``<img>`` block (where the template puts it;
+LLaVA's ``<image>`` tag is taken care of) ends the prefix with ``<img-q>``; the
+``<img-d>`` slots follow, then the response prefix, the first answer and every
+later turn. The labels are the answers' tokens and the end-of-turn token after
+each, nothing else. Images are read by ``lmeye_fast.models.vision.read_image``
+(every Pillow mode, 16-bit included, to 8-bit RGB). A record without ``"image"`` is a
 text-only sample: no ``<img>`` block, no slots, and the IPN writes nothing into
 it. A caption is the one-turn conversation ``caption_prompt`` -> caption.
 
@@ -43,34 +46,24 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
+from .models.prompts import LLAVA_IMAGE_TAG, Turn
 from .models.vision import read_image
 
-__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records",
-           "read_record_file", "SourceRecord", "parse_record", "BAD_IMAGE_POLICIES"]
+__all__ = ["Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "read_record_file",
+           "SourceRecord", "parse_record", "BAD_IMAGE_POLICIES", "SKIPPED_IMAGES"]
 
-LLAVA_IMAGE_TOKEN = "<image>"
 BAD_IMAGE_POLICIES = ("skip", "raise")
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """The text around the turns of a conversation (Vicuna v1 style by default).
-
-    The prompt of turn k is ``system`` (first turn only) + ``user`` + question +
-    ``assistant``; the answer follows it and ends with the tokenizer's EOS.
-    """
-
-    system: str = ""
-    user: str = "USER: "
-    assistant: str = " ASSISTANT: "
+# The key of a dataset item that lists the images skipped to reach it (present only when there were any).
+SKIPPED_IMAGES = "skipped_images"
 
 
 @dataclass(frozen=True)
 class Conversation:
-    """A parsed record: the image path (None for text-only) and its (question, answer) turns."""
+    """A parsed record: the image path (None for text-only) and its turns; the last turn's answer is None
+    for a question that asks for one (an evaluation record)."""
 
     image: Optional[str]
-    turns: Tuple[Tuple[str, str], ...]
+    turns: Tuple[Turn, ...]
 
 
 @dataclass(frozen=True)
@@ -144,8 +137,16 @@ def _source_records(source) -> List[SourceRecord]:
     return [SourceRecord(f"records[{index}]", record) for index, record in enumerate(source)]
 
 
-def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record") -> Conversation:
-    """A caption or LLaVA conversation record as a ``Conversation``; malformed ones raise, naming ``where``."""
+def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record",
+                 open_question: bool = False) -> Conversation:
+    """A caption, LLaVA conversation or question record as a ``Conversation``; malformed ones raise, naming
+    ``where``.
+
+    ``conversations``: alternating ``human`` / ``gpt`` messages; ``caption``: the one turn
+    ``caption_prompt`` -> caption. With ``open_question`` (evaluation records) a conversation may
+    end with a ``human`` message, and a record may instead hold its question as ``question`` or
+    ``text`` (LLaVA's evaluation files): the last turn then has no answer.
+    """
     if not isinstance(record, Mapping):
         raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
     image = record.get("image") or None
@@ -153,58 +154,57 @@ def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = 
         raise ValueError(f"{where}: 'image' must be a path string, got {type(image).__name__}")
     if record.get("conversations") is not None:
         messages = record["conversations"]
-        if not isinstance(messages, list) or not messages or len(messages) % 2:
+        if not isinstance(messages, list) or not messages or (len(messages) % 2 and not open_question):
             raise ValueError(f"{where}: 'conversations' must be a non-empty list of human/gpt pairs")
         turns = []
         for k in range(0, len(messages), 2):
-            ask, answer = messages[k], messages[k + 1]
-            roles = (ask.get("from"), answer.get("from")) if isinstance(ask, dict) and isinstance(answer, dict) \
-                else None
-            if roles != ("human", "gpt"):
+            pair = messages[k:k + 2]
+            roles = tuple(m.get("from") if isinstance(m, dict) else None for m in pair)
+            if roles != ("human", "gpt")[:len(pair)]:
                 raise ValueError(f"{where}: conversations[{k}:{k + 2}] must be a 'human' then a 'gpt' message, "
                                  f"got {roles}")
-            values = (ask.get("value"), answer.get("value"))
+            values = [m.get("value") for m in pair]
             for offset, value in enumerate(values):
                 if not isinstance(value, str):
                     raise ValueError(f"{where}: conversations[{k + offset}].value must be a string, got "
                                      f"{type(value).__name__} ({value!r})")
-            turns.append(values)
+            turns.append(Turn(values[0], values[1] if len(values) == 2 else None))
     elif record.get("caption") is not None:
         if not isinstance(record["caption"], str):
             raise ValueError(f"{where}: 'caption' must be a string, got {type(record['caption']).__name__} "
                              f"({record['caption']!r})")
-        turns = [(caption_prompt, record["caption"])]
+        turns = [Turn(caption_prompt, record["caption"])]
+    elif open_question and any(record.get(key) is not None for key in ("question", "text")):
+        key = next(key for key in ("question", "text") if record.get(key) is not None)
+        if not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        turns = [Turn(record[key])]
     else:
-        raise ValueError(f"{where}: expected a 'conversations' list (LLaVA format) or a 'caption'")
-    if any(LLAVA_IMAGE_TOKEN in question for question, _ in turns[1:]):
-        raise ValueError(f"{where}: only the first human turn may hold {LLAVA_IMAGE_TOKEN!r}")
-    if image is None and LLAVA_IMAGE_TOKEN in turns[0][0]:
-        raise ValueError(f"{where}: {LLAVA_IMAGE_TOKEN!r} in a record without 'image'")
+        expected = "a 'conversations' list (LLaVA format) or a 'caption'" + \
+            (", 'question' or 'text'" if open_question else "")
+        raise ValueError(f"{where}: expected {expected}")
+    if any(LLAVA_IMAGE_TAG in turn.question for turn in turns[1:]):
+        raise ValueError(f"{where}: only the first human turn may hold {LLAVA_IMAGE_TAG!r}")
+    if image is None and LLAVA_IMAGE_TAG in turns[0].question:
+        raise ValueError(f"{where}: {LLAVA_IMAGE_TAG!r} in a record without 'image'")
     return Conversation(image, tuple(turns))
-
-
-def _first_question(question: str, image_token: str) -> str:
-    """LLaVA writes ``<image>\\n`` before (or ``\\n<image>`` after) the question; the newline goes with it."""
-    for form in (LLAVA_IMAGE_TOKEN + "\n", "\n" + LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKEN):
-        if form in question:
-            return question.replace(form, image_token, 1).strip()
-    return question.strip()
 
 
 class _RecordItems:
     """What both datasets share: a parsed record into its tokenized row and preprocessed pixels."""
 
-    def __init__(self, processor: LMEyeProcessor, image_processor, image_folder, template: ChatTemplate,
-                 caption_prompt: str, on_bad_image: str, max_length: Optional[int]):
+    def __init__(self, processor: LMEyeProcessor, image_processor, image_folder, caption_prompt: str,
+                 on_bad_image: str, max_length: Optional[int]):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image: expected one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
         self.processor, self.image_processor = processor, image_processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.template, self.caption_prompt = template, caption_prompt
+        self.caption_prompt = caption_prompt
         self.on_bad_image, self.max_length = on_bad_image, max_length
         self.skipped_images: List[str] = []
+        self.warn_skipped = True  # LMEyeTrainer turns it off and warns once per run itself
         self._blank_pixels: Optional[torch.Tensor] = None
 
     def image_path(self, image: str) -> Path:
@@ -212,8 +212,7 @@ class _RecordItems:
 
     def pixels(self, image: str) -> torch.Tensor:
         """The preprocessed image (C, H, W); raises ``OSError`` naming it when it cannot be read."""
-        picture = read_image(self.image_path(image))
-        return self.image_processor(images=picture, return_tensors="pt")["pixel_values"][0]
+        return self.image_processor(images=read_image(self.image_path(image)), return_tensors="pt")["pixel_values"][0]
 
     def blank_pixels(self) -> torch.Tensor:
         """Zeros shaped like a preprocessed image: the pixels of a text-only sample, which nothing reads."""
@@ -225,21 +224,11 @@ class _RecordItems:
         return self._blank_pixels
 
     def tokenize(self, conversation: Conversation, where: str = "record") -> TokenizedRow:
-        """The conversation as one row: the first question ends the prefix, every answer is labelled.
-        Raises ``ValueError`` naming ``where`` when ``max_length`` leaves no answer token to learn."""
-        proc, template = self.processor, self.template
-        end = [] if proc.eos_token_id is None else [proc.eos_token_id]
+        """The conversation as one row (``LMEyeProcessor.row``: the processor's template), cut to ``max_length``.
+        Raises ``ValueError`` naming ``where`` when no answer token is left to learn."""
+        proc = self.processor
         has_image = conversation.image is not None
-        (question, answer), later = conversation.turns[0], conversation.turns[1:]
-        if has_image:
-            question = _first_question(question, proc.image_token)
-        prefix, image_start = proc.prefix_ids(template.system + template.user + question, image=has_image)
-        body, labels = [], []
-        for ask, reply in ((None, answer),) + later:
-            prompt = proc.encode(template.assistant if ask is None else template.user + ask + template.assistant)
-            target = proc.encode(reply) + end
-            body += prompt + target
-            labels += [IGNORE_INDEX] * len(prompt) + target
+        prefix, image_start, body, labels = proc.row(conversation.turns, image=has_image)
         if self.max_length is not None:
             # The prefix is never cut. A decoder-only LLM reads prefix, slots and body as one sequence; an
             # encoder-decoder LLM reads the body alone in its decoder, the prefix and slots in its encoder.
@@ -265,12 +254,18 @@ class _RecordItems:
                 path = self.image_path(conversation.image)
                 if self.on_bad_image == "raise":
                     raise
-                if not self.skipped_images:
+                if not self.skipped_images and self.warn_skipped:
                     warnings.warn(f"skipping unreadable {error}; later ones are counted in "
                                   f"{type(self).__name__}.skipped_images", stacklevel=3)
                 self.skipped_images.append(str(path))
                 return None
         return {"row": self.tokenize(conversation, where), "pixel_values": pixels}
+
+    def with_skipped(self, item: Dict[str, Any], before: int) -> Dict[str, Any]:
+        """``item`` with the images skipped since ``skipped_images`` held ``before`` names, if any."""
+        if len(self.skipped_images) > before:
+            item[SKIPPED_IMAGES] = self.skipped_images[before:]
+        return item
 
 
 class LMEyeDataset(_RecordItems, Dataset):
@@ -283,13 +278,14 @@ class LMEyeDataset(_RecordItems, Dataset):
         image_processor: the vision tower's image processor (e.g.
             ``AutoImageProcessor.from_pretrained(vision_name)``), called on a PIL image.
         image_folder: the directory record image paths are relative to.
-        template: the conversation's role texts.
         caption_prompt: the question of a caption record.
         on_bad_image: ``"skip"``: an image that is missing or cannot be decoded
             is skipped and the item is the next readable record (so batches keep
             their size); the first is warned about, all are counted in
             ``skipped_images`` (per process: each DataLoader worker counts its
-            own). ``"raise"``: raise ``OSError`` naming the file.
+            own), and the item names those skipped to reach it (its
+            ``"skipped_images"``), which ``LMEyeTrainer`` sums over workers and
+            ranks. ``"raise"``: raise ``OSError`` naming the file.
         max_length: cut a sample's suffix so that it holds at most this many
             tokens in all (later turns are lost first, the prefix never); None
             keeps everything. A sample left with no labelled token (a first
@@ -302,10 +298,9 @@ class LMEyeDataset(_RecordItems, Dataset):
     """
 
     def __init__(self, records, processor: LMEyeProcessor, image_processor, image_folder=None,
-                 template: ChatTemplate = ChatTemplate(), caption_prompt: str = "", on_bad_image: str = "skip",
+                 caption_prompt: str = "", on_bad_image: str = "skip",
                  max_length: Optional[int] = None):
-        super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
-                         max_length)
+        super().__init__(processor, image_processor, image_folder, caption_prompt, on_bad_image, max_length)
         entries = _source_records(records)
         self.places = [entry.where for entry in entries]
         self.conversations = [parse_record(entry.record, caption_prompt, where=entry.where) for entry in entries]
@@ -320,11 +315,12 @@ class LMEyeDataset(_RecordItems, Dataset):
             # Also ends iteration: ``for item in dataset`` stops at the first IndexError.
             raise IndexError(f"index: expected an int in [-{len(self)}, {len(self)}), got {index}")
         index %= len(self)
+        before = len(self.skipped_images)
         for attempt in range(len(self)):
             position = (index + attempt) % len(self)
             item = self.item(self.conversations[position], where=self.places[position])
             if item is not None:
-                return item
+                return self.with_skipped(item, before)
         raise OSError("images: no record of the dataset has a readable image")
 
 
@@ -344,10 +340,9 @@ class LMEyeStream(_RecordItems, IterableDataset):
     """
 
     def __init__(self, records: Iterable[Dict[str, Any]], processor: LMEyeProcessor, image_processor,
-                 image_folder=None, template: ChatTemplate = ChatTemplate(), caption_prompt: str = "",
+                 image_folder=None, caption_prompt: str = "",
                  on_bad_image: str = "skip", max_length: Optional[int] = None):
-        super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
-                         max_length)
+        super().__init__(processor, image_processor, image_folder, caption_prompt, on_bad_image, max_length)
         if isinstance(records, (str, os.PathLike, Mapping)) or not isinstance(records, Iterable):
             raise TypeError(f"records: expected an iterable of record dicts (e.g. a streaming datasets."
                             f"IterableDataset), got {type(records).__name__}")
@@ -362,13 +357,15 @@ class LMEyeStream(_RecordItems, IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         read = kept = 0
+        before = len(self.skipped_images)
         for index, record in self._own_records():
             read += 1
             where = f"records[{index}]"
             item = self.item(parse_record(record, self.caption_prompt, where=where), where)
             if item is not None:
                 kept += 1
-                yield item
+                yield self.with_skipped(item, before)
+                before = len(self.skipped_images)
         if read and not kept:  # a pass that trains on nothing must not end as if it had trained
             raise OSError(f"records: none of the {read} records read has a readable image "
                           f"({len(self.skipped_images)} skipped, the first {self.skipped_images[0]})")

@@ -1,16 +1,26 @@
 """Evaluate an LMEye adapter as the benchmarks do: open-ended VQA and multiple choice.
 
-    python -m lmeye_fast.eval --adapter ADAPTER_DIR --llm LLM --vision VISION \\
-        --data questions.jsonl --image-folder images/ --output results.json
+    python -m lmeye_fast.eval --adapter ADAPTER_DIR --data questions.jsonl --image-folder images/ \\
+        --output results.json
 
-Data is LLaVA-style JSON (a list) or JSONL, one record per question:
+The adapter directory (written by the training CLI, or by ``LMEyeModel.save_pretrained``
+and ``LMEyeProcessor.save_pretrained``) records the LLM, the vision model, the CLIP
+interaction and the processor with its prompt template (``lmeye_fast.models.sources``);
+``--llm``, ``--vision``, ``--tokenizer``, ``--image-processor`` read them from elsewhere,
+and ``--response-prefix`` / ``--prompt-template`` must agree with the saved processor (one
+that contradicts it is refused). Every prompt is built by the processor's ``row``, the
+function training builds its rows with, and the results JSON holds each one as the model
+read it (``prompt``, decoded).
+
+Data is LLaVA-style JSON (a list), JSONL or CSV, one record per question (read by
+``lmeye_fast.data.parse_record``, as training reads its records):
 
 - ``image``: a path, relative to ``--image-folder``;
-- the question: ``question`` or ``text``, or the first human turn of
-  ``conversations`` (LLaVA's training format), where ``<image>`` marks the
-  image's place (the image goes first without it);
+- the question: ``question`` or ``text``, or the last human turn of
+  ``conversations`` (LLaVA's training format), the turns before it its history;
+  ``<image>`` in the first question is the image's tag (the template places the image);
 - open-ended: ``answers``, the annotators' answers (VQAv2 gives ten); else the
-  single ``answer``, or the first ``gpt`` turn of ``conversations``;
+  single ``answer``, or the last ``gpt`` turn of ``conversations`` (when it ends with one);
 - multiple choice: ``options`` (or ``choices``), a list of answer texts, and
   ``answer``: the right option's index, its letter (``"B"``) or its text.
 
@@ -38,6 +48,7 @@ import json
 import os
 import string
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,11 +57,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import write_atomic
-from .data import read_record_file
-from .models import LMEyeConfig, LMEyeModel, LMEyeProcessor
+from .data import parse_record, read_record_file
+from .models import LMEyeModel, LMEyeProcessor, Turn
 from .models.adapter_files import check_adapter
 from .models.scoring import score_options
-from .models.seq2seq import model_classes
+from .models.sources import load_pretrained
 from .models.vision import read_image
 from .vqa import exact_match, normalize_answer, vqa_accuracy
 
@@ -67,7 +78,7 @@ LETTERS = string.ascii_uppercase
 class Example:
     """One evaluation question. ``image`` is a path, a PIL image, a pixel tensor (C, H, W) or a
     dict of precomputed features (see ``EvalModel.image_inputs``); ``answer`` is the right
-    option's index for multiple choice."""
+    option's index for multiple choice; ``history``: the conversation's earlier turns."""
 
     id: str
     question: str
@@ -75,32 +86,15 @@ class Example:
     answers: List[str] = field(default_factory=list)
     options: List[str] = field(default_factory=list)
     answer: Optional[int] = None
+    history: Tuple[Turn, ...] = ()
 
     @property
     def is_choice(self) -> bool:
         return bool(self.options)
 
-
-def _question_and_answer(record: dict, where: str):
-    if "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise ValueError(f"{where}: 'conversations' must be a list of {{'from', 'value'}} messages")
-        for index, turn in enumerate(turns):
-            if not isinstance(turn.get("value"), str):
-                raise ValueError(f"{where}: conversations[{index}].value must be a string, got "
-                                 f"{type(turn.get('value')).__name__} ({turn.get('value')!r})")
-        human = [t["value"] for t in turns if t.get("from") == "human"]
-        model = [t["value"] for t in turns if t.get("from") == "gpt"]
-        if not human:
-            raise ValueError(f"{where}: 'conversations' has no human turn")
-        return human[0], (model[0] if model else None)
-    for key in ("question", "text"):
-        if key in record:
-            if not isinstance(record[key], str):
-                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-            return record[key], None
-    raise ValueError(f"{where}: no question (expected 'question', 'text' or 'conversations')")
+    def prompt(self, question: str) -> List[Turn]:
+        """The conversation to answer: the history, then ``question`` (this one's, as formatted)."""
+        return list(self.history) + [Turn(question)]
 
 
 def _choice_index(answer, options: List[str], where: str) -> int:
@@ -150,30 +144,28 @@ def _reference_answers(answers, where: str) -> List[str]:
 
 
 def read_examples(path, image_folder=None) -> List[Example]:
-    """Read LLaVA-style evaluation records (JSON list or JSONL; see the module's docstring)."""
+    """Read LLaVA-style evaluation records (JSON list, JSONL or CSV; see the module's docstring)."""
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     examples = []
     for index, entry in enumerate(read_record_file(path)):
         record, where = entry.record, entry.where
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
-        question, model_answer = _question_and_answer(record, where)
+        conversation = parse_record(record, where=where, open_question=True)
+        *history, last = conversation.turns
         options = _options(record, where)
         if options:
             if "answer" not in record:
                 raise ValueError(f"{where}: a multiple-choice record needs 'answer'")
             answers, answer = [], _choice_index(record["answer"], options, where)
         else:
-            answers = record.get("answers") or [a for a in (record.get("answer"), model_answer) if a is not None][:1]
+            answers = record.get("answers") or [a for a in (record.get("answer"), last.answer) if a is not None][:1]
             answers = _reference_answers(answers, where)
             if not answers:
-                raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a gpt turn")
+                raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a last gpt turn")
             answer = None
-        image = record.get("image")
-        examples.append(Example(id=str(record.get("question_id", record.get("id", index))), question=question,
-                                image=None if image is None else folder / image, answers=answers, options=options,
-                                answer=answer))
+        examples.append(Example(id=str(record.get("question_id", record.get("id", index))), question=last.question,
+                                image=None if conversation.image is None else folder / conversation.image,
+                                answers=answers, options=options, answer=answer, history=tuple(history)))
     return examples
 
 
@@ -183,22 +175,11 @@ def rotations(example: Example) -> List[Example]:
     count = len(example.options)
     if count == 0:
         raise ValueError(f"example {example.id}: has no options to rotate")
-    return [Example(id=example.id, question=example.question, image=example.image, answers=example.answers,
-                    options=example.options[shift:] + example.options[:shift],
-                    answer=(example.answer - shift) % count) for shift in range(count)]
+    return [dataclasses.replace(example, options=example.options[shift:] + example.options[:shift],
+                                answer=(example.answer - shift) % count) for shift in range(count)]
 
 
 # ---------------------------------------------------------------- the model
-
-def load_vision(path, dtype):
-    """The vision tower saved at ``path`` (a Hugging Face name or directory), in ``dtype``."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel
-
-    kind = AutoConfig.from_pretrained(path).model_type
-    # A full CLIP checkpoint (text and vision) loads its vision tower only.
-    loader = CLIPVisionModel if kind in ("clip", "clip_vision_model") else AutoModel
-    return loader.from_pretrained(path, dtype=dtype)
-
 
 @dataclass
 class EvalModel:
@@ -229,61 +210,54 @@ class EvalModel:
         elif self.image_processor is None:
             raise ValueError("images: image files or PIL images need an image_processor to become pixel values")
         else:
-            opened = [read_image(image) for image in images]
-            pixels = self.image_processor(images=opened, return_tensors="pt")["pixel_values"]
+            pixels = self.image_processor(images=[read_image(image) for image in images],
+                                          return_tensors="pt")["pixel_values"]
         tower = next(self.model.vision.parameters(), None) if self.model.vision is not None else None
         return pixels if tower is None else pixels.to(tower.device, tower.dtype)
 
-    def prompt(self, text: str) -> str:
-        """LLaVA's ``<image>`` placeholder becomes the processor's image token."""
-        return text.replace("<image>", self.processor.image_token)
+    def seen_prompts(self, prompts: Sequence[Sequence[Turn]]) -> List[str]:
+        """Each prompt as the model reads it: its tokens, LMEye's and the BOS included, decoded."""
+        batch = self.processor(prompts)
+        return [self.processor.prompt_text(ids[mask.bool()].tolist())
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
+    def generate(self, prompts: Sequence[Union[str, Sequence[Turn]]], images: Sequence, max_new_tokens: int,
                  **generate_kwargs) -> List[str]:
-        """Answers to ``prompts``: greedy unless ``generate_kwargs`` (for ``model.generate``) ask otherwise."""
-        batch = self.processor([self.prompt(p) for p in prompts]).to(self.model.special_embed.device)
+        """Answers to ``prompts`` (questions, or conversations ending in one): greedy unless ``generate_kwargs``
+        (for ``model.generate``) ask otherwise."""
+        batch = self.processor(prompts).to(self.model.special_embed.device)
         generate_kwargs.setdefault("do_sample", False)
         tokens = self.model.generate(**batch, **self.image_inputs(images), schedule=self.schedule,
                                      max_new_tokens=max_new_tokens, **generate_kwargs)
         return [text.strip() for text in self.processor.decode(tokens)]
 
-    def score(self, prompts: Sequence[str], images: Sequence, options: Sequence[Sequence[str]]):
-        return score_options(self.model, self.processor, [self.prompt(p) for p in prompts], options,
-                             **self.image_inputs(images), schedule=self.schedule)
+    def score(self, prompts: Sequence[Union[str, Sequence[Turn]]], images: Sequence,
+              options: Sequence[Sequence[str]]):
+        return score_options(self.model, self.processor, prompts, options, **self.image_inputs(images),
+                             schedule=self.schedule)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_eval_model(adapter, llm, vision, tokenizer=None, image_processor=None, response_prefix: str = "",
-                    device: Union[str, torch.device] = "cpu", dtype: str = "float32",
-                    schedule: Optional[str] = None) -> EvalModel:
-    """Load an adapter saved by ``LMEyeModel.save_pretrained`` around its LLM and vision tower.
+def load_eval_model(adapter, llm=None, vision=None, tokenizer=None, image_processor=None,
+                    response_prefix: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                    dtype: str = "float32", schedule: Optional[str] = None, template=None,
+                    llm_revision: Optional[str] = None, vision_revision: Optional[str] = None) -> EvalModel:
+    """Load an adapter directory with the models and processor it records (``models.sources.load_pretrained``).
 
-    ``llm`` and ``vision`` are Hugging Face model names or directories; the tokenizer and the
-    image processor default to theirs. ``response_prefix`` must be the one the adapter was
-    trained with (it is text of the prompt, not part of the adapter). An adapter saved for an
-    encoder-decoder LLM (its config's ``encoder_decoder``) loads its LLM as an
-    ``AutoModelForSeq2SeqLM`` into an ``LMEyeSeq2SeqModel``, with the encoder-decoder processor.
+    ``llm``, ``vision`` (names or directories, with revisions), ``tokenizer`` and ``image_processor``
+    read those from elsewhere; ``response_prefix`` and ``template`` (a ``PromptTemplate`` or its name)
+    must agree with the saved processor, and are needed only for an adapter saved without one.
+    ``schedule``: the adapter's by default.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    config = LMEyeConfig.load(adapter)
-    processor = LMEyeProcessor(AutoTokenizer.from_pretrained(tokenizer or llm),
-                               num_image_tokens=config.num_image_tokens, num_requests=config.num_requests,
-                               response_prefix=response_prefix, encoder_decoder=config.encoder_decoder)
-    ids = (processor.image_token_id, processor.request_token_id, processor.slot_token_id)
-    if ids != config.token_ids():
-        raise ValueError(f"tokenizer: its special-token ids {ids} differ from the adapter's {config.token_ids()}; "
-                         "load the tokenizer the adapter was trained with")
-    llm_class, model_class = model_classes(config.encoder_decoder)
-    model = model_class.from_pretrained(adapter, llm_class.from_pretrained(llm, dtype=DTYPES[dtype]),
-                                        vision=load_vision(vision, DTYPES[dtype]))
-    images = AutoImageProcessor.from_pretrained(image_processor or vision)
-    return EvalModel(model.to(device).eval(), processor, images, schedule)
+    loaded = load_pretrained(adapter, llm=llm, vision=vision, llm_revision=llm_revision,
+                             vision_revision=vision_revision, tokenizer=tokenizer, image_processor=image_processor,
+                             dtype=DTYPES[dtype], response_prefix=response_prefix, template=template)
+    return EvalModel(loaded.model.to(device).eval(), loaded.processor, loaded.image_processor, schedule)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -299,21 +273,23 @@ def _batches(items: Sequence, batch_size: int, description: str, progress: bool)
 
 
 def evaluate_open(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 16,
-                  template: str = "{question}", progress: bool = True, answered: Optional[Dict[int, dict]] = None,
+                  question_format: str = "{question}", progress: bool = True,
+                  answered: Optional[Dict[int, dict]] = None,
                   on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
-    """Answer open-ended questions by greedy generation: (records, metrics).
+    """Answer open-ended questions by greedy generation: (records, metrics). ``question_format`` formats
+    the question from ``{question}``; each record holds the ``prompt`` the model read.
 
     ``answered`` maps the indices of questions answered already (a resumed run) to their records;
     ``on_answers`` gets every batch's new ``(index, record)`` pairs as soon as they are scored."""
     answered = dict(answered or {})
     asked = [(index, example) for index, example in enumerate(examples) if index not in answered]
     for chunk in _batches(asked, batch_size, "vqa", progress):
-        predictions = runner.generate([template.format(question=e.question) for _, e in chunk],
-                                      [e.image for _, e in chunk], max_new_tokens)
-        new = [(index, {"id": example.id, "question": example.question, "prediction": prediction,
+        prompts = [e.prompt(question_format.format(question=e.question)) for _, e in chunk]
+        predictions = runner.generate(prompts, [e.image for _, e in chunk], max_new_tokens)
+        new = [(index, {"id": example.id, "question": example.question, "prompt": seen, "prediction": prediction,
                         "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
                         "exact_match": exact_match(prediction, example.answers)})
-               for (index, example), prediction in zip(chunk, predictions)]
+               for (index, example), prediction, seen in zip(chunk, predictions, runner.seen_prompts(prompts))]
         answered.update(new)
         if on_answers is not None:
             on_answers(new)
@@ -326,13 +302,14 @@ def _options_text(options: Sequence[str]) -> str:
 
 
 def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8,
-                    template: str = "{question}\n{options}", circular: bool = False, progress: bool = True,
+                    question_format: str = "{question}\n{options}", circular: bool = False, progress: bool = True,
                     answered: Optional[Dict[int, dict]] = None,
                     on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
     """Answer multiple-choice questions by the likelihood of each option's text: (records, metrics).
 
-    ``template`` formats the prompt from ``{question}`` and ``{options}`` (one ``A. text`` line
-    per option, in the order of the rotation asked). With ``circular`` every rotation of the
+    ``question_format`` formats the question from ``{question}`` and ``{options}`` (one ``A. text``
+    line per option, in the order of the rotation asked); each record holds the ``prompt`` the model
+    read (of each rotation, with ``circular``). With ``circular`` every rotation of the
     options is asked, and ``circular_accuracy`` counts a question only if all are right.
     ``answered`` and ``on_answers`` are those of ``evaluate_open``: a question is reported once all
     its rotations are scored.
@@ -346,10 +323,12 @@ def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: 
     results: Dict[int, List[dict]] = {index: [] for index, _ in asked}
     for chunk in _batches(asked, batch_size, "choice", progress):
         variants = [variant for _, variant in chunk]
-        prompts = [template.format(question=v.question, options=_options_text(v.options)) for v in variants]
+        prompts = [v.prompt(question_format.format(question=v.question, options=_options_text(v.options)))
+                   for v in variants]
         scores = runner.score(prompts, [v.image for v in variants], [v.options for v in variants])
-        for (index, variant), summed, normalised in zip(chunk, scores.summed, scores.normalised):
-            results[index].append({"options": variant.options, "answer": variant.answer,
+        for (index, variant), summed, normalised, seen in zip(chunk, scores.summed, scores.normalised,
+                                                              runner.seen_prompts(prompts)):
+            results[index].append({"prompt": seen, "options": variant.options, "answer": variant.answer,
                                    "prediction": int(summed.argmax()), "prediction_norm": int(normalised.argmax()),
                                    "log_likelihood": summed.tolist()})
         done = sorted({index for index, _ in chunk if len(results[index]) == (len(examples[index].options)
@@ -365,8 +344,8 @@ def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: 
 
 def _choice_record(example: Example, asks: List[dict], circular: bool) -> dict:
     first = asks[0]
-    record = {"id": example.id, "question": example.question, "options": example.options,
-              "answer": example.answer, "prediction": first["prediction"],
+    record = {"id": example.id, "question": example.question, "prompt": first["prompt"],
+              "options": example.options, "answer": example.answer, "prediction": first["prediction"],
               "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
               "accuracy": float(first["prediction"] == example.answer),
               "accuracy_norm": float(first["prediction_norm"] == example.answer)}
@@ -404,19 +383,25 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="directory written by LMEyeModel.save_pretrained")
-    parser.add_argument("--llm", required=True, help="the LLM the adapter was trained on (name or directory)")
-    parser.add_argument("--vision", required=True, help="the vision tower (name or directory)")
-    parser.add_argument("--tokenizer", help="default: the LLM's")
-    parser.add_argument("--image-processor", help="default: the vision tower's")
-    parser.add_argument("--response-prefix", default="", help="text between the <img-d> slots and the answer")
+    parser.add_argument("--adapter", required=True, help="directory written by the training CLI (or by "
+                                                         "LMEyeModel and LMEyeProcessor.save_pretrained)")
+    parser.add_argument("--llm", help="read the LLM from here (name or directory); default: the adapter's record")
+    parser.add_argument("--llm-revision", help="the --llm hub repository's branch, tag or commit")
+    parser.add_argument("--vision", help="read the vision model from here; default: the adapter's record")
+    parser.add_argument("--vision-revision", help="the --vision hub repository's branch, tag or commit")
+    parser.add_argument("--tokenizer", help="default: the adapter's")
+    parser.add_argument("--image-processor", help="default: the vision model's")
+    parser.add_argument("--response-prefix", help="text between the <img-d> slots and the answer; default: the "
+                                                  "adapter's (given, it must agree)")
+    parser.add_argument("--prompt-template", help="a prompt template's name; default: the adapter's (given, it "
+                                                  "must agree)")
     parser.add_argument("--data", required=True, help="LLaVA-style JSON or JSONL questions")
     parser.add_argument("--image-folder", help="where the records' image paths start (default: the data's folder)")
     parser.add_argument("--task", choices=("auto", "vqa", "choice"), default="auto",
                         help="auto: multiple choice when the records have options")
     parser.add_argument("--circular", action="store_true", help="MMBench's circular evaluation (multiple choice)")
-    parser.add_argument("--template", help="prompt template; default '{question}' (vqa), "
-                                           "'{question}\\n{options}' (choice)")
+    parser.add_argument("--question-format", help="how the question is asked; default '{question}' (vqa), "
+                                                  "'{question}\\n{options}' (choice)")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--max-new-tokens", type=_positive_int, default=16)
     parser.add_argument("--limit", type=_positive_int, help="evaluate the first LIMIT questions only")
@@ -451,37 +436,38 @@ def resolve_task(examples: Sequence[Example], task: str = "auto", circular: bool
     return task
 
 
-def check_examples(examples: Sequence[Example], task: str, template: Optional[str]) -> None:
+def check_examples(examples: Sequence[Example], task: str, question_format: Optional[str]) -> None:
     """What the evaluation will need, checked for every question before any model loads: an image
-    that exists (a path) and a template whose placeholders are the task's."""
+    that exists (a path) and a question format whose placeholders are the task's."""
     for example in examples:
         if example.image is None:
             raise ValueError(f"examples: question {example.id} has no 'image' (every question needs one)")
         if isinstance(example.image, (str, Path)) and not Path(example.image).is_file():
             raise FileNotFoundError(f"examples: question {example.id}: no image file {example.image}")
-    if template is not None:
+    if question_format is not None:
         try:
-            template.format(question="", options="")
+            question_format.format(question="", options="")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"template: {template!r} is not a template of {{question}}"
+            raise ValueError(f"question_format: {question_format!r} is not a format of {{question}}"
                              f"{' and {options}' if task == 'choice' else ''} ({error!r})") from None
 
 
 def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
-        template: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True,
-        answered: Optional[Dict[int, dict]] = None,
+        question_format: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16,
+        progress: bool = True, answered: Optional[Dict[int, dict]] = None,
         on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
-    """Evaluate ``examples`` with ``runner``: ``{"task", "num_examples", "metrics", "records"}``
-    (``answered`` and ``on_answers`` as in ``evaluate_open``)."""
+    """Evaluate ``examples`` with ``runner``: ``{"task", "circular", "num_examples", "metrics",
+    "prompt_template", "records"}`` (``answered`` and ``on_answers`` as in ``evaluate_open``)."""
     task = resolve_task(examples, task, circular)
     if task == "choice":
-        records, metrics = evaluate_choice(runner, examples, batch_size, template or "{question}\n{options}",
-                                           circular, progress, answered, on_answers)
+        records, metrics = evaluate_choice(runner, examples, batch_size,
+                                           question_format or "{question}\n{options}", circular, progress,
+                                           answered, on_answers)
     else:
-        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens, template or "{question}",
-                                         progress, answered, on_answers)
+        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens,
+                                         question_format or "{question}", progress, answered, on_answers)
     return {"task": task, "circular": circular, "num_examples": len(examples), "metrics": metrics,
-            "records": records}
+            "prompt_template": runner.processor.template.to_dict(), "records": records}
 
 
 class ResultsFile:
@@ -496,7 +482,8 @@ class ResultsFile:
 
     # Settings that change the answers: a resumed run must have the same.
     SAME_ON_RESUME = ("adapter", "llm", "vision", "tokenizer", "image_processor", "response_prefix", "data",
-                      "image_folder", "task", "circular", "template", "max_new_tokens", "limit", "schedule", "dtype")
+                      "image_folder", "task", "circular", "question_format", "prompt_template", "max_new_tokens", "limit",
+                      "schedule", "dtype", "llm_revision", "vision_revision")
 
     def __init__(self, output: Union[str, Path]):
         self.output = Path(output)
@@ -568,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress", "resume")}
     examples = read_examples(args.data, args.image_folder)[:args.limit]
     task = resolve_task(examples, args.task, args.circular)
-    check_examples(examples, task, args.template)
+    check_examples(examples, task, args.question_format)
     check_adapter(args.adapter, "--adapter")
     results_file = answered = None
     if args.output:
@@ -576,11 +563,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results_file.check(args.resume)
         answered = results_file.resume(settings, examples) if args.resume else {}
     runner = load_eval_model(args.adapter, args.llm, args.vision, args.tokenizer, args.image_processor,
-                             args.response_prefix, args.device, args.dtype, args.schedule)
+                             args.response_prefix, args.device, args.dtype, args.schedule, args.prompt_template,
+                             args.llm_revision, args.vision_revision)
     if results_file is not None:
         results_file.start(settings)
-    results = run(runner, examples, task, args.circular, args.template, args.batch_size, args.max_new_tokens,
-                  not args.no_progress, answered, None if results_file is None else results_file.write)
+    results = run(runner, examples, task, args.circular, args.question_format, args.batch_size,
+                  args.max_new_tokens, not args.no_progress, answered,
+                  None if results_file is None else results_file.write)
     results["settings"] = settings
     if results_file is not None:
         results_file.finish(results)

@@ -18,6 +18,7 @@ from crash_worker import ADAPTER_SCHEDULES, build_model, set_state
 from lmeye_fast.atomic import is_temporary, replace_files, write_atomic
 from lmeye_fast.models import LMEyeConfig, LMEyeModel
 from lmeye_fast.models.adapter_files import ADAPTER_FILE, CONFIG_FILE
+from lmeye_fast.models.sources import SOURCES_FILE
 from lmeye_fast.train.checkpoints import (COMPLETE_MARK, checkpoint_to_resume, complete_checkpoints,
                                           latest_complete_checkpoint)
 
@@ -53,11 +54,15 @@ def loaded_state(directory) -> int:
 
 
 # Each step of save_pretrained (adapter_files.write_adapter): K-th fsync / os.replace, and which state loads.
+# The pending copies are written (replaces 1 and 2: config, sources), then the tensors renamed (3),
+# then the config (4) and the sources (5).
 ADAPTER_KILLS = {
     "fsync:1": 0,      # the tensors are written under a temporary name, the pending config is being written
-    "replace:2": 0,    # the pending config is complete, the tensors not yet renamed
-    "replaced:2": 1,   # new tensors beside the old lmeye_config.json: its pending copy settles it
-    "replaced:3": 1,   # the config renamed, the leftovers not yet removed
+    "replace:2": 0,    # the pending config is complete, the pending sources are not yet
+    "replace:3": 0,    # both pending copies are complete, the tensors not yet renamed
+    "replaced:3": 1,   # new tensors beside the old JSON files: their pending copies settle it
+    "replaced:4": 1,   # the config renamed, the sources still pending
+    "replaced:5": 1,   # every file renamed, the leftovers not yet removed
 }
 
 
@@ -66,21 +71,21 @@ def test_an_adapter_save_killed_at_each_step_loads_old_or_new(tmp_path, kill):
     save_state(tmp_path, 2)
     assert worker("adapter", tmp_path, 3, kill) == -signal.SIGKILL
     assert loaded_state(tmp_path) == 2 + ADAPTER_KILLS[kill]
-    if kill != "replaced:3":
+    if kill != "replaced:5":
         assert any(p.name.startswith(".") for p in tmp_path.iterdir())  # what the killed save left
     save_state(tmp_path, 4)  # the next save removes it
     assert loaded_state(tmp_path) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_FILE, CONFIG_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_FILE, CONFIG_FILE, SOURCES_FILE])
 
 
 def test_a_first_save_killed_before_its_config_loads_the_new_adapter(tmp_path):
-    assert worker("adapter", tmp_path, 1, "replaced:2") == -signal.SIGKILL
+    assert worker("adapter", tmp_path, 1, "replaced:3") == -signal.SIGKILL
     assert not (tmp_path / CONFIG_FILE).exists()
     assert loaded_state(tmp_path) == 1
 
 
 def test_a_first_save_killed_before_its_tensors_leaves_no_adapter(tmp_path):
-    assert worker("adapter", tmp_path, 1, "replace:2") == -signal.SIGKILL
+    assert worker("adapter", tmp_path, 1, "replace:3") == -signal.SIGKILL
     with pytest.raises(FileNotFoundError, match=f"directory: no {CONFIG_FILE} in {tmp_path}"):
         LMEyeConfig.load(tmp_path)
 

@@ -149,8 +149,8 @@ def test_eval_checks_every_record_before_the_model_loads(eval_setup, monkeypatch
     with pytest.raises(ValueError, match=r"^examples: question c1 is multiple-choice, but the task is 'vqa'"):
         evaluation.main(flags)
     flags[data] = _write_records(tmp_path / "good.jsonl", records)
-    with pytest.raises(ValueError, match=r"^template: '\{question\} \{answer\}' is not a template"):
-        evaluation.main(flags + ["--template", "{question} {answer}"])
+    with pytest.raises(ValueError, match=r"^question_format: '\{question\} \{answer\}' is not a format"):
+        evaluation.main(flags + ["--question-format", "{question} {answer}"])
     with pytest.raises(ValueError, match="^circular: applies to multiple-choice questions only"):
         evaluation.main(flags + ["--circular"])
 

@@ -16,8 +16,10 @@ def processor(**kwargs):
 
 
 @pytest.mark.parametrize("prompts, answers, named, kind", [
-    (["what colour", None], None, r"prompts\[1\]: expected a string, got NoneType", TypeError),
-    (["what colour", 5], None, r"prompts\[1\]: expected a string, got int", TypeError),
+    (["what colour", None], None, r"prompts\[1\]: expected a string or a sequence of Turn records with string texts, "
+     r"got NoneType", TypeError),
+    (["what colour", 5], None, r"prompts\[1\]: expected a string or a sequence of Turn records with string texts, "
+     r"got int", TypeError),
     (["what colour"], [None], r"answers\[0\]: expected a string, got NoneType", TypeError),
     ("what colour", None, "prompts: expected a sequence of strings, got one string", TypeError),
     ([], None, "prompts: expected at least one prompt", ValueError),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 __all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND"]
 
@@ -37,12 +37,14 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "lmeye_fast.serving.vllm_model:LMEyeForCausalLM")
 
 
-def hf_overrides(llm, adapter, vision, response_prefix: str = "") -> dict:
+def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None) -> dict:
     """vLLM's ``hf_overrides`` that serve ``adapter`` (a directory written by ``LMEyeModel.save_pretrained``)
     on the LLM directory ``llm`` with the vision tower ``vision`` (a directory).
 
-    ``response_prefix`` is the text the adapter was trained with between the ``<img-d>`` slots and
-    the answer (``LMEyeProcessor(response_prefix=...)``). Paths are checked here, before vLLM starts.
+    Prompts are laid out by the processor saved with the adapter (``LMEyeProcessor.save_pretrained``);
+    ``response_prefix`` must agree with it, and is needed only for an adapter saved without one (the
+    text it was trained with between the ``<img-d>`` slots and the answer). Paths are checked here,
+    before vLLM starts.
     """
     from ..models.adapter_files import check_adapter
 
@@ -62,7 +64,7 @@ def hf_overrides(llm, adapter, vision, response_prefix: str = "") -> dict:
                       "vision": str(paths["vision"].resolve()), "response_prefix": response_prefix}}
 
 
-def serve_args(llm, adapter, vision, response_prefix: str = "") -> List[str]:
+def serve_args(llm, adapter, vision, response_prefix: Optional[str] = None) -> List[str]:
     """The arguments of vLLM's OpenAI-compatible server (``vllm serve ARGS`` or ``SERVER_COMMAND + ARGS``)
     that serve the adapter, without host, port, dtype and sizes."""
     overrides = hf_overrides(llm, adapter, vision, response_prefix)
