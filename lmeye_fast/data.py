@@ -33,6 +33,7 @@ decoder's (docs/encoder_decoder.md).
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -44,12 +45,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .models.processor import LMEyeBatch, LMEyeProcessor, TokenizedRow
+from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
 from .models.prompts import LLAVA_IMAGE_TAG, Turn
 from .models.vision import read_image
 
-__all__ = ["Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "parse_record",
-           "BAD_IMAGE_POLICIES", "SKIPPED_IMAGES"]
+__all__ = ["Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "read_record_file",
+           "SourceRecord", "parse_record", "BAD_IMAGE_POLICIES", "SKIPPED_IMAGES"]
 
 BAD_IMAGE_POLICIES = ("skip", "raise")
 # The key of a dataset item that lists the images skipped to reach it (present only when there were any).
@@ -65,27 +66,75 @@ class Conversation:
     turns: Tuple[Turn, ...]
 
 
-def load_records(source) -> Sequence[Dict[str, Any]]:
-    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header, or
-    a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    path = Path(source)
+@dataclass(frozen=True)
+class SourceRecord:
+    """A record as read from a file, with where it is: ``data.jsonl: line 3``, ``data.json: record 0``
+    or ``data.csv: row 2`` (row 1 being the header)."""
+
+    where: str
+    record: Any
+
+
+def read_record_file(path) -> List[SourceRecord]:
+    """The records of a ``.json`` list, a ``.jsonl`` file or a ``.csv`` file with a header, each with its place.
+
+    The file must be UTF-8 (a byte-order mark, as spreadsheets write it, is dropped); undecodable
+    bytes, invalid JSON and CSV rows with more fields than the header raise ``ValueError`` naming
+    the file and the line or row."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: no file {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the "
+                         "file as UTF-8") from None
     if suffix == ".json":
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") \
+                from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        return records
+        return [SourceRecord(f"{path}: record {index}", record) for index, record in enumerate(records)]
     if suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(SourceRecord(f"{path}: line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}, column {error.colno}: not valid JSON ({error.msg})") \
+                    from None
+        return records
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    for number, row in enumerate(reader, start=2):
+        if None in row:
+            raise ValueError(f"{path}: row {number}: more fields than the header's {reader.fieldnames}")
+        records.append(SourceRecord(f"{path}: row {number}", row))
+    return records
+
+
+def load_records(source) -> Sequence[Dict[str, Any]]:
+    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header
+    (``read_record_file``), or a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    return [entry.record for entry in read_record_file(source)]
+
+
+def _source_records(source) -> List[SourceRecord]:
+    if isinstance(source, (str, os.PathLike)):
+        return read_record_file(source)
+    return [SourceRecord(f"records[{index}]", record) for index, record in enumerate(source)]
 
 
 def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record",
@@ -114,14 +163,22 @@ def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = 
             if roles != ("human", "gpt")[:len(pair)]:
                 raise ValueError(f"{where}: conversations[{k}:{k + 2}] must be a 'human' then a 'gpt' message, "
                                  f"got {roles}")
-            values = [m.get("value", "") for m in pair]
-            if not all(isinstance(value, str) for value in values):
-                raise ValueError(f"{where}: conversations[{k}:{k + 2}]: every 'value' must be a string")
+            values = [m.get("value") for m in pair]
+            for offset, value in enumerate(values):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: conversations[{k + offset}].value must be a string, got "
+                                     f"{type(value).__name__} ({value!r})")
             turns.append(Turn(values[0], values[1] if len(values) == 2 else None))
     elif record.get("caption") is not None:
-        turns = [Turn(caption_prompt, str(record["caption"]))]
-    elif open_question and any(isinstance(record.get(key), str) for key in ("question", "text")):
-        turns = [Turn(next(record[key] for key in ("question", "text") if isinstance(record.get(key), str)))]
+        if not isinstance(record["caption"], str):
+            raise ValueError(f"{where}: 'caption' must be a string, got {type(record['caption']).__name__} "
+                             f"({record['caption']!r})")
+        turns = [Turn(caption_prompt, record["caption"])]
+    elif open_question and any(record.get(key) is not None for key in ("question", "text")):
+        key = next(key for key in ("question", "text") if record.get(key) is not None)
+        if not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        turns = [Turn(record[key])]
     else:
         expected = "a 'conversations' list (LLaVA format) or a 'caption'" + \
             (", 'question' or 'text'" if open_question else "")
@@ -154,7 +211,7 @@ class _RecordItems:
         return self.image_folder / image if self.image_folder is not None else Path(image)
 
     def pixels(self, image: str) -> torch.Tensor:
-        """The preprocessed image (C, H, W); raises ``OSError`` when it is missing or corrupt."""
+        """The preprocessed image (C, H, W); raises ``OSError`` naming it when it cannot be read."""
         return self.image_processor(images=read_image(self.image_path(image)), return_tensors="pt")["pixel_values"][0]
 
     def blank_pixels(self) -> torch.Tensor:
@@ -166,8 +223,9 @@ class _RecordItems:
             self._blank_pixels = torch.zeros_like(processed[0])
         return self._blank_pixels
 
-    def tokenize(self, conversation: Conversation) -> TokenizedRow:
-        """The conversation as one row (``LMEyeProcessor.row``: the processor's template), cut to ``max_length``."""
+    def tokenize(self, conversation: Conversation, where: str = "record") -> TokenizedRow:
+        """The conversation as one row (``LMEyeProcessor.row``: the processor's template), cut to ``max_length``.
+        Raises ``ValueError`` naming ``where`` when no answer token is left to learn."""
         proc = self.processor
         has_image = conversation.image is not None
         prefix, image_start, body, labels = proc.row(conversation.turns, image=has_image)
@@ -177,9 +235,15 @@ class _RecordItems:
             taken = 0 if proc.encoder_decoder else len(prefix) + (proc.num_requests if has_image else 0)
             room = max(1, self.max_length - taken)
             body, labels = body[:room], labels[:room]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise ValueError(f"{where}: max_length={self.max_length} cuts every answer token (the prefix and "
+                                 f"slots take {taken} of them); raise max_length or shorten the question")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"{where}: no answer token to train on (its answers are empty and the tokenizer has no "
+                             "EOS token to end them)")
         return TokenizedRow(prefix, image_start, body, labels)
 
-    def item(self, conversation: Conversation) -> Optional[Dict[str, Any]]:
+    def item(self, conversation: Conversation, where: str = "record") -> Optional[Dict[str, Any]]:
         """The dataset item of ``conversation``; None when its image is unreadable and the policy skips it."""
         if conversation.image is None:
             pixels = self.blank_pixels()
@@ -191,11 +255,11 @@ class _RecordItems:
                 if self.on_bad_image == "raise":
                     raise
                 if not self.skipped_images and self.warn_skipped:
-                    warnings.warn(f"skipping unreadable image {path} ({error}); later ones are counted in "
+                    warnings.warn(f"skipping unreadable {error}; later ones are counted in "
                                   f"{type(self).__name__}.skipped_images", stacklevel=3)
                 self.skipped_images.append(str(path))
                 return None
-        return {"row": self.tokenize(conversation), "pixel_values": pixels}
+        return {"row": self.tokenize(conversation, where), "pixel_values": pixels}
 
     def with_skipped(self, item: Dict[str, Any], before: int) -> Dict[str, Any]:
         """``item`` with the images skipped since ``skipped_images`` held ``before`` names, if any."""
@@ -223,7 +287,10 @@ class LMEyeDataset(_RecordItems, Dataset):
             ``"skipped_images"``), which ``LMEyeTrainer`` sums over workers and
             ranks. ``"raise"``: raise ``OSError`` naming the file.
         max_length: cut a sample's suffix so that it holds at most this many
-            tokens in all (later turns are lost first); None keeps everything.
+            tokens in all (later turns are lost first, the prefix never); None
+            keeps everything. A sample left with no labelled token (a first
+            question that fills ``max_length`` alone) is refused with a
+            ``ValueError`` naming the record, never trained on with no loss.
             For an encoder-decoder processor it bounds the decoder's sequence
             (the answers and later turns); the encoder's input, the first
             question with the image and the slots, is never cut, as the
@@ -234,9 +301,9 @@ class LMEyeDataset(_RecordItems, Dataset):
                  caption_prompt: str = "", on_bad_image: str = "skip",
                  max_length: Optional[int] = None):
         super().__init__(processor, image_processor, image_folder, caption_prompt, on_bad_image, max_length)
-        records = load_records(records)
-        self.conversations = [parse_record(record, caption_prompt, where=f"records[{index}]")
-                              for index, record in enumerate(records)]
+        entries = _source_records(records)
+        self.places = [entry.where for entry in entries]
+        self.conversations = [parse_record(entry.record, caption_prompt, where=entry.where) for entry in entries]
         if not self.conversations:
             raise ValueError("records: no record to train on")
 
@@ -250,7 +317,8 @@ class LMEyeDataset(_RecordItems, Dataset):
         index %= len(self)
         before = len(self.skipped_images)
         for attempt in range(len(self)):
-            item = self.item(self.conversations[(index + attempt) % len(self)])
+            position = (index + attempt) % len(self)
+            item = self.item(self.conversations[position], where=self.places[position])
             if item is not None:
                 return self.with_skipped(item, before)
         raise OSError("images: no record of the dataset has a readable image")
@@ -288,12 +356,19 @@ class LMEyeStream(_RecordItems, IterableDataset):
         return itertools.islice(enumerate(self.records), worker.id, None, worker.num_workers)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        read = kept = 0
         before = len(self.skipped_images)
         for index, record in self._own_records():
-            item = self.item(parse_record(record, self.caption_prompt, where=f"records[{index}]"))
+            read += 1
+            where = f"records[{index}]"
+            item = self.item(parse_record(record, self.caption_prompt, where=where), where)
             if item is not None:
+                kept += 1
                 yield self.with_skipped(item, before)
                 before = len(self.skipped_images)
+        if read and not kept:  # a pass that trains on nothing must not end as if it had trained
+            raise OSError(f"records: none of the {read} records read has a readable image "
+                          f"({len(self.skipped_images)} skipped, the first {self.skipped_images[0]})")
 
 
 def _is_datasets_stream(records) -> bool:

@@ -25,21 +25,27 @@ Data is LLaVA-style JSON (a list), JSONL or CSV, one record per question (read b
   ``answer``: the right option's index, its letter (``"B"``) or its text.
 
 Open-ended questions are answered by batched greedy generation and scored
-with VQAv2's accuracy and exact match, both after VQAv2's answer
-normalisation. Multiple-choice questions are answered by likelihood: every
-option's answer text is scored on one shared prefix, or for an encoder-decoder
-LLM on one encoding of the question (``lmeye_fast.models.scoring.score_options``),
-and the argmax of the summed and of the per-token log-likelihood are the two
+with VQAv2's accuracy, as the released VQA evaluation computes it
+(``lmeye_fast.vqa``), and exact match after the same normalisation.
+Multiple-choice questions are answered by likelihood: every option's answer
+text is scored on one shared prefix, or for an encoder-decoder LLM on one
+encoding of the question (``lmeye_fast.models.scoring.score_options``), and
+the argmax of the summed and of the per-token log-likelihood are the two
 predictions. ``--circular`` is MMBench's circular evaluation: the question is
 asked once per rotation of its options and counts as right only if every
 rotation is answered right.
+
+The command line checks the whole data file (every record, every image path,
+the task and the template), the adapter folder and ``--output`` before any
+model loads; with ``--output`` the answers are kept as they come
+(``ResultsFile``), and ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import string
 import sys
 import dataclasses
@@ -50,76 +56,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_records, parse_record
-from .files import write_text_atomically
+from .atomic import write_atomic
+from .data import parse_record, read_record_file
 from .models import LMEyeModel, LMEyeProcessor, Turn
+from .models.adapter_files import check_adapter
 from .models.scoring import score_options
 from .models.sources import load_pretrained
 from .models.vision import read_image
+from .vqa import exact_match, normalize_answer, vqa_accuracy
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
-           "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "format_table", "main"]
-
-# ---------------------------------------------------------------- VQAv2 answers
-
-NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-# Contractions written without their apostrophe, as annotators often type them. Words that are
-# also ordinary words without one ("its", "well", "were", "shell", "id") are left alone.
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "howd": "how'd", "hows": "how's", "im": "i'm", "isnt": "isn't",
-    "itd": "it'd", "itll": "it'll", "ive": "i've", "mightnt": "mightn't", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "thered": "there'd",
-    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "wasnt": "wasn't", "werent": "weren't", "weve": "we've", "whats": "what's", "whered": "where'd",
-    "wheres": "where's", "whod": "who'd", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyd": "why'd", "wont": "won't", "wouldnt": "wouldn't", "wouldve": "would've", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've", "yall": "y'all",
-}
-_KEEP = {"'", ":"}  # apostrophes keep possessives apart from plurals, colons keep times ("2:50")
-_PUNCTUATION = re.compile("[" + re.escape("".join(c for c in string.punctuation if c not in _KEEP)) + "]")
-_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
-
-
-def normalize_answer(answer: str) -> str:
-    """VQAv2's answer normalisation: lower case; periods dropped except decimal points; commas
-    between digits dropped (``100,978`` -> ``100978``); other punctuation but apostrophes and
-    colons becomes a space; number words become digits; articles go; contractions missing their
-    apostrophe get it back (``dont`` -> ``don't``)."""
-    if not isinstance(answer, str):
-        raise TypeError(f"answer: expected a string, got {type(answer).__name__}")
-    text = _DIGIT_COMMA.sub("", answer.lower())
-    text = _DECIMAL_POINT.sub("\0", text)  # protect decimal points from the punctuation pass
-    text = _PUNCTUATION.sub(" ", text).replace("\0", ".")
-    words = [NUMBER_WORDS.get(w, CONTRACTIONS.get(w, w)) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
-
-
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2's accuracy: min(#annotators who gave the prediction / 3, 1), averaged over every
-    set of all annotators but one (the 10 choose 9 sets for VQAv2's ten answers), so that it
-    matches how human accuracy is measured. Both sides are normalised first; a single
-    reference answer is used as the one set there is."""
-    if isinstance(answers, str) or len(answers) == 0:
-        raise ValueError(f"answers: expected a non-empty list of reference answers, got {answers!r}")
-    predicted = normalize_answer(prediction)
-    matches = [normalize_answer(a) == predicted for a in answers]
-    if len(matches) == 1:
-        return min(matches[0] / 3.0, 1.0)
-    total = sum(matches)
-    return sum(min((total - left_out) / 3.0, 1.0) for left_out in matches) / len(matches)
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals any normalised reference answer."""
-    predicted = normalize_answer(prediction)
-    return float(any(normalize_answer(a) == predicted for a in answers))
-
+           "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "resolve_task", "check_examples",
+           "ResultsFile", "format_table", "main"]
 
 # ---------------------------------------------------------------- data
 
@@ -162,25 +110,56 @@ def _choice_index(answer, options: List[str], where: str) -> int:
                      f"(options: {options})")
 
 
+def _options(record: dict, where: str) -> List[str]:
+    """A multiple-choice record's options: a list of distinct texts (``options`` or ``choices``), or []."""
+    key = "options" if "options" in record else "choices"
+    options = record.get(key)
+    if options is None:
+        return []
+    if not isinstance(options, list):
+        raise ValueError(f"{where}: {key!r} must be a list of option texts in order, got {type(options).__name__}"
+                         + (" (a mapping: give its values as a list, in order)" if isinstance(options, dict) else ""))
+    for index, option in enumerate(options):
+        if not isinstance(option, str):
+            raise ValueError(f"{where}: {key}[{index}] must be a string, got {type(option).__name__} ({option!r})")
+    repeated = sorted({option for option in options if options.count(option) > 1})
+    if repeated:
+        raise ValueError(f"{where}: {key!r} repeats {repeated[0]!r}, so the right option is ambiguous")
+    return options
+
+
+def _reference_answers(answers, where: str) -> List[str]:
+    """An open-ended record's reference answers: texts, or VQAv2's annotation dicts ``{"answer": text}``."""
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list):
+        raise ValueError(f"{where}: 'answers' must be a list of answer texts, got {type(answers).__name__}")
+    texts = []
+    for index, answer in enumerate(answers):
+        text = answer.get("answer") if isinstance(answer, dict) else answer
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: answers[{index}] must be a string or {{'answer': string}}, got {answer!r}")
+        texts.append(text)
+    return texts
+
+
 def read_examples(path, image_folder=None) -> List[Example]:
     """Read LLaVA-style evaluation records (JSON list, JSONL or CSV; see the module's docstring)."""
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     examples = []
-    for index, record in enumerate(load_records(path)):
-        where = f"{path}: record {index}"
+    for index, entry in enumerate(read_record_file(path)):
+        record, where = entry.record, entry.where
         conversation = parse_record(record, where=where, open_question=True)
         *history, last = conversation.turns
-        options = list(record.get("options", record.get("choices", [])))
+        options = _options(record, where)
         if options:
             if "answer" not in record:
                 raise ValueError(f"{where}: a multiple-choice record needs 'answer'")
             answers, answer = [], _choice_index(record["answer"], options, where)
         else:
             answers = record.get("answers") or [a for a in (record.get("answer"), last.answer) if a is not None][:1]
-            if isinstance(answers, str):
-                answers = [answers]
-            answers = [a["answer"] if isinstance(a, dict) else a for a in answers]  # VQAv2 annotation dicts
+            answers = _reference_answers(answers, where)
             if not answers:
                 raise ValueError(f"{where}: an open-ended record needs 'answers', 'answer' or a last gpt turn")
             answer = None
@@ -294,17 +273,27 @@ def _batches(items: Sequence, batch_size: int, description: str, progress: bool)
 
 
 def evaluate_open(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 16,
-                  question_format: str = "{question}", progress: bool = True):
+                  question_format: str = "{question}", progress: bool = True,
+                  answered: Optional[Dict[int, dict]] = None,
+                  on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
     """Answer open-ended questions by greedy generation: (records, metrics). ``question_format`` formats
-    the question from ``{question}``; each record holds the ``prompt`` the model read."""
-    records = []
-    for chunk in _batches(examples, batch_size, "vqa", progress):
-        prompts = [e.prompt(question_format.format(question=e.question)) for e in chunk]
-        predictions = runner.generate(prompts, [e.image for e in chunk], max_new_tokens)
-        for example, prediction, seen in zip(chunk, predictions, runner.seen_prompts(prompts)):
-            records.append({"id": example.id, "question": example.question, "prompt": seen, "prediction": prediction,
-                            "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
-                            "exact_match": exact_match(prediction, example.answers)})
+    the question from ``{question}``; each record holds the ``prompt`` the model read.
+
+    ``answered`` maps the indices of questions answered already (a resumed run) to their records;
+    ``on_answers`` gets every batch's new ``(index, record)`` pairs as soon as they are scored."""
+    answered = dict(answered or {})
+    asked = [(index, example) for index, example in enumerate(examples) if index not in answered]
+    for chunk in _batches(asked, batch_size, "vqa", progress):
+        prompts = [e.prompt(question_format.format(question=e.question)) for _, e in chunk]
+        predictions = runner.generate(prompts, [e.image for _, e in chunk], max_new_tokens)
+        new = [(index, {"id": example.id, "question": example.question, "prompt": seen, "prediction": prediction,
+                        "answers": example.answers, "vqa_accuracy": vqa_accuracy(prediction, example.answers),
+                        "exact_match": exact_match(prediction, example.answers)})
+               for (index, example), prediction, seen in zip(chunk, predictions, runner.seen_prompts(prompts))]
+        answered.update(new)
+        if on_answers is not None:
+            on_answers(new)
+    records = [answered[index] for index in range(len(examples))]
     return records, _means(records, ("vqa_accuracy", "exact_match"))
 
 
@@ -313,20 +302,25 @@ def _options_text(options: Sequence[str]) -> str:
 
 
 def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: int = 8,
-                    question_format: str = "{question}\n{options}", circular: bool = False, progress: bool = True):
+                    question_format: str = "{question}\n{options}", circular: bool = False, progress: bool = True,
+                    answered: Optional[Dict[int, dict]] = None,
+                    on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
     """Answer multiple-choice questions by the likelihood of each option's text: (records, metrics).
 
     ``question_format`` formats the question from ``{question}`` and ``{options}`` (one ``A. text``
     line per option, in the order of the rotation asked); each record holds the ``prompt`` the model
     read (of each rotation, with ``circular``). With ``circular`` every rotation of the
     options is asked, and ``circular_accuracy`` counts a question only if all are right.
+    ``answered`` and ``on_answers`` are those of ``evaluate_open``: a question is reported once all
+    its rotations are scored.
     """
     for example in examples:
         if not example.is_choice or example.answer is None:
             raise ValueError(f"examples: {example.id} is not a multiple-choice question (options and answer)")
-    asked = [(index, variant) for index, example in enumerate(examples)
+    answered = dict(answered or {})
+    asked = [(index, variant) for index, example in enumerate(examples) if index not in answered
              for variant in (rotations(example) if circular else [example])]
-    results: Dict[int, List[dict]] = {index: [] for index in range(len(examples))}
+    results: Dict[int, List[dict]] = {index: [] for index, _ in asked}
     for chunk in _batches(asked, batch_size, "choice", progress):
         variants = [variant for _, variant in chunk]
         prompts = [v.prompt(question_format.format(question=v.question, options=_options_text(v.options)))
@@ -337,23 +331,29 @@ def evaluate_choice(runner: EvalModel, examples: Sequence[Example], batch_size: 
             results[index].append({"prompt": seen, "options": variant.options, "answer": variant.answer,
                                    "prediction": int(summed.argmax()), "prediction_norm": int(normalised.argmax()),
                                    "log_likelihood": summed.tolist()})
-    records = []
-    for index, example in enumerate(examples):
-        asks = results[index]
-        first = asks[0]
-        record = {"id": example.id, "question": example.question, "prompt": first["prompt"],
-                  "options": example.options,
-                  "answer": example.answer, "prediction": first["prediction"],
-                  "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
-                  "accuracy": float(first["prediction"] == example.answer),
-                  "accuracy_norm": float(first["prediction_norm"] == example.answer)}
-        if circular:
-            record["rotations"] = asks
-            record["circular_accuracy"] = float(all(a["prediction"] == a["answer"] for a in asks))
-            record["circular_accuracy_norm"] = float(all(a["prediction_norm"] == a["answer"] for a in asks))
-        records.append(record)
+        done = sorted({index for index, _ in chunk if len(results[index]) == (len(examples[index].options)
+                                                                                if circular else 1)})
+        new = [(index, _choice_record(examples[index], results.pop(index), circular)) for index in done]
+        answered.update(new)
+        if on_answers is not None:
+            on_answers(new)
+    records = [answered[index] for index in range(len(examples))]
     keys = ("accuracy", "accuracy_norm") + (("circular_accuracy", "circular_accuracy_norm") if circular else ())
     return records, _means(records, keys)
+
+
+def _choice_record(example: Example, asks: List[dict], circular: bool) -> dict:
+    first = asks[0]
+    record = {"id": example.id, "question": example.question, "prompt": first["prompt"],
+              "options": example.options, "answer": example.answer, "prediction": first["prediction"],
+              "prediction_norm": first["prediction_norm"], "log_likelihood": first["log_likelihood"],
+              "accuracy": float(first["prediction"] == example.answer),
+              "accuracy_norm": float(first["prediction_norm"] == example.answer)}
+    if circular:
+        record["rotations"] = asks
+        record["circular_accuracy"] = float(all(a["prediction"] == a["answer"] for a in asks))
+        record["circular_accuracy_norm"] = float(all(a["prediction_norm"] == a["answer"] for a in asks))
+    return record
 
 
 def _means(records: Sequence[dict], keys: Sequence[str]) -> Dict[str, float]:
@@ -369,6 +369,16 @@ def format_table(metrics: Dict[str, float], count: int) -> str:
 
 
 # ---------------------------------------------------------------- command line
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
@@ -392,51 +402,177 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--circular", action="store_true", help="MMBench's circular evaluation (multiple choice)")
     parser.add_argument("--question-format", help="how the question is asked; default '{question}' (vqa), "
                                                   "'{question}\\n{options}' (choice)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--limit", type=int, help="evaluate the first LIMIT questions only")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    parser.add_argument("--limit", type=_positive_int, help="evaluate the first LIMIT questions only")
     parser.add_argument("--schedule", choices=("single_pass", "two_pass", "static"),
                         help="default: the adapter's; an encoder-decoder LLM has two_pass and static only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--output", help="results JSON (metrics, settings and every answer)")
+    parser.add_argument("--output", help="results JSON (metrics, settings and every answer); its folder is created. "
+                                         "Answers are kept as they come in OUTPUT.answers.jsonl until the run ends")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run of --output (same data and settings)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
-        question_format: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16,
-        progress: bool = True):
-    """Evaluate ``examples`` with ``runner``: ``{"task", "num_examples", "metrics", "records"}``."""
+def resolve_task(examples: Sequence[Example], task: str = "auto", circular: bool = False) -> str:
+    """The task of ``examples`` ("vqa" or "choice"), every example checked to be of it."""
     if not examples:
         raise ValueError("examples: nothing to evaluate")
-    if task == "auto":
+    if task not in ("auto", "vqa", "choice"):
+        raise ValueError(f"task: expected 'auto', 'vqa' or 'choice', got {task!r}")
+    given = task != "auto"
+    if not given:
         task = "choice" if examples[0].is_choice else "vqa"
+    for example in examples:
+        if example.is_choice != (task == "choice"):
+            kind = "multiple-choice" if example.is_choice else "open-ended"
+            raise ValueError(f"examples: question {example.id} is {kind}, but the task is {task!r} "
+                             f"(from {'--task' if given else 'the first question'}); one task per data file")
+    if circular and task != "choice":
+        raise ValueError("circular: applies to multiple-choice questions only")
+    return task
+
+
+def check_examples(examples: Sequence[Example], task: str, question_format: Optional[str]) -> None:
+    """What the evaluation will need, checked for every question before any model loads: an image
+    that exists (a path) and a question format whose placeholders are the task's."""
+    for example in examples:
+        if example.image is None:
+            raise ValueError(f"examples: question {example.id} has no 'image' (every question needs one)")
+        if isinstance(example.image, (str, Path)) and not Path(example.image).is_file():
+            raise FileNotFoundError(f"examples: question {example.id}: no image file {example.image}")
+    if question_format is not None:
+        try:
+            question_format.format(question="", options="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"question_format: {question_format!r} is not a format of {{question}}"
+                             f"{' and {options}' if task == 'choice' else ''} ({error!r})") from None
+
+
+def run(runner: EvalModel, examples: Sequence[Example], task: str = "auto", circular: bool = False,
+        question_format: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 16,
+        progress: bool = True, answered: Optional[Dict[int, dict]] = None,
+        on_answers: Optional[Callable[[List[Tuple[int, dict]]], None]] = None):
+    """Evaluate ``examples`` with ``runner``: ``{"task", "circular", "num_examples", "metrics",
+    "prompt_template", "records"}`` (``answered`` and ``on_answers`` as in ``evaluate_open``)."""
+    task = resolve_task(examples, task, circular)
     if task == "choice":
         records, metrics = evaluate_choice(runner, examples, batch_size,
-                                           question_format or "{question}\n{options}", circular, progress)
-    elif task == "vqa":
-        if circular:
-            raise ValueError("circular: applies to multiple-choice questions only")
-        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens,
-                                         question_format or "{question}", progress)
+                                           question_format or "{question}\n{options}", circular, progress,
+                                           answered, on_answers)
     else:
-        raise ValueError(f"task: expected 'auto', 'vqa' or 'choice', got {task!r}")
+        records, metrics = evaluate_open(runner, examples, batch_size, max_new_tokens,
+                                         question_format or "{question}", progress, answered, on_answers)
     return {"task": task, "circular": circular, "num_examples": len(examples), "metrics": metrics,
             "prompt_template": runner.processor.template.to_dict(), "records": records}
 
 
+class ResultsFile:
+    """Where a command-line run keeps its answers: ``OUTPUT.answers.jsonl`` as they come, then ``OUTPUT``.
+
+    The answers file starts with a line of the run's settings; every batch then appends one line
+    per answered question (``{"index", "record"}``), flushed and ``fsync``-ed. A kill can only cut
+    the last line short, and a line without its newline is not read back, so what was answered
+    before is kept. At the end ``OUTPUT`` is written whole (``lmeye_fast.atomic``) and the answers
+    file removed. ``--resume`` reads the answers back, after checking that the settings are the same.
+    """
+
+    # Settings that change the answers: a resumed run must have the same.
+    SAME_ON_RESUME = ("adapter", "llm", "vision", "tokenizer", "image_processor", "response_prefix", "data",
+                      "image_folder", "task", "circular", "question_format", "prompt_template", "max_new_tokens", "limit",
+                      "schedule", "dtype", "llm_revision", "vision_revision")
+
+    def __init__(self, output: Union[str, Path]):
+        self.output = Path(output)
+        self.answers = self.output.with_name(self.output.name + ".answers.jsonl")
+
+    def check(self, resume: bool) -> None:
+        """Refuse an output that cannot be written, before any model loads; create its folder."""
+        if self.output.is_dir():
+            raise IsADirectoryError(f"--output: {self.output} is a folder, expected a results file path")
+        folder = self.output.parent
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"--output: {folder} is a file, expected the folder of {self.output.name}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"--output: cannot create the folder {folder} ({error.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--output: the folder {folder} is not writable")
+        if self.answers.exists() and not resume:
+            raise FileExistsError(f"--output: {self.answers} holds the answers of an interrupted run; pass "
+                                  "--resume to continue it, or remove it to start again")
+        if resume and not self.answers.exists():
+            raise FileNotFoundError(f"--resume: no interrupted run to continue ({self.answers} does not exist)")
+
+    def resume(self, settings: dict, examples: Sequence[Example]) -> Dict[int, dict]:
+        """The answers of the interrupted run, checked against this run's ``settings`` and questions."""
+        lines = self.answers.read_text(encoding="utf-8").split("\n")[:-1]  # the last is cut short or empty
+        if not lines:
+            return {}
+        saved = json.loads(lines[0])["settings"]
+        for key in self.SAME_ON_RESUME:
+            if saved.get(key) != settings.get(key):
+                raise ValueError(f"--resume: --{key.replace('_', '-')} is {settings.get(key)!r}, but the "
+                                 f"interrupted run in {self.answers} used {saved.get(key)!r}")
+        answered = {}
+        for number, line in enumerate(lines[1:], start=2):
+            entry = json.loads(line)
+            index, record = entry["index"], entry["record"]
+            if not 0 <= index < len(examples) or record["id"] != examples[index].id:
+                raise ValueError(f"--resume: {self.answers} line {number}: question {record['id']} is not question "
+                                 f"{index} of --data any more")
+            answered[index] = record
+        return answered
+
+    def start(self, settings: dict) -> None:
+        if not self.answers.exists():
+            self._append([{"settings": settings}])
+
+    def write(self, answers: List[Tuple[int, dict]]) -> None:
+        self._append([{"index": index, "record": record} for index, record in answers])
+
+    def _append(self, entries: List[dict]) -> None:
+        with open(self.answers, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(entry) + "\n" for entry in entries))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, results: dict) -> None:
+        write_atomic(self.output, json.dumps(results, indent=2) + "\n")
+        self.answers.unlink()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the command line; every value, the data file and the adapter folder are checked before any
+    model loads."""
     args = _parser().parse_args(argv)
+    if args.resume and not args.output:
+        raise ValueError("--resume: continues the run of --output; pass --output")
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress", "resume")}
     examples = read_examples(args.data, args.image_folder)[:args.limit]
+    task = resolve_task(examples, args.task, args.circular)
+    check_examples(examples, task, args.question_format)
+    check_adapter(args.adapter, "--adapter")
+    results_file = answered = None
+    if args.output:
+        results_file = ResultsFile(args.output)
+        results_file.check(args.resume)
+        answered = results_file.resume(settings, examples) if args.resume else {}
     runner = load_eval_model(args.adapter, args.llm, args.vision, args.tokenizer, args.image_processor,
                              args.response_prefix, args.device, args.dtype, args.schedule, args.prompt_template,
                              args.llm_revision, args.vision_revision)
-    results = run(runner, examples, args.task, args.circular, args.question_format, args.batch_size,
-                  args.max_new_tokens, not args.no_progress)
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("output", "no_progress")}
-    if args.output:
-        write_text_atomically(args.output, json.dumps(results, indent=2) + "\n")
+    if results_file is not None:
+        results_file.start(settings)
+    results = run(runner, examples, task, args.circular, args.question_format, args.batch_size,
+                  args.max_new_tokens, not args.no_progress, answered,
+                  None if results_file is None else results_file.write)
+    results["settings"] = settings
+    if results_file is not None:
+        results_file.finish(results)
     print(format_table(results["metrics"], results["num_examples"]))
     return results
 

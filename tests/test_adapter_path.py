@@ -154,7 +154,8 @@ def test_overrides_that_contradict_the_adapter_are_refused_naming_both(trained, 
     with pytest.raises(ValueError, match=r"^response_prefix: .* saved with ' ASSISTANT: ', but ' Answer:' was"):
         load_eval_model(adapter, response_prefix=" Answer:")
     with pytest.raises(ValueError, match=r"^template: .* saved with the template 'vicuna'.*but the template 'plain'"):
-        main(["--adapter", adapter, "--data", str(questions), "--prompt-template", "plain", "--no-progress"])
+        main(["--adapter", adapter, "--data", str(questions), "--image-folder", str(tmp_path / "images"),
+              "--prompt-template", "plain", "--no-progress"])
     with pytest.raises(ValueError, match=rf"^vision: the adapter was trained on {clip} \(a 'clip' model\), but "):
         load_pretrained(adapter, vision=str(llm))
     # Agreeing overrides and other copies of the same models are taken.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Union
+
+from .adapter_files import CONFIG_FILE, check_save_id, config_file
 
 __all__ = ["LMEyeConfig", "SCHEDULES", "SEQ2SEQ_SCHEDULES", "VISION_FEATURES", "CONFIG_FILE", "TRANSMISSIONS",
            "REQUEST_POSITIONS", "SPECIAL_ROWS"]
@@ -19,7 +20,6 @@ TRANSMISSIONS = ("shared", "per_slot")
 REQUEST_POSITIONS = ("request_token", "first_slot")
 # How each special token's input row is built, in the order of ``LMEyeConfig.token_ids``.
 SPECIAL_ROWS = ("replace", "add")
-CONFIG_FILE = "lmeye_config.json"
 FORMAT_VERSION = 1
 
 
@@ -173,15 +173,14 @@ class LMEyeConfig:
             raise ValueError(f"LMEye config: unknown fields {unknown} (written by a newer lmeye_fast?)")
         return cls(**data)
 
-    def save(self, directory) -> Path:
-        path = Path(directory) / CONFIG_FILE
-        payload = {"format_version": FORMAT_VERSION, "config": self.to_dict()}
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        return path
+    def payload(self) -> dict:
+        """What ``lmeye_config.json`` holds (``save_pretrained`` adds the save id)."""
+        return {"format_version": FORMAT_VERSION, "config": self.to_dict()}
 
     @classmethod
     def load(cls, directory) -> "LMEyeConfig":
-        path = Path(directory) / CONFIG_FILE
+        """The config of the adapter saved in ``directory`` (``adapter_files.config_file`` says which file)."""
+        path = config_file(directory)
         if not path.is_file():
             raise FileNotFoundError(f"directory: no {CONFIG_FILE} in {directory} (not written by save_pretrained?)")
         try:
@@ -190,4 +189,5 @@ class LMEyeConfig:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION or "config" not in payload:
             raise ValueError(f"{path}: expected an LMEye config with format_version {FORMAT_VERSION}")
+        check_save_id(path, payload)
         return cls.from_dict(payload["config"])

@@ -27,23 +27,21 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .. import __version__
 from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
+from .adapter_files import ADAPTER_FILE, CONFIG_FILE, write_adapter
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
 from .gathered import gathered
 from .processor import IGNORE_INDEX
-from .sources import model_sources
+from .sources import SOURCES_FILE, model_sources
 from .vision import feature_shape, vision_features
 
 __all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE", "AdapterModules", "load_adapter_modules"]
-
-ADAPTER_FILE = "lmeye_adapter.safetensors"
 
 
 @dataclass
@@ -604,13 +602,13 @@ class LMEyeModel(nn.Module):
     def save_pretrained(self, directory) -> None:
         """Write the adapter (``lmeye_adapter.safetensors``), its config (``lmeye_config.json``) and where its LLM,
         vision model and CLIP interaction come from (``lmeye_sources.json``); never the LLM. With the processor's
-        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else.
+
+        A process killed at any moment of the save leaves the adapter that was there or this one, never
+        a mix (``adapter_files``: one save id in all three files, the JSON files renamed last)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt", "lmeye_fast": __version__})
-        self.config.save(directory)
-        model_sources(self).save(directory)
+        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__},
+                      {CONFIG_FILE: self.config.payload(), SOURCES_FILE: model_sources(self).payload()})
 
     @classmethod
     def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,

@@ -31,7 +31,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..files import write_json_atomically
+from ..atomic import replace_files, write_atomic
 from .config import LMEyeConfig
 from .prompts import PromptTemplate, Turn, prompt_template
 
@@ -112,6 +112,13 @@ class LMEyeProcessor:
                     or decoder_start_token_id < 0:
                 raise ValueError(f"decoder_start_token_id: expected a token id (an int >= 0), got "
                                  f"{decoder_start_token_id!r}")
+        marks = {"image_token": image_token, "request_token": request_token, "slot_token": slot_token}
+        for name, mark in marks.items():
+            if not isinstance(mark, str) or not mark.strip():
+                raise ValueError(f"{name}: expected a non-empty string, got {mark!r}")
+        if len(set(marks.values())) < 3:
+            raise ValueError(f"image_token, request_token, slot_token: expected three different tokens, got "
+                             f"{tuple(marks.values())}")
         template = prompt_template(template)
         if response_prefix is not None:
             template = dataclasses.replace(template, response_prefix=response_prefix)
@@ -172,9 +179,10 @@ class LMEyeProcessor:
         """Write the tokenizer (with LMEye's tokens) and ``lmeye_processor.json`` (sizes, template) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(directory)
+        # Each file whole, old or new (the tokenizer's files are read one by one).
+        replace_files(directory, self.tokenizer.save_pretrained)
         payload = {"format_version": PROCESSOR_FORMAT_VERSION, "processor": self.to_dict()}
-        return write_json_atomically(directory / PROCESSOR_FILE, payload)
+        return write_atomic(directory / PROCESSOR_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory, tokenizer=None, **overrides) -> "LMEyeProcessor":
@@ -303,6 +311,15 @@ class LMEyeProcessor:
             raise ValueError("prompts: expected at least one prompt")
         if answers is not None and len(answers) != batch:
             raise ValueError(f"answers: expected {batch} answers (one per prompt), got {len(answers)}")
+        for index, prompt in enumerate(prompts):  # never tokenized as its repr
+            if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and prompt and all(
+                    isinstance(turn, Turn) and isinstance(turn.question, str)
+                    and (turn.answer is None or isinstance(turn.answer, str)) for turn in prompt)):
+                raise TypeError(f"prompts[{index}]: expected a string or a sequence of Turn records with string "
+                                f"texts, got {type(prompt).__name__} ({prompt!r})")
+        for index, text in enumerate(answers or ()):
+            if not isinstance(text, str):
+                raise TypeError(f"answers[{index}]: expected a string, got {type(text).__name__} ({text!r})")
         if images is not None and (not isinstance(images, torch.Tensor) or images.shape[0] != batch):
             raise ValueError(f"images: expected a tensor with batch size {batch}, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")

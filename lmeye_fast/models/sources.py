@@ -22,15 +22,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..checks import check_known_fields
-from ..files import write_json_atomically
+from .adapter_files import adapter_file, check_save_id
 from .config import LMEyeConfig
+
+if TYPE_CHECKING:
+    from .processor import LMEyeProcessor
 
 __all__ = ["Source", "ModelSources", "SOURCES_FILE", "LoadedLMEye", "load_pretrained", "adapter_processor", "source_of", "model_sources"]
 
@@ -69,14 +71,15 @@ class ModelSources:
                 check_known_fields(Source, value, "model source")
         return cls(**{key: None if value is None else Source(**value) for key, value in data.items()})
 
-    def save(self, directory) -> Path:
-        payload = {"format_version": SOURCES_FORMAT_VERSION, "sources": self.to_dict()}
-        return write_json_atomically(Path(directory) / SOURCES_FILE, payload)
+    def payload(self) -> Dict[str, Any]:
+        """What ``lmeye_sources.json`` holds (``LMEyeModel.save_pretrained`` writes it with the adapter)."""
+        return {"format_version": SOURCES_FORMAT_VERSION, "sources": self.to_dict()}
 
     @classmethod
     def load(cls, directory) -> "ModelSources":
-        """The record in ``directory``; an empty one where there is none (an adapter saved before it)."""
-        path = Path(directory) / SOURCES_FILE
+        """The record of the adapter in ``directory``; an empty one where there is none (an adapter saved
+        before it)."""
+        path = adapter_file(directory, SOURCES_FILE)
         if not path.is_file():
             return cls()
         try:
@@ -85,6 +88,7 @@ class ModelSources:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(payload, dict) or payload.get("format_version") != SOURCES_FORMAT_VERSION:
             raise ValueError(f"{path}: expected LMEye model sources with format_version {SOURCES_FORMAT_VERSION}")
+        check_save_id(path, payload)
         return cls.from_dict(payload["sources"])
 
 

@@ -119,8 +119,9 @@ def read_image(image):
     part, and keeps the hidden colour of transparent pixels; here 16-bit images (``I;16*``,
     and ``I``, which Pillow uses for 16-bit PNG and TIFF files) are scaled from 0..65535,
     float images (``F``) from 0..1, and transparent pixels are composited over white. Orientation
-    follows the file's EXIF tag. A file that is missing, cannot be decoded or has a mode Pillow
-    cannot convert raises ``OSError`` naming it.
+    follows the file's EXIF tag. A file that is missing, cannot be decoded, exceeds Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) or has a mode Pillow cannot convert raises
+    ``OSError`` naming it.
     """
     from PIL import Image, ImageOps
 
@@ -129,7 +130,7 @@ def read_image(image):
             with Image.open(image) as file:
                 file.load()
                 picture = file
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:
             raise OSError(f"image {image}: {error}") from error
         name = str(image)
     elif isinstance(image, Image.Image):

@@ -46,7 +46,7 @@ def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None) ->
     text it was trained with between the ``<img-d>`` slots and the answer). Paths are checked here,
     before vLLM starts.
     """
-    from ..models.config import CONFIG_FILE, LMEyeConfig
+    from ..models.adapter_files import check_adapter
 
     paths = {"llm": Path(llm), "adapter": Path(adapter), "vision": Path(vision)}
     for name, path in paths.items():
@@ -58,9 +58,7 @@ def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None) ->
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     if len(architectures) != 1:
         raise ValueError(f"llm: {config_file} names {architectures!r} as its architectures; expected one causal LM")
-    if not (paths["adapter"] / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"adapter: no {CONFIG_FILE} in {paths['adapter']} (not written by save_pretrained?)")
-    LMEyeConfig.load(paths["adapter"])  # a damaged config fails here, named, not inside vLLM's workers
+    check_adapter(paths["adapter"])  # a missing or damaged adapter fails here, named, not inside vLLM's workers
     return {"architectures": [ARCHITECTURE],
             "lmeye": {"llm_architecture": architectures[0], "adapter": str(paths["adapter"].resolve()),
                       "vision": str(paths["vision"].resolve()), "response_prefix": response_prefix}}

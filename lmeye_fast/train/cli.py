@@ -27,10 +27,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from transformers import TrainerCallback
 
+from ..atomic import write_atomic
 from .config import TrainConfig, load_config
 
 __all__ = ["main", "parse_args", "JsonLinesLog", "ProgressBar"]
@@ -97,6 +98,34 @@ class ProgressBar(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# Keys of the adapter's structure that a flag also sets: the flag must agree with a saved adapter.
+ADAPTER_KEYS = ("num_requests", "interaction_dim", "num_heads", "static_hidden_dim")
+
+
+def check_before_loading(config: TrainConfig) -> Tuple[TrainConfig, Optional[Path]]:
+    """What ``TrainConfig`` cannot check alone, checked before any model loads: the adapter folder is
+    complete, the checkpoint to resume exists and is complete, and the adapter flags agree with the
+    adapter that training continues (``adapter``, or the resumed checkpoint's). A flag left at its
+    default takes the adapter's value. Returns the config so completed and the checkpoint to resume."""
+    from ..models import LMEyeConfig
+    from ..models.adapter_files import check_adapter
+    from .checkpoints import checkpoint_to_resume
+
+    resume = checkpoint_to_resume(config.resume, config.output_dir)
+    for key, folder in (("adapter", config.adapter), ("resume", resume)):
+        if folder is None:
+            continue
+        check_adapter(folder, key)
+        saved = LMEyeConfig.load(folder)
+        for name in ADAPTER_KEYS:
+            value, default = getattr(config, name), TrainConfig.__dataclass_fields__[name].default
+            if value != default and value != getattr(saved, name):
+                raise ValueError(f"{name}: {value!r} contradicts the {key} {folder}, saved with {name}="
+                                 f"{getattr(saved, name)!r}")
+        config = dataclasses.replace(config, **{name: getattr(saved, name) for name in ADAPTER_KEYS})
+    return config, resume
 
 
 def _build(config: TrainConfig):
@@ -213,21 +242,6 @@ def _training_arguments(config: TrainConfig):
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False)
 
 
-def _resume_checkpoint(config: TrainConfig) -> Optional[str]:
-    """The checkpoint ``--resume`` names: its directory, the newest ``checkpoint-N`` in ``output_dir`` for
-    true, or None (a fresh run)."""
-    if config.resume is None or config.resume is False:
-        return None
-    if isinstance(config.resume, str):
-        return config.resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    newest = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-    if newest is None:
-        raise ValueError(f"resume: true, but {config.output_dir} holds no checkpoint-N directory to resume from")
-    return newest
-
-
 def main(argv: Optional[List[str]] = None) -> Path:
     """Run the CLI; returns the output directory, which holds the final adapter."""
     config = parse_args(argv)
@@ -237,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from .distributed import per_rank, resident_parameter_bytes
     from .trainer import LMEyeTrainer
 
+    config, resume = check_before_loading(config)
     # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
     # and the vision tower already partitioned (deepspeed.zero.Init), so no rank ever holds all of them.
     args = _training_arguments(config)
@@ -256,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     if config.progress:
         trainer.add_callback(ProgressBar())
-    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
+    result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     trainer.save_model(str(output))
     # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3.
     llm_bytes = per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
@@ -264,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
         # result.metrics holds the run's skipped_images (and skipped_image_files), summed over workers and ranks.
         summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics,
                    "llm_parameter_bytes_per_rank": llm_bytes}
-        (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(output / "train_result.json", json.dumps(summary, indent=2) + "\n")
         line = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         line.update({k: summary[k] for k in ("skipped_image_files", "llm_parameter_bytes_per_rank") if k in summary})
         print(json.dumps(line))

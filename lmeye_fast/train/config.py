@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -94,6 +96,8 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(self)}
         for name, field in fields.items():
             _check_type(name, getattr(self, name), field.type)
+            if isinstance(getattr(self, name), float) and not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
         if self.stage not in (1, 2):
             raise ValueError(f"stage: expected 1 or 2, got {self.stage!r}")
         positive = ("num_requests", "interaction_dim", "num_heads", "batch_size", "gradient_accumulation_steps",
@@ -129,6 +133,12 @@ class TrainConfig:
                 raise ValueError(f"{name}: no directory {getattr(self, name)}")
         if isinstance(self.resume, str) and not Path(self.resume).is_dir():
             raise ValueError(f"resume: no checkpoint directory {self.resume}")
+        output = Path(self.output_dir)
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"output_dir: {output} is a file, expected a folder")
+        existing = next(folder for folder in (output, *output.parents) if folder.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ValueError(f"output_dir: cannot write in {existing} (to create {output})")
         if Path(self.data).suffix.lower() not in (".json", ".jsonl", ".csv"):
             raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {self.data}")
         if self.preset is not None and self.vision_feature is not None:

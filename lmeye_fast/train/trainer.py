@@ -31,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..atomic import replace_files, replacing
 from ..data import SKIPPED_IMAGES
 from ..models.modeling import LMEyeModel
 from ..models.processor import IGNORE_INDEX
+from .checkpoints import checkpoint_to_resume, mark_complete, remove_incomplete_checkpoints, unmark
 from .distributed import leave_frozen_out_of_ddp, per_rank
 
 __all__ = ["LMEyeTrainer", "suffix_loss", "encoder_decoder_loss"]
@@ -93,7 +96,10 @@ class LMEyeTrainer(Trainer):
 
     Checkpoints and ``save_model`` write ``LMEyeModel.save_pretrained``'s adapter
     (plus the Trainer's optimizer, scheduler and RNG state in checkpoints);
-    ``resume_from_checkpoint`` loads that adapter back. The loss is
+    ``resume_from_checkpoint`` loads that adapter back: True takes the newest *complete* checkpoint
+    (``checkpoints.latest_complete_checkpoint``), a path must be a complete one. A checkpoint is
+    marked complete after every rank has written it, and ``save_total_limit`` deletes old ones only
+    then, so a kill while saving never costs the checkpoint before. The loss is
     ``suffix_loss``, or ``encoder_decoder_loss`` for an encoder-decoder LLM.
     """
 
@@ -118,6 +124,29 @@ class LMEyeTrainer(Trainer):
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         return _SkipRecordingCollator(data_collator)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(None if checkpoint is None else str(checkpoint), *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(folder)  # about to be written into: incomplete until every file is new
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the Trainer's rotation would run before the mark
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's part (RNG state, DeepSpeed shards) is written
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            run_dir = os.path.dirname(folder)
+            remove_incomplete_checkpoints(run_dir)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._skipped_here.extend(inputs.pop(SKIPPED_IMAGES, ()))
@@ -185,8 +214,9 @@ class LMEyeTrainer(Trainer):
                 return
             self._adapter_model().save_pretrained(output_dir)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            replace_files(output_dir, self.processing_class.save_pretrained)
+        with replacing(os.path.join(output_dir, "training_args.bin")) as temporary:
+            torch.save(self.args, temporary)
 
     def _save_optimizer_and_scheduler(self, output_dir) -> None:
         if self.is_deepspeed_enabled:
