@@ -11,6 +11,13 @@ Cases, each for the providers ``static-only``, ``lmeye-two-pass`` and ``lmeye-si
 - ``generate``: greedy generation of a fixed number of new tokens, reported
   as tokens per second.
 
+And the released v1 layout (``lmeye_fast.models.released``) on each LLM shape: one ``<img>`` vector,
+five ``<img-d>`` slots each transmitted by its own map, one request read at the first slot (no
+``<img-q>``: the single pass runs the prefix, probes the first slot on its cache and drops the probe),
+special rows as word row plus learned vector; ``prefill`` and ``generate``. Its IPN is the built-in
+attention over the five sub-features of the one image vector (the release's frozen CLIP text pass
+costs about as little beside the LLM).
+
 And for an encoder-decoder LLM (``LMEyeSeq2SeqModel``, a T5 of its own shape),
 ``prefill`` and ``train-step`` (static mapping, special-token embeddings and
 IPN trainable) for the providers ``seq2seq-two-encoder-passes`` (the
@@ -76,7 +83,13 @@ class Case:
     heads: int = 12
     rounds: int = 7  # interleaved rounds after ``warmup`` untimed ones (harness.time_interleaved)
     warmup: int = 2
+    released_v1: bool = False  # the released v1 layout: the request at the first of ``slots`` slots
+    slots: int = 0  # K, when it differs from the requests
     RECORDED: ClassVar[Tuple[str, ...]] = ("T", "prefix", "image_tokens", "requests")  # in each summary row
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots or self.requests
 
 GPU = Case("llama-2048x16 B=8 T=1024 P=801", torch.bfloat16, B=8, T=1024, prefix=801, image_tokens=256,
            vision_dim=1024, requests=5, answer=64, new_tokens=32,
@@ -91,15 +104,26 @@ CPU = Case("llama-512x8 B=2 T=384 P=300", torch.float32, B=2, T=384, prefix=300,
                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512))
 
 
+def v1_case(case: Case) -> Case:
+    """``case``'s LLM and lengths in the released v1 layout."""
+    return dataclasses.replace(case, label=case.label.replace(" B=", " v1-layout B="), released_v1=True,
+                               image_tokens=1, requests=1, slots=5)
+
+
+GPU_V1, CPU_V1 = v1_case(GPU), v1_case(CPU)
+
+
 def build(case: Case, dev: torch.device):
     config = LlamaConfig(**case.llm, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.device(dev):
         llm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=case.dtype)
     vocab = case.llm["vocab_size"]
+    layout = dict(num_slots=case.num_slots, transmission="per_slot", sub_features=case.num_slots,
+                  request_position="first_slot", special_rows="add") if case.released_v1 else {}
     lmeye = LMEyeConfig(num_image_tokens=case.image_tokens, num_requests=case.requests,
                         interaction_dim=case.interaction_dim, num_heads=case.heads, vision_dim=case.vision_dim,
                         image_token_id=vocab - 3, request_token_id=vocab - 2, slot_token_id=vocab - 1,
-                        pad_token_id=0, vocab_size=vocab)
+                        pad_token_id=0, vocab_size=vocab, **layout)
     model = LMEyeModel(llm, lmeye).to(dtype=case.dtype).eval()
     return model
 
@@ -107,7 +131,7 @@ def build(case: Case, dev: torch.device):
 def make_batch(case: Case, dev: torch.device) -> dict:
     """The processor's layout without a tokenizer: rows of different lengths, left-padded prefix, right-padded suffix."""
     vocab = case.llm["vocab_size"]
-    B, T, P, N, R = case.B, case.T, case.prefix, case.image_tokens, case.requests
+    B, T, P, N, R = case.B, case.T, case.prefix, case.image_tokens, case.num_slots
     ids = torch.randint(3, vocab - 3, (B, T), device=dev)
     mask = torch.ones(B, T, dtype=torch.long, device=dev)
     labels = torch.full((B, T), -100, dtype=torch.long, device=dev)
@@ -119,12 +143,13 @@ def make_batch(case: Case, dev: torch.device) -> dict:
     ids[mask == 0] = 0
     image_pos = left[:, None] + 1 + torch.arange(N, device=dev)
     ids[rows[:, None], image_pos] = vocab - 3
-    ids[:, P - 1] = vocab - 2
+    if not case.released_v1:  # v1 has no <img-q>: the request is read at the first slot
+        ids[:, P - 1] = vocab - 2
     ids[:, P:P + R] = vocab - 1
     answer = (cols >= T - right[:, None] - case.answer) & (mask == 1)
     labels[answer] = ids[answer]
     return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                image_pos=image_pos, request_pos=torch.full((B,), P - 1, device=dev),
+                image_pos=image_pos, request_pos=torch.full((B,), P if case.released_v1 else P - 1, device=dev),
                 slot_pos=P + torch.arange(R, device=dev).expand(B, -1), prefix_len=P, labels=labels,
                 image_features=torch.randn(B, N, case.vision_dim, device=dev, dtype=case.dtype))
 
@@ -198,8 +223,19 @@ def train_step(model, batch, schedule):
     return step
 
 
-def test_prefill(benchmark, setup):
-    case, dev, model, batch = setup
+@pytest.fixture(scope="module")
+def v1_setup():
+    yield from prepared(GPU_V1, CPU_V1, build, make_batch)
+
+
+@pytest.fixture(params=["default", "released-v1"])
+def any_setup(request):
+    """The default layout's model and batch, or the released v1 layout's."""
+    return request.getfixturevalue("setup" if request.param == "default" else "v1_setup")
+
+
+def test_prefill(benchmark, any_setup):
+    case, dev, model, batch = any_setup
 
     def prefill(schedule):
         def run():
@@ -255,10 +291,10 @@ def test_train_step_frozen_prefix(benchmark, setup):
     report(benchmark, case, dev, "train-step-frozen-prefix", times, merged(notes, peak_memory(calls, dev)))
 
 
-def test_generate(benchmark, setup):
-    case, dev, model, batch = setup
+def test_generate(benchmark, any_setup):
+    case, dev, model, batch = any_setup
     # The prompt ends with the slots: every row's last column is a real token.
-    prompt = {k: (v[:, :case.prefix + case.requests] if k in ("input_ids", "attention_mask", "position_ids")
+    prompt = {k: (v[:, :case.prefix + case.num_slots] if k in ("input_ids", "attention_mask", "position_ids")
                   else v) for k, v in batch.items() if k != "labels"}
 
     def generate(schedule):

@@ -79,7 +79,7 @@ def run_hf(root, prompts, images, args):
 
     runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix="w0 w1",
                              device=args.device, dtype=args.dtype)
-    batch = runner.processor([runner.prompt(p) for p in prompts]).to(args.device)
+    batch = runner.processor(prompts).to(args.device)
     inputs = runner.image_inputs(images)
 
     def generate(tokens):

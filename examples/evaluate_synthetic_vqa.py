@@ -91,8 +91,8 @@ def main():
     open_ended, choice = held_out(splits[1][0], images, rng)
     runner = EvalModel(model, processor)
     _, vqa = evaluate_open(runner, open_ended, batch_size=64, max_new_tokens=1)
-    _, plain = evaluate_choice(runner, choice, batch_size=64, template="{question}")
-    _, listed = evaluate_choice(runner, choice, batch_size=64, template="{options} {question}", circular=True)
+    _, plain = evaluate_choice(runner, choice, batch_size=64, question_format="{question}")
+    _, listed = evaluate_choice(runner, choice, batch_size=64, question_format="{options} {question}", circular=True)
     metrics = {"open-ended VQA accuracy": vqa["vqa_accuracy"], "open-ended exact match": vqa["exact_match"],
                "choice, summed log-likelihood": plain["accuracy"],
                "choice, per-token log-likelihood": plain["accuracy_norm"],

@@ -1,13 +1,15 @@
 """LMEye end to end on files: LLaVA-format data on disk, both stages with the training CLI, in one process
-and under ``torchrun --nproc_per_node 2``, then held-out accuracy of each.
+and under ``torchrun --nproc_per_node 2``, then held-out accuracy of each with the evaluation CLI, which
+reads nothing but the adapter directory and the questions.
 
     python examples/train_llava_format.py                  # ~5 minutes on 2 CPU cores
     python examples/train_llava_format.py --steps 60 --processes 1
 
 The data: PNGs of a coloured circle or square drawn with Pillow, stage-1
 captions ("a red circle") as JSONL, stage-2 two-turn conversations ("what colour
-is it" / "what shape is it") in LLaVA's JSON format, and a held-out set of new
-images. The models are a tiny random Llama and CLIP tower saved as Hugging Face
+is it" / "what shape is it") in LLaVA's JSON format, and held-out questions about
+new images, one file per question kind (``held_out_colour.json``, ``held_out_shape.json``).
+The models are a tiny random Llama and CLIP tower saved as Hugging Face
 directories, so nothing is downloaded; with real ones only ``--llm``/``--vision``
 of the CLI change (see the README, "Training on your data").
 """
@@ -23,18 +25,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
-from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
+from transformers import CLIPImageProcessor
 
-from lmeye_fast.models import LMEyeModel, LMEyeProcessor
 from lmeye_fast.models.tiny import tiny_clip, tiny_llm, word_tokenizer
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 210), "yellow": (220, 200, 40)}
 SHAPES = ("circle", "square")
 QUESTIONS = {"colour": "what colour is it", "shape": "what shape is it"}
 IMAGE_SIZE = 32
-TEMPLATE = {"user_prefix": "USER: ", "assistant_prefix": " ASSISTANT: "}
 
 
 def draw(colour: str, shape: str, rng: random.Random) -> Image.Image:
@@ -48,7 +47,7 @@ def draw(colour: str, shape: str, rng: random.Random) -> Image.Image:
 
 
 def write_data(directory: Path, count: int, held_out: int, seed: int) -> None:
-    """images/*.png, captions.jsonl (stage 1), llava.json (stage 2) and held_out.json."""
+    """images/*.png, captions.jsonl (stage 1), llava.json (stage 2) and held_out_{colour,shape}.json."""
     rng = random.Random(seed)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     captions, conversations, test = [], [], []
@@ -56,18 +55,21 @@ def write_data(directory: Path, count: int, held_out: int, seed: int) -> None:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         name = f"{index}.png"
         draw(colour, shape, rng).save(directory / "images" / name)
+        answers = {"colour": colour, "shape": shape}
         if index >= count:
-            test.append({"image": name, "colour": colour, "shape": shape})
+            test.append((name, answers))
             continue
         captions.append({"image": name, "caption": f"a {colour} {shape}"})
         first, second = rng.sample(list(QUESTIONS), 2)
-        answers = {"colour": colour, "shape": shape}
         conversations.append({"id": str(index), "image": name, "conversations": [
             {"from": "human", "value": f"<image>\n{QUESTIONS[first]}"}, {"from": "gpt", "value": answers[first]},
             {"from": "human", "value": QUESTIONS[second]}, {"from": "gpt", "value": answers[second]}]})
     (directory / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     (directory / "llava.json").write_text(json.dumps(conversations))
-    (directory / "held_out.json").write_text(json.dumps(test))
+    for kind, question in QUESTIONS.items():
+        held_out = [{"image": f"images/{name}", "question": f"<image>\n{question}", "answers": [answers[kind]]}
+                    for name, answers in test]
+        (directory / f"held_out_{kind}.json").write_text(json.dumps(held_out))
 
 
 def write_models(directory: Path) -> None:
@@ -87,7 +89,7 @@ def train(root: Path, name: str, processes: int, steps: int, batch_size: int) ->
     base = {"llm": str(root / "models" / "llm"), "vision": str(root / "models" / "vision"),
             "image_folder": str(root / "data" / "images"), "num_requests": 4, "interaction_dim": 64,
             "num_heads": 4, "batch_size": batch_size // processes, "num_workers": 1, "logging_steps": 20,
-            "save_steps": steps, "warmup_steps": steps // 10, **TEMPLATE}
+            "save_steps": steps, "warmup_steps": steps // 10}
     stages = [{"stage": 1, "data": str(root / "data" / "captions.jsonl"), "learning_rate": 3e-3,
                "output_dir": str(root / name / "stage1"), "max_steps": steps // 2},
               {"stage": 2, "data": str(root / "data" / "llava.json"), "learning_rate": 2e-3,
@@ -104,24 +106,18 @@ def train(root: Path, name: str, processes: int, steps: int, batch_size: int) ->
     return root / name / "stage2"
 
 
-@torch.no_grad()
 def accuracy(root: Path, adapter: Path) -> dict:
-    """Greedy answers to both questions about every held-out image, scored by exact match per question kind."""
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    image_processor = AutoImageProcessor.from_pretrained(root / "models" / "vision")
-    model = LMEyeModel.from_pretrained(adapter, AutoModelForCausalLM.from_pretrained(root / "models" / "llm"),
-                                       vision=AutoModel.from_pretrained(root / "models" / "vision")).eval()
-    processor = LMEyeProcessor(tokenizer, model.config.num_image_tokens, model.config.num_requests,
-                               response_prefix=TEMPLATE["assistant_prefix"])
-    test = json.loads((root / "data" / "held_out.json").read_text())
-    pixels = torch.stack([image_processor(images=Image.open(root / "data" / "images" / t["image"]).convert("RGB"),
-                                          return_tensors="pt")["pixel_values"][0] for t in test])
+    """Greedy one-word answers to both questions about every held-out image, by the evaluation CLI from the
+    adapter directory alone (it records the models and the prompt template); exact match per question kind."""
     scores = {}
-    for kind, question in QUESTIONS.items():
-        prompts = [TEMPLATE["user_prefix"] + "<img>" + question] * len(test)
-        tokens = model.generate(**processor(prompts, images=pixels), max_new_tokens=2, do_sample=False)
-        answers = [text.split()[0] if text.split() else "" for text in processor.decode(tokens)]
-        scores[kind] = sum(a == t[kind] for a, t in zip(answers, test)) / len(test)
+    for kind in QUESTIONS:
+        output = adapter / f"held_out_{kind}.json"
+        command = [sys.executable, "-m", "lmeye_fast.eval", "--adapter", str(adapter),
+                   "--data", str(root / "data" / f"held_out_{kind}.json"), "--max-new-tokens", "1",
+                   "--batch-size", "64", "--device", "cpu", "--no-progress", "--output", str(output)]
+        print(f"$ {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+        scores[kind] = json.loads(output.read_text())["metrics"]["exact_match"]
     return scores
 
 

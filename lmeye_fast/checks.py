@@ -8,6 +8,7 @@ distinct slots) need a host sync, so they run only where indices are built
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -103,3 +104,13 @@ def metadata_key(*parts) -> tuple:
 
 
 _Tensor = torch.Tensor
+
+
+def check_known_fields(record_class, data, what: str) -> None:
+    """Refuse keys of ``data`` (a saved record) that are not fields of the dataclass ``record_class``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected a JSON object of fields, got {type(data).__name__}")
+    known = {field.name for field in dataclasses.fields(record_class)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {unknown} (written by a newer lmeye_fast?)")

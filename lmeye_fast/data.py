@@ -13,11 +13,14 @@ conversation in LLaVA's format (stage 2)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
                        {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."}]}
 
-A conversation is laid out as LMEye reads it: the first human turn (with the
-image's ``<img>`` block where ``<image>`` stood, first when it is absent) ends
-the prefix with ``<img-q>``; the ``<img-d>`` slots follow, then the first
-answer and every later turn. The labels are the answers' tokens and the
-end-of-turn token after each, nothing else. A record without ``"image"`` is a
+A conversation is laid out by the processor's prompt template
+(``LMEyeProcessor.row``, the function evaluation builds its prompts with too): the
+first human turn with the image's ``<img>`` block (where the template puts it;
+LLaVA's ``<image>`` tag is taken care of) ends the prefix with ``<img-q>``; the
+``<img-d>`` slots follow, then the response prefix, the first answer and every
+later turn. The labels are the answers' tokens and the end-of-turn token after
+each, nothing else. Images are read by ``lmeye_fast.models.vision.read_image``
+(every Pillow mode, 16-bit included, to 8-bit RGB). A record without ``"image"`` is a
 text-only sample: no ``<img>`` block, no slots, and the IPN writes nothing into
 it. A caption is the one-turn conversation ``caption_prompt`` -> caption.
 
@@ -30,6 +33,7 @@ decoder's (docs/encoder_decoder.md).
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -42,60 +46,107 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .models.processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor, TokenizedRow
+from .models.prompts import LLAVA_IMAGE_TAG, Turn
+from .models.vision import read_image
 
-__all__ = ["ChatTemplate", "Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "parse_record",
-           "BAD_IMAGE_POLICIES"]
+__all__ = ["Conversation", "LMEyeDataset", "LMEyeStream", "LMEyeCollator", "load_records", "read_record_file",
+           "SourceRecord", "parse_record", "BAD_IMAGE_POLICIES", "SKIPPED_IMAGES"]
 
-LLAVA_IMAGE_TOKEN = "<image>"
 BAD_IMAGE_POLICIES = ("skip", "raise")
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """The text around the turns of a conversation (Vicuna v1 style by default).
-
-    The prompt of turn k is ``system`` (first turn only) + ``user`` + question +
-    ``assistant``; the answer follows it and ends with the tokenizer's EOS.
-    """
-
-    system: str = ""
-    user: str = "USER: "
-    assistant: str = " ASSISTANT: "
+# The key of a dataset item that lists the images skipped to reach it (present only when there were any).
+SKIPPED_IMAGES = "skipped_images"
 
 
 @dataclass(frozen=True)
 class Conversation:
-    """A parsed record: the image path (None for text-only) and its (question, answer) turns."""
+    """A parsed record: the image path (None for text-only) and its turns; the last turn's answer is None
+    for a question that asks for one (an evaluation record)."""
 
     image: Optional[str]
-    turns: Tuple[Tuple[str, str], ...]
+    turns: Tuple[Turn, ...]
 
 
-def load_records(source) -> Sequence[Dict[str, Any]]:
-    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header, or
-    a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    path = Path(source)
+@dataclass(frozen=True)
+class SourceRecord:
+    """A record as read from a file, with where it is: ``data.jsonl: line 3``, ``data.json: record 0``
+    or ``data.csv: row 2`` (row 1 being the header)."""
+
+    where: str
+    record: Any
+
+
+def read_record_file(path) -> List[SourceRecord]:
+    """The records of a ``.json`` list, a ``.jsonl`` file or a ``.csv`` file with a header, each with its place.
+
+    The file must be UTF-8 (a byte-order mark, as spreadsheets write it, is dropped); undecodable
+    bytes, invalid JSON and CSV rows with more fields than the header raise ``ValueError`` naming
+    the file and the line or row."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: no file {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the "
+                         "file as UTF-8") from None
     if suffix == ".json":
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") \
+                from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        return records
+        return [SourceRecord(f"{path}: record {index}", record) for index, record in enumerate(records)]
     if suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"data: expected a .json, .jsonl or .csv file, got {path}")
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(SourceRecord(f"{path}: line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}, column {error.colno}: not valid JSON ({error.msg})") \
+                    from None
+        return records
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    for number, row in enumerate(reader, start=2):
+        if None in row:
+            raise ValueError(f"{path}: row {number}: more fields than the header's {reader.fieldnames}")
+        records.append(SourceRecord(f"{path}: row {number}", row))
+    return records
 
 
-def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record") -> Conversation:
-    """A caption or LLaVA conversation record as a ``Conversation``; malformed ones raise, naming ``where``."""
+def load_records(source) -> Sequence[Dict[str, Any]]:
+    """Records from a ``.json`` list (LLaVA's files), a ``.jsonl`` file, a ``.csv`` file with a header
+    (``read_record_file``), or a sequence of dicts (a list, a ``datasets.Dataset``) passed through as it is."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    return [entry.record for entry in read_record_file(source)]
+
+
+def _source_records(source) -> List[SourceRecord]:
+    if isinstance(source, (str, os.PathLike)):
+        return read_record_file(source)
+    return [SourceRecord(f"records[{index}]", record) for index, record in enumerate(source)]
+
+
+def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = "record",
+                 open_question: bool = False) -> Conversation:
+    """A caption, LLaVA conversation or question record as a ``Conversation``; malformed ones raise, naming
+    ``where``.
+
+    ``conversations``: alternating ``human`` / ``gpt`` messages; ``caption``: the one turn
+    ``caption_prompt`` -> caption. With ``open_question`` (evaluation records) a conversation may
+    end with a ``human`` message, and a record may instead hold its question as ``question`` or
+    ``text`` (LLaVA's evaluation files): the last turn then has no answer.
+    """
     if not isinstance(record, Mapping):
         raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
     image = record.get("image") or None
@@ -103,63 +154,65 @@ def parse_record(record: Dict[str, Any], caption_prompt: str = "", where: str = 
         raise ValueError(f"{where}: 'image' must be a path string, got {type(image).__name__}")
     if record.get("conversations") is not None:
         messages = record["conversations"]
-        if not isinstance(messages, list) or not messages or len(messages) % 2:
+        if not isinstance(messages, list) or not messages or (len(messages) % 2 and not open_question):
             raise ValueError(f"{where}: 'conversations' must be a non-empty list of human/gpt pairs")
         turns = []
         for k in range(0, len(messages), 2):
-            ask, answer = messages[k], messages[k + 1]
-            roles = (ask.get("from"), answer.get("from")) if isinstance(ask, dict) and isinstance(answer, dict) \
-                else None
-            if roles != ("human", "gpt"):
+            pair = messages[k:k + 2]
+            roles = tuple(m.get("from") if isinstance(m, dict) else None for m in pair)
+            if roles != ("human", "gpt")[:len(pair)]:
                 raise ValueError(f"{where}: conversations[{k}:{k + 2}] must be a 'human' then a 'gpt' message, "
                                  f"got {roles}")
-            turns.append((str(ask.get("value", "")), str(answer.get("value", ""))))
+            values = [m.get("value") for m in pair]
+            for offset, value in enumerate(values):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: conversations[{k + offset}].value must be a string, got "
+                                     f"{type(value).__name__} ({value!r})")
+            turns.append(Turn(values[0], values[1] if len(values) == 2 else None))
     elif record.get("caption") is not None:
-        turns = [(caption_prompt, str(record["caption"]))]
+        if not isinstance(record["caption"], str):
+            raise ValueError(f"{where}: 'caption' must be a string, got {type(record['caption']).__name__} "
+                             f"({record['caption']!r})")
+        turns = [Turn(caption_prompt, record["caption"])]
+    elif open_question and any(record.get(key) is not None for key in ("question", "text")):
+        key = next(key for key in ("question", "text") if record.get(key) is not None)
+        if not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        turns = [Turn(record[key])]
     else:
-        raise ValueError(f"{where}: expected a 'conversations' list (LLaVA format) or a 'caption'")
-    if any(LLAVA_IMAGE_TOKEN in question for question, _ in turns[1:]):
-        raise ValueError(f"{where}: only the first human turn may hold {LLAVA_IMAGE_TOKEN!r}")
-    if image is None and LLAVA_IMAGE_TOKEN in turns[0][0]:
-        raise ValueError(f"{where}: {LLAVA_IMAGE_TOKEN!r} in a record without 'image'")
+        expected = "a 'conversations' list (LLaVA format) or a 'caption'" + \
+            (", 'question' or 'text'" if open_question else "")
+        raise ValueError(f"{where}: expected {expected}")
+    if any(LLAVA_IMAGE_TAG in turn.question for turn in turns[1:]):
+        raise ValueError(f"{where}: only the first human turn may hold {LLAVA_IMAGE_TAG!r}")
+    if image is None and LLAVA_IMAGE_TAG in turns[0].question:
+        raise ValueError(f"{where}: {LLAVA_IMAGE_TAG!r} in a record without 'image'")
     return Conversation(image, tuple(turns))
-
-
-def _first_question(question: str, image_token: str) -> str:
-    """LLaVA writes ``<image>\\n`` before (or ``\\n<image>`` after) the question; the newline goes with it."""
-    for form in (LLAVA_IMAGE_TOKEN + "\n", "\n" + LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKEN):
-        if form in question:
-            return question.replace(form, image_token, 1).strip()
-    return question.strip()
 
 
 class _RecordItems:
     """What both datasets share: a parsed record into its tokenized row and preprocessed pixels."""
 
-    def __init__(self, processor: LMEyeProcessor, image_processor, image_folder, template: ChatTemplate,
-                 caption_prompt: str, on_bad_image: str, max_length: Optional[int]):
+    def __init__(self, processor: LMEyeProcessor, image_processor, image_folder, caption_prompt: str,
+                 on_bad_image: str, max_length: Optional[int]):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image: expected one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
         self.processor, self.image_processor = processor, image_processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.template, self.caption_prompt = template, caption_prompt
+        self.caption_prompt = caption_prompt
         self.on_bad_image, self.max_length = on_bad_image, max_length
         self.skipped_images: List[str] = []
+        self.warn_skipped = True  # LMEyeTrainer turns it off and warns once per run itself
         self._blank_pixels: Optional[torch.Tensor] = None
 
     def image_path(self, image: str) -> Path:
         return self.image_folder / image if self.image_folder is not None else Path(image)
 
     def pixels(self, image: str) -> torch.Tensor:
-        """The preprocessed image (C, H, W); raises ``OSError`` when it is missing or corrupt."""
-        from PIL import Image
-
-        path = self.image_path(image)
-        with Image.open(path) as file:
-            picture = file.convert("RGB")
-        return self.image_processor(images=picture, return_tensors="pt")["pixel_values"][0]
+        """The preprocessed image (C, H, W); raises ``OSError`` naming it when it cannot be read."""
+        return self.image_processor(images=read_image(self.image_path(image)), return_tensors="pt")["pixel_values"][0]
 
     def blank_pixels(self) -> torch.Tensor:
         """Zeros shaped like a preprocessed image: the pixels of a text-only sample, which nothing reads."""
@@ -170,46 +223,49 @@ class _RecordItems:
             self._blank_pixels = torch.zeros_like(processed[0])
         return self._blank_pixels
 
-    def tokenize(self, conversation: Conversation) -> TokenizedRow:
-        """The conversation as one row: the first question ends the prefix, every answer is labelled."""
-        proc, template = self.processor, self.template
-        end = [] if proc.eos_token_id is None else [proc.eos_token_id]
+    def tokenize(self, conversation: Conversation, where: str = "record") -> TokenizedRow:
+        """The conversation as one row (``LMEyeProcessor.row``: the processor's template), cut to ``max_length``.
+        Raises ``ValueError`` naming ``where`` when no answer token is left to learn."""
+        proc = self.processor
         has_image = conversation.image is not None
-        (question, answer), later = conversation.turns[0], conversation.turns[1:]
-        if has_image:
-            question = _first_question(question, proc.image_token)
-        prefix, image_start = proc.prefix_ids(template.system + template.user + question, image=has_image)
-        body, labels = [], []
-        for ask, reply in ((None, answer),) + later:
-            prompt = proc.encode(template.assistant if ask is None else template.user + ask + template.assistant)
-            target = proc.encode(reply) + end
-            body += prompt + target
-            labels += [IGNORE_INDEX] * len(prompt) + target
+        prefix, image_start, body, labels = proc.row(conversation.turns, image=has_image)
         if self.max_length is not None:
             # The prefix is never cut. A decoder-only LLM reads prefix, slots and body as one sequence; an
             # encoder-decoder LLM reads the body alone in its decoder, the prefix and slots in its encoder.
             taken = 0 if proc.encoder_decoder else len(prefix) + (proc.num_requests if has_image else 0)
             room = max(1, self.max_length - taken)
             body, labels = body[:room], labels[:room]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise ValueError(f"{where}: max_length={self.max_length} cuts every answer token (the prefix and "
+                                 f"slots take {taken} of them); raise max_length or shorten the question")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"{where}: no answer token to train on (its answers are empty and the tokenizer has no "
+                             "EOS token to end them)")
         return TokenizedRow(prefix, image_start, body, labels)
 
-    def item(self, conversation: Conversation) -> Optional[Dict[str, Any]]:
+    def item(self, conversation: Conversation, where: str = "record") -> Optional[Dict[str, Any]]:
         """The dataset item of ``conversation``; None when its image is unreadable and the policy skips it."""
         if conversation.image is None:
             pixels = self.blank_pixels()
         else:
             try:
                 pixels = self.pixels(conversation.image)
-            except OSError as error:  # PIL raises OSError subclasses for missing and undecodable files
+            except OSError as error:  # read_image raises OSError, naming the file, for every unreadable one
                 path = self.image_path(conversation.image)
                 if self.on_bad_image == "raise":
-                    raise OSError(f"image {path}: {error}") from error
-                if not self.skipped_images:
-                    warnings.warn(f"skipping unreadable image {path} ({error}); later ones are counted in "
+                    raise
+                if not self.skipped_images and self.warn_skipped:
+                    warnings.warn(f"skipping unreadable {error}; later ones are counted in "
                                   f"{type(self).__name__}.skipped_images", stacklevel=3)
                 self.skipped_images.append(str(path))
                 return None
-        return {"row": self.tokenize(conversation), "pixel_values": pixels}
+        return {"row": self.tokenize(conversation, where), "pixel_values": pixels}
+
+    def with_skipped(self, item: Dict[str, Any], before: int) -> Dict[str, Any]:
+        """``item`` with the images skipped since ``skipped_images`` held ``before`` names, if any."""
+        if len(self.skipped_images) > before:
+            item[SKIPPED_IMAGES] = self.skipped_images[before:]
+        return item
 
 
 class LMEyeDataset(_RecordItems, Dataset):
@@ -222,15 +278,19 @@ class LMEyeDataset(_RecordItems, Dataset):
         image_processor: the vision tower's image processor (e.g.
             ``AutoImageProcessor.from_pretrained(vision_name)``), called on a PIL image.
         image_folder: the directory record image paths are relative to.
-        template: the conversation's role texts.
         caption_prompt: the question of a caption record.
         on_bad_image: ``"skip"``: an image that is missing or cannot be decoded
             is skipped and the item is the next readable record (so batches keep
             their size); the first is warned about, all are counted in
             ``skipped_images`` (per process: each DataLoader worker counts its
-            own). ``"raise"``: raise ``OSError`` naming the file.
+            own), and the item names those skipped to reach it (its
+            ``"skipped_images"``), which ``LMEyeTrainer`` sums over workers and
+            ranks. ``"raise"``: raise ``OSError`` naming the file.
         max_length: cut a sample's suffix so that it holds at most this many
-            tokens in all (later turns are lost first); None keeps everything.
+            tokens in all (later turns are lost first, the prefix never); None
+            keeps everything. A sample left with no labelled token (a first
+            question that fills ``max_length`` alone) is refused with a
+            ``ValueError`` naming the record, never trained on with no loss.
             For an encoder-decoder processor it bounds the decoder's sequence
             (the answers and later turns); the encoder's input, the first
             question with the image and the slots, is never cut, as the
@@ -238,13 +298,12 @@ class LMEyeDataset(_RecordItems, Dataset):
     """
 
     def __init__(self, records, processor: LMEyeProcessor, image_processor, image_folder=None,
-                 template: ChatTemplate = ChatTemplate(), caption_prompt: str = "", on_bad_image: str = "skip",
+                 caption_prompt: str = "", on_bad_image: str = "skip",
                  max_length: Optional[int] = None):
-        super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
-                         max_length)
-        records = load_records(records)
-        self.conversations = [parse_record(record, caption_prompt, where=f"records[{index}]")
-                              for index, record in enumerate(records)]
+        super().__init__(processor, image_processor, image_folder, caption_prompt, on_bad_image, max_length)
+        entries = _source_records(records)
+        self.places = [entry.where for entry in entries]
+        self.conversations = [parse_record(entry.record, caption_prompt, where=entry.where) for entry in entries]
         if not self.conversations:
             raise ValueError("records: no record to train on")
 
@@ -256,10 +315,12 @@ class LMEyeDataset(_RecordItems, Dataset):
             # Also ends iteration: ``for item in dataset`` stops at the first IndexError.
             raise IndexError(f"index: expected an int in [-{len(self)}, {len(self)}), got {index}")
         index %= len(self)
+        before = len(self.skipped_images)
         for attempt in range(len(self)):
-            item = self.item(self.conversations[(index + attempt) % len(self)])
+            position = (index + attempt) % len(self)
+            item = self.item(self.conversations[position], where=self.places[position])
             if item is not None:
-                return item
+                return self.with_skipped(item, before)
         raise OSError("images: no record of the dataset has a readable image")
 
 
@@ -279,10 +340,9 @@ class LMEyeStream(_RecordItems, IterableDataset):
     """
 
     def __init__(self, records: Iterable[Dict[str, Any]], processor: LMEyeProcessor, image_processor,
-                 image_folder=None, template: ChatTemplate = ChatTemplate(), caption_prompt: str = "",
+                 image_folder=None, caption_prompt: str = "",
                  on_bad_image: str = "skip", max_length: Optional[int] = None):
-        super().__init__(processor, image_processor, image_folder, template, caption_prompt, on_bad_image,
-                         max_length)
+        super().__init__(processor, image_processor, image_folder, caption_prompt, on_bad_image, max_length)
         if isinstance(records, (str, os.PathLike, Mapping)) or not isinstance(records, Iterable):
             raise TypeError(f"records: expected an iterable of record dicts (e.g. a streaming datasets."
                             f"IterableDataset), got {type(records).__name__}")
@@ -296,10 +356,19 @@ class LMEyeStream(_RecordItems, IterableDataset):
         return itertools.islice(enumerate(self.records), worker.id, None, worker.num_workers)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        read = kept = 0
+        before = len(self.skipped_images)
         for index, record in self._own_records():
-            item = self.item(parse_record(record, self.caption_prompt, where=f"records[{index}]"))
+            read += 1
+            where = f"records[{index}]"
+            item = self.item(parse_record(record, self.caption_prompt, where=where), where)
             if item is not None:
-                yield item
+                kept += 1
+                yield self.with_skipped(item, before)
+                before = len(self.skipped_images)
+        if read and not kept:  # a pass that trains on nothing must not end as if it had trained
+            raise OSError(f"records: none of the {read} records read has a readable image "
+                          f"({len(self.skipped_images)} skipped, the first {self.skipped_images[0]})")
 
 
 def _is_datasets_stream(records) -> bool:

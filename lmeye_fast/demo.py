@@ -1,6 +1,6 @@
 """A chat demo in the browser over an LMEye adapter, on 127.0.0.1 (the ``demo`` extra: Gradio).
 
-    python -m lmeye_fast.demo --adapter DIR --llm LLM --vision VISION [--port 7860]
+    python -m lmeye_fast.demo --adapter DIR [--port 7860]
 
 Upload an image and ask: the answer streams token by token (``LMEyeModel.generate`` with a
 ``TextIteratorStreamer``, on the adapter's schedule, the single pass for a causal LLM), and the chat
@@ -12,11 +12,12 @@ per ``<img-d>`` token what its request attended to: with the attention interacti
 over the image tokens drawn over the image as the vision tower sees it
 (``LMEyeModel.attention_weights``); another interaction says it has no such map.
 
-A conversation is laid out as training lays it out (``lmeye_fast.data``): the first question, with
-the image, ends the prefix with ``<img-q>``; the slots follow, then the response prefix, the first
-answer, its end-of-turn token and every later question with its response prefix. An encoder-decoder
-LLM reads the whole conversation in its encoder. ``ChatEngine`` is the model side, without Gradio;
-``build_app`` the page; ``main`` the command line.
+The adapter is loaded with the models and the processor it records
+(``lmeye_fast.models.load_pretrained``), and a conversation is laid out by the processor's saved
+template as training lays it out (``LMEyeProcessor.row``): the first question with the image, its
+slots and response prefix, then each answer with its end-of-turn token and every later question
+with its response prefix. An encoder-decoder LLM reads the whole conversation in its encoder.
+``ChatEngine`` is the model side, without Gradio; ``build_app`` the page; ``main`` the command line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .eval import DTYPES, EvalModel, load_eval_model
-from .models.processor import IGNORE_INDEX, LMEyeBatch, TokenizedRow
+from .models.processor import LMEyeBatch, TokenizedRow
+from .models.prompts import Turn
+from .models.vision import read_image
 
 __all__ = ["GenerationSettings", "AttentionView", "ChatEngine", "load_engine", "chat_turns", "build_app", "launch",
            "main"]
@@ -98,54 +101,40 @@ class ChatEngine:
     """The demo's model side: images in, conversations laid out, answers streamed, attention drawn.
 
     Args:
-        runner: the model, its processor and image processor (``lmeye_fast.eval.load_eval_model``).
-        template: the first question's prompt, with ``{question}`` (and optionally the processor's
-            ``<img>`` placeholder; the image goes first without it).
+        runner: the model, its processor and image processor (``lmeye_fast.eval.load_eval_model``); the
+            processor's template lays the conversation out.
     """
 
-    def __init__(self, runner: EvalModel, template: str = "{question}"):
-        if "{question}" not in template:
-            raise ValueError(f"template: expected a '{{question}}' field, got {template!r}")
+    def __init__(self, runner: EvalModel):
         if runner.image_processor is None:
             raise ValueError("runner: the demo reads image files and needs the vision tower's image processor")
-        self.runner, self.template = runner, template
+        self.runner = runner
         self.model, self.processor = runner.model, runner.processor
 
     # ------------------------------------------------------------- inputs
 
     @staticmethod
     def open_image(path):
-        """The image file at ``path`` as an RGB PIL image; ``ValueError`` naming it when Pillow cannot read it."""
-        from PIL import Image, UnidentifiedImageError
-
+        """The image file at ``path`` as an RGB PIL image (``read_image``); ``ValueError`` naming it when it
+        cannot be read."""
         if path is None:
             raise ValueError("image: upload an image first")
         try:
-            with Image.open(path) as file:
-                return file.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"image: {Path(path).name} is not an image file that Pillow can read ({error})") \
-                from None
+            return read_image(path)
+        except OSError as error:
+            raise ValueError(f"image: {Path(path).name} is not an image file that can be read ({error})") from None
 
     def prompt_row(self, turns: Sequence[Tuple[str, str]], question: str) -> TokenizedRow:
         """The conversation so far (``turns``: (question, answer) pairs) and the new ``question`` as one
-        generation row, laid out as training lays out a conversation."""
+        generation row, laid out by the processor's template as training lays out a conversation."""
         if not question.strip():
             raise ValueError("question: empty; type a question about the image")
         proc = self.processor
-        questions = [q for q, _ in turns] + [question]
-        first = self.template.format(question=questions[0].strip())
-        end = [] if proc.eos_token_id is None else [proc.eos_token_id]
         if proc.encoder_decoder:
             # The encoder reads the whole conversation; the decoder starts the new answer.
-            text = " ".join([first] + [f"{a.strip()} {q.strip()}" for (_, a), q in zip(turns, questions[1:])])
-            prefix, start = proc.prefix_ids(text)
-            return TokenizedRow(prefix, start, [], [])
-        prefix, start = proc.prefix_ids(first)
-        body = list(proc.response_ids)
-        for (_, answer), later in zip(turns, questions[1:]):
-            body += proc.encode(answer.strip()) + end + proc.encode(later.strip()) + proc.response_ids
-        return TokenizedRow(prefix, start, body, [IGNORE_INDEX] * len(body))
+            text = " ".join([q.strip() + " " + a.strip() for q, a in turns] + [question.strip()])
+            return proc.row([Turn(text)])
+        return proc.row([Turn(q, a.strip()) for q, a in turns] + [Turn(question)])
 
     def batch(self, image, turns: Sequence[Tuple[str, str]], question: str) -> LMEyeBatch:
         """The model's inputs for one question about ``image`` (a PIL image) after ``turns``."""
@@ -154,7 +143,7 @@ class ChatEngine:
         if proc.encoder_decoder:
             batch = proc.pad_encoder_decoder([(row.prefix, row.image_start)])
         else:
-            batch = proc.pad([row])
+            batch = proc.pad([row], prompts=True)
             del batch["labels"]
         batch = batch.to(self.model.special_embed.device)
         batch["pixel_values"] = self.runner.pixels([image])
@@ -279,8 +268,9 @@ def _overlay(view, grid: torch.Tensor):
 def load_engine(args: argparse.Namespace) -> ChatEngine:
     """The one place the demo loads its model, from the command line's flags."""
     runner = load_eval_model(args.adapter, args.llm, args.vision, args.tokenizer, args.image_processor,
-                             args.response_prefix, args.device, args.dtype)
-    return ChatEngine(runner, args.template)
+                             args.response_prefix, args.device, args.dtype, template=args.prompt_template,
+                             llm_revision=args.llm_revision, vision_revision=args.vision_revision)
+    return ChatEngine(runner)
 
 
 # ------------------------------------------------------------------ the page
@@ -418,12 +408,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmeye_fast.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="directory written by LMEyeModel.save_pretrained")
-    parser.add_argument("--llm", required=True, help="the LLM the adapter was trained on (name or directory)")
-    parser.add_argument("--vision", required=True, help="the vision tower (name or directory)")
-    parser.add_argument("--tokenizer", help="default: the LLM's")
+    parser.add_argument("--llm", help="the LLM (name or directory); default: the one the adapter records")
+    parser.add_argument("--llm-revision", help="the LLM's hub revision")
+    parser.add_argument("--vision", help="the vision tower (name or directory); default: the adapter's")
+    parser.add_argument("--vision-revision", help="the vision tower's hub revision")
+    parser.add_argument("--tokenizer", help="default: the one saved with the adapter")
     parser.add_argument("--image-processor", help="default: the vision tower's")
-    parser.add_argument("--response-prefix", default="", help="text between the <img-d> slots and the answer")
-    parser.add_argument("--template", default="{question}", help="the first question's prompt, with {question}")
+    parser.add_argument("--response-prefix", help="for an adapter saved without its processor: the text between "
+                                                  "the <img-d> slots and the answer")
+    parser.add_argument("--prompt-template", help="for an adapter saved without its processor: a template of "
+                                                  "lmeye_fast.models.PROMPT_TEMPLATES")
     parser.add_argument("--port", type=int, default=7860, help=f"port on {HOST}")
     start = GenerationSettings()
     settings = parser.add_argument_group("the page's first generation settings (the released demo's: --beams 5 "

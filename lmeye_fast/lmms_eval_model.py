@@ -1,15 +1,19 @@
 """LMEye as the lmms-eval model ``lmeye`` (``pip install -e ".[eval]"``).
 
-    python -m lmms_eval --model lmeye --tasks mmbench_en_dev --batch_size 8 \\
-        --model_args adapter=ADAPTER_DIR,llm=LLM,vision=VISION,response_prefix=" Answer:"
+    python -m lmms_eval --model lmeye --tasks mmbench_en_dev --batch_size 8 --model_args adapter=ADAPTER_DIR
 
-Model arguments: ``adapter``, ``llm``, ``vision`` (required), ``tokenizer``,
-``image_processor``, ``response_prefix``, ``dtype``, ``schedule``,
-``max_new_tokens`` (default for tasks that set none); ``batch_size`` and
+Model arguments: ``adapter`` (required: the directory records the LLM, the vision model
+and the processor with its prompt template, ``lmeye_fast.eval.load_eval_model``), and to
+read those from elsewhere ``llm``, ``llm_revision``, ``vision``, ``vision_revision``,
+``tokenizer``, ``image_processor``; ``response_prefix`` and ``prompt_template`` (which must
+agree with the saved processor), ``dtype``, ``schedule``, ``max_new_tokens`` (default for
+tasks that set none); ``batch_size`` and
 ``device`` come from lmms-eval's own options. The installed package registers
 the model through lmms-eval's ``lmms_eval.models`` entry point; ``register()``
 does it by hand (a source checkout that is not installed).
 
+Each context is a question laid out by the adapter's prompt template (``LMEyeProcessor.row``,
+the function training lays its records out with; LLaVA's ``<image>`` tag in it is the image's).
 ``loglikelihood`` groups the requests that share a context and a document
 (the options of one multiple-choice question) and scores each group on one
 shared prefix (for an encoder-decoder LLM, on one encoding of the question:
@@ -47,8 +51,10 @@ class LMEye(lmms):
 
     is_simple = True
 
-    def __init__(self, adapter: str, llm: str, vision: str, tokenizer: Optional[str] = None,
-                 image_processor: Optional[str] = None, response_prefix: str = "", dtype: str = "float32",
+    def __init__(self, adapter: str, llm: Optional[str] = None, vision: Optional[str] = None,
+                 tokenizer: Optional[str] = None, image_processor: Optional[str] = None,
+                 response_prefix: Optional[str] = None, prompt_template: Optional[str] = None,
+                 llm_revision: Optional[str] = None, vision_revision: Optional[str] = None, dtype: str = "float32",
                  schedule: Optional[str] = None, max_new_tokens: int = 32, batch_size=1, device: Optional[str] = None,
                  max_batch_size: Optional[int] = None):
         super().__init__()
@@ -56,8 +62,9 @@ class LMEye(lmms):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.runner = load_eval_model(adapter, llm, vision, tokenizer, image_processor, str(response_prefix),
-                                      device, dtype, schedule)
+        self.runner = load_eval_model(adapter, llm, vision, tokenizer, image_processor,
+                                      None if response_prefix is None else str(response_prefix), device, dtype,
+                                      schedule, prompt_template, llm_revision, vision_revision)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 

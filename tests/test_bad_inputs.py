@@ -330,11 +330,12 @@ def test_damaged_checkpoints_load_nothing(tmp_path, damage):
 
 
 def test_no_pickle_anywhere_in_the_package():
-    """Adapters and configs are safetensors and JSON: nothing in the package unpickles."""
+    """Adapters and configs are safetensors and JSON: nothing in the package unpickles (the released
+    checkpoints' reader catches pickle's error class from torch.load(weights_only=True), and unpickles nothing)."""
     package = Path(lmeye_fast.__file__).parent
     for path in package.rglob("*.py"):
         text = path.read_text()
-        assert "import pickle" not in text and "pickle.load" not in text, path
+        assert "pickle.load" not in text and "Unpickler(" not in text and "import dill" not in text, path
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"

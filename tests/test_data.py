@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from training_helpers import COLOURS, image_processor, tiny_model, tiny_parts, write_llava
 
-from lmeye_fast.data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream, load_records
+from lmeye_fast.data import LMEyeCollator, LMEyeDataset, LMEyeStream, load_records
 from lmeye_fast.models import IGNORE_INDEX, LMEyeProcessor
 from lmeye_fast.models.processor import TokenizedRow
 
@@ -267,14 +267,15 @@ def random_conversation(turns, image):
 
 def expected_encoder_decoder_row(processor, questions, cut, answers):
     """(encoder tokens, decoder input tokens, label tokens with None where IGNORE_INDEX) of one conversation
-    under the default template, written out from the layout of docs/encoder_decoder.md."""
+    under the vicuna template (the image opens the first user turn, wherever the record's tag stood), written
+    out from the layout of docs/encoder_decoder.md: the first response prefix ends the encoder's input."""
     N, R = processor.num_image_tokens, processor.num_requests
     if cut is None:
-        encoder = ["<bos>", "USER:"] + questions[0] + ["<eos>"]
+        encoder = ["<bos>", "USER:"] + questions[0] + ["ASSISTANT:", "<eos>"]
     else:
-        encoder = (["<bos>", "USER:"] + questions[0][:cut] + ["<img>"] * N + questions[0][cut:] + ["<img-q>"]
-                   + ["<img-d>"] * R + ["<eos>"])
-    body, labels = ["ASSISTANT:"] + answers[0] + ["<eos>"], [None] + answers[0] + ["<eos>"]
+        encoder = (["<bos>", "USER:"] + ["<img>"] * N + questions[0] + ["<img-q>"] + ["<img-d>"] * R
+                   + ["ASSISTANT:", "<eos>"])
+    body, labels = answers[0] + ["<eos>"], answers[0] + ["<eos>"]
     for question, answer in zip(questions[1:], answers[1:]):
         prompt = ["USER:"] + question + ["ASSISTANT:"]
         body += prompt + answer + ["<eos>"]
@@ -309,7 +310,7 @@ def test_encoder_decoder_collated_conversations_against_a_hand_built_layout(tmp_
         want["decoder_input_ids"][index, :len(decoder)] = torch.tensor(ids(decoder))
         want["labels"][index, :len(labels)] = torch.tensor([IGNORE_INDEX if t is None else ids(t) for t in labels])
         if cut is not None:
-            want["image_pos"][index] = torch.arange(2 + cut, 2 + cut + N)
+            want["image_pos"][index] = torch.arange(2, 2 + N)
             want["request_pos"][index] = encoder.index("<img-q>")
             want["slot_pos"][index] = torch.arange(R) + encoder.index("<img-q>") + 1
     assert set(batch) == set(want) | {"pixel_values"}
@@ -327,18 +328,18 @@ def test_encoder_decoder_collated_conversations_against_a_hand_built_layout(tmp_
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_encoder_decoder_single_turn_batch_gives_the_loss_of_the_processor_call(tmp_path, arch):
-    """With no assistant prompt, a one-turn conversation's decoder reads just the answer: the collated batch
-    is the processor's own batch for the same prompt and answer, and its explicit decoder input is, in every
+    """A one-turn conversation's decoder reads just the answer (the response prefix ends the encoder's input):
+    the collated batch is the processor's own batch for the same question and answer, and its explicit decoder
+    input is, in every
     labelled column, the one the LLM derives from the labels (the padding columns, which predict nothing,
     read the pad token here and the shifted-in EOS there)."""
     processor, model = tiny_model(arch=arch)
     write_llava(tmp_path, count=4)
-    template = ChatTemplate(assistant="")
     drawn = [random_conversation(1, image=True) for _ in range(3)]
     dataset = LMEyeDataset([record for record, *_ in drawn], processor, image_processor(),
-                           image_folder=tmp_path / "images", template=template)
+                           image_folder=tmp_path / "images")
     collated = LMEyeCollator(processor)(list(dataset))
-    prompts = [template.user + " ".join(q[0][:cut] + ["<img>"] + q[0][cut:]) for _, q, cut, _ in drawn]
+    prompts = [record["conversations"][0]["value"] for record, *_ in drawn]
     called = processor(prompts, [" ".join(answers[0]) for *_, answers in drawn], images=collated["pixel_values"])
 
     assert set(collated) == set(called) | {"decoder_input_ids"}

@@ -1,4 +1,4 @@
-"""lmeye_fast.eval: VQAv2's normalisation and accuracy on hand-made cases, the LLaVA-style
+"""lmeye_fast.eval (VQAv2's accuracy: tests/test_vqa_accuracy.py): the LLaVA-style
 reader, circular evaluation with stub scorers whose answers are known, and the command line
 end to end on tiny random models saved to disk with their own images and questions: a causal LLM's
 adapter and a T5 one."""
@@ -9,47 +9,11 @@ import random
 import pytest
 import torch
 
-from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, exact_match, load_eval_model, main,
-                             normalize_answer, read_examples, rotations, vqa_accuracy)
+from lmeye_fast.eval import (EvalModel, Example, evaluate_choice, load_eval_model, main, read_examples, rotations,
+                             vqa_accuracy)
 from lmeye_fast.models import LMEyeSeq2SeqModel
 from lmeye_fast.models.scoring import OptionScores, score_options
 from saved_tiny_model import RESPONSE_PREFIX, random_image, save_tiny_model
-
-
-@pytest.mark.parametrize("raw, normalised", [
-    ("Yes", "yes"),
-    ("yes.", "yes"),
-    ("The dog", "dog"),
-    ("a red and an apple", "red and apple"),
-    ("Two", "2"),
-    ("ten cats", "10 cats"),
-    ("3.5", "3.5"),
-    ("100,978", "100978"),
-    ("red, white", "red white"),
-    ("2:50 pm", "2:50 pm"),
-    ("girl's", "girl's"),
-    ("dont know", "don't know"),
-    ("isnt", "isn't"),
-    ("red-and-white!", "red and white"),
-    ("  many   spaces ", "many spaces"),
-    ("its", "its"),
-])
-def test_vqa_normalisation(raw, normalised):
-    assert normalize_answer(raw) == normalised
-
-
-def test_vqa_accuracy_counts_annotators_over_the_ten_choose_nine_sets():
-    ten = lambda hits: ["two"] * hits + ["three"] * (10 - hits)  # noqa: E731
-    assert vqa_accuracy("2", ten(0)) == 0.0
-    assert vqa_accuracy("2", ten(1)) == pytest.approx(0.3)   # 9 sets hold it once, one set not at all
-    assert vqa_accuracy("2", ten(2)) == pytest.approx(0.6)   # 2 sets hold it once, 8 twice
-    assert vqa_accuracy("2", ten(3)) == pytest.approx(0.9)   # 3 sets hold it twice, 7 three times
-    assert vqa_accuracy("2", ten(4)) == pytest.approx(1.0)
-    assert vqa_accuracy("The two.", ten(10)) == pytest.approx(1.0)
-    assert vqa_accuracy("yes", ["yes"]) == pytest.approx(1 / 3)
-    assert exact_match("The Two", ["2", "three"]) == 1.0 and exact_match("four", ["2"]) == 0.0
-    with pytest.raises(ValueError, match="answers: expected a non-empty list"):
-        vqa_accuracy("yes", [])
 
 
 def test_reader_takes_llava_conversations_vqa_answers_and_options(tmp_path):
@@ -86,6 +50,9 @@ class StubScorer(EvalModel):
 
     def __init__(self, prefer):
         self.prefer = prefer
+
+    def seen_prompts(self, prompts):
+        return [turns[-1].question for turns in prompts]
 
     def score(self, prompts, images, options):
         summed = []
@@ -216,7 +183,31 @@ def test_command_line_on_an_encoder_decoder_adapter(tmp_path):
     assert results["task"] == "choice"
     prompts = [f"{r['question']}\n" + "\n".join(f"{letter}. {option}" for letter, option in zip("ABC", r["options"]))
                for r in choice]
-    scores = saved.score(prompts, images, [r["options"] for r in choice])
-    for record, summed, normalised in zip(results["records"], scores.summed, scores.normalised):
+    # Scored in the CLI's batches of 3: a tiny T5 with weights this large is sensitive to the float32
+    # rounding of other batch shapes.
+    options = [r["options"] for r in choice]
+    batches = [saved.score(prompts[start:start + 3], images[start:start + 3], options[start:start + 3])
+               for start in range(0, 4, 3)]
+    summed_all = [summed for scores in batches for summed in scores.summed]
+    normalised_all = [normalised for scores in batches for normalised in scores.normalised]
+    for record, summed, normalised in zip(results["records"], summed_all, normalised_all):
         torch.testing.assert_close(torch.tensor(record["log_likelihood"]), summed, rtol=1e-4, atol=1e-5)
         assert (record["prediction"], record["prediction_norm"]) == (int(summed.argmax()), int(normalised.argmax()))
+
+
+def test_an_adapter_saved_without_its_records_needs_and_takes_the_flags(saved_model, tmp_path):
+    """An adapter directory without lmeye_sources.json and lmeye_processor.json (written before them) names
+    what it lacks, and loads with the models and the response prefix given."""
+    import shutil
+
+    root, model, processor = saved_model
+    bare = tmp_path / "bare"
+    shutil.copytree(root / "adapter", bare)
+    for name in ("lmeye_sources.json", "lmeye_processor.json"):
+        (bare / name).unlink()
+    with pytest.raises(ValueError, match=r"^llm: the adapter in .* does not record its llm .*pass it \(--llm\)"):
+        load_eval_model(bare)
+    runner = load_eval_model(bare, root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
+    prompts = ["what colour is the circle ?"]
+    pixels = torch.rand(1, 3, 32, 32)
+    assert runner.generate(prompts, [pixels[0]], 2) == EvalModel(model, processor).generate(prompts, [pixels[0]], 2)

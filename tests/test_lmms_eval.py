@@ -123,10 +123,14 @@ def test_lmms_eval_runs_lmeye_on_a_local_task(arch, tmp_path, monkeypatch):
     expected_match = sum(t.split("?")[0].strip() == a[0] for t, a in zip(expected_text, rows["answers"])) / count
     assert results["results"]["lmeye_toy_vqa"]["exact_match,none"] == pytest.approx(expected_match)
 
-    scores = runner.score(rows["question"], images, rows["options"])
+    # Scored in the batches lmms-eval's requests came in (4 documents, then the rest): a tiny T5 with
+    # weights this large is sensitive to the float32 rounding of other batch shapes.
+    summed_scores = [summed for start in range(0, count, 4)
+                     for summed in runner.score(rows["question"][start:start + 4], images[start:start + 4],
+                                                rows["options"][start:start + 4]).summed]
     samples = sorted(results["samples"]["lmeye_toy_choice"], key=lambda s: s["doc_id"])
-    for sample, summed in zip(samples, scores.summed):
+    for sample, summed in zip(samples, summed_scores):
         losses = torch.tensor([float(r[0][0]) for r in sample["resps"]])
         torch.testing.assert_close(losses, -summed, rtol=1e-4, atol=1e-5)
-    expected_acc = sum(int(s.argmax()) == a for s, a in zip(scores.summed, rows["answer"])) / count
+    expected_acc = sum(int(s.argmax()) == a for s, a in zip(summed_scores, rows["answer"])) / count
     assert results["results"]["lmeye_toy_choice"]["acc,none"] == pytest.approx(expected_acc)

@@ -97,7 +97,7 @@ def test_bos_and_moving_to_a_device():
 
 def test_bad_input():
     tok, proc = make()
-    with pytest.raises(ValueError, match="at most one '<img>'"):
+    with pytest.raises(ValueError, match="at most one '<image>' or '<img>'"):
         proc(["<img> what <img>"])
     with pytest.raises(ValueError, match="answers"):
         proc(["what", "is"], ["red"])

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from lmeye_fast.models import LMEyeConfig, LMEyeModel, LMEyeProcessor
 from lmeye_fast.models.modeling import ADAPTER_FILE
+from lmeye_fast.models.sources import SOURCES_FILE
 from lmeye_fast.models.tiny import tiny_llm, word_tokenizer
 
 WORDS = "what colour is the circle square red blue answer :".split()
@@ -36,7 +37,7 @@ def snapshot(model):
 def test_round_trip_restores_outputs(tmp_path, static_hidden_dim):
     proc, model, pristine = build(static_hidden_dim=static_hidden_dim)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_FILE, "lmeye_config.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_FILE, "lmeye_config.json", SOURCES_FILE])
     saved = load_file(str(tmp_path / ADAPTER_FILE))
     assert all(k.startswith(("static.", "ipn.")) or k == "special_embed" for k in saved)
     assert not any("llm" in k for k in saved)

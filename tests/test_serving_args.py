@@ -34,5 +34,5 @@ def test_missing_directories_are_named(saved, tmp_path, part, named):
 
 
 def test_a_folder_without_an_adapter_is_named(saved):
-    with pytest.raises(FileNotFoundError, match="adapter: no lmeye_config.json"):
+    with pytest.raises(FileNotFoundError, match="^adapter: .* holds no lmeye_adapter.safetensors"):
         hf_overrides(saved / "llm", saved / "vision", saved / "vision")

@@ -18,7 +18,10 @@ def test_zero2_on_two_processes_equals_one_process(tmp_path, monkeypatch):
     single_losses, single = train("trainer", tmp_path / "one", 1)
     losses, adapter = train("zero2", tmp_path / "two", 2)
     assert losses == pytest.approx(single_losses, rel=1e-5)
-    assert max(relative_difference(adapter[k], single[k]) for k in single) <= 1e-5
+    # ZeRO-2 reduces the two ranks' gradients in its own fp32 buckets, rounded otherwise than one process's
+    # backward over the whole batch; Adam turns that into about 2e-5 (as under ZeRO-3, below). A lost or
+    # doubled gradient would be off by order one.
+    assert max(relative_difference(adapter[k], single[k]) for k in single) <= 5e-5
     # DeepSpeed's model states hold the adapter only: far smaller than the tiny LLM itself.
     states = tmp_path / "two" / "run" / "checkpoint-3" / "global_step3" / "mp_rank_00_model_states.pt"
     adapter_bytes = sum(v.numel() * v.element_size() for v in single.values())

@@ -41,4 +41,6 @@ def test_two_processes_equal_one(tmp_path, mode):
     assert losses == pytest.approx(single_losses, rel=1e-5)
     assert single_losses[-1] < single_losses[0]
     assert adapter.keys() == single.keys()
-    assert max(relative_difference(adapter[k], single[k]) for k in single) <= 1e-5
+    # Two ranks' fp32 gradients are all-reduced, rounded otherwise than one backward over the whole batch;
+    # Adam turns that into up to about 2e-5 (as under DeepSpeed). A lost or doubled gradient is off by order one.
+    assert max(relative_difference(adapter[k], single[k]) for k in single) <= 5e-5

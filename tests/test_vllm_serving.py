@@ -50,7 +50,7 @@ def saved(tmp_path_factory):
     save_tiny_model(root, llm_hidden=64, llm_heads=2, llm_init=0.3)
     images = [random_image() for _ in PROMPTS]
     runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
-    batch = runner.processor([runner.prompt(p) for p in PROMPTS])
+    batch = runner.processor(PROMPTS)
     tokens = runner.model.generate(**batch, **runner.image_inputs(images), max_new_tokens=MAX_NEW_TOKENS,
                                    do_sample=False)
     expected = [_until_eos(row.tolist(), runner.processor.eos_token_id) for row in tokens]
@@ -189,3 +189,16 @@ def _expected_for_chat(root, images, eos):
 def _rendered(prompt):
     """The user turn's text as vLLM renders it: a text without the image placeholder gets it on a line before it."""
     return prompt if "<img>" in prompt else "<img>\n" + prompt
+
+
+@pytest.mark.parametrize("layout, named", [(dict(request_position="first_slot"), "request_position"),
+                                           (dict(special_rows="add"), "special_rows")])
+def test_refuses_adapter_layouts_it_does_not_compute(layout, named):
+    """The released v1 layouts (request at the first slot, special rows added to the LLM's) are refused by name."""
+    from lmeye_fast.models.config import LMEyeConfig
+    from lmeye_fast.serving.vllm_model import check_adapter_served
+
+    config = LMEyeConfig(num_image_tokens=4, num_requests=2, image_token_id=5, request_token_id=6, slot_token_id=7,
+                         **layout)
+    with pytest.raises(ValueError, match=named):
+        check_adapter_served(config, "adapter/")

@@ -24,16 +24,16 @@ def image_processor():
 
 
 def tiny_parts(num_requests=2, arch="llama"):
-    """(processor, llm, vision): a word tokenizer, a 2-layer LLM (``arch``: a causal one, or an encoder-decoder
+    """(processor, llm, vision): a word tokenizer with the vicuna prompt template, a 2-layer LLM (``arch``: a causal one, or an encoder-decoder
     one with the encoder-decoder processor) and a CLIP tower with 5 tokens per image."""
     tokenizer = word_tokenizer(WORDS)
     if arch in SEQ2SEQ_ARCHITECTURES:
         # The LLM first, for its decoder start token; the model resizes its embeddings for LMEye's special tokens.
         llm = tiny_seq2seq(arch, len(tokenizer))
         processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests, encoder_decoder=True,
-                                   decoder_start_token_id=llm.config.decoder_start_token_id)
+                                   decoder_start_token_id=llm.config.decoder_start_token_id, template="vicuna")
     else:
-        processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests)
+        processor = LMEyeProcessor(tokenizer, num_image_tokens=5, num_requests=num_requests, template="vicuna")
         llm = tiny_llm(arch, len(processor), initializer_range=0.3)
     vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
     return processor, llm, vision
@@ -46,13 +46,14 @@ def tiny_model(stage=2, arch="llama"):
     return processor, model.set_stage(stage, train_special_tokens=stage == 2)
 
 
-def save_tiny_models(directory, arch="llama"):
+def save_tiny_models(directory, arch="llama", vocab_room=0):
     """The tiny LLM of ``arch`` with its tokenizer, and the tiny CLIP tower with its image processor, saved as
-    Hugging Face directories ``directory/llm`` and ``directory/vision``; returns both paths."""
+    Hugging Face directories ``directory/llm`` and ``directory/vision``; returns both paths. The LLM's vocabulary
+    is the tokenizer's, which LMEye's special tokens outgrow (resizing it), plus ``vocab_room`` unused rows."""
     directory = Path(directory)
     tokenizer = word_tokenizer(WORDS)
-    llm = tiny_seq2seq(arch, len(tokenizer)) if arch in SEQ2SEQ_ARCHITECTURES else \
-        tiny_llm(arch, len(tokenizer), initializer_range=0.3)
+    llm = tiny_seq2seq(arch, len(tokenizer) + vocab_room) if arch in SEQ2SEQ_ARCHITECTURES else \
+        tiny_llm(arch, len(tokenizer) + vocab_room, initializer_range=0.3)
     vision = tiny_clip(image_size=IMAGE_SIZE, patch_size=8, hidden=24)
     llm.save_pretrained(directory / "llm")
     tokenizer.save_pretrained(directory / "llm")

@@ -1,5 +1,8 @@
 """LMEye for Hugging Face causal and encoder-decoder LMs: processor, schedules, training, save/load.
 
+    model.save_pretrained(out); processor.save_pretrained(out)   # the adapter, its models' record, the processor
+    processor, model, image_processor = load_pretrained(out)     # ... rebuilt from the directory alone
+
     processor = LMEyeProcessor(tokenizer, num_image_tokens=N, num_requests=5, response_prefix=" Answer:")
     model = LMEyeModel(llm, processor.make_config(interaction_dim=256, num_heads=4), vision=vision)
     batch = processor(prompts, answers, images=pixel_values)
@@ -17,11 +20,14 @@ from .clip_interaction import CLIPTextInteraction
 from .config import LMEyeConfig
 from .modeling import LMEyeModel, LMEyeOutput
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
+from .prompts import PROMPT_TEMPLATES, PromptTemplate, Turn
 from .presets import global_token, patch_tokens, published
 from .seq2seq import LMEyeSeq2SeqModel
+from .sources import ModelSources, load_pretrained
 from .training import train
 from .vision import CLIPImageEncoder
 
 __all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch",
-           "IGNORE_INDEX", "train",
+           "IGNORE_INDEX", "PromptTemplate", "Turn", "PROMPT_TEMPLATES", "train",
+           "load_pretrained", "ModelSources",
            "CLIPTextInteraction", "CLIPImageEncoder", "published", "global_token", "patch_tokens"]

@@ -27,21 +27,21 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .. import __version__
 from ..checks import INDEX_DTYPES, check_positions, check_tensor, validating
 from ..layers import InteractiveLayer, StaticVisualMapping
+from .adapter_files import ADAPTER_FILE, CONFIG_FILE, write_adapter
 from .cache import cache_kwarg, checkpointing_enabled, new_cache
 from .config import SCHEDULES, LMEyeConfig
+from .gathered import gathered
 from .processor import IGNORE_INDEX
+from .sources import SOURCES_FILE, model_sources
 from .vision import feature_shape, vision_features
 
 __all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE", "AdapterModules", "load_adapter_modules"]
-
-ADAPTER_FILE = "lmeye_adapter.safetensors"
 
 
 @dataclass
@@ -64,7 +64,8 @@ def _adapter_modules(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn
                                  device=device, dtype=dtype)
     ipn = InteractiveLayer(llm_dim, config.vision_dim, config.interaction_dim, config.num_requests, config.sub_features,
                            config.num_heads, interaction if interaction is not None else "attention",
-                           backend=config.backend, device=device, dtype=dtype)
+                           backend=config.backend, num_slots=config.num_slots, transmission=config.transmission,
+                           device=device, dtype=dtype)
     return static, ipn
 
 
@@ -77,6 +78,21 @@ def _ipn_state(ipn: InteractiveLayer) -> Dict[str, torch.Tensor]:
     if interaction is not None and not any(p.requires_grad for p in interaction.parameters()):
         state = {k: v for k, v in state.items() if not k.startswith("interaction.")}
     return state
+
+
+def _zero_added_rows(llm: nn.Module, words: int) -> None:
+    """Zero the embedding and LM-head rows (and head bias) from ``words`` on, which the resize drew from the
+    random state: the same adapter then gives the same logits under any seed. The input rows are read only
+    where ``special_rows`` adds the learned vector to them (as released: the vector alone then makes the row;
+    elsewhere ``embed`` takes LMEye's tokens from ``special_embed``); the head's give LMEye's tokens the logit 0,
+    and generation never picks them (``generate`` suppresses them)."""
+    head = llm.get_output_embeddings()
+    tensors = [llm.get_input_embeddings().weight]
+    if head is not None:
+        tensors += [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
+    with gathered(tensors, modify=True), torch.no_grad():
+        for tensor in tensors:
+            tensor[words:].zero_()
 
 
 class _Embedded(Exception):
@@ -111,9 +127,13 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
     token = torch.ones(1, 1, dtype=torch.long, device=embedding.weight.device)
     handle = first.register_forward_pre_hook(stop, with_kwargs=True)
     training = reader.training
+    # The probe stops at the first layer: only the embedding stage's weights (the reader's outside its
+    # layer list) are read, and gathered under ZeRO-3.
+    layers = {id(p) for child in reader.children() if isinstance(child, nn.ModuleList) for p in child.parameters()}
+    embedding_stage = [p for p in reader.parameters() if id(p) not in layers]
     try:
         reader.eval()  # no dropout between the two runs
-        with torch.no_grad():
+        with torch.no_grad(), gathered(embedding_stage):
             for inputs in (dict(input_ids=token), dict(inputs_embeds=embedding(token)),
                            dict(inputs_embeds=embedding(token) * scale)):
                 with contextlib.suppress(_Embedded):
@@ -153,7 +173,9 @@ class LMEyeModel(nn.Module):
 
     Args:
         llm: any ``AutoModelForCausalLM`` model. Its token embeddings are resized
-            to ``config.vocab_size`` when the special tokens lie beyond them.
+            to ``config.vocab_size`` when the special tokens lie beyond them. Its
+            weights may be partitioned by DeepSpeed ZeRO-3 (loaded under
+            ``zero.Init``): what is read from them here is gathered.
         config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
         vision: a module called as ``vision(pixel_values)`` that returns image
             features (B, N, Dv) or (B, Dv), or a Hugging Face CLIP model
@@ -180,9 +202,9 @@ class LMEyeModel(nn.Module):
         super().__init__()
         if not isinstance(config, LMEyeConfig):
             raise TypeError(f"config: expected an LMEyeConfig, got {type(config).__name__}")
-        if None in config.token_ids() or config.vocab_size is None:
-            raise ValueError("config: the special-token ids and vocab_size are unset; build it with "
-                             "LMEyeProcessor.make_config(...)")
+        if config.missing_token_ids() or config.vocab_size is None:
+            unset = config.missing_token_ids() + (["vocab_size"] if config.vocab_size is None else [])
+            raise ValueError(f"config: {', '.join(unset)} unset; build it with LMEyeProcessor.make_config(...)")
         if bool(getattr(getattr(llm, "config", None), "is_encoder_decoder", False)) != self.encoder_decoder:
             kind, other = ("an encoder-decoder", "LMEyeSeq2SeqModel") if not self.encoder_decoder else \
                 ("a decoder-only", "LMEyeModel")
@@ -207,9 +229,13 @@ class LMEyeModel(nn.Module):
                              "pass an instance of it")
         self.config = LMEyeConfig.from_dict({**config.to_dict(), "llm_dim": llm_dim, "vision_dim": vision_dim,
                                              "static_vision_dim": static_dim, "interaction": "attention" if interaction is None
-                                             else type(interaction).__name__})
-        if max(config.token_ids()) >= embedding.num_embeddings:
-            llm.resize_token_embeddings(max(config.vocab_size, max(config.token_ids()) + 1), mean_resizing=False)
+                                             else type(interaction).__name__,
+                                             "interaction_options": getattr(interaction, "options", None)})
+        words = embedding.num_embeddings
+        token_ids = [i for i in config.token_ids() if i is not None]
+        if max(token_ids) >= words:
+            llm.resize_token_embeddings(max(config.vocab_size, max(token_ids) + 1), mean_resizing=False)
+            _zero_added_rows(llm, words)
             embedding = llm.get_input_embeddings()
 
         self.llm = llm.requires_grad_(False)
@@ -217,13 +243,19 @@ class LMEyeModel(nn.Module):
         self.token_scale = _token_scale(self.reader, embedding)
         device = embedding.weight.device
         self.static, self.ipn = _adapter_modules(self.config, llm_dim, interaction, device=device)
-        with torch.no_grad():
-            # <img> rows become exactly the mapped image tokens (the mapping adds
-            # into them); <img-q> and <img-d> start as an average word.
-            mean = embedding.weight.float().mean(dim=0) * self.token_scale
+        with torch.no_grad(), gathered([embedding.weight]):
+            # A replaced <img> row becomes exactly the mapped image tokens (the mapping adds into it);
+            # replaced <img-q> and <img-d> rows start as an average word; an added vector starts at zero,
+            # leaving the word row as it is.
+            mean = embedding.weight[:words].float().mean(dim=0) * self.token_scale
             init = torch.stack([torch.zeros_like(mean), mean, mean])
+            modes = self.config.row_modes
+            init[torch.tensor([mode == "add" for mode in modes])] = 0
         self.special_embed = nn.Parameter(init.to(device))
-        self.register_buffer("special_ids", torch.tensor(config.token_ids(), dtype=torch.long, device=device),
+        # -1 (no token) for the request token of a layout without one.
+        self.register_buffer("special_ids", torch.tensor([-1 if i is None else i for i in config.token_ids()],
+                                                          dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("replaced_rows", torch.tensor([mode == "replace" for mode in modes], device=device),
                              persistent=False)
         self._cache_key = cache_kwarg(llm)
         self.set_stage(2)
@@ -274,13 +306,15 @@ class LMEyeModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, as the LLM would make them from ``input_ids`` (``token_scale``), with the special
-        tokens' rows taken from ``special_embed`` (trainable on its own)."""
+        tokens' rows taken from ``special_embed`` (trainable on its own), or that vector added to the word
+        row where ``config.special_rows`` says ``"add"``."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         if self.token_scale != 1.0:
             embeds = embeds * self.token_scale
         match = input_ids.unsqueeze(-1) == self.special_ids
         special = match.to(embeds.dtype) @ self.special_embed.to(embeds.dtype)
-        return torch.where(match.any(dim=-1, keepdim=True), special, embeds)
+        replaced = (match & self.replaced_rows).any(dim=-1, keepdim=True)
+        return torch.where(replaced, special, embeds + special)
 
     def _mapped_embeds(self, input_ids, static_image, image_pos):
         """The token embeddings with the static mapping's image tokens in the ``<img>`` rows."""
@@ -329,7 +363,7 @@ class LMEyeModel(nn.Module):
         check_tensor("image_pos", image_pos, (batch, self.config.num_image_tokens), INDEX_DTYPES, device,
                      dims="(B, N)")
         check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
-        check_tensor("slot_pos", slot_pos, (batch, self.config.num_requests), INDEX_DTYPES, device, dims="(B, R)")
+        check_tensor("slot_pos", slot_pos, (batch, self.config.slots), INDEX_DTYPES, device, dims="(B, K)")
 
     def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
                 image_features, static_features, image_mask, request_pos, slot_pos, schedule, validate):
@@ -343,13 +377,13 @@ class LMEyeModel(nn.Module):
         static_features, image_features = self._image_inputs(batch, device, pixel_values, image_features,
                                                               static_features)
         if request_pos is None:
-            request_pos = torch.full((batch,), prefix_len - 1, dtype=torch.long, device=device)
+            request_pos = torch.full((batch,), self._request_reach(prefix_len) - 1, dtype=torch.long, device=device)
         if slot_pos is None:
-            slot_pos = prefix_len + torch.arange(self.config.num_requests, device=device).expand(batch, -1)
+            slot_pos = prefix_len + torch.arange(self.config.slots, device=device).expand(batch, -1)
         self._position_inputs(batch, device, image_pos, request_pos, slot_pos)
         if validating(validate):
             check_positions("image_pos", image_pos, prefix_len, distinct=True)
-            check_positions("request_pos", request_pos, prefix_len)
+            check_positions("request_pos", request_pos, self._request_reach(prefix_len))
             check_positions("slot_pos", slot_pos - prefix_len, total - prefix_len, distinct=True)
         return (schedule, attention_mask, position_ids, static_features, image_features, request_pos, slot_pos)
 
@@ -442,7 +476,36 @@ class LMEyeModel(nn.Module):
             return cache, out.hidden_states[-1], out.logits, embeds
         return cache, self.decoder(**common).last_hidden_state, None, embeds
 
-    def _suffix_embeds(self, input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len):
+    def _request_reach(self, prefix_len: int) -> int:
+        """One past the last column the single pass can read the request at: the prefix's, and the first
+        slot's where the request sits there (``request_position="first_slot"``)."""
+        return prefix_len + (self.config.request_position == "first_slot")
+
+    def _request_hidden(self, input_ids, mask, pos, cache, hidden, request_pos, prefix_len):
+        """The hidden states the single pass reads the request from: the prefix's, and with the request at
+        the first slot one more column. That column is a probe: the first slot with its first-pass row
+        (before the IPN fills it) runs on the prefix's cache, as in the first of two passes, and its cache
+        entry is dropped again, so that the suffix runs with the filled slot in its place."""
+        reach = self._request_reach(prefix_len)
+        if not torch.compiler.is_compiling():
+            # A value check (a host sync of B positions): the request outside what this pass computed
+            # would otherwise be read as zeros.
+            low, high = (int(v) for v in torch.stack([request_pos.min(), request_pos.max()]).tolist())
+            if low < 0 or high >= reach:
+                raise ValueError(f"request_pos: the single pass reads the request at columns [0, {reach}) (the "
+                                 f"prefix{' and the first slot' if reach > prefix_len else ''}), got positions in "
+                                 f"[{low}, {high}]; put the request in the prefix or use schedule='two_pass'")
+        if reach == prefix_len:
+            return hidden
+        probe = self.decoder(inputs_embeds=self.embed(input_ids[:, prefix_len:reach]), attention_mask=mask[:, :reach],
+                             position_ids=pos[:, prefix_len:reach], use_cache=True,
+                             **{self._cache_key: cache}).last_hidden_state
+        cache.crop(prefix_len - reach)  # a negative count drops that many positions in every 5.x release
+        return torch.cat([hidden, probe], dim=1)
+
+    def _suffix_embeds(self, input_ids, mask, pos, cache, hidden, image, image_mask, request_pos, slot_pos,
+                       prefix_len):
+        hidden = self._request_hidden(input_ids, mask, pos, cache, hidden, request_pos, prefix_len)
         # The suffix is embedded on its own, so the slots are written in place
         # without touching the prefix embeddings the cached pass still needs.
         suffix = self.embed(input_ids[:, prefix_len:])
@@ -453,7 +516,8 @@ class LMEyeModel(nn.Module):
                      prefix_len, all_logits):
         cache, hidden, prefix_logits, _ = self._prefill(input_ids, mask, pos, static_image, image_pos, prefix_len,
                                                         all_logits)
-        suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
+        suffix = self._suffix_embeds(input_ids, mask, pos, cache, hidden, image, image_mask, request_pos, slot_pos,
+                                     prefix_len)
         logits = self.llm(inputs_embeds=suffix, attention_mask=mask, position_ids=pos[:, prefix_len:],
                           use_cache=True, logits_to_keep=0, **{self._cache_key: cache}).logits
         return torch.cat([prefix_logits, logits], dim=1) if all_logits else logits
@@ -498,16 +562,11 @@ class LMEyeModel(nn.Module):
         if schedule == "single_pass":
             cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, static_image,
                                                      image_pos, prefix_len)
-            suffix = self._suffix_embeds(input_ids, hidden, image, image_mask, request_pos, slot_pos, prefix_len)
+            suffix = self._suffix_embeds(input_ids, attention_mask, position_ids, cache, hidden, image, image_mask,
+                                         request_pos, slot_pos, prefix_len)
             # generate() runs only the columns the cache does not hold yet: the suffix.
             embeds = torch.cat([prefix, suffix], dim=1)
-            # It repeats every row of its inputs per beam and per returned sequence, but not a cache given to it.
-            settings = generate_kwargs.get("generation_config") or self.llm.generation_config
-            copies = max(generate_kwargs.get("num_beams", settings.num_beams or 1),
-                         generate_kwargs.get("num_return_sequences", settings.num_return_sequences or 1))
-            if copies > 1:
-                cache.batch_repeat_interleave(copies)
-            generate_kwargs[self._cache_key] = cache
+            generate_kwargs[self._cache_key] = self._expanded_cache(cache, generate_kwargs)
         else:
             embeds = self._mapped_embeds(input_ids, static_image, image_pos)
             if schedule == "two_pass":
@@ -535,18 +594,32 @@ class LMEyeModel(nn.Module):
     ) -> torch.Tensor:
         """What each request of a batch attended to: ``InteractiveLayer.attention_weights`` (B, H, R, M*S)
         for the requests the LLM makes at ``request_pos`` (the prefix's last hidden states), over the IPN's
-        image features. The attention interaction only: with a user interaction module the layer raises
-        ``ValueError``."""
+        image features (the first slot's, with ``request_position="first_slot"``). The attention interaction
+        only: with a user interaction module the layer raises ``ValueError``."""
         del labels, slot_pos  # a batch is passed as it is; only the prefix is read
         _, attention_mask, position_ids, static_image, image, request_pos, _ = self._inputs(
             input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
             static_features, image_mask, request_pos, None, "single_pass", False)
-        _, hidden, _, _ = self._prefill(input_ids, attention_mask, position_ids, static_image, image_pos, prefix_len)
+        cache, hidden, _, _ = self._prefill(input_ids, attention_mask, position_ids, static_image, image_pos,
+                                            prefix_len)
+        hidden = self._request_hidden(input_ids, attention_mask, position_ids, cache, hidden, request_pos, prefix_len)
         return self.ipn.attention_weights(hidden, image, request_pos=request_pos, image_mask=image_mask)
 
+    def _expanded_cache(self, cache, generate_kwargs: dict):
+        """The prefix's cache with each row repeated as ``generate`` repeats its inputs (once per beam, or
+        per returned sequence): it expands the tensors it is given, never a cache."""
+        config = generate_kwargs.get("generation_config") or self.llm.generation_config
+        beams = generate_kwargs.get("num_beams", config.num_beams) or 1
+        repeats = beams if beams > 1 else generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        return cache
+
     def _generation_defaults(self, generate_kwargs: dict) -> None:
-        """Pad and stop with the processor's tokens unless the caller says otherwise."""
+        """Pad and stop with the processor's tokens unless the caller says otherwise; LMEye's own tokens
+        are placeholders of the input, never an answer's, so they are never generated."""
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        generate_kwargs.setdefault("suppress_tokens", [i for i in self.config.token_ids() if i is not None])
         if self.config.eos_token_id is not None:
             generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
 
@@ -561,12 +634,15 @@ class LMEyeModel(nn.Module):
         return state
 
     def save_pretrained(self, directory) -> None:
-        """Write the adapter (``lmeye_adapter.safetensors``) and its config (``lmeye_config.json``); never the LLM."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the adapter (``lmeye_adapter.safetensors``), its config (``lmeye_config.json``) and where its LLM,
+        vision model and CLIP interaction come from (``lmeye_sources.json``); never the LLM. With the processor's
+        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else.
+
+        A process killed at any moment of the save leaves the adapter that was there or this one, never
+        a mix (``adapter_files``: one save id in all three files, the JSON files renamed last)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt", "lmeye_fast": __version__})
-        self.config.save(directory)
+        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__},
+                      {CONFIG_FILE: self.config.payload(), SOURCES_FILE: model_sources(self).payload()})
 
     @classmethod
     def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,
@@ -588,6 +664,7 @@ class LMEyeModel(nn.Module):
                 if None not in (width, saved) and width != saved:
                     raise ValueError(f"vision: the adapter in {directory} was saved for {feature!r} vision "
                                      f"features {saved} wide, this module's are {width} wide")
+        _check_interaction_options(directory, config.interaction_options, getattr(interaction, "options", None))
         _read_adapter(directory, _adapter_shapes(config, llm_dim, interaction))
         model = cls(llm, config, vision=vision, interaction=interaction)
         model.load_adapter(directory)
@@ -600,8 +677,10 @@ class LMEyeModel(nn.Module):
         structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
                       "static_hidden_dim", "vision_dim", "static_vision_dim", "static_feature", "ipn_feature",
                       "llm_dim", "image_token_id", "request_token_id",
-                      "slot_token_id", "interaction", "encoder_decoder")
+                      "slot_token_id", "interaction", "encoder_decoder", "num_slots", "transmission",
+                      "request_position", "special_rows")
         differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
+        _check_interaction_options(directory, saved["interaction_options"], mine["interaction_options"])
         if differ:
             raise ValueError(f"directory: the adapter in {directory} does not fit this model (" + "; ".join(differ)
                              + ")")
@@ -610,6 +689,14 @@ class LMEyeModel(nn.Module):
         with torch.no_grad():
             for key, value in state.items():
                 value.copy_(tensors[key])
+
+
+def _check_interaction_options(directory, saved: Optional[dict], given: Optional[dict]) -> None:
+    """Refuse an interaction module set up otherwise than the one the adapter was saved with (an adapter
+    written before the options were recorded has none, and is taken as written for the module's defaults)."""
+    if saved is not None and saved != given:
+        raise ValueError(f"interaction: the adapter in {directory} was saved with an interaction set to {saved}, "
+                         f"the one passed is set to {given}")
 
 
 def _adapter_shapes(config: LMEyeConfig, llm_dim: int, interaction: Optional[nn.Module]) -> Dict[str, Tuple[int, ...]]:

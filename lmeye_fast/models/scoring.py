@@ -114,7 +114,7 @@ def _score_on_cache(model, batch, answers: _Answers, image_features, static_feat
     if schedule == "static":
         head = model.embed(ids[:, prefix_len:])
     else:
-        head = model._suffix_embeds(ids, hidden, image, None, request_pos, slot_pos, prefix_len)
+        head = model._suffix_embeds(ids, mask, pos, cache, hidden, image, None, request_pos, slot_pos, prefix_len)
     first_logits = llm(inputs_embeds=head, attention_mask=mask, position_ids=pos[:, prefix_len:], use_cache=True,
                        logits_to_keep=1, **{cache_key: cache}).logits[:, -1]
     rows, tokens, real = answers.rows, answers.tokens, answers.real

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 __all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND"]
 
@@ -37,14 +37,16 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "lmeye_fast.serving.vllm_model:LMEyeForCausalLM")
 
 
-def hf_overrides(llm, adapter, vision, response_prefix: str = "") -> dict:
+def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None) -> dict:
     """vLLM's ``hf_overrides`` that serve ``adapter`` (a directory written by ``LMEyeModel.save_pretrained``)
     on the LLM directory ``llm`` with the vision tower ``vision`` (a directory).
 
-    ``response_prefix`` is the text the adapter was trained with between the ``<img-d>`` slots and
-    the answer (``LMEyeProcessor(response_prefix=...)``). Paths are checked here, before vLLM starts.
+    Prompts are laid out by the processor saved with the adapter (``LMEyeProcessor.save_pretrained``);
+    ``response_prefix`` must agree with it, and is needed only for an adapter saved without one (the
+    text it was trained with between the ``<img-d>`` slots and the answer). Paths are checked here,
+    before vLLM starts.
     """
-    from ..models.config import CONFIG_FILE, LMEyeConfig
+    from ..models.adapter_files import check_adapter
 
     paths = {"llm": Path(llm), "adapter": Path(adapter), "vision": Path(vision)}
     for name, path in paths.items():
@@ -56,15 +58,13 @@ def hf_overrides(llm, adapter, vision, response_prefix: str = "") -> dict:
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     if len(architectures) != 1:
         raise ValueError(f"llm: {config_file} names {architectures!r} as its architectures; expected one causal LM")
-    if not (paths["adapter"] / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"adapter: no {CONFIG_FILE} in {paths['adapter']} (not written by save_pretrained?)")
-    LMEyeConfig.load(paths["adapter"])  # a damaged config fails here, named, not inside vLLM's workers
+    check_adapter(paths["adapter"])  # a missing or damaged adapter fails here, named, not inside vLLM's workers
     return {"architectures": [ARCHITECTURE],
             "lmeye": {"llm_architecture": architectures[0], "adapter": str(paths["adapter"].resolve()),
                       "vision": str(paths["vision"].resolve()), "response_prefix": response_prefix}}
 
 
-def serve_args(llm, adapter, vision, response_prefix: str = "") -> List[str]:
+def serve_args(llm, adapter, vision, response_prefix: Optional[str] = None) -> List[str]:
     """The arguments of vLLM's OpenAI-compatible server (``vllm serve ARGS`` or ``SERVER_COMMAND + ARGS``)
     that serve the adapter, without host, port, dtype and sizes."""
     overrides = hf_overrides(llm, adapter, vision, response_prefix)

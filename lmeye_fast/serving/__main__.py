@@ -14,7 +14,9 @@ def main(argv=None) -> None:
     parser.add_argument("--llm", required=True, help="the LLM's directory (its config, weights and tokenizer)")
     parser.add_argument("--adapter", required=True, help="the adapter's directory (LMEyeModel.save_pretrained)")
     parser.add_argument("--vision", required=True, help="the vision tower's directory (model and image processor)")
-    parser.add_argument("--response-prefix", default="", help="the text between the <img-d> slots and the answer")
+    parser.add_argument("--response-prefix", default=None,
+                        help="the text between the <img-d> slots and the answer, for an adapter saved without its "
+                             "processor (with one, the saved template's is used and this must agree)")
     args = parser.parse_args(argv)
     print(shlex.join(SERVER_COMMAND + serve_args(args.llm, args.adapter, args.vision, args.response_prefix)))
 

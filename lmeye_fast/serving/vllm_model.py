@@ -1,8 +1,11 @@
 """LMEye as a vLLM model: any decoder-only LLM vLLM runs, with the static mapping and the IPN inside its forward.
 
-The prompt, as ``LMEyeProcessor`` lays out one row (without padding)::
+The prompt, as the adapter's ``LMEyeProcessor`` lays out one row by its template (without padding)::
 
     [bos][text][<img> x N][text][<img-q>][<img-d> x R][response prefix] -> generated answer
+
+The text vLLM is given is the question ``LMEyeProcessor`` reads, with vLLM's ``<img>`` placeholder
+where the image goes (none: where the template puts it).
 
 **The image block.** The processor below makes one multimodal placeholder per image that spans the
 whole block from the first ``<img>`` to the last ``<img-d>`` slot; only its ``<img>`` positions take
@@ -52,10 +55,12 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
                                         PromptReplacement, PromptUpdateDetails)
 from vllm.sequence import IntermediateTensors
 
-from ..eval import load_vision
 from ..models.config import LMEyeConfig
 from ..models.modeling import load_adapter_modules
-from ..models.vision import vision_features
+from ..models.processor import LMEyeProcessor
+from ..models.prompts import Turn
+from ..models.sources import Source, adapter_processor
+from ..models.vision import load_vision, vision_features
 
 __all__ = ["LMEyeForCausalLM", "ServingSettings"]
 
@@ -69,7 +74,7 @@ class ServingSettings:
     llm_architecture: str
     adapter: str
     vision: str
-    response_prefix: str = ""
+    response_prefix: Optional[str] = None
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ServingSettings":
@@ -87,6 +92,12 @@ class ServingSettings:
 @functools.lru_cache(maxsize=8)
 def _adapter_config(adapter: str) -> LMEyeConfig:
     return LMEyeConfig.load(adapter)
+
+
+@functools.lru_cache(maxsize=8)
+def _prompt_processor(adapter: str, llm: str, response_prefix: Optional[str]) -> LMEyeProcessor:
+    """The processor the adapter was saved with (or, without one, on the LLM's tokenizer): it lays out prompts."""
+    return adapter_processor(adapter, _adapter_config(adapter), Source(llm), response_prefix=response_prefix)
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,6 +135,16 @@ def check_engine_settings(vllm_config: VllmConfig) -> None:
                          "--no-enable-chunked-prefill (LLM(..., enable_chunked_prefill=False))")
 
 
+def check_adapter_served(config: LMEyeConfig, adapter: str) -> None:
+    """Refuse an adapter whose layout this forward does not compute, naming the setting."""
+    if config.request_position != "request_token":
+        raise ValueError(f"adapter: {adapter} reads its request at the first <img-d> slot (request_position="
+                         f"{config.request_position!r}); vLLM serves adapters that read it at <img-q>")
+    if any(mode != "replace" for mode in config.row_modes):
+        raise ValueError(f"adapter: {adapter} builds its special tokens' rows by special_rows={config.special_rows!r}; "
+                         "vLLM serves adapters whose learned rows replace the LLM's ('replace')")
+
+
 class LMEyeProcessingInfo(BaseProcessingInfo):
     def settings(self) -> ServingSettings:
         return ServingSettings.from_hf_config(self.get_hf_config())
@@ -133,6 +154,19 @@ class LMEyeProcessingInfo(BaseProcessingInfo):
 
     def image_processor(self):
         return _image_processor(self.settings().vision)
+
+    def prompt_processor(self) -> LMEyeProcessor:
+        """The adapter's ``LMEyeProcessor``, checked to read the LMEye tokens as vLLM's tokenizer does."""
+        settings = self.settings()
+        processor = _prompt_processor(settings.adapter, self.ctx.model_config.model, settings.response_prefix)
+        tokenizer = self.get_tokenizer()
+        tokens = (processor.image_token, processor.request_token, processor.slot_token)
+        ids = tuple(tokenizer.convert_tokens_to_ids(token) for token in tokens)
+        if ids != self.lmeye_config().token_ids() or len(tokenizer) != len(processor):
+            raise ValueError(f"tokenizer: vLLM's tokenizer reads {tokens} as {ids} in a vocabulary of {len(tokenizer)} "
+                             f"tokens, the adapter's as {self.lmeye_config().token_ids()} in {len(processor)}; "
+                             f"start vLLM with --tokenizer {settings.adapter}")
+        return processor
 
     def get_default_tok_params(self):
         # LMEyeProcessor puts BOS itself (LMEyeMultiModalProcessor._postprocess_prompt).
@@ -164,8 +198,8 @@ class LMEyeDummyInputsBuilder(BaseDummyInputsBuilder[LMEyeProcessingInfo]):
 
 
 class LMEyeMultiModalProcessor(BaseMultiModalProcessor[LMEyeProcessingInfo]):
-    """The prompt as ``LMEyeProcessor.prefix_ids`` builds it, then ``<img-q>``, the slots and the response
-    prefix; the image's placeholder spans the block from its first ``<img>`` to its last slot."""
+    """The prompt laid out by the adapter's ``LMEyeProcessor`` (its template, ``LMEyeProcessor.row``); the
+    image's placeholder spans the block from its first ``<img>`` to its last ``<img-d>`` slot."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         images = [image.convert("RGB") for image in hf_data.get("images", [])]
@@ -176,18 +210,23 @@ class LMEyeMultiModalProcessor(BaseMultiModalProcessor[LMEyeProcessingInfo]):
         return {"pixel_values": MultiModalFieldConfig.batched("image")}
 
     def _postprocess_prompt(self, prompt: List[int]) -> List[int]:
+        """vLLM's tokens of the prompt's text, laid out again as ``LMEyeProcessor`` lays out that text
+        (as ``LMEyeModel.generate`` reads it), with one ``<img>`` for vLLM to expand into the image's N."""
+        processor = self.info.prompt_processor()
         config = self.info.lmeye_config()
         image, request, slot = config.token_ids()
         found = [token for token in (request, slot) if token in prompt]
         if found or prompt.count(image) > 1:
             raise ValueError(f"prompt: expected at most one {IMAGE_PLACEHOLDER!r} and none of LMEye's request and "
                              f"slot tokens (ids {request}, {slot}), which the processor adds; got {prompt}")
-        tokenizer = self.info.get_tokenizer()
-        bos = tokenizer.bos_token_id
-        prefix = [bos] if bos is not None and bos != tokenizer.eos_token_id else []
-        body = prompt[len(prefix):] if prefix and prompt[:1] == prefix else prompt
-        # LMEyeProcessor puts the image first when the prompt has no placeholder.
-        return prefix + (body if image in body else [image] + body)
+        text = self.info.get_tokenizer().decode(prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        bos = processor.tokenizer.bos_token
+        if processor.add_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        row = processor.row([Turn(text)])
+        start = row.image_start
+        return (row.prefix[:start + 1] + row.prefix[start + processor.num_image_tokens:]
+                + [slot] * processor.num_requests + row.body)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         config = self.info.lmeye_config()
@@ -198,14 +237,11 @@ class LMEyeMultiModalProcessor(BaseMultiModalProcessor[LMEyeProcessingInfo]):
     def apply(self, inputs, timing_ctx):
         out = super().apply(inputs, timing_ctx)
         config = self.info.lmeye_config()
-        response = self.info.get_tokenizer().encode(self.info.settings().response_prefix, add_special_tokens=False) \
-            if self.info.settings().response_prefix else []
-        ids = list(out["prompt_token_ids"]) + [config.request_token_id] + [config.slot_token_id] * config.num_requests
+        ids = list(out["prompt_token_ids"])
         (start,) = [placeholder.offset for placeholder in out["mm_placeholders"]["image"]]
-        is_embed = torch.tensor(ids[start:], dtype=torch.long) == config.image_token_id
-        out["mm_placeholders"] = {"image": [PlaceholderRange(offset=start, length=len(ids) - start,
-                                                             is_embed=is_embed)]}
-        out["prompt_token_ids"] = ids + list(response)
+        end = len(ids) - ids[::-1].index(config.slot_token_id)
+        is_embed = torch.tensor(ids[start:end], dtype=torch.long) == config.image_token_id
+        out["mm_placeholders"] = {"image": [PlaceholderRange(offset=start, length=end - start, is_embed=is_embed)]}
         return out
 
 
@@ -234,14 +270,19 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         width = hf_config.hidden_size
         # The adapter in float32 and the vision tower in the LLM's dtype, as lmeye_fast.eval loads them.
         adapter = load_adapter_modules(settings.adapter, width, dtype=torch.float32)
+        check_adapter_served(adapter.config, settings.adapter)
         self.lmeye_config, self.static, self.ipn = adapter.config, adapter.static, adapter.ipn
         self.register_buffer("special_embed", adapter.special_embed, persistent=False)
+        self.register_buffer("never_generated", torch.tensor([i for i in adapter.config.token_ids() if i is not None]),
+                             persistent=False)
         vocab = hf_config.vocab_size
         if max(adapter.config.token_ids()) >= vocab:
             raise ValueError(f"llm: its vocabulary ({vocab} tokens) does not hold LMEye's special tokens (ids "
                              f"{adapter.config.token_ids()}); save the LLM with its embeddings resized to the "
                              "tokenizer (llm.resize_token_embeddings(len(processor)))")
-        self.vision = load_vision(settings.vision, vllm_config.model_config.dtype).requires_grad_(False).eval()
+        features = (adapter.config.static_feature, adapter.config.ipn_feature)
+        self.vision = load_vision(settings.vision, features, dtype=vllm_config.model_config.dtype)
+        self.vision.requires_grad_(False).eval()
         self.packed_width = _packed_width(adapter.config)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self._step: Optional[_StepImages] = None
@@ -308,10 +349,10 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         if len(image_at) != count * len(step.items) or bool((found >= len(requests)).any()):
             raise RuntimeError("LMEye on vLLM: a step holds an image without its <img-q> token after it")
         request_at = requests[found]
-        slots_at = request_at[:, None] + 1 + torch.arange(config.num_requests)
+        slots_at = request_at[:, None] + 1 + torch.arange(config.slots)
         if int(slots_at.max()) >= len(ids) or not bool((ids[slots_at] == config.slot_token_id).all()):
             raise RuntimeError("LMEye on vLLM: an <img-q> token in this step is not followed by its "
-                               f"{config.num_requests} <img-d> slots")
+                               f"{config.slots} <img-d> slots")
         features = torch.stack([self._unpack(item) for item in step.items])
         device = input_ids.device
         return request_at.to(device), slots_at.to(device), features.to(device)
@@ -337,7 +378,12 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         return llm(None, positions, intermediate_tensors, inputs_embeds=embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.language_model.compute_logits(hidden_states)
+        """The LLM's logits with LMEye's tokens ruled out: they are placeholders of the prompt, never part of an
+        answer (``LMEyeModel.generate`` suppresses them too)."""
+        logits = self.language_model.compute_logits(hidden_states)
+        if logits is not None:
+            logits.index_fill_(1, self.never_generated.to(logits.device), float("-inf"))
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The LLM's weights from its checkpoint; the adapter and the vision tower were read from their own

@@ -3,13 +3,19 @@
     python -m lmeye_fast.train --config stage2.yaml
     torchrun --nproc_per_node 8 -m lmeye_fast.train --config stage2.yaml --batch_size 4
     python -m lmeye_fast.train --llm lmsys/vicuna-7b-v1.5 --vision openai/clip-vit-large-patch14 \\
-        --data llava_instruct.json --image_folder coco/ --output_dir out/stage2 --adapter out/stage1
+        --preset global_token --data llava_instruct.json --image_folder coco/ --output_dir out/stage2 \\
+        --adapter out/stage1
 
 The LLM is a causal LM or, as its config says, an encoder-decoder one (T5 /
 FlanT5, BART). The same command runs in one process and under ``torchrun`` (the
 Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir`` gets
-``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler), the
-final adapter with the tokenizer, and ``log.jsonl`` (one JSON object per log).
+``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler; never the
+frozen LLM), from which ``--resume true`` continues under either; at the end, the
+final adapter with its processor (tokenizer, prompt template) and the record of its
+models, ``log.jsonl`` (one JSON object per log) and ``train_result.json`` (the run's
+summary, also printed as one line: its skipped images, each rank's resident LLM
+parameter bytes). ``python -m lmeye_fast.eval --adapter out/stage2 --data
+questions.jsonl`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from transformers import TrainerCallback
 
+from ..atomic import write_atomic
 from .config import TrainConfig, load_config
 
 __all__ = ["main", "parse_args", "JsonLinesLog", "ProgressBar"]
@@ -93,17 +100,49 @@ class ProgressBar(TrainerCallback):
             self.bar = None
 
 
+# Keys of the adapter's structure that a flag also sets: the flag must agree with a saved adapter.
+ADAPTER_KEYS = ("num_requests", "interaction_dim", "num_heads", "static_hidden_dim")
+
+
+def check_before_loading(config: TrainConfig) -> Tuple[TrainConfig, Optional[Path]]:
+    """What ``TrainConfig`` cannot check alone, checked before any model loads: the adapter folder is
+    complete, the checkpoint to resume exists and is complete, and the adapter flags agree with the
+    adapter that training continues (``adapter``, or the resumed checkpoint's). A flag left at its
+    default takes the adapter's value. Returns the config so completed and the checkpoint to resume."""
+    from ..models import LMEyeConfig
+    from ..models.adapter_files import check_adapter
+    from .checkpoints import checkpoint_to_resume
+
+    resume = checkpoint_to_resume(config.resume, config.output_dir)
+    for key, folder in (("adapter", config.adapter), ("resume", resume)):
+        if folder is None:
+            continue
+        check_adapter(folder, key)
+        saved = LMEyeConfig.load(folder)
+        for name in ADAPTER_KEYS:
+            value, default = getattr(config, name), TrainConfig.__dataclass_fields__[name].default
+            if value != default and value != getattr(saved, name):
+                raise ValueError(f"{name}: {value!r} contradicts the {key} {folder}, saved with {name}="
+                                 f"{getattr(saved, name)!r}")
+        config = dataclasses.replace(config, **{name: getattr(saved, name) for name in ADAPTER_KEYS})
+    return config, resume
+
+
 def _build(config: TrainConfig):
-    """Load the tokenizer, the LLM, the vision tower and its image processor; wrap them as an LMEyeModel,
-    or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``)."""
+    """Load the tokenizer, the LLM, the vision model and its image processor; wrap them as an LMEyeModel,
+    or an LMEyeSeq2SeqModel when the LLM is an encoder-decoder (its config's ``is_encoder_decoder``): as
+    ``preset`` builds it, from the saved ``adapter``, or with the sizes and ``vision_feature`` of the config."""
     import torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, set_seed
 
     from ..models import LMEyeProcessor
+    from ..models.presets import PRESETS, preset_vision
     from ..models.seq2seq import model_classes
+    from ..models.sources import load_pretrained
+    from ..models.vision import load_vision
 
     # The LLM's config alone decides the model class and is checked before any weights load.
-    llm_config = AutoConfig.from_pretrained(config.llm)
+    llm_config = AutoConfig.from_pretrained(config.llm, revision=config.llm_revision)
     encoder_decoder = bool(getattr(llm_config, "is_encoder_decoder", False))
     llm_class, model_class = model_classes(encoder_decoder)
     schedule = config.model_schedule(encoder_decoder)
@@ -116,37 +155,57 @@ def _build(config: TrainConfig):
         raise ValueError(f"llm: the encoder-decoder LLM {config.llm} has no decoder_start_token_id in its config, "
                          "and the decoder's input begins with it")
     dtype = getattr(torch, config.llm_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(config.llm)
-    llm = llm_class.from_pretrained(config.llm, dtype=dtype)
-    vision = AutoModel.from_pretrained(config.vision)
-    # A two-tower checkpoint (CLIP's openai/clip-vit-large-patch14, SigLIP) loads whole; LMEye reads its image side.
-    vision = getattr(vision, "vision_model", vision)
-    image_processor = AutoImageProcessor.from_pretrained(config.vision)
-    num_image_tokens = _num_vision_tokens(vision, image_processor, config.vision_feature)
-    processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens, num_requests=config.num_requests,
-                               encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
+    template = config.template()
     if config.adapter is not None:
-        model = model_class.from_pretrained(config.adapter, llm, vision=vision)
+        # The adapter's own record of its processor and vision model; the config's template must agree with it.
+        set_seed(config.seed)
+        processor, model, image_processor = load_pretrained(
+            config.adapter, llm=config.llm, vision=config.vision, llm_revision=config.llm_revision,
+            vision_revision=config.vision_revision, dtype=dtype, vision_dtype=torch.float32, template=template)
     else:
-        model = model_class(llm, processor.make_config(
-            interaction_dim=config.interaction_dim, num_heads=config.num_heads,
-            # The training config names one vision output; the static mapping and the IPN both read it.
-            static_feature=config.vision_feature, ipn_feature=config.vision_feature,
-            static_hidden_dim=config.static_hidden_dim, schedule=schedule), vision=vision)
+        tokenizer = AutoTokenizer.from_pretrained(config.llm, revision=config.llm_revision)
+        llm = llm_class.from_pretrained(config.llm, revision=config.llm_revision, dtype=dtype)
+        image_processor = AutoImageProcessor.from_pretrained(config.vision, revision=config.vision_revision)
+        if config.preset is not None:
+            vision = preset_vision(config.preset, config.vision, revision=config.vision_revision)
+            set_seed(config.seed)  # after the loading, as below
+            processor, model = PRESETS[config.preset](tokenizer, llm, vision, template=template,
+                                                      **config.preset_settings(), schedule=schedule)
+        else:
+            feature = config.vision_feature or "tokens"
+            vision = load_vision(config.vision, (feature,), revision=config.vision_revision)
+            num_image_tokens = _num_vision_tokens(vision, image_processor, feature)
+            # The adapter's initialisation draws from a generator seeded here, after the loading: zero.Init
+            # initialises the modules it loads (and draws from the generator) where a plain load does not.
+            set_seed(config.seed)
+            processor = LMEyeProcessor(tokenizer, num_image_tokens=num_image_tokens,
+                                       num_requests=config.num_requests, template=template,
+                                       encoder_decoder=encoder_decoder, decoder_start_token_id=decoder_start_token_id)
+            model = model_class(llm, processor.make_config(
+                interaction_dim=config.interaction_dim, num_heads=config.num_heads,
+                # The training config names one vision output; the static mapping and the IPN both read it.
+                static_feature=feature, ipn_feature=feature,
+                static_hidden_dim=config.static_hidden_dim, schedule=schedule), vision=vision)
     model.config.schedule = schedule
     model.set_stage(config.stage, train_special_tokens=config.train_special_tokens)
-    return tokenizer, processor, image_processor, model
+    return processor, image_processor, model
 
 
 def _num_vision_tokens(vision, image_processor, feature: str) -> int:
-    """N, the vision tower's tokens per image: 1 pooled, else what it returns for one preprocessed image."""
-    if feature == "pooled":
-        return 1
+    """N, the vision tower's tokens per image: as its config says (1 pooled or projected), else what it returns for one
+    preprocessed image. Under ZeRO-3 its weights are partitioned until gathered, so the config comes first."""
+    from ..models.vision import feature_shape
+
+    count = feature_shape(vision, feature)[0]
+    if count is not None:
+        return count
     import torch
     from PIL import Image
 
+    from ..models.gathered import gathered
+
     pixels = image_processor(images=Image.new("RGB", (32, 32)), return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
+    with torch.no_grad(), gathered(vision.parameters()):
         out = vision(pixels.to(next(vision.parameters()).dtype))
     return out.shape[1] if isinstance(out, torch.Tensor) else out.last_hidden_state.shape[1]
 
@@ -186,17 +245,18 @@ def _training_arguments(config: TrainConfig):
 def main(argv: Optional[List[str]] = None) -> Path:
     """Run the CLI; returns the output directory, which holds the final adapter."""
     config = parse_args(argv)
-    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..data import ChatTemplate, LMEyeCollator, LMEyeDataset, LMEyeStream
+    from ..data import LMEyeCollator, LMEyeDataset, LMEyeStream
+    from .distributed import per_rank, resident_parameter_bytes
     from .trainer import LMEyeTrainer
 
+    config, resume = check_before_loading(config)
+    # The Trainer's arguments come first: under a ZeRO-3 config they make from_pretrained load the LLM
+    # and the vision tower already partitioned (deepspeed.zero.Init), so no rank ever holds all of them.
     args = _training_arguments(config)
-    set_seed(config.seed)  # the adapter's initialisation, before the Trainer seeds the rest
-    tokenizer, processor, image_processor, model = _build(config)
+    processor, image_processor, model = _build(config)
     items = dict(image_folder=config.image_folder, caption_prompt=config.caption_prompt,
-                 template=ChatTemplate(config.system_prompt, config.user_prefix, config.assistant_prefix),
                  on_bad_image=config.on_bad_image, max_length=config.max_length)
     if config.streaming:
         dataset = LMEyeStream(_stream(config.data), processor, image_processor, **items)
@@ -204,18 +264,23 @@ def main(argv: Optional[List[str]] = None) -> Path:
         dataset = LMEyeDataset(config.data, processor, image_processor, **items)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    # processing_class: every checkpoint and the final adapter get the processor (tokenizer, template).
     trainer = LMEyeTrainer(model=model, args=args, train_dataset=dataset, data_collator=LMEyeCollator(processor),
-                           callbacks=[JsonLinesLog(output / "log.jsonl")])
+                           processing_class=processor, callbacks=[JsonLinesLog(output / "log.jsonl")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if config.progress:
         trainer.add_callback(ProgressBar())
-    result = trainer.train(resume_from_checkpoint=config.resume)
+    result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     trainer.save_model(str(output))
+    # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3.
+    llm_bytes = per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output)  # with the special tokens whose ids the adapter's config holds
-        # No skipped-image count here: DataLoader workers count their own (each warns on its first).
-        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics}
-        (output / "train_result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
+        # result.metrics holds the run's skipped_images (and skipped_image_files), summed over workers and ranks.
+        summary = {"global_step": result.global_step, "train_loss": result.training_loss, **result.metrics,
+                   "llm_parameter_bytes_per_rank": llm_bytes}
+        write_atomic(output / "train_result.json", json.dumps(summary, indent=2) + "\n")
+        line = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        line.update({k: summary[k] for k in ("skipped_image_files", "llm_parameter_bytes_per_rank") if k in summary})
+        print(json.dumps(line))
     return output

@@ -15,12 +15,13 @@ then suffix on the cache); FSDP2 gathers a layer's weights for each call.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["leave_frozen_out_of_ddp", "decoder_layers", "shard_frozen_llm"]
+__all__ = ["leave_frozen_out_of_ddp", "decoder_layers", "shard_frozen_llm", "resident_parameter_bytes", "per_rank"]
 
 
 def leave_frozen_out_of_ddp(model: nn.Module) -> List[str]:
@@ -51,3 +52,32 @@ def shard_frozen_llm(model: nn.Module, mesh=None, reshard_after_forward: bool = 
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def resident_parameter_bytes(module: nn.Module) -> int:
+    """The bytes of ``module``'s parameters this rank holds: its partition of a DeepSpeed ZeRO-3 parameter
+    (the whole tensor too while gathered or persistent), its shard of an FSDP2 DTensor, else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    from ..models.gathered import is_partitioned
+
+    total = 0
+    for param in module.parameters():
+        if is_partitioned(param):
+            total += param.ds_tensor.numel() * param.ds_tensor.element_size()
+            total += param.data.numel() * param.element_size()
+        elif isinstance(param, DTensor):
+            total += param.to_local().numel() * param.element_size()
+        else:
+            total += param.numel() * param.element_size()
+    return total
+
+
+def per_rank(value: Any) -> List[Any]:
+    """``value`` (any picklable object) of every rank, in rank order; ``[value]`` outside torch.distributed.
+    A collective: every rank calls it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
