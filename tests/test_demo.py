@@ -26,7 +26,7 @@ pytest.importorskip("gradio", reason="the demo extra: pip install -e '.[demo]'")
 
 from lmeye_fast.demo import ChatEngine, GenerationSettings, chat_turns  # noqa: E402
 from lmeye_fast.eval import EvalModel, load_eval_model  # noqa: E402
-from saved_tiny_model import RESPONSE_PREFIX, save_tiny_model  # noqa: E402
+from saved_tiny_model import save_tiny_model  # noqa: E402
 
 QUESTION = "what colour is the circle ?"
 NEW_TOKENS = 8
@@ -69,16 +69,14 @@ def saved(tmp_path_factory):
     settings.save_pretrained(root / "llm")
     circle_image(root / "circle.png")
     (root / "notes.png").write_text("this file is named like an image but holds text\n")
-    flags = ["--adapter", str(root / "adapter"), "--llm", str(root / "llm"), "--vision", str(root / "vision"),
-             "--response-prefix", RESPONSE_PREFIX]
+    flags = ["--adapter", str(root / "adapter")]  # the adapter records its models and processor
     return root, flags
 
 
 @pytest.fixture(scope="module")
 def engine(saved):
     root, _ = saved
-    runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
-    return ChatEngine(runner)
+    return ChatEngine(load_eval_model(root / "adapter"))
 
 
 @pytest.fixture(scope="module")

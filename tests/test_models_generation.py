@@ -128,3 +128,19 @@ def test_beam_search_and_several_sequences_on_the_single_pass(arch):
     single = model.generate(**batch, image_features=image, **several)
     assert single.shape == (6, NEW_TOKENS)
     assert torch.equal(single, model.generate(**batch, image_features=image, schedule="two_pass", **several))
+
+
+def test_lmeyes_tokens_are_suppressed_beside_those_the_llm_or_the_caller_suppresses():
+    """LMEye's tokens join the generation config's (or the caller's) suppressed tokens, never replace them."""
+    proc, model = build("llama")
+    batch = proc(prompts())
+    image = features(model, 3)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    free = model.generate(**batch, image_features=image, **kwargs)
+    chosen = free[0, 0].item()  # a token greedy decoding picks, so suppressing it shows
+    model.llm.generation_config.suppress_tokens = [chosen]
+    barred = model.generate(**batch, image_features=image, **kwargs)
+    assert not torch.isin(barred, torch.tensor([chosen, *model.config.token_ids()])).any()
+    model.llm.generation_config.suppress_tokens = None
+    asked = model.generate(**batch, image_features=image, suppress_tokens=[chosen], **kwargs)
+    assert torch.equal(asked, barred)

@@ -619,7 +619,10 @@ class LMEyeModel(nn.Module):
         """Pad and stop with the processor's tokens unless the caller says otherwise; LMEye's own tokens
         are placeholders of the input, never an answer's, so they are never generated."""
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        generate_kwargs.setdefault("suppress_tokens", [i for i in self.config.token_ids() if i is not None])
+        # Beside the tokens the caller or the LLM's generation config suppresses, not instead of them.
+        settings = generate_kwargs.get("generation_config") or self.llm.generation_config
+        asked = generate_kwargs.get("suppress_tokens", settings.suppress_tokens) or []
+        generate_kwargs["suppress_tokens"] = sorted(set(asked) | {i for i in self.config.token_ids() if i is not None})
         if self.config.eos_token_id is not None:
             generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
 
