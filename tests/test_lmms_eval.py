@@ -46,7 +46,7 @@ def task_files(folder, data):
           version: 0
         """
     (folder / "utils.py").write_text(UTILS)
-    (folder / "toy_vqa.yaml").write_text(textwrap.dedent(f"""\
+    (folder / "toy_vqa.yaml").write_text(textwrap.dedent("""\
         task: lmeye_toy_vqa
         output_type: generate_until
         doc_to_target: answer
@@ -59,7 +59,7 @@ def task_files(folder, data):
             aggregation: mean
             higher_is_better: true
         """) + textwrap.dedent(common))
-    (folder / "toy_choice.yaml").write_text(textwrap.dedent(f"""\
+    (folder / "toy_choice.yaml").write_text(textwrap.dedent("""\
         task: lmeye_toy_choice
         output_type: multiple_choice
         doc_to_choice: options

@@ -216,7 +216,7 @@ def test_v1_special_rows_are_word_row_plus_vector(v1):
 
 
 def test_v1_converter_directory_gives_the_same_outputs(v1, tmp_path):
-    processor, model, clip = v1["processor"], v1["model"], v1["clip"]
+    clip = v1["clip"]
     base = tmp_path / "base"
     # The converter loads the LLM, CLIP and tokenizer as a user's hub ids would: from directories.
     fresh_tokenizer = word_tokenizer(WORDS)

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lmeye_fast import InteractiveLayer, backends, reference  # noqa: E402
+from lmeye_fast import InteractiveLayer, backends  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON, WHY = backends.status("triton")

@@ -5,7 +5,7 @@ import importlib.util
 import os
 
 import pytest
-from test_train_distributed import launch, train
+from test_train_distributed import train
 from training_helpers import relative_difference
 
 pytestmark = [pytest.mark.slow,
