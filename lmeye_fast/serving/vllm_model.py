@@ -320,8 +320,8 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
                         *, is_multimodal: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The LLM's token embeddings, with the ``<img>`` rows of the step's image blocks made as
         ``LMEyeModel`` makes them (the adapter's ``<img>`` embedding plus the static token). The
-        block's ``<img-q>`` and ``<img-d>`` rows get theirs in ``forward``: like ``LMEyeModel.generate``,
-        only the prompt's special tokens take the adapter's embeddings, a generated one the LLM's."""
+        block's ``<img-q>`` and ``<img-d>`` rows get theirs in ``forward`` (LMEye's tokens are never
+        generated: ``compute_logits``)."""
         embeds = self.language_model.embed_input_ids(input_ids)
         items = list(multimodal_embeddings) if multimodal_embeddings is not None else []
         self._step = _StepImages(is_multimodal, items) if items else None
