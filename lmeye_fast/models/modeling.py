@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from transformers import Cache
 from transformers.utils import ModelOutput
 
 from .. import __version__
@@ -41,7 +42,46 @@ from .processor import IGNORE_INDEX
 from .sources import SOURCES_FILE, model_sources
 from .vision import feature_shape, vision_features
 
-__all__ = ["LMEyeModel", "LMEyeOutput", "ADAPTER_FILE", "AdapterModules", "load_adapter_modules"]
+__all__ = ["LMEyeModel", "LMEyeInputs", "LMEyeOutput", "Prefill", "ADAPTER_FILE", "AdapterModules",
+           "load_adapter_modules"]
+
+
+@dataclass(frozen=True)
+class LMEyeInputs:
+    """One checked batch of a decoder-only ``LMEyeModel``, from ``LMEyeModel.prepare_inputs``: what every
+    schedule, ``generate``, ``attention_weights`` and ``score_options`` read.
+
+    ``input_ids``, ``attention_mask``, ``position_ids`` (B, T); ``image_pos`` (B, N), the ``<img>``
+    columns; ``prefix_len`` P, the columns ``[0, P)`` before the first slot; ``static_features``
+    (B, N, Ds), the static mapping's image features, and ``image_features`` (B, M, Dv), the IPN's (one
+    tensor twice when both read the same vision output); ``image_mask`` (B, M) or None;
+    ``request_pos`` (B,), the column the request is read at; ``slot_pos`` (B, K), the ``<img-d>``
+    columns; ``schedule``, one of the model's ``schedules``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    image_pos: torch.Tensor
+    prefix_len: int
+    static_features: torch.Tensor
+    image_features: torch.Tensor
+    image_mask: Optional[torch.Tensor]
+    request_pos: torch.Tensor
+    slot_pos: torch.Tensor
+    schedule: str
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The prefix ``[0, P)`` run once on a fresh KV cache (``LMEyeModel.prefill``): ``cache``, which the
+    suffix continues on; ``hidden`` (B, P, D), the LLM's last hidden states; ``logits`` (B, P, V), or
+    None unless asked for; ``embeds`` (B, P, D), the prefix's embeddings with the static mapping's image
+    tokens, as the LLM read them."""
+
+    cache: Cache
+    hidden: torch.Tensor
+    logits: Optional[torch.Tensor]
+    embeds: torch.Tensor
 
 
 @dataclass
@@ -257,7 +297,8 @@ class LMEyeModel(nn.Module):
                                                           dtype=torch.long, device=device), persistent=False)
         self.register_buffer("replaced_rows", torch.tensor([mode == "replace" for mode in modes], device=device),
                              persistent=False)
-        self._cache_key = cache_kwarg(llm)
+        # The keyword the LLM takes its KV cache under (``cache_kwarg``), for callers that run it on ``prefill``'s.
+        self.cache_kwarg = cache_kwarg(llm)
         self.set_stage(2)
 
     # ------------------------------------------------------------------ setup
@@ -316,9 +357,11 @@ class LMEyeModel(nn.Module):
         replaced = (match & self.replaced_rows).any(dim=-1, keepdim=True)
         return torch.where(replaced, special, embeds + special)
 
-    def _mapped_embeds(self, input_ids, static_image, image_pos):
-        """The token embeddings with the static mapping's image tokens in the ``<img>`` rows."""
-        return self.static(static_image, self.embed(input_ids), image_pos, inplace=True)
+    def mapped_embeds(self, input_ids: torch.Tensor, static_features: torch.Tensor,
+                      image_pos: torch.Tensor) -> torch.Tensor:
+        """``embed(input_ids)`` (B, T, D) with the static mapping's image tokens of ``static_features``
+        (B, N, Ds) in the ``<img>`` columns ``image_pos`` (B, N): the sequence before the IPN."""
+        return self.static(static_features, self.embed(input_ids), image_pos, inplace=True)
 
     def _schedule(self, schedule: Optional[str]) -> str:
         schedule = schedule or self.config.schedule
@@ -365,8 +408,30 @@ class LMEyeModel(nn.Module):
         check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
         check_tensor("slot_pos", slot_pos, (batch, self.config.slots), INDEX_DTYPES, device, dims="(B, K)")
 
-    def _inputs(self, input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values,
-                image_features, static_features, image_mask, request_pos, slot_pos, schedule, validate):
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_pos: torch.Tensor,
+        prefix_len: int,
+        position_ids: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        static_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        request_pos: Optional[torch.Tensor] = None,
+        slot_pos: Optional[torch.Tensor] = None,
+        schedule: Optional[str] = None,
+        validate: bool = False,
+    ) -> LMEyeInputs:
+        """Check a batch (the keywords of ``forward``) and fill in what it leaves out: ``LMEyeInputs``.
+
+        ``schedule`` defaults to ``config.schedule``; ``position_ids`` to the mask's running count;
+        the images are encoded from ``pixel_values`` unless their features are given; ``request_pos``
+        defaults to the last column the single pass reads the request at and ``slot_pos`` to the
+        first ``config.slots`` columns of the suffix. A tensor of the wrong shape, dtype or device, or
+        a ``prefix_len`` outside ``[1, T)``, raises ``ValueError`` naming it; ``validate=True`` also
+        checks the positions' values (a host sync)."""
         schedule = self._schedule(schedule)
         batch, total, device = self._token_inputs(input_ids, attention_mask)
         if not isinstance(prefix_len, int) or not 1 <= prefix_len < total:
@@ -385,7 +450,10 @@ class LMEyeModel(nn.Module):
             check_positions("image_pos", image_pos, prefix_len, distinct=True)
             check_positions("request_pos", request_pos, self._request_reach(prefix_len))
             check_positions("slot_pos", slot_pos - prefix_len, total - prefix_len, distinct=True)
-        return (schedule, attention_mask, position_ids, static_features, image_features, request_pos, slot_pos)
+        return LMEyeInputs(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           image_pos=image_pos, prefix_len=prefix_len, static_features=static_features,
+                           image_features=image_features, image_mask=image_mask, request_pos=request_pos,
+                           slot_pos=slot_pos, schedule=schedule)
 
     def _loss(self, logits, labels, prefix_len):
         """Mean cross-entropy of the labelled tokens; ``logits`` cover the suffix columns.
@@ -435,57 +503,60 @@ class LMEyeModel(nn.Module):
         (the processor's layout; ``validate=True`` checks it at the cost of a
         host sync). ``all_logits`` also returns the prefix columns' logits.
         """
-        schedule, attention_mask, position_ids, static_image, image, request_pos, slot_pos = self._inputs(
-            input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
-            static_features, image_mask, request_pos, slot_pos, schedule, validate)
-        self._check_checkpointing(schedule)
-        run = {"single_pass": self._single_pass, "two_pass": self._two_pass, "static": self._static}[schedule]
-        logits = run(input_ids, attention_mask, position_ids, static_image, image, image_mask, image_pos,
-                     request_pos, slot_pos, prefix_len, all_logits)
+        inputs = self.prepare_inputs(input_ids, attention_mask, image_pos, prefix_len, position_ids=position_ids,
+                                     pixel_values=pixel_values, image_features=image_features,
+                                     static_features=static_features, image_mask=image_mask,
+                                     request_pos=request_pos, slot_pos=slot_pos, schedule=schedule,
+                                     validate=validate)
+        self._check_checkpointing(inputs.schedule)
+        run = {"single_pass": self._single_pass, "two_pass": self._two_pass, "static": self._static}[inputs.schedule]
+        logits = run(inputs, all_logits)
         suffix_logits = logits[:, prefix_len:] if all_logits else logits
         return LMEyeOutput(loss=self._loss(suffix_logits, labels, prefix_len), logits=logits)
 
-    def _keep(self, total, prefix_len, all_logits):
-        return 0 if all_logits else total - prefix_len
+    def _keep(self, inputs: LMEyeInputs, all_logits: bool) -> int:
+        return 0 if all_logits else inputs.input_ids.shape[1] - inputs.prefix_len
 
-    def _static(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
-                prefix_len, all_logits):
-        embeds = self._mapped_embeds(input_ids, static_image, image_pos)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                        logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
+    def _static(self, inputs: LMEyeInputs, all_logits: bool) -> torch.Tensor:
+        embeds = self.mapped_embeds(inputs.input_ids, inputs.static_features, inputs.image_pos)
+        return self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                        use_cache=False, logits_to_keep=self._keep(inputs, all_logits)).logits
 
-    def _two_pass(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
-                  prefix_len, all_logits):
-        embeds = self._mapped_embeds(input_ids, static_image, image_pos)
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                              use_cache=False).last_hidden_state
+    def _two_pass(self, inputs: LMEyeInputs, all_logits: bool) -> torch.Tensor:
+        embeds = self.mapped_embeds(inputs.input_ids, inputs.static_features, inputs.image_pos)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+                              position_ids=inputs.position_ids, use_cache=False).last_hidden_state
         # Out of place: the first pass keeps ``embeds`` for its backward.
-        filled = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask)
-        return self.llm(inputs_embeds=filled, attention_mask=mask, position_ids=pos, use_cache=False,
-                        logits_to_keep=self._keep(input_ids.shape[1], prefix_len, all_logits)).logits
+        filled = self.ipn(hidden, inputs.image_features, embeds, inputs.slot_pos, request_pos=inputs.request_pos,
+                          image_mask=inputs.image_mask)
+        return self.llm(inputs_embeds=filled, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                        use_cache=False, logits_to_keep=self._keep(inputs, all_logits)).logits
 
-    def _prefill(self, input_ids, mask, pos, static_image, image_pos, prefix_len, prefix_logits=False):
-        """Run the prefix with a fresh KV cache: (cache, prefix hidden states, prefix logits or None,
-        prefix embeddings)."""
-        embeds = self.static(static_image, self.embed(input_ids[:, :prefix_len]), image_pos, inplace=True)
+    def prefill(self, inputs: LMEyeInputs, prefix_logits: bool = False) -> Prefill:
+        """Run the prefix ``[0, P)`` of ``inputs`` (its image tokens mapped in) once, on a fresh KV cache:
+        the first step of the single pass, of its generation and of ``score_options``. ``prefix_logits``
+        also returns the prefix's logits."""
+        prefix_len = inputs.prefix_len
+        embeds = self.mapped_embeds(inputs.input_ids[:, :prefix_len], inputs.static_features, inputs.image_pos)
         cache = new_cache(self.llm.config)
-        common = dict(inputs_embeds=embeds, attention_mask=mask[:, :prefix_len], position_ids=pos[:, :prefix_len],
-                      use_cache=True, **{self._cache_key: cache})
+        common = dict(inputs_embeds=embeds, attention_mask=inputs.attention_mask[:, :prefix_len],
+                      position_ids=inputs.position_ids[:, :prefix_len], use_cache=True, **{self.cache_kwarg: cache})
         if prefix_logits:
             out = self.llm(**common, output_hidden_states=True, logits_to_keep=0)
-            return cache, out.hidden_states[-1], out.logits, embeds
-        return cache, self.decoder(**common).last_hidden_state, None, embeds
+            return Prefill(cache=cache, hidden=out.hidden_states[-1], logits=out.logits, embeds=embeds)
+        return Prefill(cache=cache, hidden=self.decoder(**common).last_hidden_state, logits=None, embeds=embeds)
 
     def _request_reach(self, prefix_len: int) -> int:
         """One past the last column the single pass can read the request at: the prefix's, and the first
         slot's where the request sits there (``request_position="first_slot"``)."""
         return prefix_len + (self.config.request_position == "first_slot")
 
-    def _request_hidden(self, input_ids, mask, pos, cache, hidden, request_pos, prefix_len):
+    def _request_hidden(self, inputs: LMEyeInputs, prefill: Prefill) -> torch.Tensor:
         """The hidden states the single pass reads the request from: the prefix's, and with the request at
         the first slot one more column. That column is a probe: the first slot with its first-pass row
         (before the IPN fills it) runs on the prefix's cache, as in the first of two passes, and its cache
         entry is dropped again, so that the suffix runs with the filled slot in its place."""
+        prefix_len, request_pos, cache = inputs.prefix_len, inputs.request_pos, prefill.cache
         reach = self._request_reach(prefix_len)
         if not torch.compiler.is_compiling():
             # A value check (a host sync of B positions): the request outside what this pass computed
@@ -496,31 +567,35 @@ class LMEyeModel(nn.Module):
                                  f"prefix{' and the first slot' if reach > prefix_len else ''}), got positions in "
                                  f"[{low}, {high}]; put the request in the prefix or use schedule='two_pass'")
         if reach == prefix_len:
-            return hidden
-        probe = self.decoder(inputs_embeds=self.embed(input_ids[:, prefix_len:reach]), attention_mask=mask[:, :reach],
-                             position_ids=pos[:, prefix_len:reach], use_cache=True,
-                             **{self._cache_key: cache}).last_hidden_state
+            return prefill.hidden
+        probe = self.decoder(inputs_embeds=self.embed(inputs.input_ids[:, prefix_len:reach]),
+                             attention_mask=inputs.attention_mask[:, :reach],
+                             position_ids=inputs.position_ids[:, prefix_len:reach], use_cache=True,
+                             **{self.cache_kwarg: cache}).last_hidden_state
         cache.crop(prefix_len - reach)  # a negative count drops that many positions in every 5.x release
-        return torch.cat([hidden, probe], dim=1)
+        return torch.cat([prefill.hidden, probe], dim=1)
 
-    def _suffix_embeds(self, input_ids, mask, pos, cache, hidden, image, image_mask, request_pos, slot_pos,
-                       prefix_len):
-        hidden = self._request_hidden(input_ids, mask, pos, cache, hidden, request_pos, prefix_len)
+    def fill_slots(self, inputs: LMEyeInputs, prefill: Prefill) -> torch.Tensor:
+        """The suffix's embeddings (B, T - P, D) with the IPN's output in the ``<img-d>`` slots: the IPN
+        reads the request the LLM makes at ``request_pos`` from ``prefill`` and the image features of
+        ``inputs``. The suffix then runs on ``prefill.cache``; with the request at the first slot
+        (``request_position="first_slot"``) that column is run on the cache here and dropped from it
+        again, so the cache holds the prefix alone afterwards as before."""
+        hidden = self._request_hidden(inputs, prefill)
+        prefix_len = inputs.prefix_len
         # The suffix is embedded on its own, so the slots are written in place
         # without touching the prefix embeddings the cached pass still needs.
-        suffix = self.embed(input_ids[:, prefix_len:])
-        return self.ipn(hidden, image, suffix, slot_pos - prefix_len, request_pos=request_pos,
-                        image_mask=image_mask, inplace=True)
+        suffix = self.embed(inputs.input_ids[:, prefix_len:])
+        return self.ipn(hidden, inputs.image_features, suffix, inputs.slot_pos - prefix_len,
+                        request_pos=inputs.request_pos, image_mask=inputs.image_mask, inplace=True)
 
-    def _single_pass(self, input_ids, mask, pos, static_image, image, image_mask, image_pos, request_pos, slot_pos,
-                     prefix_len, all_logits):
-        cache, hidden, prefix_logits, _ = self._prefill(input_ids, mask, pos, static_image, image_pos, prefix_len,
-                                                        all_logits)
-        suffix = self._suffix_embeds(input_ids, mask, pos, cache, hidden, image, image_mask, request_pos, slot_pos,
-                                     prefix_len)
-        logits = self.llm(inputs_embeds=suffix, attention_mask=mask, position_ids=pos[:, prefix_len:],
-                          use_cache=True, logits_to_keep=0, **{self._cache_key: cache}).logits
-        return torch.cat([prefix_logits, logits], dim=1) if all_logits else logits
+    def _single_pass(self, inputs: LMEyeInputs, all_logits: bool) -> torch.Tensor:
+        prefill = self.prefill(inputs, prefix_logits=all_logits)
+        suffix = self.fill_slots(inputs, prefill)
+        logits = self.llm(inputs_embeds=suffix, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids[:, inputs.prefix_len:], use_cache=True, logits_to_keep=0,
+                          **{self.cache_kwarg: prefill.cache}).logits
+        return torch.cat([prefill.logits, logits], dim=1) if all_logits else logits
 
     # ------------------------------------------------------------- generation
 
@@ -550,30 +625,29 @@ class LMEyeModel(nn.Module):
         tokens (B, L).
         """
         del labels  # a training batch may be passed as it is; its answers are not part of the prompt
-        schedule, attention_mask, position_ids, static_image, image, request_pos, slot_pos = self._inputs(
-            input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
-            static_features, image_mask, request_pos, slot_pos, schedule, False)
+        inputs = self.prepare_inputs(input_ids, attention_mask, image_pos, prefix_len, position_ids=position_ids,
+                                     pixel_values=pixel_values, image_features=image_features,
+                                     static_features=static_features, image_mask=image_mask,
+                                     request_pos=request_pos, slot_pos=slot_pos, schedule=schedule)
         self._generation_defaults(generate_kwargs)
         limit, new_tokens = _max_positions(self.llm), generate_kwargs.get("max_new_tokens")
         if limit is not None and isinstance(new_tokens, int) and input_ids.shape[1] + new_tokens > limit:
             raise ValueError(f"max_new_tokens: {input_ids.shape[1]} prompt tokens and max_new_tokens={new_tokens} "
                              f"need more than the LLM's {limit} positions; ask for fewer new tokens or shorten "
                              "the prompt")
-        if schedule == "single_pass":
-            cache, hidden, _, prefix = self._prefill(input_ids, attention_mask, position_ids, static_image,
-                                                     image_pos, prefix_len)
-            suffix = self._suffix_embeds(input_ids, attention_mask, position_ids, cache, hidden, image, image_mask,
-                                         request_pos, slot_pos, prefix_len)
+        if inputs.schedule == "single_pass":
+            prefill = self.prefill(inputs)
+            suffix = self.fill_slots(inputs, prefill)
             # generate() runs only the columns the cache does not hold yet: the suffix.
-            embeds = torch.cat([prefix, suffix], dim=1)
-            generate_kwargs[self._cache_key] = self._expanded_cache(cache, generate_kwargs)
+            embeds = torch.cat([prefill.embeds, suffix], dim=1)
+            generate_kwargs[self.cache_kwarg] = self._expanded_cache(prefill.cache, generate_kwargs)
         else:
-            embeds = self._mapped_embeds(input_ids, static_image, image_pos)
-            if schedule == "two_pass":
+            embeds = self.mapped_embeds(input_ids, inputs.static_features, image_pos)
+            if inputs.schedule == "two_pass":
                 hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=False).last_hidden_state
-                embeds = self.ipn(hidden, image, embeds, slot_pos, request_pos=request_pos, image_mask=image_mask,
-                                  inplace=True)
+                                      position_ids=inputs.position_ids, use_cache=False).last_hidden_state
+                embeds = self.ipn(hidden, inputs.image_features, embeds, inputs.slot_pos,
+                                  request_pos=inputs.request_pos, image_mask=image_mask, inplace=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     @torch.no_grad()
@@ -597,13 +671,13 @@ class LMEyeModel(nn.Module):
         image features (the first slot's, with ``request_position="first_slot"``). The attention interaction
         only: with a user interaction module the layer raises ``ValueError``."""
         del labels, slot_pos  # a batch is passed as it is; only the prefix is read
-        _, attention_mask, position_ids, static_image, image, request_pos, _ = self._inputs(
-            input_ids, attention_mask, position_ids, image_pos, prefix_len, pixel_values, image_features,
-            static_features, image_mask, request_pos, None, "single_pass", False)
-        cache, hidden, _, _ = self._prefill(input_ids, attention_mask, position_ids, static_image, image_pos,
-                                            prefix_len)
-        hidden = self._request_hidden(input_ids, attention_mask, position_ids, cache, hidden, request_pos, prefix_len)
-        return self.ipn.attention_weights(hidden, image, request_pos=request_pos, image_mask=image_mask)
+        inputs = self.prepare_inputs(input_ids, attention_mask, image_pos, prefix_len, position_ids=position_ids,
+                                     pixel_values=pixel_values, image_features=image_features,
+                                     static_features=static_features, image_mask=image_mask,
+                                     request_pos=request_pos, schedule="single_pass")
+        hidden = self._request_hidden(inputs, self.prefill(inputs))
+        return self.ipn.attention_weights(hidden, inputs.image_features, request_pos=inputs.request_pos,
+                                          image_mask=image_mask)
 
     def _expanded_cache(self, cache, generate_kwargs: dict):
         """The prefix's cache with each row repeated as ``generate`` repeats its inputs (once per beam, or

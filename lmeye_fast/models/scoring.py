@@ -102,21 +102,22 @@ def _token_scores(logits: torch.Tensor, targets: torch.Tensor, real: torch.Tenso
 
 def _score_on_cache(model, batch, answers: _Answers, image_features, static_features, schedule):
     """A decoder-only LLM: the prefix, the IPN and the head once per question, the answers on its cache."""
-    ids, prefix_len = batch["input_ids"], batch["prefix_len"]
-    schedule, mask, pos, static_image, image, request_pos, slot_pos = model._inputs(
-        ids, batch["attention_mask"], batch["position_ids"], batch["image_pos"], prefix_len,
-        batch.get("pixel_values"), image_features, static_features, None, batch["request_pos"], batch["slot_pos"],
-        schedule or model.config.schedule, False)
-    llm, cache_key = model.llm, model._cache_key
+    inputs = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["image_pos"], batch["prefix_len"],
+                                  position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
+                                  image_features=image_features, static_features=static_features,
+                                  request_pos=batch["request_pos"], slot_pos=batch["slot_pos"], schedule=schedule)
+    ids, mask, pos, prefix_len = inputs.input_ids, inputs.attention_mask, inputs.position_ids, inputs.prefix_len
+    llm, cache_kwarg = model.llm, model.cache_kwarg
 
     # Prefix and IPN once per question; the head (slots + response prefix) once on the cache.
-    cache, hidden, _, _ = model._prefill(ids, mask, pos, static_image, batch["image_pos"], prefix_len)
-    if schedule == "static":
+    prefill = model.prefill(inputs)
+    cache = prefill.cache
+    if inputs.schedule == "static":
         head = model.embed(ids[:, prefix_len:])
     else:
-        head = model._suffix_embeds(ids, mask, pos, cache, hidden, image, None, request_pos, slot_pos, prefix_len)
+        head = model.fill_slots(inputs, prefill)
     first_logits = llm(inputs_embeds=head, attention_mask=mask, position_ids=pos[:, prefix_len:], use_cache=True,
-                       logits_to_keep=1, **{cache_key: cache}).logits[:, -1]
+                       logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
     rows, tokens, real = answers.rows, answers.tokens, answers.real
     summed, greedy = _token_scores(first_logits[rows, None], tokens[:, :1], real[:, :1])
     steps = tokens.shape[1] - 1
@@ -129,7 +130,7 @@ def _score_on_cache(model, batch, answers: _Answers, image_features, static_feat
         step_mask = torch.cat([mask[rows], torch.ones_like(inputs, dtype=mask.dtype)], dim=1)
         step_pos = pos[rows, -1:] + 1 + torch.arange(steps, device=tokens.device)
         logits = llm(inputs_embeds=model.embed(inputs), attention_mask=step_mask, position_ids=step_pos,
-                     use_cache=True, logits_to_keep=0, **{cache_key: cache}).logits
+                     use_cache=True, logits_to_keep=0, **{cache_kwarg: cache}).logits
         rest_summed, rest_greedy = _token_scores(logits, tokens[:, 1:], real[:, 1:])
         summed, greedy = summed + rest_summed, greedy & rest_greedy
     return summed, greedy
@@ -138,8 +139,9 @@ def _score_on_cache(model, batch, answers: _Answers, image_features, static_feat
 def _score_on_encoding(model, batch, answers: _Answers, image_features, static_features, schedule):
     """An encoder-decoder LLM: the two encoder passes once per question, the decoder once over the answers."""
     mask = batch["attention_mask"]
-    encoded = model._encode(batch["input_ids"], mask, batch["image_pos"], batch["request_pos"], batch["slot_pos"],
-                            batch.get("pixel_values"), image_features, static_features, None, schedule, False)
+    encoded = model.encode(batch["input_ids"], mask, batch["image_pos"], batch["request_pos"], batch["slot_pos"],
+                           pixel_values=batch.get("pixel_values"), image_features=image_features,
+                           static_features=static_features, schedule=schedule)
     # Each question's encoding, repeated once per option. The decoder reads the answers shifted right
     # behind its start token; right padding sits after every real token, so causality keeps it out of
     # the scores.

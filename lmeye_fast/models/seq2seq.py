@@ -71,12 +71,25 @@ class LMEyeSeq2SeqModel(LMEyeModel):
             check_positions("image_pos", image_pos, total, distinct=True)
             check_positions("request_pos", request_pos, total)
             check_positions("slot_pos", slot_pos, total, distinct=True)
-        return self._mapped_embeds(input_ids, static_features, image_pos), image_features
+        return self.mapped_embeds(input_ids, static_features, image_pos), image_features
 
-    def _encode(self, input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values, image_features,
-                static_features, image_mask, schedule, validate):
-        """Check the inputs, then the encoder's output on the sequence with the image tokens and, for
-        ``two_pass``, the IPN's slots filled: passes 1 and 2 of the schedule."""
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_pos: torch.Tensor,
+        request_pos: torch.Tensor,
+        slot_pos: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        static_features: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        schedule: Optional[str] = None,
+        validate: bool = False,
+    ):
+        """Check the inputs (the keywords of ``forward``), then the encoder's output on the sequence with
+        the image tokens and, for ``two_pass``, the IPN's slots filled: passes 1 and 2 of the schedule,
+        what ``forward``, ``generate`` and ``score_options`` run the decoder on."""
         schedule = self._schedule(schedule)
         embeds, image_features = self._mapped_inputs(input_ids, attention_mask, image_pos, request_pos, slot_pos,
                                                      pixel_values, image_features, static_features, validate)
@@ -112,8 +125,9 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         The images and ``image_mask`` are as for ``LMEyeModel.forward``;
         ``validate=True`` checks the positions (a host sync).
         """
-        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values,
-                               image_features, static_features, image_mask, schedule, validate)
+        encoded = self.encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values=pixel_values,
+                              image_features=image_features, static_features=static_features, image_mask=image_mask,
+                              schedule=schedule, validate=validate)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("labels / decoder_input_ids: one of them is required (the decoder's input)")
@@ -150,8 +164,9 @@ class LMEyeSeq2SeqModel(LMEyeModel):
         go to it), never running the encoder again. Returns the new tokens (B, L), without the
         decoder start token."""
         del labels  # a training batch may be passed as it is; its answers are not part of the prompt
-        encoded = self._encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values,
-                               image_features, static_features, image_mask, schedule, False)
+        encoded = self.encode(input_ids, attention_mask, image_pos, request_pos, slot_pos, pixel_values=pixel_values,
+                              image_features=image_features, static_features=static_features, image_mask=image_mask,
+                              schedule=schedule)
         self._generation_defaults(generate_kwargs)
         tokens = self.llm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **generate_kwargs)
         return tokens[:, 1:]
