@@ -11,6 +11,7 @@ against the reference two-pass schedule.
 """
 
 import copy
+import dataclasses
 import random
 import warnings
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from lmeye_fast import backends
-from lmeye_fast.models import LMEyeConfig, LMEyeModel, LMEyeProcessor
+from lmeye_fast.models import LMEyeConfig, LMEyeInputs, LMEyeModel, LMEyeProcessor
 from lmeye_fast.models.cache import cache_kwarg
 from lmeye_fast.models.tiny import ARCHITECTURES, tiny_llm, word_tokenizer
 
@@ -235,3 +236,27 @@ def test_bad_inputs_name_the_argument():
         model(**dict(batch, slot_pos=batch["slot_pos"] - 1), validate=True)
     with pytest.raises(TypeError, match="image_pos"):
         model(**dict(batch, image_pos=batch["image_pos"].float()))
+
+
+def test_prepare_inputs_fills_the_defaults_and_refuses_bad_input_by_name():
+    """The record the schedules read: what a batch leaves out is filled as the processor lays it out
+    (positions from the mask, the request at the prefix's last column, the slots first in the suffix)."""
+    proc, model = build("llama")
+    batch = make_batch(proc, model, batch=3)
+    given = {k: v for k, v in batch.items() if k not in ("labels", "position_ids", "request_pos", "slot_pos")}
+    inputs = model.prepare_inputs(**given)
+    assert isinstance(inputs, LMEyeInputs)
+    for name in ("position_ids", "request_pos", "slot_pos"):
+        assert torch.equal(getattr(inputs, name), batch[name]), name
+    assert inputs.schedule == model.config.schedule and inputs.prefix_len == batch["prefix_len"]
+    assert inputs.static_features is batch["image_features"] and inputs.image_mask is batch["image_mask"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inputs.prefix_len = 1
+    with pytest.raises(ValueError, match="prefix_len"):
+        model.prepare_inputs(**dict(given, prefix_len=0))
+    with pytest.raises(ValueError, match="request_pos"):
+        model.prepare_inputs(**given, request_pos=batch["request_pos"][:2])
+    with pytest.raises(ValueError, match="slot_pos"):
+        model.prepare_inputs(**given, slot_pos=batch["slot_pos"] - 1, validate=True)
+    with pytest.raises(ValueError, match="static_features"):
+        model.prepare_inputs(**given, static_features=batch["image_features"][:, :-1])
