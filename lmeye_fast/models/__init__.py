@@ -27,7 +27,8 @@ from .sources import ModelSources, load_pretrained
 from .training import train
 from .vision import CLIPImageEncoder
 
-__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeInputs", "Prefill", "LMEyeOutput", "LMEyeProcessor", "LMEyeBatch",
+__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeInputs", "Prefill", "LMEyeOutput",
+           "LMEyeProcessor", "LMEyeBatch",
            "IGNORE_INDEX", "PromptTemplate", "Turn", "PROMPT_TEMPLATES", "train",
            "load_pretrained", "ModelSources",
            "CLIPTextInteraction", "CLIPImageEncoder", "published", "global_token", "patch_tokens"]
