@@ -34,7 +34,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .eval import DTYPES, EvalModel, load_eval_model
+from .eval import DTYPES, EvalModel, add_model_arguments, load_eval_model
 from .models.processor import LMEyeBatch, TokenizedRow
 from .models.prompts import Turn
 from .models.vision import read_image
@@ -407,17 +407,7 @@ def launch(app, port: int, block: bool = True):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmeye_fast.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="directory written by LMEyeModel.save_pretrained")
-    parser.add_argument("--llm", help="the LLM (name or directory); default: the one the adapter records")
-    parser.add_argument("--llm-revision", help="the LLM's hub revision")
-    parser.add_argument("--vision", help="the vision tower (name or directory); default: the adapter's")
-    parser.add_argument("--vision-revision", help="the vision tower's hub revision")
-    parser.add_argument("--tokenizer", help="default: the one saved with the adapter")
-    parser.add_argument("--image-processor", help="default: the vision tower's")
-    parser.add_argument("--response-prefix", help="for an adapter saved without its processor: the text between "
-                                                  "the <img-d> slots and the answer")
-    parser.add_argument("--prompt-template", help="for an adapter saved without its processor: a template of "
-                                                  "lmeye_fast.models.PROMPT_TEMPLATES")
+    add_model_arguments(parser)
     parser.add_argument("--port", type=int, default=7860, help=f"port on {HOST}")
     start = GenerationSettings()
     settings = parser.add_argument_group("the page's first generation settings (the released demo's: --beams 5 "

@@ -66,8 +66,8 @@ from .models.vision import read_image
 from .vqa import exact_match, normalize_answer, vqa_accuracy
 
 __all__ = ["normalize_answer", "vqa_accuracy", "exact_match", "Example", "read_examples", "EvalModel",
-           "load_eval_model", "rotations", "evaluate_open", "evaluate_choice", "resolve_task", "check_examples",
-           "ResultsFile", "format_table", "main"]
+           "load_eval_model", "add_model_arguments", "rotations", "evaluate_open", "evaluate_choice", "resolve_task",
+           "check_examples", "ResultsFile", "format_table", "main"]
 
 # ---------------------------------------------------------------- data
 
@@ -380,9 +380,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which adapter to load and where its models come from (``load_eval_model``'s
+    arguments); the evaluation and demo command lines share them."""
     parser.add_argument("--adapter", required=True, help="directory written by the training CLI (or by "
                                                          "LMEyeModel and LMEyeProcessor.save_pretrained)")
     parser.add_argument("--llm", help="read the LLM from here (name or directory); default: the adapter's record")
@@ -395,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
                                                   "adapter's (given, it must agree)")
     parser.add_argument("--prompt-template", help="a prompt template's name; default: the adapter's (given, it "
                                                   "must agree)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmeye_fast.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="LLaVA-style JSON or JSONL questions")
     parser.add_argument("--image-folder", help="where the records' image paths start (default: the data's folder)")
     parser.add_argument("--task", choices=("auto", "vqa", "choice"), default="auto",
