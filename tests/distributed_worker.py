@@ -8,7 +8,8 @@ of every step (``losses.json``). ``trainer``: ``LMEyeTrainer`` (DDP when the
 world is larger than one). ``zero2``: ``LMEyeTrainer`` with DeepSpeed ZeRO-2
 (examples/deepspeed/zero2.json), a checkpoint after step 3; ``zero3``: the same
 with ZeRO-3 (examples/deepspeed/zero3.json, every parameter partitioned). ``fsdp2``: a plain
-loop over the LLM sharded with ``shard_frozen_llm``, single-pass schedule.
+loop over the frozen towers sharded with ``shard_frozen_llm`` and the adapter under DDP, single-pass
+schedule.
 """
 
 import json
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from training_helpers import image_processor, tiny_model, write_llava
 
 from lmeye_fast.data import LMEyeCollator, LMEyeDataset
-from lmeye_fast.train import LMEyeTrainer, shard_frozen_llm, suffix_loss
+from lmeye_fast.train import LMEyeTrainer, leave_frozen_out_of_ddp, shard_frozen_llm, suffix_loss
 
 STEPS = 5
 
@@ -71,9 +73,13 @@ def run_fsdp2(output, global_batch, world):
     rank = _rank()
     items = dataset(processor, output / f"data{rank}")
     collate = LMEyeCollator(processor)
-    if world > 1:
-        shard_frozen_llm(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    forward = model
+    if world > 1:
+        # The frozen towers sharded, the adapter whole and data-parallel under DDP (as LMEyeTrainer runs it).
+        shard_frozen_llm(model)
+        leave_frozen_out_of_ddp(model)
+        forward = DistributedDataParallel(model, broadcast_buffers=False)
     local = global_batch // world
     losses = []
     for step in range(STEPS):
@@ -82,9 +88,9 @@ def run_fsdp2(output, global_batch, world):
         labelled = (whole["labels"] != -100).sum()
         batch = collate([items[(start + rank * local + k) % len(items)] for k in range(local)])
         labels = batch.pop("labels")
-        # FSDP2 averages gradients over ranks; each rank's sum over the global count, times the world size,
+        # DDP averages gradients over ranks; each rank's sum over the global count, times the world size,
         # makes the step's gradient that of the mean over the global batch.
-        loss = suffix_loss(model(**batch, schedule="single_pass"), labels, labelled) * world
+        loss = suffix_loss(forward(**batch, schedule="single_pass"), labels, labelled) * world
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -97,10 +103,8 @@ def run_fsdp2(output, global_batch, world):
 
         assert all(isinstance(layer, FSDPModule) for layer in model.llm.model.layers)
         assert type(model.llm.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
-    # A DTensor under FSDP2: the whole tensor on every rank.
-    adapter = {name: value.full_tensor() if hasattr(value, "full_tensor") else value
-               for name, value in model.adapter_state_dict().items()}
-    return adapter, losses
+        assert not any(type(value).__name__ == "DTensor" for value in model.adapter_state_dict().values())
+    return model.adapter_state_dict(), losses
 
 
 def _rank():

@@ -60,6 +60,20 @@ def test_train_output_dir_must_be_a_writable_folder(train_setup, monkeypatch):
         _train(root, {**base, "output_dir": str(file / "out")})
 
 
+def test_train_fsdp_needs_several_processes_and_no_deepspeed(train_setup, monkeypatch):
+    root, base, _ = train_setup
+    _no_models(monkeypatch)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"^fsdp: shards the LLM across the processes of torchrun, and this run has 1"):
+        _train(root, {**base, "fsdp": True})
+    deepspeed = root / "ds.json"
+    deepspeed.write_text("{}")
+    with pytest.raises(ValueError, match=r"^fsdp: .* cannot run under deepspeed="):
+        _train(root, {**base, "fsdp": True, "deepspeed": str(deepspeed)})
+    with pytest.raises(ValueError, match=r"^fsdp: expected bool, got 'yes'"):
+        _train(root, {**base, "fsdp": "yes"})
+
+
 def test_train_adapter_folder_must_hold_an_adapter(train_setup, monkeypatch):
     root, base, _ = train_setup
     _no_models(monkeypatch)

@@ -1,11 +1,12 @@
 """python -m lmeye_fast.train as users launch it at scale: torchrun on 2 gloo CPU processes with DeepSpeed
-ZeRO-3 (the LLM loaded partitioned), ZeRO-2 and DDP, each equal to one process on the same global batches;
+ZeRO-3 (the LLM loaded partitioned), ZeRO-2, FSDP2 and DDP, each equal to one process on the same global batches;
 runs killed with SIGKILL after a checkpoint and resumed with --resume true; skipped images counted over
 every DataLoader worker and rank."""
 
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ STEPS, SAVE_STEPS, GLOBAL_BATCH = 12, 6, 4
 # Records 1 and 5 have unreadable images, each followed by a readable one: 2 skipped per epoch of 12 records.
 BAD_IMAGES, EPOCHS = ("1.png", "5.png"), STEPS * GLOBAL_BATCH // 12
 ENGINES = {"ddp": [], "zero2": ["--deepspeed", str(DEEPSPEED / "zero2.json")],
-           "zero3": ["--deepspeed", str(DEEPSPEED / "zero3.json")]}
+           "zero3": ["--deepspeed", str(DEEPSPEED / "zero3.json")], "fsdp2": ["--fsdp", "true"]}
 # Which LLM and vision feature: one with room in its vocabulary for LMEye's tokens, one resized for them.
 CASES = {"room-tokens": ("llama", 8, "tokens"), "resized-pooled": ("qwen2", 0, "pooled")}
 
@@ -118,6 +119,23 @@ def test_zero3_through_the_cli_equals_one_process(runs, case):
     shares = _summary(zero3)["llm_parameter_bytes_per_rank"]
     # Each rank holds its half of every LLM weight (rounded up), the few tiny ones ZeRO-3 keeps whole besides.
     assert len(shares) == 2 and all(0.45 * whole <= share <= 0.6 * whole for share in shares), (whole, shares)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp2_through_the_cli_equals_one_process(runs, case):
+    """The Trainer's FSDP2 with LMEye's groups: every LLM and vision layer sharded, the adapter gathered whole to
+    be saved; each rank holds about half of the LLM's parameter bytes."""
+    single, fsdp = runs.get(case, "ddp", processes=1), runs.get(case, "fsdp2")
+    _assert_equal_runs(fsdp, single, rel=1e-4)
+    whole, = _summary(single)["llm_parameter_bytes_per_rank"]
+    shares = _summary(fsdp)["llm_parameter_bytes_per_rank"]
+    assert len(shares) == 2 and all(0.45 * whole <= share <= 0.55 * whole for share in shares), (whole, shares)
+    # A checkpoint holds what one process's holds (adapter, its optimizer state, ...; an RNG state per rank),
+    # never the frozen LLM.
+    def files(run):
+        return {re.sub(r"rng_state(_\d+)?", "rng_state", path.name) for path in (run / f"checkpoint-{SAVE_STEPS}").iterdir()}
+
+    assert files(fsdp) == files(single)
 
 
 def _killed_after_checkpoint(runs, case, engine, output):

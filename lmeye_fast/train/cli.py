@@ -8,9 +8,10 @@
 
 The LLM is a causal LM or, as its config says, an encoder-decoder one (T5 /
 FlanT5, BART). The same command runs in one process and under ``torchrun`` (the
-Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``). ``output_dir`` gets
+Trainer then runs DDP, or DeepSpeed with ``--deepspeed ds.json``; ``--fsdp true`` shards the
+frozen LLM with FSDP2 under the Trainer's DDP). ``output_dir`` gets
 ``checkpoint-N/`` every ``save_steps`` (adapter, optimizer, scheduler; never the
-frozen LLM), from which ``--resume true`` continues under either; at the end, the
+frozen LLM), from which ``--resume true`` continues under any of them; at the end, the
 final adapter with its processor (tokenizer, prompt template) and the record of its
 models, ``log.jsonl`` (one JSON object per log) and ``train_result.json`` (the run's
 summary, also printed as one line: its skipped images, each rank's resident LLM
@@ -113,6 +114,10 @@ def check_before_loading(config: TrainConfig) -> Tuple[TrainConfig, Optional[Pat
     from ..models.adapter_files import check_adapter
     from .checkpoints import checkpoint_to_resume
 
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.fsdp and processes < 2:
+        raise ValueError(f"fsdp: shards the LLM across the processes of torchrun, and this run has {processes} "
+                         "(launch it with torchrun --nproc_per_node N, N >= 2, or leave fsdp out)")
     resume = checkpoint_to_resume(config.resume, config.output_dir)
     for key, folder in (("adapter", config.adapter), ("resume", resume)):
         if folder is None:
@@ -266,14 +271,15 @@ def main(argv: Optional[List[str]] = None) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     # processing_class: every checkpoint and the final adapter get the processor (tokenizer, template).
     trainer = LMEyeTrainer(model=model, args=args, train_dataset=dataset, data_collator=LMEyeCollator(processor),
-                           processing_class=processor, callbacks=[JsonLinesLog(output / "log.jsonl")])
+                           processing_class=processor, callbacks=[JsonLinesLog(output / "log.jsonl")],
+                           shard_frozen=config.fsdp)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if config.progress:
         trainer.add_callback(ProgressBar())
     result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     trainer.save_model(str(output))
-    # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3.
+    # What each rank holds of the frozen LLM's weights: all of them under DDP, its share under ZeRO-3 and FSDP2.
     llm_bytes = per_rank(resident_parameter_bytes(trainer.accelerator.unwrap_model(trainer.model).llm))
     if trainer.is_world_process_zero():
         # result.metrics holds the run's skipped_images (and skipped_image_files), summed over workers and ranks.

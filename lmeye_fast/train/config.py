@@ -44,7 +44,10 @@ class TrainConfig:
     reads it as it goes (``datasets``' streaming, for files larger than
     memory), which needs ``max_steps``, as a stream has no length.
     Optimisation: the ``transformers.TrainingArguments`` of the same meaning;
-    ``deepspeed`` is a DeepSpeed JSON config (ZeRO-3 loads the LLM partitioned).
+    ``deepspeed`` is a DeepSpeed JSON config (ZeRO-3 loads the LLM partitioned);
+    ``fsdp`` shards the frozen LLM and vision tower across the ``torchrun``
+    processes with FSDP2 instead (``lmeye_fast.train.shard_frozen_llm``), the
+    adapter trained data-parallel around them.
     ``resume``: a checkpoint directory, or true for the newest one in
     ``output_dir``.
     """
@@ -90,6 +93,7 @@ class TrainConfig:
     save_total_limit: Optional[int] = None
     resume: Union[bool, str, None] = None
     deepspeed: Optional[str] = None
+    fsdp: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -125,6 +129,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.stage == 2 and self.schedule == "static":
             raise ValueError("schedule: 'static' runs no IPN, so stage 2 (which trains the IPN) cannot use it")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError(f"fsdp: shards the LLM itself, so it cannot run under deepspeed={self.deepspeed!r}; "
+                             "pass one of the two")
         for name in ("data", "deepspeed"):
             if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: no file {getattr(self, name)}")

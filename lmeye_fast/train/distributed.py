@@ -6,11 +6,16 @@ also kept out of DDP's start-up broadcast and buffer syncs, which would
 otherwise copy every frozen weight from rank 0 (14 GB for a 7B LLM) although
 each rank loaded the same ones.
 
-FSDP2: ``shard_frozen_llm`` shards each decoder layer of the LLM (and of the
-vision tower) with ``torch.distributed.fsdp.fully_shard``, and the model's root
-(embeddings, head, the adapter) as one group, so an LLM that does not fit one
-device trains. The single-pass schedule runs each layer twice per step (prefix,
-then suffix on the cache); FSDP2 gathers a layer's weights for each call.
+FSDP2: ``shard_frozen_llm`` shards the frozen towers with
+``torch.distributed.fsdp.fully_shard``: one group per repeated block of the LLM
+and of the vision tower (decoder layers; an encoder-decoder's encoder and
+decoder blocks), one for the LLM's token embeddings (with the LM head when
+tied) and one for the LM head, so that an LLM that does not fit one device
+trains. The adapter stays whole on every rank and trains data-parallel: DDP
+all-reduces its gradients (the Trainer wraps the model in DDP as without
+sharding; the sharded towers are among the parameters DDP ignores). Each group
+is all-gathered for each call (the single pass calls every layer twice per
+step: prefix, then suffix on the cache) and for the backward through it.
 """
 
 from __future__ import annotations
@@ -34,23 +39,37 @@ def leave_frozen_out_of_ddp(model: nn.Module) -> List[str]:
 
 
 def decoder_layers(module: nn.Module) -> List[nn.Module]:
-    """The repeated blocks of a Hugging Face model: the entries of its largest ``nn.ModuleList``."""
+    """The repeated blocks of a Hugging Face model: the entries of every ``nn.ModuleList`` that is not inside
+    another list's entry (a decoder's layers; an encoder-decoder's encoder blocks and decoder blocks)."""
     lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
+    inner = {id(m) for outer in lists for entry in outer for m in entry.modules() if isinstance(m, nn.ModuleList)}
+    blocks = [entry for m in lists if id(m) not in inner for entry in m]
+    if not blocks:
         raise ValueError(f"{type(module).__name__}: has no nn.ModuleList of layers to shard")
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    return blocks
 
 
 def shard_frozen_llm(model: nn.Module, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
-    """Apply FSDP2 to ``model`` (an ``LMEyeModel``): one ``fully_shard`` group per LLM and vision layer,
-    then the root with what is left (embeddings, LM head, adapter). Returns ``model``, now sharded."""
+    """Apply FSDP2 to the frozen LLM and vision tower of ``model`` (an ``LMEyeModel``): one ``fully_shard`` group
+    per block (``decoder_layers``) of each, one for the LLM's token embeddings (and a tied LM head), one for
+    its LM head. The adapter is left whole, for DDP to train data-parallel (``LMEyeTrainer`` wraps the model in
+    DDP; in a loop of one's own, wrap it after ``leave_frozen_out_of_ddp``). Returns ``model``, now sharded."""
     from torch.distributed.fsdp import fully_shard
+
+    def shard(modules):
+        fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
     towers = [model.llm] + ([model.vision] if model.vision is not None else [])
     for tower in towers:
-        for layer in decoder_layers(tower):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        for block in decoder_layers(tower):
+            shard(block)
+    embeddings, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
+    if head is not None and head.weight is embeddings.weight:
+        shard([embeddings, head])  # a tied head and embedding share their weight, so they share a group
+    else:
+        shard(embeddings)
+        if head is not None:
+            shard(head)
     return model
 
 

@@ -12,7 +12,9 @@ Everything else is the Trainer's own: DDP under ``torchrun`` (the frozen LLM and
 vision tower left out of DDP's broadcasts), DeepSpeed ZeRO-2 and ZeRO-3 through
 ``deepspeed=`` (resumable: DeepSpeed's checkpoints leave the frozen LLM out, and
 load back around it), gradient accumulation, mixed precision, logging, the
-learning-rate schedule.
+learning-rate schedule. ``shard_frozen=True`` adds FSDP2 under that DDP: the
+frozen LLM and vision tower sharded across the ranks (``shard_frozen_llm``),
+the adapter whole on each, its gradients all-reduced by DDP as without it.
 
 Images the dataset skipped (``on_bad_image="skip"``) are counted over every
 DataLoader worker and rank: each item names the images skipped to reach it, and
@@ -38,7 +40,7 @@ from ..data import SKIPPED_IMAGES
 from ..models.modeling import LMEyeModel
 from ..models.processor import IGNORE_INDEX
 from .checkpoints import checkpoint_to_resume, mark_complete, remove_incomplete_checkpoints, unmark
-from .distributed import leave_frozen_out_of_ddp, per_rank
+from .distributed import leave_frozen_out_of_ddp, per_rank, shard_frozen_llm
 
 __all__ = ["LMEyeTrainer", "suffix_loss", "encoder_decoder_loss"]
 
@@ -101,9 +103,12 @@ class LMEyeTrainer(Trainer):
     marked complete after every rank has written it, and ``save_total_limit`` deletes old ones only
     then, so a kill while saving never costs the checkpoint before. The loss is
     ``suffix_loss``, or ``encoder_decoder_loss`` for an encoder-decoder LLM.
+
+    ``shard_frozen``: shard the frozen LLM and vision tower with FSDP2 (``shard_frozen_llm``) once the
+    Trainer has started torch.distributed and placed the model, so that each rank holds its share of them.
     """
 
-    def __init__(self, model: LMEyeModel = None, *args, **kwargs):
+    def __init__(self, model: LMEyeModel = None, *args, shard_frozen: bool = False, **kwargs):
         if not isinstance(model, LMEyeModel):
             raise TypeError(f"model: expected an LMEyeModel or LMEyeSeq2SeqModel, got {type(model).__name__}")
         if not model.trainable_parameters():
@@ -111,6 +116,12 @@ class LMEyeTrainer(Trainer):
         kwargs.setdefault("compute_loss_func", encoder_decoder_loss if model.encoder_decoder else suffix_loss)
         leave_frozen_out_of_ddp(model)
         super().__init__(model, *args, **kwargs)
+        if shard_frozen:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.world_size < 2:
+                raise ValueError("shard_frozen: shards the frozen LLM across the ranks of a torchrun DDP run, got "
+                                 + ("DeepSpeed" if self.is_deepspeed_enabled else "the Trainer's FSDP"
+                                    if self.is_fsdp_enabled else f"{self.args.world_size} process"))
+            shard_frozen_llm(model)
         # The run warns once about skipped images (``log``), not each worker's dataset copy on its own.
         if hasattr(self.train_dataset, "warn_skipped"):
             self.train_dataset.warn_skipped = False
