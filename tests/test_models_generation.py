@@ -48,9 +48,10 @@ def test_greedy_single_pass_equals_two_pass(arch):
     two = model.generate(**batch, image_features=image, schedule="two_pass", **kwargs)
     assert single.shape == (3, NEW_TOKENS)
     assert torch.equal(single, two)
-    # The first token is the argmax of the forward's last column (EOS barred by min_new_tokens).
+    # The first token is the argmax of the forward's last column, EOS barred by min_new_tokens and LMEye's own
+    # tokens by generate (they are never generated).
     last = model(**batch, image_features=image).logits[:, -1]
-    last[:, proc.eos_token_id] = float("-inf")
+    last[:, [proc.eos_token_id, proc.image_token_id, proc.request_token_id, proc.slot_token_id]] = float("-inf")
     assert torch.equal(single[:, 0], last.argmax(-1))
 
 
