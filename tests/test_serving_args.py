@@ -19,7 +19,8 @@ def test_overrides_name_the_model_and_the_llm_architecture(saved):
     overrides = hf_overrides(saved / "llm", saved / "adapter", saved / "vision", " Answer:")
     assert overrides["architectures"] == [ARCHITECTURE]
     assert overrides["lmeye"] == {"llm_architecture": "LlamaForCausalLM", "adapter": str((saved / "adapter").resolve()),
-                                  "vision": str((saved / "vision").resolve()), "response_prefix": " Answer:"}
+                                  "vision": str((saved / "vision").resolve()), "response_prefix": " Answer:",
+                                  "schedule": "two_pass"}
     args = serve_args(saved / "llm", saved / "adapter", saved / "vision", " Answer:")
     assert json.loads(args[args.index("--hf-overrides") + 1]) == overrides
     assert "--no-enable-prefix-caching" in args and "--no-enable-chunked-prefill" in args
@@ -36,3 +37,10 @@ def test_missing_directories_are_named(saved, tmp_path, part, named):
 def test_a_folder_without_an_adapter_is_named(saved):
     with pytest.raises(FileNotFoundError, match="^adapter: .* holds no lmeye_adapter.safetensors"):
         hf_overrides(saved / "llm", saved / "vision", saved / "vision")
+
+
+def test_a_schedule_the_forward_does_not_run_is_named(saved):
+    assert hf_overrides(saved / "llm", saved / "adapter", saved / "vision", schedule="static")["lmeye"]["schedule"] == \
+        "static"
+    with pytest.raises(ValueError, match=r"^schedule: expected one of \('two_pass', 'static'\), got 'single_pass'"):
+        hf_overrides(saved / "llm", saved / "adapter", saved / "vision", schedule="single_pass")

@@ -191,14 +191,81 @@ def _rendered(prompt):
     return prompt if "<img>" in prompt else "<img>\n" + prompt
 
 
-@pytest.mark.parametrize("layout, named", [(dict(request_position="first_slot"), "request_position"),
-                                           (dict(special_rows="add"), "special_rows")])
-def test_refuses_adapter_layouts_it_does_not_compute(layout, named):
-    """The released v1 layouts (request at the first slot, special rows added to the LLM's) are refused by name."""
-    from lmeye_fast.models.config import LMEyeConfig
-    from lmeye_fast.serving.vllm_model import check_adapter_served
+def test_the_static_only_schedule(saved):
+    """schedule="static": one pass per prefill step and no IPN, the answers of LMEyeModel.generate(schedule="static")."""
+    from lmeye_fast.eval import load_eval_model
 
-    config = LMEyeConfig(num_image_tokens=4, num_requests=2, image_token_id=5, request_token_id=6, slot_token_id=7,
-                         **layout)
-    with pytest.raises(ValueError, match=named):
-        check_adapter_served(config, "adapter/")
+    root, images, _, eos = saved
+    runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix=RESPONSE_PREFIX)
+    tokens = runner.model.generate(**runner.processor(PROMPTS), **runner.image_inputs(images), schedule="static",
+                                   max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = [_until_eos(row.tolist(), eos) for row in tokens]
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    engine = vllm.LLM(model=str(root / "llm"), hf_overrides=hf_overrides(
+        root / "llm", root / "adapter", root / "vision", RESPONSE_PREFIX, schedule="static"), **{**ENGINE, **ENGINE_ARGS})
+    try:
+        outputs = engine.generate(_requests(images), vllm.SamplingParams(**GREEDY), use_tqdm=False)
+        assert [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs] == expected
+        assert expected != saved[2]  # the IPN changes the answers: the two schedules are told apart
+    finally:
+        del engine
+
+
+RELEASED_QUESTIONS = ["what colour is the circle ?", "is the circle left ?", "what is left ?",
+                      "is the red circle left or right of the blue circle ?"]
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A released v1 checkpoint (tiny: written as the release writes it) converted by the converter's command line
+    around a tiny Llama and CLIP saved to disk, and LMEyeModel.generate's greedy answers from the adapter alone."""
+    from released_reference import V1_SHAPES, release_state, write_release
+    from test_released import WORDS, clip_model
+    from transformers import CLIPImageProcessor
+
+    from lmeye_fast.models.released import main as released_main
+    from lmeye_fast.models.sources import load_pretrained
+    from lmeye_fast.models.tiny import tiny_llm, word_tokenizer
+
+    root = tmp_path_factory.mktemp("released-vllm")
+    torch.manual_seed(4321)
+    tokenizer = word_tokenizer(WORDS)
+    width, clip_width = 64, 16
+    # Room in the LLM's table for the release's tokens, so the saved LLM is the one served; heads 32 wide.
+    llm = tiny_llm("llama", len(tokenizer) + 6, hidden=width, heads=2, initializer_range=0.3)
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    clip_model(width=clip_width).save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip")
+    release = write_release(root / "checkpoint_with_epoch4.pth", release_state(V1_SHAPES, H=width, C=clip_width))
+    released_main(["convert", str(release), "--llm", str(root / "llm"), "--clip", str(root / "clip"),
+                   "--out", str(root / "adapter")])
+    processor, model, image_processor = load_pretrained(root / "adapter")
+    config = model.config
+    assert (config.interaction, config.request_position, config.special_rows) == (
+        "CLIPTextInteraction", "first_slot", "add")  # the layouts the vLLM forward must compute
+    images = [random_image() for _ in RELEASED_QUESTIONS]
+    pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    tokens = model.eval().generate(**processor(RELEASED_QUESTIONS), pixel_values=pixels,
+                                   max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = [_until_eos(row.tolist(), processor.eos_token_id) for row in tokens]
+    assert len({tuple(row) for row in expected}) > 1, "the tiny model answers every prompt alike: no test"
+    return root, images, expected, processor.eos_token_id
+
+
+def test_a_converted_released_checkpoint(released):
+    """The released v1 layout on vLLM: CLIP's text tower as the interaction, the request read at the first
+    <img-d> slot, the special rows added to the LLM's word rows; answers token for token those of
+    LMEyeModel.generate, submitted together."""
+    root, images, expected, eos = released
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    engine = vllm.LLM(model=str(root / "llm"), tokenizer=str(root / "adapter"),
+                      hf_overrides=hf_overrides(root / "llm", root / "adapter", root / "clip"),
+                      **{**ENGINE, **ENGINE_ARGS})
+    try:
+        requests = [{"prompt": q, "multi_modal_data": {"image": image}} for q, image in zip(RELEASED_QUESTIONS, images)]
+        outputs = engine.generate(requests, vllm.SamplingParams(**GREEDY), use_tqdm=False)
+        assert [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs] == expected
+    finally:
+        del engine

@@ -795,14 +795,16 @@ class AdapterModules:
     special_embed: torch.Tensor  # (3, D): the <img>, <img-q> and <img-d> embeddings, in config.token_ids() order
 
 
-def load_adapter_modules(directory, llm_dim: int, device=None, dtype=None) -> AdapterModules:
+def load_adapter_modules(directory, llm_dim: int, device=None, dtype=None,
+                         interaction: Optional[nn.Module] = None) -> AdapterModules:
     """The static mapping, IPN and special-token embeddings saved in ``directory`` by ``save_pretrained``,
-    for an LLM ``llm_dim`` wide, checked as ``LMEyeModel.from_pretrained`` checks them (the IPN's own
-    attention; a user interaction module is not supported here)."""
+    for an LLM ``llm_dim`` wide, checked as ``LMEyeModel.from_pretrained`` checks them. ``interaction``: the
+    IPN's interaction module, for an adapter saved with one (``sources.load_vision_modules`` rebuilds it)."""
     config = LMEyeConfig.load(directory)
-    if config.interaction != "attention":
-        raise ValueError(f"directory: the adapter in {directory} uses a user interaction module "
-                         f"({config.interaction}), which load_adapter_modules cannot rebuild")
+    if (config.interaction != "attention") != (interaction is not None):
+        raise ValueError(f"interaction: the adapter in {directory} was saved with the interaction "
+                         f"{config.interaction!r}, got {'none' if interaction is None else type(interaction).__name__}")
+    _check_interaction_options(directory, config.interaction_options, getattr(interaction, "options", None))
     if config.encoder_decoder:
         raise ValueError(f"directory: the adapter in {directory} is for an encoder-decoder LLM; "
                          "load_adapter_modules serves decoder-only ones")
@@ -812,10 +814,12 @@ def load_adapter_modules(directory, llm_dim: int, device=None, dtype=None) -> Ad
     if None in (config.vision_dim, config.static_vision_dim):
         raise ValueError(f"directory: the config in {directory} does not record the vision widths "
                          "(vision_dim, static_vision_dim); save it from an LMEyeModel")
-    tensors = _read_adapter(directory, _adapter_shapes(config, llm_dim, None))
-    static, ipn = _adapter_modules(config, llm_dim, None, device=device, dtype=dtype)
+    tensors = _read_adapter(directory, _adapter_shapes(config, llm_dim, interaction))
+    static, ipn = _adapter_modules(config, llm_dim, interaction, device=device, dtype=dtype)
     static.load_state_dict({k[len("static."):]: v for k, v in tensors.items() if k.startswith("static.")})
-    ipn.load_state_dict({k[len("ipn."):]: v for k, v in tensors.items() if k.startswith("ipn.")})
+    # A frozen interaction module's weights are its own checkpoint's, not the adapter's (_ipn_state).
+    ipn.load_state_dict({k[len("ipn."):]: v for k, v in tensors.items() if k.startswith("ipn.")},
+                        strict=interaction is None)
     special = tensors["special_embed"].to(device=device, dtype=dtype)
     return AdapterModules(config, static.requires_grad_(False), ipn.requires_grad_(False), special)
 

@@ -34,7 +34,8 @@ from .config import LMEyeConfig
 if TYPE_CHECKING:
     from .processor import LMEyeProcessor
 
-__all__ = ["Source", "ModelSources", "SOURCES_FILE", "LoadedLMEye", "load_pretrained", "adapter_processor", "source_of", "model_sources"]
+__all__ = ["Source", "ModelSources", "SOURCES_FILE", "LoadedLMEye", "VisionModules", "load_pretrained",
+           "load_vision_modules", "adapter_processor", "source_of", "model_sources"]
 
 SOURCES_FILE = "lmeye_sources.json"
 SOURCES_FORMAT_VERSION = 1
@@ -183,6 +184,44 @@ def adapter_processor(directory, config: LMEyeConfig, llm: Source, llm_config=No
     return processor
 
 
+class VisionModules(NamedTuple):
+    """What ``load_vision_modules`` returns: the vision module, the interaction module for the IPN (None for
+    its own attention) and the source the vision module was read from (its image processor's too)."""
+
+    vision: nn.Module
+    interaction: Optional[nn.Module]
+    source: Source
+
+
+def load_vision_modules(directory, config: LMEyeConfig, sources: "ModelSources", vision: Optional[str] = None,
+                        vision_revision: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> VisionModules:
+    """The vision module (the outputs ``config`` feeds the static mapping and the IPN) and the interaction
+    module of the adapter in ``directory``, from its record ``sources`` (``vision``/``vision_revision``
+    read another copy instead, checked to be of the recorded type): the CLIP text interaction's
+    ``CLIPModel`` is loaded once and serves as the vision tower too where it is the same checkpoint.
+    A user interaction module, which only its code can rebuild, is refused naming it."""
+    from .clip_interaction import CLIPTextInteraction
+    from .vision import CLIPImageEncoder, load_vision
+
+    source = _chosen("vision", sources.vision, vision, vision_revision, directory)
+    _check_type("vision", source, sources.vision, source.revision)
+    features = (config.static_feature, config.ipn_feature)
+    if config.interaction == "attention":
+        return VisionModules(load_vision(source.name, features, revision=source.revision, dtype=dtype), None, source)
+    if config.interaction != CLIPTextInteraction.__name__:
+        raise ValueError(f"interaction: the adapter in {directory} uses the user interaction module "
+                         f"{config.interaction}, which only its code can rebuild; load it with "
+                         f"{'LMEyeSeq2SeqModel' if config.encoder_decoder else 'LMEyeModel'}.from_pretrained(..., "
+                         "interaction=...)")
+    clip_source = sources.interaction if sources.interaction is not None and vision is None else source
+    clip = load_vision(clip_source.name, features, with_text=True, revision=clip_source.revision, dtype=dtype)
+    interaction = CLIPTextInteraction(clip, config.num_requests, **(config.interaction_options or {}))
+    same = (clip_source.name, clip_source.revision) == (source.name, source.revision)
+    tower = CLIPImageEncoder(clip) if same else load_vision(source.name, features, revision=source.revision,
+                                                            dtype=dtype)
+    return VisionModules(tower, interaction, source)
+
+
 def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] = None,
                     llm_revision: Optional[str] = None, vision_revision: Optional[str] = None,
                     tokenizer: Optional[str] = None, image_processor: Optional[str] = None,
@@ -202,9 +241,7 @@ def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] 
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-    from .clip_interaction import CLIPTextInteraction
     from .seq2seq import model_classes
-    from .vision import CLIPImageEncoder, load_vision
 
     config = LMEyeConfig.load(directory)
     sources = ModelSources.load(directory)
@@ -220,30 +257,11 @@ def load_pretrained(directory, llm: Optional[str] = None, vision: Optional[str] 
     processor = adapter_processor(directory, config, llm_source, llm_config, loaded_tokenizer, **prompt_settings)
 
     vision_dtype = dtype if vision_dtype is None else vision_dtype
-    interaction = None
-    vision_source = _chosen("vision", sources.vision, vision, vision_revision, directory)
-    _check_type("vision", vision_source, sources.vision, vision_source.revision)
-    features = (config.static_feature, config.ipn_feature)
-    if config.interaction == CLIPTextInteraction.__name__:
-        clip_source = sources.interaction if sources.interaction is not None and vision is None else vision_source
-        clip = load_vision(clip_source.name, features, with_text=True, revision=clip_source.revision,
-                           dtype=vision_dtype)
-        interaction = CLIPTextInteraction(clip, config.num_requests, **(config.interaction_options or {}))
-        same = clip_source.name == vision_source.name and clip_source.revision == vision_source.revision
-        vision_module = CLIPImageEncoder(clip) if same else load_vision(
-            vision_source.name, features, revision=vision_source.revision, dtype=vision_dtype)
-    elif config.interaction != "attention":
-        raise ValueError(f"interaction: the adapter in {directory} uses the user interaction module "
-                         f"{config.interaction}, which only its code can rebuild; load it with "
-                         f"{'LMEyeSeq2SeqModel' if config.encoder_decoder else 'LMEyeModel'}.from_pretrained(..., "
-                         "interaction=...)")
-    else:
-        vision_module = load_vision(vision_source.name, features, revision=vision_source.revision,
-                                    dtype=vision_dtype)
-
+    towers = load_vision_modules(directory, config, sources, vision=vision, vision_revision=vision_revision,
+                                 dtype=vision_dtype)
     llm_class, model_class = model_classes(config.encoder_decoder)
     llm_module = llm_class.from_pretrained(llm_source.name, revision=llm_source.revision, dtype=dtype)
-    model = model_class.from_pretrained(directory, llm_module, vision=vision_module, interaction=interaction)
-    images = AutoImageProcessor.from_pretrained(image_processor or vision_source.name,
-                                                revision=None if image_processor else vision_source.revision)
+    model = model_class.from_pretrained(directory, llm_module, vision=towers.vision, interaction=towers.interaction)
+    images = AutoImageProcessor.from_pretrained(image_processor or towers.source.name,
+                                                revision=None if image_processor else towers.source.revision)
     return LoadedLMEye(processor, model, images)

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND"]
+__all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND",
+           "SERVING_SCHEDULES"]
 
 ARCHITECTURE = "LMEyeForCausalLM"
 # LMEye's prompt is the processor's layout, not a chat format: a user turn's text (with vLLM's
@@ -27,6 +28,8 @@ CHAT_TEMPLATE = '{% for message in messages %}{% if message["role"] == "user" %}
 # runs the same server in every build.
 SERVER_COMMAND = ["python", "-m", "vllm.entrypoints.openai.api_server"]
 ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
+# The forward's schedules: the IPN's two passes over a prefill step, or the static-only model (one pass, no IPN).
+SERVING_SCHEDULES = ("two_pass", "static")
 
 
 def register() -> None:
@@ -37,16 +40,20 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "lmeye_fast.serving.vllm_model:LMEyeForCausalLM")
 
 
-def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None) -> dict:
+def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None, schedule: str = "two_pass") -> dict:
     """vLLM's ``hf_overrides`` that serve ``adapter`` (a directory written by ``LMEyeModel.save_pretrained``)
     on the LLM directory ``llm`` with the vision tower ``vision`` (a directory).
 
     Prompts are laid out by the processor saved with the adapter (``LMEyeProcessor.save_pretrained``);
     ``response_prefix`` must agree with it, and is needed only for an adapter saved without one (the
-    text it was trained with between the ``<img-d>`` slots and the answer). Paths are checked here,
-    before vLLM starts.
+    text it was trained with between the ``<img-d>`` slots and the answer). ``schedule``: one of
+    ``SERVING_SCHEDULES``, ``"static"`` serving the static-only model. Paths are checked here, before vLLM
+    starts.
     """
     from ..models.adapter_files import check_adapter
+
+    if schedule not in SERVING_SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SERVING_SCHEDULES}, got {schedule!r}")
 
     paths = {"llm": Path(llm), "adapter": Path(adapter), "vision": Path(vision)}
     for name, path in paths.items():
@@ -61,12 +68,13 @@ def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None) ->
     check_adapter(paths["adapter"])  # a missing or damaged adapter fails here, named, not inside vLLM's workers
     return {"architectures": [ARCHITECTURE],
             "lmeye": {"llm_architecture": architectures[0], "adapter": str(paths["adapter"].resolve()),
-                      "vision": str(paths["vision"].resolve()), "response_prefix": response_prefix}}
+                      "vision": str(paths["vision"].resolve()), "response_prefix": response_prefix,
+                      "schedule": schedule}}
 
 
-def serve_args(llm, adapter, vision, response_prefix: Optional[str] = None) -> List[str]:
+def serve_args(llm, adapter, vision, response_prefix: Optional[str] = None, schedule: str = "two_pass") -> List[str]:
     """The arguments of vLLM's OpenAI-compatible server (``vllm serve ARGS`` or ``SERVER_COMMAND + ARGS``)
     that serve the adapter, without host, port, dtype and sizes."""
-    overrides = hf_overrides(llm, adapter, vision, response_prefix)
+    overrides = hf_overrides(llm, adapter, vision, response_prefix, schedule)
     return ["--model", str(Path(llm).resolve()), "--hf-overrides", json.dumps(overrides),
             "--chat-template", CHAT_TEMPLATE, "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]

@@ -1,4 +1,4 @@
-"""``python -m lmeye_fast.serving --llm DIR --adapter DIR --vision DIR [--response-prefix TEXT]``:
+"""``python -m lmeye_fast.serving --llm DIR --adapter DIR --vision DIR [--response-prefix TEXT] [--schedule S]``:
 prints the command of vLLM's OpenAI-compatible server that serves the adapter (add ``--host``, ``--port``,
 ``--dtype`` ...)."""
 
@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from . import SERVER_COMMAND, serve_args
+from . import SERVER_COMMAND, SERVING_SCHEDULES, serve_args
 
 
 def main(argv=None) -> None:
@@ -17,8 +17,11 @@ def main(argv=None) -> None:
     parser.add_argument("--response-prefix", default=None,
                         help="the text between the <img-d> slots and the answer, for an adapter saved without its "
                              "processor (with one, the saved template's is used and this must agree)")
+    parser.add_argument("--schedule", default="two_pass", choices=SERVING_SCHEDULES,
+                        help="two_pass: the IPN's two passes over a prefill step; static: the static-only model")
     args = parser.parse_args(argv)
-    print(shlex.join(SERVER_COMMAND + serve_args(args.llm, args.adapter, args.vision, args.response_prefix)))
+    print(shlex.join(SERVER_COMMAND + serve_args(args.llm, args.adapter, args.vision, args.response_prefix,
+                                                 args.schedule)))
 
 
 if __name__ == "__main__":

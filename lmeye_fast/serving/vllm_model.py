@@ -22,14 +22,17 @@ features travel with the image through vLLM's encoder cache, and ``embed_input_i
 rows again, adding the static tokens into the ``<img>`` embeddings (as ``LMEyeModel`` does) and
 handing the features to the forward that follows it. The forward sees the flattened tokens of
 every scheduled request (``requires_raw_input_tokens``), finds each image's ``<img-q>`` (the first
-after its ``<img>`` run) and the R slots after it.
+after its ``<img>`` run) and the slots after it; an adapter that reads its request at the first
+slot (``request_position="first_slot"``, the released v1 layout) has no ``<img-q>``, and its
+request is read there.
 
 **The schedule: two passes with the cache rewritten.** In a step that holds image blocks the
 LLM runs once over the step's tokens (writing their keys and values), the IPN reads each request
 from that pass's last hidden state at ``<img-q>``, its tokens are added into the slots'
 embeddings, and the LLM runs the step again: every token's keys and values are written again at
 the same cache slots, those up to ``<img-q>`` with the same values (the LLM is causal) and the slots
-and what follows with the IPN's tokens in them. Steps without an image block (decoding) run once.
+and what follows with the IPN's tokens in them. Steps without an image block (decoding) run once,
+and so does every step of the static-only model (``schedule="static"``: no IPN).
 Splitting the step at ``<img-q>`` instead would need attention metadata for the part before it,
 which vLLM builds outside the model; benchmarks/vllm_serving.py compares LMEye's time to first
 token with the LLM's alone on prompts as long.
@@ -59,8 +62,8 @@ from ..models.config import LMEyeConfig
 from ..models.modeling import load_adapter_modules
 from ..models.processor import LMEyeProcessor
 from ..models.prompts import Turn
-from ..models.sources import Source, adapter_processor
-from ..models.vision import load_vision, vision_features
+from ..models.sources import ModelSources, Source, adapter_processor, load_vision_modules
+from ..models.vision import vision_features
 
 __all__ = ["LMEyeForCausalLM", "ServingSettings"]
 
@@ -75,6 +78,7 @@ class ServingSettings:
     adapter: str
     vision: str
     response_prefix: Optional[str] = None
+    schedule: str = "two_pass"
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ServingSettings":
@@ -133,16 +137,6 @@ def check_engine_settings(vllm_config: VllmConfig) -> None:
         raise ValueError("LMEye on vLLM: chunked prefill is not supported (it can split a prompt between <img-q> "
                          "and its <img-d> slots, which one forward must compute together); start vLLM with "
                          "--no-enable-chunked-prefill (LLM(..., enable_chunked_prefill=False))")
-
-
-def check_adapter_served(config: LMEyeConfig, adapter: str) -> None:
-    """Refuse an adapter whose layout this forward does not compute, naming the setting."""
-    if config.request_position != "request_token":
-        raise ValueError(f"adapter: {adapter} reads its request at the first <img-d> slot (request_position="
-                         f"{config.request_position!r}); vLLM serves adapters that read it at <img-q>")
-    if any(mode != "replace" for mode in config.row_modes):
-        raise ValueError(f"adapter: {adapter} builds its special tokens' rows by special_rows={config.special_rows!r}; "
-                         "vLLM serves adapters whose learned rows replace the LLM's ('replace')")
 
 
 class LMEyeProcessingInfo(BaseProcessingInfo):
@@ -268,10 +262,16 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
                                                              prefix=maybe_prefix(prefix, "language_model"),
                                                              architectures=[settings.llm_architecture])
         width = hf_config.hidden_size
-        # The adapter in float32 and the vision tower in the LLM's dtype, as lmeye_fast.eval loads them.
-        adapter = load_adapter_modules(settings.adapter, width, dtype=torch.float32)
-        check_adapter_served(adapter.config, settings.adapter)
+        # The adapter in float32 and the vision tower in the LLM's dtype, as lmeye_fast.eval loads them; a CLIP
+        # text interaction, part of the IPN, in the adapter's float32 (and with it the vision tower it shares).
+        config = _adapter_config(settings.adapter)
+        towers = load_vision_modules(settings.adapter, config, ModelSources.load(settings.adapter),
+                                     vision=settings.vision, dtype=torch.float32 if config.interaction != "attention"
+                                     else vllm_config.model_config.dtype)
+        adapter = load_adapter_modules(settings.adapter, width, dtype=torch.float32, interaction=towers.interaction)
         self.lmeye_config, self.static, self.ipn = adapter.config, adapter.static, adapter.ipn
+        # Per special token (<img>, <img-q>, <img-d>): whether its learned row is added to the LLM's word row.
+        self.adds_word_row = tuple(mode == "add" for mode in adapter.config.row_modes)
         self.register_buffer("special_embed", adapter.special_embed, persistent=False)
         self.register_buffer("never_generated", torch.tensor([i for i in adapter.config.token_ids() if i is not None]),
                              persistent=False)
@@ -280,10 +280,9 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
             raise ValueError(f"llm: its vocabulary ({vocab} tokens) does not hold LMEye's special tokens (ids "
                              f"{adapter.config.token_ids()}); save the LLM with its embeddings resized to the "
                              "tokenizer (llm.resize_token_embeddings(len(processor)))")
-        features = (adapter.config.static_feature, adapter.config.ipn_feature)
-        self.vision = load_vision(settings.vision, features, dtype=vllm_config.model_config.dtype)
-        self.vision.requires_grad_(False).eval()
+        self.vision = towers.vision.requires_grad_(False).eval()
         self.packed_width = _packed_width(adapter.config)
+        self.runs_ipn = settings.schedule == "two_pass"
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self._step: Optional[_StepImages] = None
 
@@ -328,8 +327,15 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         if items:
             rows = torch.cat([item[:, :self.hidden_size] for item in items]).to(embeds.device)
             mask = is_multimodal.to(embeds.device)
-            embeds[mask] = (self.special_embed[0] + rows.float()).to(embeds.dtype)
+            embeds[mask] = (self._special_rows(0, embeds[mask]) + rows.float()).to(embeds.dtype)
         return embeds
+
+    def _special_rows(self, index: int, word_rows: torch.Tensor) -> torch.Tensor:
+        """The input rows (float32) of the special token ``index`` (0 ``<img>``, 1 ``<img-q>``, 2 ``<img-d>``) at
+        positions whose LLM word rows are ``word_rows``: its learned row, added to them or in their place
+        (``LMEyeConfig.special_rows``), as ``LMEyeModel.embed`` makes them."""
+        learned = self.special_embed[index].expand_as(word_rows)
+        return learned + word_rows.float() if self.adds_word_row[index] else learned
 
     # ------------------------------------------------------------------ forward
 
@@ -344,14 +350,18 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         ids = input_ids.cpu()
         image_at = step.is_multimodal.cpu().nonzero()[:, 0]
         last_image_token = image_at[count - 1::count].contiguous()
-        requests = (ids == config.request_token_id).nonzero()[:, 0]
-        found = torch.searchsorted(requests, last_image_token)
-        if len(image_at) != count * len(step.items) or bool((found >= len(requests)).any()):
-            raise RuntimeError("LMEye on vLLM: a step holds an image without its <img-q> token after it")
-        request_at = requests[found]
-        slots_at = request_at[:, None] + 1 + torch.arange(config.slots)
+        # The block's anchor, the first of its token after the image: <img-q>, whose slots follow it, or the
+        # first <img-d> slot where the adapter reads its request there (request_position="first_slot").
+        at_request_token = config.request_position == "request_token"
+        anchor, name = ((config.request_token_id, "<img-q>") if at_request_token else (config.slot_token_id, "<img-d>"))
+        anchors = (ids == anchor).nonzero()[:, 0]
+        found = torch.searchsorted(anchors, last_image_token)
+        if len(image_at) != count * len(step.items) or bool((found >= len(anchors)).any()):
+            raise RuntimeError(f"LMEye on vLLM: a step holds an image without its {name} token after it")
+        request_at = anchors[found]
+        slots_at = request_at[:, None] + int(at_request_token) + torch.arange(config.slots)
         if int(slots_at.max()) >= len(ids) or not bool((ids[slots_at] == config.slot_token_id).all()):
-            raise RuntimeError("LMEye on vLLM: an <img-q> token in this step is not followed by its "
+            raise RuntimeError(f"LMEye on vLLM: an image's {name} token in this step does not begin its "
                                f"{config.slots} <img-d> slots")
         features = torch.stack([self._unpack(item) for item in step.items])
         device = input_ids.device
@@ -369,12 +379,16 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         request_at, slots_at, features = self._requests(input_ids, step)
         slots = slots_at.reshape(-1)
         embeds = inputs_embeds.clone()
-        embeds[request_at] = self.special_embed[1].to(embeds.dtype)
-        embeds[slots] = self.special_embed[2].to(embeds.dtype)
+        if self.lmeye_config.request_position == "request_token":
+            embeds[request_at] = self._special_rows(1, inputs_embeds[request_at]).to(embeds.dtype)
+        slot_rows = self._special_rows(2, inputs_embeds[slots])
+        embeds[slots] = slot_rows.to(embeds.dtype)
+        if not self.runs_ipn:  # the static-only model: the slots keep their learned rows
+            return llm(None, positions, intermediate_tensors, inputs_embeds=embeds)
         # A copy: vLLM's fused residual norms may write into the tensor a layer stack was given.
         hidden = llm(None, positions, intermediate_tensors, inputs_embeds=embeds.clone())
-        transmitted = self.ipn.transmitted(hidden[request_at], features)          # (K, R, D)
-        embeds[slots] = (self.special_embed[2] + transmitted.reshape(slots.shape[0], -1).float()).to(embeds.dtype)
+        transmitted = self.ipn.transmitted(hidden[request_at], features)          # (K, slots, D)
+        embeds[slots] = (slot_rows + transmitted.reshape(slots.shape[0], -1).float()).to(embeds.dtype)
         return llm(None, positions, intermediate_tensors, inputs_embeds=embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
