@@ -373,7 +373,7 @@ def two_full_passes(model: LMEyeSeq2SeqModel, batch: dict):
     """The naive port of the two-pass original: the whole encoder-decoder reads the request (its decoder
     output unused), then runs again on the filled sequence. Returns (logits, loss)."""
     embeds = model.mapped_embeds(batch["input_ids"], batch["image_features"], batch["image_pos"])
-    decoder_ids = model.llm.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    decoder_ids = model.decoder_inputs(batch["labels"])
     common = dict(attention_mask=batch["attention_mask"], decoder_input_ids=decoder_ids, use_cache=False)
     hidden = model.llm(inputs_embeds=embeds, **common).encoder_last_hidden_state
     filled = model.ipn(hidden, batch["image_features"], embeds, batch["slot_pos"], request_pos=batch["request_pos"])

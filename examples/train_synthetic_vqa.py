@@ -258,7 +258,7 @@ def run_setting(name, tok, llm, clip, splits, args, rng: random.Random):
     results[MODELS[1]] = accuracy(static_model, processor, test_scenes, test_features, "static", rng)
 
     # An encoder-decoder LLM has no single pass (docs/encoder_decoder.md).
-    schedule = "two_pass" if model.encoder_decoder else "single_pass"
+    schedule = model.ipn_schedule
     model.set_stage(2, train_special_tokens=True)
     train(model, question_batches, args.stage2_steps, schedule=schedule, **common)
     model.eval()

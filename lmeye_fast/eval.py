@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_atomic
 from .data import parse_record, read_record_file
-from .models import LMEyeModel, LMEyeProcessor, Turn
+from .models import LMEyeBaseModel, LMEyeProcessor, Turn
 from .models.adapter_files import check_adapter
 from .models.scoring import score_options
 from .models.sources import load_pretrained
@@ -186,7 +186,7 @@ class EvalModel:
     """A model, its processor and how images become pixel values (``image_processor``: a Hugging
     Face image processor, or None when the images are pixel tensors already)."""
 
-    model: LMEyeModel
+    model: LMEyeBaseModel
     processor: LMEyeProcessor
     image_processor: Optional[Callable] = None
     schedule: Optional[str] = None

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lmeye_fast.models import (IGNORE_INDEX, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel, global_token,
-                               patch_tokens, published)
+from lmeye_fast.models import (IGNORE_INDEX, LMEyeBaseModel, LMEyeModel, LMEyeProcessor, LMEyeSeq2SeqModel,
+                               global_token, patch_tokens, published)
 from lmeye_fast.models.modeling import ADAPTER_FILE
 from lmeye_fast.models.processor import TokenizedRow
 from lmeye_fast.models.tiny import SEQ2SEQ_ARCHITECTURES, tiny_clip_model, tiny_llm, tiny_seq2seq, word_tokenizer
@@ -250,6 +250,31 @@ def test_padded_batch_equals_each_row_alone(arch):
             assert rel_err(together[row, :alone.shape[1]], alone[0]) <= TOL, f"row {row}"
 
 
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHITECTURES)
+def test_decoder_inputs_are_the_start_token_then_the_labels_shifted_right(arch):
+    proc, model = build(arch)
+    labels = make_batch(proc, model, batch=3)["labels"]
+    assert (labels == IGNORE_INDEX).any()  # right-padded rows
+    got = model.decoder_inputs(labels)
+    start = model.llm.config.decoder_start_token_id
+    assert got.shape == labels.shape and (got[:, 0] == start).all()
+    shifted = labels[:, :-1]
+    assert torch.equal(got[:, 1:], shifted.masked_fill(shifted == IGNORE_INDEX, proc.pad_token_id))
+    # For T5 and BART, the families' own label shift gives the same.
+    assert torch.equal(got, model.llm.prepare_decoder_input_ids_from_labels(labels=labels))
+
+
+def test_the_two_models_share_the_base_class_and_not_each_other():
+    _, seq2seq = build("t5")
+    tok = word_tokenizer(WORDS)
+    proc = LMEyeProcessor(tok, num_image_tokens=5)
+    decoder_only = LMEyeModel(tiny_llm("llama", len(tok)), proc.make_config(vision_dim=19))
+    assert isinstance(seq2seq, LMEyeBaseModel) and isinstance(decoder_only, LMEyeBaseModel)
+    assert not isinstance(seq2seq, LMEyeModel) and not isinstance(decoder_only, LMEyeSeq2SeqModel)
+    with pytest.raises(TypeError, match="abstract"):
+        LMEyeBaseModel(tiny_llm("llama", len(tok)), proc.make_config(vision_dim=19))
+
+
 # ---------------------------------------------------------------- generation
 
 
@@ -397,3 +422,7 @@ def test_bad_inputs_name_the_argument():
         LMEyeSeq2SeqModel(tiny_seq2seq("t5", len(proc)), decoder_only)
     with pytest.raises(ValueError, match="schedule: expected one of .* for an encoder-decoder LLM"):
         proc.make_config(schedule="single_pass")
+    no_start = tiny_seq2seq("t5", len(proc), decoder_start_token_id=None)
+    no_start.generation_config.decoder_start_token_id = None
+    with pytest.raises(ValueError, match="llm: T5ForConditionalGeneration names no decoder_start_token_id"):
+        LMEyeSeq2SeqModel(no_start, model.config)

@@ -18,7 +18,7 @@
 
 from .clip_interaction import CLIPTextInteraction
 from .config import LMEyeConfig
-from .modeling import LMEyeInputs, LMEyeModel, LMEyeOutput, Prefill
+from .modeling import LMEyeBaseModel, LMEyeInputs, LMEyeModel, LMEyeOutput, Prefill
 from .processor import IGNORE_INDEX, LMEyeBatch, LMEyeProcessor
 from .prompts import PROMPT_TEMPLATES, PromptTemplate, Turn
 from .presets import global_token, patch_tokens, published
@@ -27,7 +27,7 @@ from .sources import ModelSources, load_pretrained
 from .training import train
 from .vision import CLIPImageEncoder
 
-__all__ = ["LMEyeConfig", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeInputs", "Prefill", "LMEyeOutput",
+__all__ = ["LMEyeConfig", "LMEyeBaseModel", "LMEyeModel", "LMEyeSeq2SeqModel", "LMEyeInputs", "Prefill", "LMEyeOutput",
            "LMEyeProcessor", "LMEyeBatch",
            "IGNORE_INDEX", "PromptTemplate", "Turn", "PROMPT_TEMPLATES", "train",
            "load_pretrained", "ModelSources",

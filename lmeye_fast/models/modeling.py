@@ -19,6 +19,7 @@ Schedules (all read the same ``LMEyeProcessor`` batch):
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,8 @@ from .processor import IGNORE_INDEX
 from .sources import SOURCES_FILE, model_sources
 from .vision import feature_shape, vision_features
 
-__all__ = ["LMEyeModel", "LMEyeInputs", "LMEyeOutput", "Prefill", "ADAPTER_FILE", "AdapterModules",
-           "load_adapter_modules"]
+__all__ = ["LMEyeBaseModel", "LMEyeModel", "LMEyeInputs", "LMEyeOutput", "Prefill", "labelled_loss",
+           "next_token_targets", "ADAPTER_FILE", "AdapterModules", "load_adapter_modules"]
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,9 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
     try:
         reader.eval()  # no dropout between the two runs
         with torch.no_grad(), gathered(embedding_stage):
-            for inputs in (dict(input_ids=token), dict(inputs_embeds=embedding(token)),
-                           dict(inputs_embeds=embedding(token) * scale)):
+            # ``input_ids=None`` named beside the embeddings: some encoders (FSMT's) require the argument.
+            for inputs in (dict(input_ids=token), dict(input_ids=None, inputs_embeds=embedding(token)),
+                           dict(input_ids=None, inputs_embeds=embedding(token) * scale)):
                 with contextlib.suppress(_Embedded):
                     reader(**inputs)
     finally:
@@ -192,6 +194,7 @@ def _token_scale(reader: nn.Module, embedding: nn.Module) -> float:
 
 def _feature_widths(config: LMEyeConfig, vision: Optional[nn.Module]) -> Tuple[int, int]:
     """(IPN feature width Dv, static feature width): the config's, else read off the vision module."""
+
     def read(feature):
         return None if vision is None else feature_shape(vision, feature)[1]
 
@@ -208,14 +211,37 @@ def _feature_widths(config: LMEyeConfig, vision: Optional[nn.Module]) -> Tuple[i
     return vision_dim, static_dim
 
 
-class LMEyeModel(nn.Module):
-    """A frozen causal LM and vision module with LMEye's static mapping and IPN.
+def labelled_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy (in float32) of the ``targets`` (B, L) that are not ``IGNORE_INDEX`` under ``logits``
+    (B, L, V), summed and divided by ``num_items_in_batch``; the mean without it.
+
+    The Trainer counts ``num_items_in_batch`` over all micro-batches of an optimizer step and all
+    data-parallel ranks, so the step's gradient is that of the mean over the whole global batch,
+    however it is split."""
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum()
+    return total / num_items_in_batch
+
+
+def next_token_targets(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The label shift of a causal LLM: (logits (B, S - 1, V), targets (B, S - 1)), each column's logits beside
+    the label they predict. ``logits`` (B, S, V) are those of the last S columns ``[T - S, T)`` of ``labels``
+    (B, T) (the suffix ``[P, T)``, or all T columns); column t predicts the label of column t + 1, so the
+    last column predicts nothing and the label at ``T - S`` is no target."""
+    return logits[:, :-1], labels[:, labels.shape[1] - logits.shape[1] + 1:]
+
+
+class LMEyeBaseModel(nn.Module, abc.ABC):
+    """What every LMEye model shares: a frozen LLM and vision module with LMEye's static mapping, IPN and
+    special-token embeddings, their stages, and save/load of the adapter alone.
 
     Args:
-        llm: any ``AutoModelForCausalLM`` model. Its token embeddings are resized
-            to ``config.vocab_size`` when the special tokens lie beyond them. Its
-            weights may be partitioned by DeepSpeed ZeRO-3 (loaded under
-            ``zero.Init``): what is read from them here is gathered.
+        llm: the frozen LLM, of the kind the subclass wraps (``check_llm``). Its token embeddings are
+            resized to ``config.vocab_size`` when the special tokens lie beyond them. Its weights may be
+            partitioned by DeepSpeed ZeRO-3 (loaded under ``zero.Init``): what is read from them here is
+            gathered.
         config: ``LMEyeConfig``, normally from ``LMEyeProcessor.make_config``.
         vision: a module called as ``vision(pixel_values)`` that returns image
             features (B, N, Dv) or (B, Dv), or a Hugging Face CLIP model
@@ -230,12 +256,17 @@ class LMEyeModel(nn.Module):
     follow this module's train/eval mode, so that the LLM's gradient
     checkpointing applies (set its dropout to 0 for a deterministic frozen LLM).
     The adapter (static mapping, IPN, special-token embeddings) is created on
-    the LLM's device in float32; ``set_stage`` picks what trains. An
-    encoder-decoder LLM (T5, BART) goes into ``LMEyeSeq2SeqModel`` instead.
+    the LLM's device in float32; ``set_stage`` picks what trains.
+
+    What differs with the kind of LLM is each subclass's own: ``LMEyeModel`` (a decoder-only LLM)
+    and ``LMEyeSeq2SeqModel`` (an encoder-decoder one) implement ``forward``, ``generate``,
+    ``attention_weights``, the loss (``loss_targets``, ``loss``) and the shared-prompt step of
+    ``score_options`` (``answer_logits``), each on the batches of its processor.
     """
 
-    schedules = SCHEDULES
-    encoder_decoder = False  # which kind of LLM (its config's ``is_encoder_decoder``) this class wraps
+    schedules: Tuple[str, ...]  # the schedules ``forward``'s ``schedule`` takes
+    ipn_schedule: str  # the one of them that runs the IPN at the least cost
+    encoder_decoder: bool  # which kind of LLM (its config's ``is_encoder_decoder``) the class wraps
 
     def __init__(self, llm: nn.Module, config: LMEyeConfig, vision: Optional[nn.Module] = None,
                  interaction: Optional[nn.Module] = None):
@@ -245,10 +276,7 @@ class LMEyeModel(nn.Module):
         if config.missing_token_ids() or config.vocab_size is None:
             unset = config.missing_token_ids() + (["vocab_size"] if config.vocab_size is None else [])
             raise ValueError(f"config: {', '.join(unset)} unset; build it with LMEyeProcessor.make_config(...)")
-        if bool(getattr(getattr(llm, "config", None), "is_encoder_decoder", False)) != self.encoder_decoder:
-            kind, other = ("an encoder-decoder", "LMEyeSeq2SeqModel") if not self.encoder_decoder else \
-                ("a decoder-only", "LMEyeModel")
-            raise ValueError(f"llm: {type(llm).__name__} is {kind} LLM; wrap it in {other}")
+        self.check_llm(llm)
         if config.encoder_decoder != self.encoder_decoder:
             raise ValueError(f"config: made for {'an encoder-decoder' if config.encoder_decoder else 'a decoder-only'} "
                              f"LLM (encoder_decoder={config.encoder_decoder}); build the processor with "
@@ -297,13 +325,16 @@ class LMEyeModel(nn.Module):
                                                           dtype=torch.long, device=device), persistent=False)
         self.register_buffer("replaced_rows", torch.tensor([mode == "replace" for mode in modes], device=device),
                              persistent=False)
-        # The keyword the LLM takes its KV cache under (``cache_kwarg``), for callers that run it on ``prefill``'s.
-        self.cache_kwarg = cache_kwarg(llm)
         self.set_stage(2)
+
+    @classmethod
+    @abc.abstractmethod
+    def check_llm(cls, llm: nn.Module) -> None:
+        """Refuse, with ``ValueError`` naming why, an LLM this class cannot wrap."""
 
     # ------------------------------------------------------------------ setup
 
-    def set_stage(self, stage: int, train_special_tokens: bool = False) -> "LMEyeModel":
+    def set_stage(self, stage: int, train_special_tokens: bool = False) -> "LMEyeBaseModel":
         """Stage 1 trains the static mapping (captioning); stage 2 the IPN and, if asked,
         the special-token embeddings (instructions). The LLM and vision stay frozen, and a
         user interaction module keeps the ``requires_grad`` it came with (a frozen CLIP text
@@ -320,12 +351,12 @@ class LMEyeModel(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    @property
-    def decoder(self) -> nn.Module:
-        """The LLM without its head: the passes that only need hidden states skip the vocabulary projection."""
-        return self.llm.base_model
-
     # ------------------------------------------------------------- pieces
+
+    @property
+    @abc.abstractmethod
+    def reader(self) -> nn.Module:
+        """The part of the LLM that reads the sequence LMEye builds (as ``inputs_embeds``)."""
 
     def encode_images(self, pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One vision pass over ``pixel_values``: ``{"image_features": (B, M, Dv) for the IPN,
@@ -338,12 +369,6 @@ class LMEyeModel(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = vision_features(self.vision, pixel_values, (self.config.static_feature, self.config.ipn_feature))
         return {"image_features": out[self.config.ipn_feature], "static_features": out[self.config.static_feature]}
-
-    @property
-    def reader(self) -> nn.Module:
-        """The part of the LLM that reads the sequence LMEye builds (as ``inputs_embeds``)."""
-        get_decoder = getattr(self.llm, "get_decoder", None)
-        return get_decoder() if callable(get_decoder) else self.llm
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, as the LLM would make them from ``input_ids`` (``token_scale``), with the special
@@ -408,6 +433,156 @@ class LMEyeModel(nn.Module):
         check_tensor("request_pos", request_pos, (batch,), INDEX_DTYPES, device, dims="(B,)")
         check_tensor("slot_pos", slot_pos, (batch, self.config.slots), INDEX_DTYPES, device, dims="(B, K)")
 
+    def _generation_defaults(self, generate_kwargs: dict) -> None:
+        """Pad and stop with the processor's tokens unless the caller says otherwise; LMEye's own tokens
+        are placeholders of the input, never an answer's, so they are never generated."""
+        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        # Beside the tokens the caller or the LLM's generation config suppresses, not instead of them.
+        settings = generate_kwargs.get("generation_config") or self.llm.generation_config
+        asked = generate_kwargs.get("suppress_tokens", settings.suppress_tokens) or []
+        generate_kwargs["suppress_tokens"] = sorted(set(asked) | {i for i in self.config.token_ids() if i is not None})
+        if self.config.eos_token_id is not None:
+            generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+
+    def check_processor(self, processor) -> None:
+        """Refuse a processor that builds the batches of the other kind of LLM."""
+        if processor.encoder_decoder != self.encoder_decoder:
+            raise ValueError(f"processor: built with encoder_decoder={processor.encoder_decoder}, but the model wraps "
+                             f"{'an encoder-decoder' if self.encoder_decoder else 'a decoder-only'} LLM; build it "
+                             f"with encoder_decoder={self.encoder_decoder}")
+
+    # ------------------------------------------------------------- what each kind of LLM runs its own way
+
+    @abc.abstractmethod
+    def forward(self, *args, **kwargs) -> LMEyeOutput:
+        """Run one batch of the model's processor (``model(**batch)``): the logits, and the loss with labels."""
+
+    @abc.abstractmethod
+    def generate(self, *args, **generate_kwargs) -> torch.Tensor:
+        """The new tokens (B, L) answering a batch of prompts (the processor called without answers)."""
+
+    @abc.abstractmethod
+    def attention_weights(self, *args, **kwargs) -> torch.Tensor:
+        """What each request of a batch attended to: ``InteractiveLayer.attention_weights`` (B, H, R, M*S)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def loss_targets(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets): ``forward``'s logits beside the labels (the batch's ``labels``) they predict."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """``labelled_loss`` of ``forward``'s ``outputs`` against the batch's ``labels``: the Trainer's
+        ``compute_loss_func`` for this kind of model."""
+
+    @abc.abstractmethod
+    def answer_logits(self, answers: torch.Tensor, rows: torch.Tensor, **batch) -> torch.Tensor:
+        """The logits (K, L, V) that predict each of K right-padded answers (K, L) given the prompt of row
+        ``rows[k]`` of ``batch``, a batch of prompts (the processor's, with ``image_features`` and the like
+        and ``schedule``, as ``generate`` takes them): column j predicts ``answers[:, j]``.
+        What the prompts share runs once per prompt, the answers once as a batch on it
+        (``lmeye_fast.models.scoring.score_options``)."""
+
+    # ------------------------------------------------------------- save / load
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The adapter's tensors only: static mapping, IPN, special-token embeddings (and a user
+        interaction module's weights when any of them trains; a frozen one is passed again when loading)."""
+        state = {f"static.{k}": v for k, v in self.static.state_dict().items()}
+        state.update({f"ipn.{k}": v for k, v in _ipn_state(self.ipn).items()})
+        state["special_embed"] = self.special_embed.detach()
+        return state
+
+    def save_pretrained(self, directory) -> None:
+        """Write the adapter (``lmeye_adapter.safetensors``), its config (``lmeye_config.json``) and where its LLM,
+        vision model and CLIP interaction come from (``lmeye_sources.json``); never the LLM. With the processor's
+        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else.
+
+        A process killed at any moment of the save leaves the adapter that was there or this one, never
+        a mix (``adapter_files``: one save id in all three files, the JSON files renamed last)."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__},
+                      {CONFIG_FILE: self.config.payload(), SOURCES_FILE: model_sources(self).payload()})
+
+    @classmethod
+    def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,
+                        interaction: Optional[nn.Module] = None) -> "LMEyeBaseModel":
+        """Rebuild the adapter saved in ``directory`` around ``llm`` (and ``vision``).
+
+        The file is checked against the config and the modules before anything
+        is built or resized, so a mismatch raises and changes nothing.
+        """
+        config = LMEyeConfig.load(directory)
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        if config.llm_dim is not None and config.llm_dim != llm_dim:
+            raise ValueError(f"llm: the adapter in {directory} was saved for an LLM {config.llm_dim} wide, "
+                             f"this one is {llm_dim} wide")
+        if vision is not None:
+            for feature, saved in ((config.ipn_feature, config.vision_dim),
+                                   (config.static_feature, config.static_vision_dim)):
+                width = feature_shape(vision, feature)[1]
+                if None not in (width, saved) and width != saved:
+                    raise ValueError(f"vision: the adapter in {directory} was saved for {feature!r} vision "
+                                     f"features {saved} wide, this module's are {width} wide")
+        _check_interaction_options(directory, config.interaction_options, getattr(interaction, "options", None))
+        _read_adapter(directory, _adapter_shapes(config, llm_dim, interaction))
+        model = cls(llm, config, vision=vision, interaction=interaction)
+        model.load_adapter(directory)
+        return model
+
+    def load_adapter(self, directory) -> None:
+        """Load saved adapter weights into this model; on any mismatch raise and load nothing."""
+        saved = LMEyeConfig.load(directory).to_dict()
+        mine = self.config.to_dict()
+        structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
+                      "static_hidden_dim", "vision_dim", "static_vision_dim", "static_feature", "ipn_feature",
+                      "llm_dim", "image_token_id", "request_token_id",
+                      "slot_token_id", "interaction", "encoder_decoder", "num_slots", "transmission",
+                      "request_position", "special_rows")
+        differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
+        _check_interaction_options(directory, saved["interaction_options"], mine["interaction_options"])
+        if differ:
+            raise ValueError(f"directory: the adapter in {directory} does not fit this model (" + "; ".join(differ)
+                             + ")")
+        state = self.adapter_state_dict()
+        tensors = _read_adapter(directory, {k: tuple(v.shape) for k, v in state.items()})
+        with torch.no_grad():
+            for key, value in state.items():
+                value.copy_(tensors[key])
+
+
+class LMEyeModel(LMEyeBaseModel):
+    """A frozen causal LM (any ``AutoModelForCausalLM``) and vision module with LMEye's static mapping and
+    IPN, for ``LMEyeProcessor``'s batches; the arguments are ``LMEyeBaseModel``'s. An encoder-decoder LLM
+    (T5, BART) goes into ``LMEyeSeq2SeqModel`` instead."""
+
+    schedules = SCHEDULES
+    ipn_schedule = "single_pass"
+    encoder_decoder = False
+
+    def __init__(self, llm: nn.Module, config: LMEyeConfig, vision: Optional[nn.Module] = None,
+                 interaction: Optional[nn.Module] = None):
+        super().__init__(llm, config, vision=vision, interaction=interaction)
+        # The keyword the LLM takes its KV cache under (``cache_kwarg``), for callers that run it on ``prefill``'s.
+        self.cache_kwarg = cache_kwarg(llm)
+
+    @classmethod
+    def check_llm(cls, llm: nn.Module) -> None:
+        if getattr(getattr(llm, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"llm: {type(llm).__name__} is an encoder-decoder LLM; wrap it in LMEyeSeq2SeqModel")
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LLM without its head: the passes that only need hidden states skip the vocabulary projection."""
+        return self.llm.base_model
+
+    @property
+    def reader(self) -> nn.Module:
+        """The part of the LLM that reads the sequence LMEye builds (as ``inputs_embeds``)."""
+        get_decoder = getattr(self.llm, "get_decoder", None)
+        return get_decoder() if callable(get_decoder) else self.llm
+
     def prepare_inputs(
         self,
         input_ids: torch.Tensor,
@@ -455,17 +630,6 @@ class LMEyeModel(nn.Module):
                            image_features=image_features, image_mask=image_mask, request_pos=request_pos,
                            slot_pos=slot_pos, schedule=schedule)
 
-    def _loss(self, logits, labels, prefix_len):
-        """Mean cross-entropy of the labelled tokens; ``logits`` cover the suffix columns.
-
-        The label at column P (the first ``<img-d>`` slot) is never a target, so the
-        suffix logits alone predict every labelled token.
-        """
-        if labels is None:
-            return None
-        check_tensor("labels", labels, (logits.shape[0], None), INDEX_DTYPES, logits.device, dims="(B, T)")
-        return _cross_entropy(logits[:, :-1], labels[:, prefix_len + 1:])
-
     def _check_checkpointing(self, schedule):
         if (schedule == "single_pass" and torch.is_grad_enabled() and self.llm.training
                 and checkpointing_enabled(self.llm)):
@@ -512,7 +676,12 @@ class LMEyeModel(nn.Module):
         run = {"single_pass": self._single_pass, "two_pass": self._two_pass, "static": self._static}[inputs.schedule]
         logits = run(inputs, all_logits)
         suffix_logits = logits[:, prefix_len:] if all_logits else logits
-        return LMEyeOutput(loss=self._loss(suffix_logits, labels, prefix_len), logits=logits)
+        loss = None
+        if labels is not None:
+            check_tensor("labels", labels, tuple(input_ids.shape), INDEX_DTYPES, input_ids.device,
+                         dims="(B, T), as input_ids")
+            loss = labelled_loss(*self.loss_targets(suffix_logits, labels))
+        return LMEyeOutput(loss=loss, logits=logits)
 
     def _keep(self, inputs: LMEyeInputs, all_logits: bool) -> int:
         return 0 if all_logits else inputs.input_ids.shape[1] - inputs.prefix_len
@@ -689,84 +858,51 @@ class LMEyeModel(nn.Module):
             cache.batch_repeat_interleave(repeats)
         return cache
 
-    def _generation_defaults(self, generate_kwargs: dict) -> None:
-        """Pad and stop with the processor's tokens unless the caller says otherwise; LMEye's own tokens
-        are placeholders of the input, never an answer's, so they are never generated."""
-        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        # Beside the tokens the caller or the LLM's generation config suppresses, not instead of them.
-        settings = generate_kwargs.get("generation_config") or self.llm.generation_config
-        asked = generate_kwargs.get("suppress_tokens", settings.suppress_tokens) or []
-        generate_kwargs["suppress_tokens"] = sorted(set(asked) | {i for i in self.config.token_ids() if i is not None})
-        if self.config.eos_token_id is not None:
-            generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+    # ------------------------------------------------------------- loss and scoring
 
-    # ------------------------------------------------------------- save / load
+    @staticmethod
+    def loss_targets(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``next_token_targets``: the logits of the suffix columns (or of all of them, ``all_logits``) beside
+        the labels of the columns after them."""
+        return next_token_targets(logits, labels)
 
-    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The adapter's tensors only: static mapping, IPN, special-token embeddings (and a user
-        interaction module's weights when any of them trains; a frozen one is passed again when loading)."""
-        state = {f"static.{k}": v for k, v in self.static.state_dict().items()}
-        state.update({f"ipn.{k}": v for k, v in _ipn_state(self.ipn).items()})
-        state["special_embed"] = self.special_embed.detach()
-        return state
+    @staticmethod
+    def loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """The loss of a decoder-only LLM: ``outputs.logits`` cover the suffix columns ``[P, T)`` of ``labels``
+        (B, T), so P is ``T - logits.shape[1]``; the label at column P is never a target. Summed and divided
+        by ``num_items_in_batch`` (the mean without it)."""
+        return labelled_loss(*next_token_targets(outputs.logits, labels), num_items_in_batch)
 
-    def save_pretrained(self, directory) -> None:
-        """Write the adapter (``lmeye_adapter.safetensors``), its config (``lmeye_config.json``) and where its LLM,
-        vision model and CLIP interaction come from (``lmeye_sources.json``); never the LLM. With the processor's
-        ``save_pretrained`` in the same directory, ``lmeye_fast.models.load_pretrained`` needs nothing else.
-
-        A process killed at any moment of the save leaves the adapter that was there or this one, never
-        a mix (``adapter_files``: one save id in all three files, the JSON files renamed last)."""
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        write_adapter(directory, tensors, {"format": "pt", "lmeye_fast": __version__},
-                      {CONFIG_FILE: self.config.payload(), SOURCES_FILE: model_sources(self).payload()})
-
-    @classmethod
-    def from_pretrained(cls, directory, llm: nn.Module, vision: Optional[nn.Module] = None,
-                        interaction: Optional[nn.Module] = None) -> "LMEyeModel":
-        """Rebuild the adapter saved in ``directory`` around ``llm`` (and ``vision``).
-
-        The file is checked against the config and the modules before anything
-        is built or resized, so a mismatch raises and changes nothing.
-        """
-        config = LMEyeConfig.load(directory)
-        llm_dim = llm.get_input_embeddings().embedding_dim
-        if config.llm_dim is not None and config.llm_dim != llm_dim:
-            raise ValueError(f"llm: the adapter in {directory} was saved for an LLM {config.llm_dim} wide, "
-                             f"this one is {llm_dim} wide")
-        if vision is not None:
-            for feature, saved in ((config.ipn_feature, config.vision_dim),
-                                   (config.static_feature, config.static_vision_dim)):
-                width = feature_shape(vision, feature)[1]
-                if None not in (width, saved) and width != saved:
-                    raise ValueError(f"vision: the adapter in {directory} was saved for {feature!r} vision "
-                                     f"features {saved} wide, this module's are {width} wide")
-        _check_interaction_options(directory, config.interaction_options, getattr(interaction, "options", None))
-        _read_adapter(directory, _adapter_shapes(config, llm_dim, interaction))
-        model = cls(llm, config, vision=vision, interaction=interaction)
-        model.load_adapter(directory)
-        return model
-
-    def load_adapter(self, directory) -> None:
-        """Load saved adapter weights into this model; on any mismatch raise and load nothing."""
-        saved = LMEyeConfig.load(directory).to_dict()
-        mine = self.config.to_dict()
-        structural = ("num_image_tokens", "num_requests", "interaction_dim", "sub_features", "num_heads",
-                      "static_hidden_dim", "vision_dim", "static_vision_dim", "static_feature", "ipn_feature",
-                      "llm_dim", "image_token_id", "request_token_id",
-                      "slot_token_id", "interaction", "encoder_decoder", "num_slots", "transmission",
-                      "request_position", "special_rows")
-        differ = [f"{k}: saved {saved[k]!r}, model {mine[k]!r}" for k in structural if saved[k] != mine[k]]
-        _check_interaction_options(directory, saved["interaction_options"], mine["interaction_options"])
-        if differ:
-            raise ValueError(f"directory: the adapter in {directory} does not fit this model (" + "; ".join(differ)
-                             + ")")
-        state = self.adapter_state_dict()
-        tensors = _read_adapter(directory, {k: tuple(v.shape) for k, v in state.items()})
-        with torch.no_grad():
-            for key, value in state.items():
-                value.copy_(tensors[key])
-
+    @torch.no_grad()
+    def answer_logits(self, answers: torch.Tensor, rows: torch.Tensor, **batch) -> torch.Tensor:
+        """``LMEyeBaseModel.answer_logits``: the prefix, the IPN and the suffix head (the slots and the response
+        prefix, the same for every answer) once per prompt on a KV cache, then the answers as a batch of
+        short continuations on that cache, its rows repeated (not recomputed) once per answer. The first
+        answer token is predicted by the head's last column, so answers of one token need no further LLM
+        call. ``two_pass`` gives the same logits as ``single_pass`` (the prefix is the same in both passes)."""
+        inputs = self.prepare_inputs(**batch)
+        mask, pos, prefix_len = inputs.attention_mask, inputs.position_ids, inputs.prefix_len
+        prefill = self.prefill(inputs)
+        cache = prefill.cache
+        if inputs.schedule == "static":
+            head = self.embed(inputs.input_ids[:, prefix_len:])
+        else:
+            head = self.fill_slots(inputs, prefill)
+        first = self.llm(inputs_embeds=head, attention_mask=mask, position_ids=pos[:, prefix_len:], use_cache=True,
+                         logits_to_keep=1, **{self.cache_kwarg: cache}).logits[rows]
+        steps = answers.shape[1] - 1
+        if steps == 0:
+            return first
+        # Each prompt's cache rows, repeated once per answer; answer token j+1 is read off the output at
+        # answer token j, so the last answer column never needs to run. Right padding sits after every
+        # real token, so causality keeps it out of the real tokens' logits.
+        cache.batch_select_indices(rows)
+        step_ids = answers[:, :steps]
+        step_mask = torch.cat([mask[rows], torch.ones_like(step_ids, dtype=mask.dtype)], dim=1)
+        step_pos = pos[rows, -1:] + 1 + torch.arange(steps, device=answers.device)
+        rest = self.llm(inputs_embeds=self.embed(step_ids), attention_mask=step_mask, position_ids=step_pos,
+                        use_cache=True, logits_to_keep=0, **{self.cache_kwarg: cache}).logits
+        return torch.cat([first, rest], dim=1)
 
 def _check_interaction_options(directory, saved: Optional[dict], given: Optional[dict]) -> None:
     """Refuse an interaction module set up otherwise than the one the adapter was saved with (an adapter
@@ -822,12 +958,6 @@ def load_adapter_modules(directory, llm_dim: int, device=None, dtype=None,
                         strict=interaction is None)
     special = tensors["special_embed"].to(device=device, dtype=dtype)
     return AdapterModules(config, static.requires_grad_(False), ipn.requires_grad_(False), special)
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (in float32) of the targets that are not ``IGNORE_INDEX``."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
 
 
 def _max_positions(llm: nn.Module) -> Optional[int]:

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple, Union
 from torch import nn
 
 from .clip_interaction import CLIPTextInteraction
-from .modeling import LMEyeModel
+from .modeling import LMEyeBaseModel
 from .processor import LMEyeProcessor
 from .prompts import PromptTemplate
 from .seq2seq import model_classes
@@ -35,7 +35,7 @@ PUBLISHED_REQUESTS = 5
 
 
 def _build(tokenizer, llm: nn.Module, vision: nn.Module, response_prefix: Optional[str], template, num_requests: int,
-           interaction=None, **config_kwargs) -> Tuple[LMEyeProcessor, LMEyeModel]:
+           interaction=None, **config_kwargs) -> Tuple[LMEyeProcessor, LMEyeBaseModel]:
     count = feature_shape(vision, config_kwargs["static_feature"])[0]
     if count is None:
         raise ValueError(f"clip: cannot tell how many {config_kwargs['static_feature']!r} tokens it gives per image "
@@ -51,7 +51,7 @@ def _build(tokenizer, llm: nn.Module, vision: nn.Module, response_prefix: Option
 
 
 def published(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: Optional[str] = None,
-              template: TemplateLike = "plain", **config_overrides) -> Tuple[LMEyeProcessor, LMEyeModel]:
+              template: TemplateLike = "plain", **config_overrides) -> Tuple[LMEyeProcessor, LMEyeBaseModel]:
     """LMEye as released (v1): the LLM sees one global image token, the IPN asks for the rest.
 
     The static mapping maps CLIP's projected image embedding (one vector,
@@ -76,7 +76,7 @@ def published(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: Optio
 
 
 def global_token(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: Optional[str] = None,
-                 num_requests: int = 5, template: TemplateLike = "plain", **config_overrides) -> Tuple[LMEyeProcessor, LMEyeModel]:
+                 num_requests: int = 5, template: TemplateLike = "plain", **config_overrides) -> Tuple[LMEyeProcessor, LMEyeBaseModel]:
     """The published division of labour with patch-level features for the IPN: the static mapping maps
     CLIP's projected image embedding to a single ``<img>`` token, as released, and the requests attend
     over every token of ``last_hidden_state`` with the built-in attention interaction. The LLM's own
@@ -97,7 +97,7 @@ def global_token(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: Op
 
 
 def patch_tokens(tokenizer, llm: nn.Module, clip: nn.Module, response_prefix: Optional[str] = None,
-                 num_requests: int = 5, template: TemplateLike = "plain", **config_overrides) -> Tuple[LMEyeProcessor, LMEyeModel]:
+                 num_requests: int = 5, template: TemplateLike = "plain", **config_overrides) -> Tuple[LMEyeProcessor, LMEyeBaseModel]:
     """The patch-token variant: the static mapping and the IPN both read every token of
     ``last_hidden_state`` (N = patches + 1 ``<img>`` slots), and the requests attend over
     them with the built-in attention interaction.

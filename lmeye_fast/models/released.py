@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .clip_interaction import CLIPTextInteraction
-from .modeling import LMEyeModel
+from .modeling import LMEyeBaseModel, LMEyeModel
 from .processor import LMEyeProcessor
 from .prompts import PromptTemplate, prompt_template
 from .seq2seq import LMEyeSeq2SeqModel
@@ -266,7 +266,7 @@ def _clip_checks(clip: nn.Module, checkpoint: ReleasedCheckpoint, image_side: bo
 
 def from_released(path, llm: nn.Module, clip: nn.Module, tokenizer, image_vector: str = "embedding_img",
                   dtype: torch.dtype = torch.float32, vision: Optional[nn.Module] = None,
-                  template: Union[str, PromptTemplate, None] = None) -> Tuple[LMEyeProcessor, LMEyeModel]:
+                  template: Union[str, PromptTemplate, None] = None) -> Tuple[LMEyeProcessor, LMEyeBaseModel]:
     """The processor and model that compute a released checkpoint's forward.
 
     Args:
@@ -356,7 +356,7 @@ def _build_v01(checkpoint, llm, clip, tokenizer, vision, dtype, template):
     return processor, model
 
 
-def _load(model: LMEyeModel, dtype: torch.dtype, tensors: Dict[str, torch.Tensor], special) -> None:
+def _load(model: LMEyeBaseModel, dtype: torch.dtype, tensors: Dict[str, torch.Tensor], special) -> None:
     """Copy the release's tensors into the adapter and cast it to ``dtype``; the slot embedding and the
     vector of a token the layout lacks stay zero (the release has no such vectors). The interaction (the
     user's CLIP text tower) keeps its dtype."""

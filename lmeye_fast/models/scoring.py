@@ -3,7 +3,8 @@
 The options of a multiple-choice question share the prompt, the image, the
 request at ``<img-q>`` and therefore what the IPN writes into the ``<img-d>``
 slots; only the answer text differs. ``score_options`` runs what they share
-once per question and only the answers once per option:
+once per question and only the answers once per option, as the model's own
+``answer_logits`` does for its kind of LLM:
 
 - a decoder-only LLM (``LMEyeModel``): the prefix once with a KV cache, the IPN
   once, the slots and the response prefix (the suffix head, the same for every
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
-from transformers.modeling_outputs import BaseModelOutput
 
 from .processor import IGNORE_INDEX
 
@@ -100,58 +100,6 @@ def _token_scores(logits: torch.Tensor, targets: torch.Tensor, real: torch.Tenso
     return summed, greedy
 
 
-def _score_on_cache(model, batch, answers: _Answers, image_features, static_features, schedule):
-    """A decoder-only LLM: the prefix, the IPN and the head once per question, the answers on its cache."""
-    inputs = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["image_pos"], batch["prefix_len"],
-                                  position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
-                                  image_features=image_features, static_features=static_features,
-                                  request_pos=batch["request_pos"], slot_pos=batch["slot_pos"], schedule=schedule)
-    ids, mask, pos, prefix_len = inputs.input_ids, inputs.attention_mask, inputs.position_ids, inputs.prefix_len
-    llm, cache_kwarg = model.llm, model.cache_kwarg
-
-    # Prefix and IPN once per question; the head (slots + response prefix) once on the cache.
-    prefill = model.prefill(inputs)
-    cache = prefill.cache
-    if inputs.schedule == "static":
-        head = model.embed(ids[:, prefix_len:])
-    else:
-        head = model.fill_slots(inputs, prefill)
-    first_logits = llm(inputs_embeds=head, attention_mask=mask, position_ids=pos[:, prefix_len:], use_cache=True,
-                       logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
-    rows, tokens, real = answers.rows, answers.tokens, answers.real
-    summed, greedy = _token_scores(first_logits[rows, None], tokens[:, :1], real[:, :1])
-    steps = tokens.shape[1] - 1
-    if steps > 0:
-        # Each question's cache rows, repeated once per option; answer token j+1 is read off the
-        # output at answer token j, so the last answer column never needs to run. Right padding
-        # sits after every real token, so causality keeps it out of the scores.
-        cache.batch_select_indices(rows)
-        inputs = tokens[:, :steps]
-        step_mask = torch.cat([mask[rows], torch.ones_like(inputs, dtype=mask.dtype)], dim=1)
-        step_pos = pos[rows, -1:] + 1 + torch.arange(steps, device=tokens.device)
-        logits = llm(inputs_embeds=model.embed(inputs), attention_mask=step_mask, position_ids=step_pos,
-                     use_cache=True, logits_to_keep=0, **{cache_kwarg: cache}).logits
-        rest_summed, rest_greedy = _token_scores(logits, tokens[:, 1:], real[:, 1:])
-        summed, greedy = summed + rest_summed, greedy & rest_greedy
-    return summed, greedy
-
-
-def _score_on_encoding(model, batch, answers: _Answers, image_features, static_features, schedule):
-    """An encoder-decoder LLM: the two encoder passes once per question, the decoder once over the answers."""
-    mask = batch["attention_mask"]
-    encoded = model.encode(batch["input_ids"], mask, batch["image_pos"], batch["request_pos"], batch["slot_pos"],
-                           pixel_values=batch.get("pixel_values"), image_features=image_features,
-                           static_features=static_features, schedule=schedule)
-    # Each question's encoding, repeated once per option. The decoder reads the answers shifted right
-    # behind its start token; right padding sits after every real token, so causality keeps it out of
-    # the scores.
-    encoding = BaseModelOutput(last_hidden_state=encoded.last_hidden_state[answers.rows])
-    decoder_input_ids = model.llm.prepare_decoder_input_ids_from_labels(labels=answers.tokens)
-    logits = model.llm(encoder_outputs=encoding, attention_mask=mask[answers.rows],
-                       decoder_input_ids=decoder_input_ids, use_cache=False).logits
-    return _token_scores(logits, answers.tokens, answers.real)
-
-
 @torch.no_grad()
 def score_options(model, processor, prompts: Sequence[str], options: Sequence[Sequence[str]],
                   pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
@@ -159,7 +107,8 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
     """Score every option of every prompt by the log-likelihood of its answer tokens.
 
     Args:
-        model: an ``LMEyeModel`` or an ``LMEyeSeq2SeqModel``; processor: its ``LMEyeProcessor``
+        model: an ``LMEyeModel`` or an ``LMEyeSeq2SeqModel``, whose ``answer_logits`` runs what the
+            options of a question share once; processor: its ``LMEyeProcessor``
             (built with ``encoder_decoder=True`` for the latter).
         prompts: B prompts (as for generation, at most one ``<img>`` each).
         options: B lists of answer texts; the lists may differ in length.
@@ -171,17 +120,15 @@ def score_options(model, processor, prompts: Sequence[str], options: Sequence[Se
         ``OptionScores``; the answer tokens are encoded exactly as the
         processor encodes training answers (EOS is not scored).
     """
-    if processor.encoder_decoder != model.encoder_decoder:
-        raise ValueError(f"processor: built with encoder_decoder={processor.encoder_decoder}, but the model wraps "
-                         f"{'an encoder-decoder' if model.encoder_decoder else 'a decoder-only'} LLM; build it with "
-                         f"encoder_decoder={model.encoder_decoder}")
+    model.check_processor(processor)
     option_ids = _option_ids(processor, options, len(prompts))
     device = model.special_embed.device
     batch = processor(prompts, images=pixel_values).to(device)
     image_features, static_features = (None if f is None else f.to(device) for f in (image_features, static_features))
     answers = _answers(option_ids, processor.pad_token_id, device)
-    score = _score_on_encoding if model.encoder_decoder else _score_on_cache
-    summed, greedy = score(model, batch, answers, image_features, static_features, schedule)
+    logits = model.answer_logits(answers.tokens, answers.rows, **batch, image_features=image_features,
+                                 static_features=static_features, schedule=schedule)
+    summed, greedy = _token_scores(logits, answers.tokens, answers.real)
     return OptionScores(summed=list(summed.split(answers.splits)),
                         num_tokens=list(answers.lengths.float().split(answers.splits)),
                         greedy=list(greedy.split(answers.splits)))
@@ -194,11 +141,7 @@ def answer_log_likelihood(model, batch, schedule: Optional[str] = None):
     if "labels" not in batch:
         raise ValueError("batch: needs labels (call the processor with answers)")
     out = model(**batch, schedule=schedule)
-    if model.encoder_decoder:
-        # The decoder's logits predict its labels column for column.
-        logits, targets = out.logits, batch["labels"]
-    else:
-        logits, targets = out.logits[:, :-1], batch["labels"][:, batch["prefix_len"] + 1:]
+    logits, targets = model.loss_targets(out.logits, batch["labels"])
     scored = targets != IGNORE_INDEX
     if model.config.eos_token_id is not None:
         scored &= targets != model.config.eos_token_id

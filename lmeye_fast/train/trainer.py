@@ -30,15 +30,14 @@ import warnings
 from typing import Dict, List, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..atomic import replace_files, replacing
 from ..data import SKIPPED_IMAGES
-from ..models.modeling import LMEyeModel
-from ..models.processor import IGNORE_INDEX
+from ..models.modeling import LMEyeBaseModel, LMEyeModel
+from ..models.seq2seq import LMEyeSeq2SeqModel
 from .checkpoints import checkpoint_to_resume, mark_complete, remove_incomplete_checkpoints, unmark
 from .distributed import leave_frozen_out_of_ddp, per_rank, shard_frozen_llm
 
@@ -48,33 +47,10 @@ __all__ = ["LMEyeTrainer", "suffix_loss", "encoder_decoder_loss"]
 SKIPPED_EXAMPLES = 5
 
 
-def _labelled_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-    """Cross-entropy of the labelled ``targets``, summed and divided by ``num_items_in_batch``.
-
-    The Trainer counts ``num_items_in_batch`` over all micro-batches of an optimizer
-    step and all data-parallel ranks, so the step's gradient is that of the mean
-    over the whole global batch, however it is split. Without it: the mean.
-    """
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum()
-    return total / num_items_in_batch
-
-
-def suffix_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """The loss of an ``LMEyeModel`` (decoder-only LLM): ``outputs.logits`` cover the suffix columns
-    ``[P, T)`` of ``labels`` (B, T), so P is ``T - logits.shape[1]``; the label at column P is never a
-    target. Summed and divided by ``num_items_in_batch`` (the mean without it)."""
-    logits = outputs.logits
-    return _labelled_loss(logits[:, :-1], labels[:, labels.shape[1] - logits.shape[1] + 1:], num_items_in_batch)
-
-
-def encoder_decoder_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """The loss of an ``LMEyeSeq2SeqModel``: the decoder's ``outputs.logits`` (B, L, V) predict ``labels``
-    (B, L) column by column (the decoder reads its input shifted right). Summed and divided by
-    ``num_items_in_batch`` (the mean without it)."""
-    return _labelled_loss(outputs.logits, labels, num_items_in_batch)
+# The models' own losses, under the names the Trainer's users know: ``suffix_loss`` for a decoder-only LLM,
+# ``encoder_decoder_loss`` for an encoder-decoder one (each model's ``loss``, its ``compute_loss_func``).
+suffix_loss = LMEyeModel.loss
+encoder_decoder_loss = LMEyeSeq2SeqModel.loss
 
 
 class _SkipRecordingCollator:
@@ -109,11 +85,11 @@ class LMEyeTrainer(Trainer):
     """
 
     def __init__(self, model: LMEyeModel = None, *args, shard_frozen: bool = False, **kwargs):
-        if not isinstance(model, LMEyeModel):
+        if not isinstance(model, LMEyeBaseModel):
             raise TypeError(f"model: expected an LMEyeModel or LMEyeSeq2SeqModel, got {type(model).__name__}")
         if not model.trainable_parameters():
             raise ValueError("model: no parameter requires grad; call model.set_stage(1) or model.set_stage(2) first")
-        kwargs.setdefault("compute_loss_func", encoder_decoder_loss if model.encoder_decoder else suffix_loss)
+        kwargs.setdefault("compute_loss_func", model.loss)
         leave_frozen_out_of_ddp(model)
         super().__init__(model, *args, **kwargs)
         if shard_frozen:
