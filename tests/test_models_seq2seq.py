@@ -253,8 +253,9 @@ def test_padded_batch_equals_each_row_alone(arch):
 @pytest.mark.parametrize("arch", SEQ2SEQ_ARCHITECTURES)
 def test_decoder_inputs_are_the_start_token_then_the_labels_shifted_right(arch):
     proc, model = build(arch)
-    labels = make_batch(proc, model, batch=3)["labels"]
-    assert (labels == IGNORE_INDEX).any()  # right-padded rows
+    # Answers of 1, 3 and 5 words: the shorter rows are right-padded.
+    labels = proc(prompts(3), [sentence(n, n) for n in (1, 3, 5)])["labels"]
+    assert (labels == IGNORE_INDEX).any()
     got = model.decoder_inputs(labels)
     start = model.llm.config.decoder_start_token_id
     assert got.shape == labels.shape and (got[:, 0] == start).all()

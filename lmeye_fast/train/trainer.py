@@ -84,7 +84,7 @@ class LMEyeTrainer(Trainer):
     Trainer has started torch.distributed and placed the model, so that each rank holds its share of them.
     """
 
-    def __init__(self, model: LMEyeModel = None, *args, shard_frozen: bool = False, **kwargs):
+    def __init__(self, model: LMEyeBaseModel = None, *args, shard_frozen: bool = False, **kwargs):
         if not isinstance(model, LMEyeBaseModel):
             raise TypeError(f"model: expected an LMEyeModel or LMEyeSeq2SeqModel, got {type(model).__name__}")
         if not model.trainable_parameters():
@@ -167,7 +167,7 @@ class LMEyeTrainer(Trainer):
         self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
 
-    def _adapter_model(self) -> LMEyeModel:
+    def _adapter_model(self) -> LMEyeBaseModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _whole_adapter(self):
