@@ -10,14 +10,20 @@ tower with an LMEye adapter are saved to a temporary folder; each provider answe
 
 - ``vLLM, LMEye``: every request submitted at once to ``vllm.LLM``'s engine (continuous batching,
   the two-pass schedule inside its forward), timed by the engine's own steps;
+- ``vLLM, LMEye static-only``: the same engine on the static-only model (``schedule="static"``: one
+  pass over every step, no IPN). Its gap to ``vLLM, LMEye`` is what the IPN and the second pass over
+  a prefill step cost: more than splitting the step at ``<img-q>`` could save, as the split still
+  runs the IPN (and every token once);
 - ``vLLM, the LLM alone``: the same engine and token counts on the plain LLM (text prompts as long
-  as LMEye's): what the IPN's second pass over a prefill step costs;
+  as LMEye's);
 - ``LMEyeModel.generate``: one batch of all requests (the processor's padding, the single-pass
   prefill on a KV cache, Hugging Face's generate loop).
 
 Time to first token: from submission to the first generated token of each request (median and
 max over requests); for ``LMEyeModel.generate`` every request's first token comes with the batch's
-(``max_new_tokens=1``). Medians over ``--rounds``; the machine may be shared (its load average is printed).
+(``max_new_tokens=1``). The providers run interleaved, one round each in turn, ``--rounds`` times;
+each figure is the median over rounds with the range of the per-round ratios to
+``LMEyeModel.generate`` (the machine may be shared: its load average is printed before and after).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 import torch
 
 WORDS = [f"w{i}" for i in range(500)]
+HF = "HF LMEyeModel.generate, one batch"
 
 
 def build(root: Path, args):
@@ -74,7 +81,8 @@ def workload(args):
     return prompts, images
 
 
-def run_hf(root, prompts, images, args):
+def hf_runner(root, prompts, images, args):
+    """A function that times one round of ``LMEyeModel.generate``: (wall time, time to first token)."""
     from lmeye_fast.eval import load_eval_model
 
     runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix="w0 w1",
@@ -91,10 +99,7 @@ def run_hf(root, prompts, images, args):
         return time.perf_counter() - start
 
     generate(2)  # warm-up
-    walls = [generate(args.new_tokens) for _ in range(args.rounds)]
-    firsts = [generate(1) for _ in range(args.rounds)]
-    return {"wall_s": statistics.median(walls), "ttft_median_s": statistics.median(firsts),
-            "ttft_max_s": statistics.median(firsts)}
+    return lambda: (generate(args.new_tokens), generate(1))
 
 
 def _sync(device):
@@ -123,12 +128,15 @@ def run_vllm(engine, requests, args):
     return time.perf_counter() - start, sorted(first.values())
 
 
-def vllm_rounds(engine, requests, args):
+def vllm_runner(engine, requests, args):
+    """A function that times one round of ``engine`` on ``requests``: (wall time, median time to first token)."""
     run_vllm(engine, requests[:2], args)  # warm-up
-    results = [run_vllm(engine, requests, args) for _ in range(args.rounds)]
-    return {"wall_s": statistics.median(r[0] for r in results),
-            "ttft_median_s": statistics.median(statistics.median(r[1]) for r in results),
-            "ttft_max_s": statistics.median(r[1][-1] for r in results)}
+
+    def round_():
+        wall, firsts = run_vllm(engine, requests, args)
+        return wall, statistics.median(firsts)
+
+    return round_
 
 
 def main():
@@ -152,35 +160,47 @@ def main():
 
     from lmeye_fast.serving import ENGINE_ARGS, hf_overrides
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         torch.manual_seed(0)
         processor = build(root, args)
         prompts, images = workload(args)
-        results = {"HF LMEyeModel.generate, one batch": run_hf(root, prompts, images, args)}
         lengths = [len(processor([p])["input_ids"][0]) for p in prompts]
         common = dict(dtype=args.dtype, max_model_len=1024, enforce_eager=True, seed=0,
                       max_num_seqs=args.requests, **({"kv_cache_memory_bytes": 1 << 30} if args.device == "cpu" else {}))
-        engine = vllm.LLM(model=str(root / "llm"), hf_overrides=hf_overrides(root / "llm", root / "adapter",
-                                                                           root / "vision", "w0 w1"),
-                          **common, **ENGINE_ARGS)
-        results["vLLM, LMEye"] = vllm_rounds(engine, [{"prompt": p, "multi_modal_data": {"image": im}}
-                                                      for p, im in zip(prompts, images)], args)
-        del engine
-        plain = vllm.LLM(model=str(root / "llm"), **common)
-        results["vLLM, the LLM alone"] = vllm_rounds(plain, [{"prompt_token_ids": [3] * n} for n in lengths], args)
-        del plain
+        image_requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
+        engines = {name: vllm.LLM(model=str(root / "llm"), hf_overrides=hf_overrides(
+            root / "llm", root / "adapter", root / "vision", "w0 w1", schedule=schedule), **common, **ENGINE_ARGS)
+            for name, schedule in (("vLLM, LMEye", "two_pass"), ("vLLM, LMEye static-only", "static"))}
+        engines["vLLM, the LLM alone"] = vllm.LLM(model=str(root / "llm"), **common)
+        runners = {HF: hf_runner(root, prompts, images, args)}
+        for name, engine in engines.items():
+            requests = [{"prompt_token_ids": [3] * n} for n in lengths] if name == "vLLM, the LLM alone" \
+                else image_requests
+            runners[name] = vllm_runner(engine, requests, args)
+        rounds = {name: [] for name in runners}
+        for _ in range(args.rounds):  # interleaved: every provider once per round
+            for name, runner in runners.items():
+                rounds[name].append(runner())
+        del engines
     tokens = args.requests * args.new_tokens
-    hf_rate = tokens / results["HF LMEyeModel.generate, one batch"]["wall_s"]
     print(f"{args.requests} requests x {args.new_tokens} new tokens, prompts {min(lengths)}-{max(lengths)} tokens, "
           f"Llama {args.hidden} wide x {args.layers} layers, {args.dtype} on {args.device}, {args.threads} threads, "
-          f"torch {torch.__version__}, vLLM {vllm.__version__}, load average {os.getloadavg()[0]:.1f}")
-    print("| provider | tokens/s | vs HF | time to first token, median | max |\n|---|---:|---:|---:|---:|")
-    for name, result in results.items():
-        rate = tokens / result["wall_s"]
-        result["tokens_per_s"] = rate
-        print(f"| {name} | {rate:.0f} | {rate / hf_rate:.2f}x | {result['ttft_median_s'] * 1000:.0f} ms | "
-              f"{result['ttft_max_s'] * 1000:.0f} ms |")
+          f"torch {torch.__version__}, vLLM {vllm.__version__}, {args.rounds} interleaved rounds, load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("| provider | tokens/s | vs HF (range over rounds) | time to first token, median |\n|---|---:|---:|---:|")
+    results = {}
+    for name, measured in rounds.items():
+        ratios = [hf[0] / wall for (wall, _), hf in zip(measured, rounds[HF])]
+        result = {"wall_s": statistics.median(w for w, _ in measured),
+                  "ttft_median_s": statistics.median(t for _, t in measured),
+                  "ratio_vs_hf": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                  "rounds": measured}
+        result["tokens_per_s"] = tokens / result["wall_s"]
+        results[name] = result
+        print(f"| {name} | {result['tokens_per_s']:.0f} | {result['ratio_vs_hf']:.2f}x ({min(ratios):.2f}-"
+              f"{max(ratios):.2f}) | {result['ttft_median_s'] * 1000:.0f} ms |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 
