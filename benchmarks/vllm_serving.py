@@ -23,7 +23,8 @@ Time to first token: from submission to the first generated token of each reques
 max over requests); for ``LMEyeModel.generate`` every request's first token comes with the batch's
 (``max_new_tokens=1``). The providers run interleaved, one round each in turn, ``--rounds`` times;
 each figure is the median over rounds with the range of the per-round ratios to
-``LMEyeModel.generate`` (the machine may be shared: its load average is printed before and after).
+``LMEyeModel.generate``, of wall time and of this process's CPU time (which other jobs on a shared
+machine disturb less; its load average is printed before and after).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -81,8 +83,16 @@ def workload(args):
     return prompts, images
 
 
+class Round(NamedTuple):
+    """One provider's round: wall and CPU seconds of all requests, the median time to first token."""
+
+    wall_s: float
+    cpu_s: float
+    ttft_s: float
+
+
 def hf_runner(root, prompts, images, args):
-    """A function that times one round of ``LMEyeModel.generate``: (wall time, time to first token)."""
+    """A function that times one round of ``LMEyeModel.generate`` (a ``Round``)."""
     from lmeye_fast.eval import load_eval_model
 
     runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix="w0 w1",
@@ -91,15 +101,19 @@ def hf_runner(root, prompts, images, args):
     inputs = runner.image_inputs(images)
 
     def generate(tokens):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = runner.model.generate(**batch, **inputs, max_new_tokens=tokens, min_new_tokens=tokens,
                                     do_sample=False)
         _sync(args.device)
         assert out.shape == (len(prompts), tokens), out.shape
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def round_():
+        (wall, cpu), (first, _) = generate(args.new_tokens), generate(1)
+        return Round(wall, cpu, first)
 
     generate(2)  # warm-up
-    return lambda: (generate(args.new_tokens), generate(1))
+    return round_
 
 
 def _sync(device):
@@ -108,12 +122,13 @@ def _sync(device):
 
 
 def run_vllm(engine, requests, args):
-    """Submit every request at once and step the engine; (wall time, each request's time to first token)."""
+    """Submit every request at once and step the engine; (wall time, CPU time, each request's time to first
+    token)."""
     import vllm
 
     core = engine.llm_engine
     params = vllm.SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for index, request in enumerate(requests):
         core.add_request(f"bench-{time.monotonic_ns()}-{index}", request, params)
     first, done = {}, 0
@@ -125,16 +140,16 @@ def run_vllm(engine, requests, args):
                 assert len(output.outputs[0].token_ids) == args.new_tokens
                 done += 1
     assert done == len(requests)
-    return time.perf_counter() - start, sorted(first.values())
+    return time.perf_counter() - start, time.process_time() - cpu, sorted(first.values())
 
 
 def vllm_runner(engine, requests, args):
-    """A function that times one round of ``engine`` on ``requests``: (wall time, median time to first token)."""
+    """A function that times one round of ``engine`` on ``requests`` (a ``Round``)."""
     run_vllm(engine, requests[:2], args)  # warm-up
 
     def round_():
-        wall, firsts = run_vllm(engine, requests, args)
-        return wall, statistics.median(firsts)
+        wall, cpu, firsts = run_vllm(engine, requests, args)
+        return Round(wall, cpu, statistics.median(firsts))
 
     return round_
 
@@ -189,18 +204,21 @@ def main():
           f"Llama {args.hidden} wide x {args.layers} layers, {args.dtype} on {args.device}, {args.threads} threads, "
           f"torch {torch.__version__}, vLLM {vllm.__version__}, {args.rounds} interleaved rounds, load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print("| provider | tokens/s | vs HF (range over rounds) | time to first token, median |\n|---|---:|---:|---:|")
+    print("| provider | tokens/s | vs HF, wall (range over rounds) | vs HF, CPU time (range) | time to first token, "
+          "median |\n|---|---:|---:|---:|---:|")
     results = {}
     for name, measured in rounds.items():
-        ratios = [hf[0] / wall for (wall, _), hf in zip(measured, rounds[HF])]
-        result = {"wall_s": statistics.median(w for w, _ in measured),
-                  "ttft_median_s": statistics.median(t for _, t in measured),
-                  "ratio_vs_hf": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                  "rounds": measured}
-        result["tokens_per_s"] = tokens / result["wall_s"]
+        wall = [hf.wall_s / mine.wall_s for mine, hf in zip(measured, rounds[HF])]
+        cpu = [hf.cpu_s / mine.cpu_s for mine, hf in zip(measured, rounds[HF])]
+        result = {"tokens_per_s": tokens / statistics.median(r.wall_s for r in measured),
+                  "ttft_median_s": statistics.median(r.ttft_s for r in measured),
+                  "wall_ratio_vs_hf": [statistics.median(wall), min(wall), max(wall)],
+                  "cpu_ratio_vs_hf": [statistics.median(cpu), min(cpu), max(cpu)],
+                  "rounds": [r._asdict() for r in measured]}
         results[name] = result
-        print(f"| {name} | {result['tokens_per_s']:.0f} | {result['ratio_vs_hf']:.2f}x ({min(ratios):.2f}-"
-              f"{max(ratios):.2f}) | {result['ttft_median_s'] * 1000:.0f} ms |")
+        print(f"| {name} | {result['tokens_per_s']:.0f} | {statistics.median(wall):.2f}x ({min(wall):.2f}-"
+              f"{max(wall):.2f}) | {statistics.median(cpu):.2f}x ({min(cpu):.2f}-{max(cpu):.2f}) | "
+              f"{result['ttft_median_s'] * 1000:.0f} ms |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 
