@@ -112,7 +112,7 @@ def hf_runner(root, prompts, images, args):
         (wall, cpu), (first, _) = generate(args.new_tokens), generate(1)
         return Round(wall, cpu, first)
 
-    generate(2)  # warm-up
+    round_()  # warm-up: the first whole round runs slower than the rest (allocations, thread start-up)
     return round_
 
 
@@ -145,7 +145,7 @@ def run_vllm(engine, requests, args):
 
 def vllm_runner(engine, requests, args):
     """A function that times one round of ``engine`` on ``requests`` (a ``Round``)."""
-    run_vllm(engine, requests[:2], args)  # warm-up
+    run_vllm(engine, requests, args)  # warm-up, as for LMEyeModel.generate
 
     def round_():
         wall, cpu, firsts = run_vllm(engine, requests, args)
