@@ -24,9 +24,9 @@ is ``SPLIT``. The backward walks the sub-features twice: once for the
 normaliser and ``delta = Σ p·dp`` of the softmax of its own scores (see the
 kernel), once for ``d requests`` (finished in the kernel) and ``dF`` (B, N·S,
 Di), written in the storage dtype; ``d image``, ``d W_f`` and ``d b_f`` (fp32
-column sums) then come from two dense GEMMs:
-``torch.mm`` on a GPU (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE
-fp32 unless the caller enabled TF32), the Triton GEMM under the interpreter.
+column sums) then come from two dense GEMMs, ``torch.mm`` on every device
+(cuBLAS on a GPU, fp32 accumulation; fp32 inputs stay exact IEEE fp32 unless
+the caller enabled TF32), so the interpreter's tests run the GPU's backward.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import triton.language as tl
 from ..checks import metadata_key
 from . import check_schedule
 from .attend_folded import FoldedPlan, attend_folded_bwd, folded_forward, plan_forward
-from .triton_launch import (CONFIGS, Launch, PlanCache, Rows, as_is, cdiv, check_device, check_dtype,
-                            check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
-                            gemm_plan, interpret, launch_gemm, needs_grad, on_device, op, pow2, rows2d)
+from .triton_launch import (CONFIGS, Launch, PlanCache, as_is, cdiv, check_device, check_dtype, check_like,
+                            compiling, config_cache, dense_bias, dot_acc, dot_flags, interpret, needs_grad, on_device,
+                            op, pow2)
 
 
 @triton.jit
@@ -281,20 +281,11 @@ def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str) -> A
                         warps, stages)
 
 
-def _features(wrap, image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
+def _features(image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
     """``F = X W_fᵀ + b_f`` in the storage dtype, contiguous (B, N, S·Di) (row ``n*S + k`` of
-    the (B, N·S, Di) view is sub-feature k of token n): ``F.linear`` on a GPU
-    (cuBLAS, fp32 accumulation), the Triton GEMM launched as ``wrap(kernel)`` under the interpreter."""
-    if not interpret():
-        return torch.nn.functional.linear(image, w_f, b_f)
-    batch, tokens, vision = image.shape
-    outs = w_f.shape[0]
-    f = torch.empty((batch, tokens, outs), device=image.device, dtype=image.dtype)
-    launch = gemm_plan(Rows(None, tokens, image.stride(0), image.stride(1), image.stride(2)),
-                       rows2d(w_f, transpose=True), Rows(None, 1, outs, 0, 1), batch * tokens, outs, vision,
-                       image.dtype, device_index(image), bias=b_f is not None)
-    launch_gemm(wrap, launch, image, w_f, f, f if b_f is None else b_f, f, f, f, f, f)
-    return f
+    the (B, N·S, Di) view is sub-feature k of token n): one dense product, ``F.linear`` (cuBLAS on a
+    GPU; fp32 accumulation on both), so the interpreter's tests run the GPU's code."""
+    return torch.nn.functional.linear(image, w_f, b_f)
 
 
 def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
@@ -354,7 +345,7 @@ def _fwd_launch(wrap, plan: SplitPlan, save, requests, image, image_mask, w_f, b
     (``split``), else None."""
     z = torch.empty(plan.shape, device=plan.device, dtype=plan.dtype)
     lse = torch.empty(plan.lse_shape, device=plan.device, dtype=torch.float32) if save else z
-    feats = _features(wrap, image, w_f, b_f) if plan.split else None
+    feats = _features(image, w_f, b_f) if plan.split else None
     keep = _mask_arg(image_mask, image)[0]
     plan.attend.run(wrap, _attend_fwd_kernel, requests, image, keep, w_f, w_f if b_f is None else b_f,
                     z if feats is None else feats, z, lse, SAVE=save)
@@ -401,7 +392,7 @@ def attend_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Te
                              f"got {tuple(features.shape)} with strides {features.stride()}")
         feats, split = features, True
     else:
-        feats = _features(wrap, image, w_f, b_f) if split else d_feat
+        feats = _features(image, w_f, b_f) if split else d_feat
     with on_device(d_req):
         wrap(_attend_bwd_kernel)[(batch, cdiv(num_heads, blocks.heads))](
             requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
@@ -414,22 +405,9 @@ def attend_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Te
         )
     # Row n of dF viewed (B*N, S*Di) is token n's S sub-feature gradients side by side.
     d_feat_rows = d_feat.view(batch * tokens, sub_features * width)
-    if not interpret():
-        d_image = torch.mm(d_feat_rows, w_f).view(batch, tokens, vision) if image_grad else image.new_empty((0,))
-        d_w = torch.mm(d_feat_rows.t(), image.reshape(batch * tokens, vision))
-        d_b = d_feat_rows.sum(0, dtype=torch.float32).to(w_f.dtype)
-        return d_req, d_image, d_w, d_b
-    d_w = torch.empty(w_f.shape, device=w_f.device, dtype=w_f.dtype)
-    d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
-    if image_grad:
-        d_image = torch.empty((batch, tokens, vision), device=image.device, dtype=image.dtype)
-        gemm(wrap, rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
-             batch * tokens, vision, sub_features * width)
-    else:
-        d_image = image.new_empty((0,))
-    image_rows = Rows(image, tokens, image.stride(0), image.stride(1), image.stride(2))
-    gemm(wrap, rows2d(d_feat_rows, transpose=True), image_rows, rows2d(d_w),
-         sub_features * width, vision, batch * tokens, colsum=d_b)
+    d_image = torch.mm(d_feat_rows, w_f).view(batch, tokens, vision) if image_grad else image.new_empty((0,))
+    d_w = torch.mm(d_feat_rows.t(), image.reshape(batch * tokens, vision))
+    d_b = d_feat_rows.sum(0, dtype=torch.float32).to(w_f.dtype)
     return d_req, d_image, d_w, d_b
 
 

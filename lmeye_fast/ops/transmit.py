@@ -19,13 +19,12 @@ copy of E is the result). Slot positions outside ``[0, T')`` are skipped.
 Backward: ``dE`` passes through; ``dt`` is gathered from the slot rows; then
 ``dz = dt W_o`` and ``dW_o = dtᵀ z``, each skipped when its input needs no
 gradient, ``d e_slot = Σ_b dt`` and ``db_o``, the fp32 sum of dt over all its
-rows (shared; under the interpreter the column sums of ``dW_o``'s GEMM) or
-``d e_slot`` itself (per slot). Per slot, ``dz`` sums over the K/R slots of a
-request as the reduction of R GEMMs over (K/R)·D, and ``dW_o`` is K GEMMs over
-the batch. On a GPU the dense GEMMs are ``torch.mm`` /
-``torch.bmm`` (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE fp32
-unless the caller enabled TF32); under the interpreter they run through the
-Triton GEMM.
+rows (shared) or ``d e_slot`` itself (per slot). Per slot, ``dz`` sums over
+the K/R slots of a request as the reduction of R GEMMs over (K/R)·D, and
+``dW_o`` is R GEMMs over the batch. The dense GEMMs are ``torch.mm`` /
+``torch.bmm`` on every device (cuBLAS on a GPU, fp32 accumulation; fp32
+inputs stay exact IEEE fp32 unless the caller enabled TF32), so the
+interpreter's tests run the GPU's backward.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from ..checks import check_writable, metadata_key
 from ..reference import slot_groups
 from .interleave import check_slots, gather_slots
 from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, check_device, check_dtype,
-                            check_like, compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
+                            check_like, compiling, dense_bias, device_index, gemm, gemm_plan,
                             launch_gemm, needs_grad, op, row_bias, rows2d, rows3d)
 
 
@@ -140,60 +139,29 @@ def transmit_interleave_inplace(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: O
     _project(wrap, z, w_o, b_o, slot_embed, rows, accumulate=True)
 
 
-def _shared_bwd(wrap, grad, z, w_o, z_grad, w_grad):
+def _shared_bwd(grad, z, w_o, z_grad, w_grad):
     batch, num_req, width = z.shape
     llm = w_o.shape[0]
     d_z, d_w = z.new_empty((0,)), w_o.new_empty((0,))
-    if not interpret():
-        rows = grad.reshape(batch * num_req, llm)
-        if z_grad:
-            d_z = torch.mm(rows, w_o).view(z.shape)
-        if w_grad:
-            d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
-        return d_z, d_w, rows.sum(0, dtype=torch.float32).to(w_o.dtype)
+    rows = grad.reshape(batch * num_req, llm)
     if z_grad:
-        d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-        gemm(wrap, rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
-    if not w_grad:
-        return d_z, d_w, grad.sum((0, 1), dtype=torch.float32).to(w_o.dtype)
-    # dW_o = dtᵀ z needs the B·R rows of dt as one stride.
-    if grad.stride(0) != num_req * grad.stride(1):
-        grad = grad.contiguous()
-    d_w = torch.empty(w_o.shape, device=w_o.device, dtype=w_o.dtype)
-    d_b = torch.empty((llm,), device=w_o.device, dtype=w_o.dtype)
-    gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(1)), rows3d(z), rows2d(d_w), llm, width, batch * num_req,
-         colsum=d_b)
-    return d_z, d_w, d_b
+        d_z = torch.mm(rows, w_o).view(z.shape)
+    if w_grad:
+        d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
+    return d_z, d_w, rows.sum(0, dtype=torch.float32).to(w_o.dtype)
 
 
-def _per_slot_bwd(wrap, grad, z, w_o, z_grad, w_grad):
+def _per_slot_bwd(grad, z, w_o, z_grad, w_grad):
     batch, num_req, width = z.shape
     num_slots, llm = w_o.shape[:2]
     groups = num_slots // num_req
     d_z, d_w = z.new_empty((0,)), w_o.new_empty((0,))
-    if not interpret():
-        # Request r's K/R slots side by side: dz_r = dt_r W_r over (K/R)·D, dW_r = dt_rᵀ z_r.
-        rows = grad.reshape(batch, num_req, groups * llm).transpose(0, 1)  # (R, B, (K/R)·D)
-        if z_grad:
-            d_z = torch.bmm(rows, w_o.reshape(num_req, groups * llm, width)).transpose(0, 1).contiguous()
-        if w_grad:
-            d_w = torch.bmm(rows.transpose(1, 2), z.transpose(0, 1)).view(w_o.shape)
-        return d_z, d_w, grad.sum(0, dtype=torch.float32).to(w_o.dtype)
+    # Request r's K/R slots side by side: dz_r = dt_r W_r over (K/R)·D, dW_r = dt_rᵀ z_r.
+    rows = grad.reshape(batch, num_req, groups * llm).transpose(0, 1)  # (R, B, (K/R)·D)
     if z_grad:
-        # GEMM r reduces over the (K/R)·D columns (g, d) of dt's slots r·K/R + g, which must be one stride.
-        if groups > 1 and grad.stride(1) != llm * grad.stride(2):
-            grad = grad.contiguous()
-        d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-        gemm(wrap, Rows(grad, 1, grad.stride(0), 0, grad.stride(2), sp=groups * grad.stride(1)),
-             Rows(w_o, llm, w_o.stride(0), w_o.stride(1), w_o.stride(2), sp=groups * w_o.stride(0)),
-             Rows(d_z, 1, d_z.stride(0), 0, d_z.stride(2), sp=d_z.stride(1)), batch, width, groups * llm,
-             batch=num_req)
+        d_z = torch.bmm(rows, w_o.reshape(num_req, groups * llm, width)).transpose(0, 1).contiguous()
     if w_grad:
-        # GEMM j: dW_o[j] = dt[:, j]ᵀ z[:, j // (K/R)], reduced over the batch.
-        d_w = torch.empty(w_o.shape, device=w_o.device, dtype=w_o.dtype)
-        gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(0), sp=grad.stride(1)),
-             Rows(z, 1, z.stride(0), 0, z.stride(2), sp=z.stride(1), pdiv=groups),
-             Rows(d_w, 1, d_w.stride(1), 0, d_w.stride(2), sp=d_w.stride(0)), llm, width, batch, batch=num_slots)
+        d_w = torch.bmm(rows.transpose(1, 2), z.transpose(0, 1)).view(w_o.shape)
     return d_z, d_w, grad.sum(0, dtype=torch.float32).to(w_o.dtype)
 
 
@@ -204,7 +172,7 @@ def transmit_bwd(wrap, grad: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, z
     if grad.dtype != z.dtype:
         grad = grad.to(z.dtype)
     backward = _per_slot_bwd if _per_slot(w_o) else _shared_bwd
-    d_z, d_w, d_b = backward(wrap, grad, z, w_o, z_grad, w_grad)
+    d_z, d_w, d_b = backward(grad, z, w_o, z_grad, w_grad)
     d_slot = d_b.clone() if _per_slot(w_o) else grad.sum(0, dtype=torch.float32).to(w_o.dtype)
     return d_z, d_w, d_b, d_slot
 
