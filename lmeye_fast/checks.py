@@ -45,6 +45,18 @@ def check_tensor(
     return value
 
 
+# The Triton backend's attention schedules (docs/design.md §5): "split" forms F = X W_fᵀ + b_f apart from
+# the attention kernels (ops/attend.py); "folded" never forms F (ops/attend_folded.py); "auto" is split,
+# except that heads too wide for the split kernels fold. Auto stays split until both are measured on a GPU.
+ATTENTION_SCHEDULES = ("auto", "split", "folded")
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in ATTENTION_SCHEDULES:
+        raise ValueError(f"attention: expected one of {ATTENTION_SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
 def validating(validate: bool) -> bool:
     """``validate``, or True everywhere while ``LMEYE_FAST_VALIDATE=1`` (a debugging switch: every
     position is then checked where it is used, at the cost of a host sync per call)."""

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from . import backends, ops, reference
-from .checks import INDEX_DTYPES, check_positions, check_tensor, check_writable, metadata_key, validating
+from .checks import (INDEX_DTYPES, check_positions, check_schedule, check_tensor, check_writable, metadata_key,
+                     validating)
 
 
 class _Ops(NamedTuple):
@@ -156,7 +157,7 @@ class InteractiveLayer(nn.Module):
         self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
         self.num_slots, self.transmission = num_slots, transmission
         self.backend = _available_backend(backend)
-        self.attention = ops.check_schedule(attention)
+        self.attention = check_schedule(attention)
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)

@@ -12,7 +12,6 @@ pass-through and must equal the upstream gradient exactly.
 
 import contextlib
 import functools
-import math
 import os
 
 import pytest
@@ -246,7 +245,7 @@ def test_attend_decomposed(dtype, case, attend_variant):
         mask[0] = False  # a row with every image token masked gets z = r
         if batch > 1:
             mask[1, 0] = True
-    compare(lambda *a: attend_decomposed(*a, heads, subs), lambda *a: ops.attend_decomposed(*a, heads, subs),
+    compare(lambda *a: attend_decomposed(*a, heads, subs), lambda *a: reference.attend_decomposed(*a, heads, subs),
             [r, x, mask, w, b], dtype, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
@@ -266,7 +265,7 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
     mask[1, 2] = True
     z = attend_decomposed(r, x, mask, w, None, 2, 2)
     assert torch.equal(z[0], r[0].detach())
-    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
+    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: reference.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
@@ -279,7 +278,7 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
     r, w, b = leaf(2, 3, 16, dtype=torch.float32), leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
     x = leaf(2, 7, 12, dtype=torch.float32).detach()
     mask = torch.rand(2, 7, device=DEVICE) > 0.3
-    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
+    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: reference.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, b], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
     grad = torch.randn(2, 3, 16, device=DEVICE)
     if variant == "folded":
@@ -309,38 +308,11 @@ def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
             assert torch.equal(attend_decomposed(r, x, mask, w, b, 2, 2), with_grad.detach())
 
 
-def folded_association(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-    """The attention of docs/design.md §2 in the folded association, in plain PyTorch (autograd for the
-    backward): the requests pulled through W_f, ``softmax((r W_kh) X_nᵀ + r b_kh) X`` pushed back.
-    A second correct implementation whose rounding differs from the reference's."""
-    batch, num_req, width = requests.shape
-    head_dim = width // num_heads
-    w4 = w_f.view(sub_features, num_heads, head_dim, -1)
-    r4 = requests.view(batch, num_req, num_heads, head_dim)
-    q = torch.einsum("brhd,khdv->bhrkv", r4, w4)
-    s = torch.einsum("bhrkv,bnv->bhrkn", q, image)
-    if b_f is not None:
-        s = s + torch.einsum("brhd,khd->bhrk", r4, b_f.view(sub_features, num_heads, head_dim))[..., None]
-    s = s / math.sqrt(head_dim)
-    if image_mask is not None:
-        s = s.masked_fill(~image_mask[:, None, None, None, :], float("-inf"))
-    flat = s.reshape(batch, num_heads, num_req, -1)
-    top = flat.amax(-1, keepdim=True).detach()
-    e = torch.exp(flat - torch.where(torch.isinf(top), torch.zeros_like(top), top))
-    total = e.sum(-1, keepdim=True)
-    a = (e / torch.where(total > 0, total, torch.ones_like(total))).view_as(s)
-    u = torch.einsum("bhrkn,bnv->bhrkv", a, image)
-    z = torch.einsum("bhrkv,khdv->brhd", u, w4)
-    if b_f is not None:
-        z = z + torch.einsum("bhrk,khd->brhd", a.sum(-1), b_f.view(sub_features, num_heads, head_dim))
-    return z.reshape(batch, num_req, width) + requests
-
-
 def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_variant):
     """Scores of +-20 make rows one-hot to 1e-5, where the fp32 softmax backward carries an error of
     order eps * |dA| in any implementation; one sample of the reference's error can be far below
-    that. Here the bound takes the larger error of two correct fp32 implementations (the reference,
-    and the folded association in PyTorch), so a kernel several times worse than both still fails
+    that. Here the bound takes the larger error of two correct fp32 implementations (the reference in
+    both its associations: F formed, and folded), so a kernel several times worse than both still fails
     (as the split backward did when it took delta from the forward's output: 10-37x)."""
     variant, attend_decomposed = attend_variant
 
@@ -357,11 +329,11 @@ def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_v
         wanted = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
         return [out] + list(torch.autograd.grad(out, wanted, grad.to(out.dtype)))
 
-    exact = run(ops.attend_decomposed, as64(args))
+    exact = run(reference.attend_decomposed, as64(args))
     got = run(attend_decomposed, args)
-    ref32 = run(ops.attend_decomposed, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
+    ref32 = run(reference.attend_decomposed, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
                                         for t in args])
-    alt32 = run(folded_association, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
+    alt32 = run(functools.partial(reference.attend_decomposed, schedule="folded"), [t.detach().clone().requires_grad_() if t.is_floating_point() else t
                                      for t in args])
     for name, g, e, a, c in zip(["z", "d requests", "d image", "d w_f", "d b_f"], got, exact, ref32, alt32):
         spread = max((a.double() - e).abs().max().item(), (c.double() - e).abs().max().item())
@@ -407,7 +379,7 @@ def test_heads_too_wide_for_the_split_kernels_take_the_folded_schedule(monkeypat
         out = attend.attend_decomposed(r, x, None, w, None, 1, 1)
         out.sum().backward()
     assert not calls, "the split schedule formed F for a head it cannot hold"
-    want = ops.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 1, 1)
+    want = reference.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 1, 1)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
@@ -488,7 +460,7 @@ def test_transmit_interleave(dtype, inplace):
         return out
 
     def ref(z_, w_, b_, e_, E):
-        return ops.transmit_interleave(z_, w_, b_, e_, E, pos, False)
+        return reference.transmit_interleave(z_, w_, b_, e_, E, pos, False)
 
     compare(kernel, ref, [z, w, b, e, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"], exact=["embeds"])
     assert torch.equal(embeds.detach(), before)
@@ -541,7 +513,7 @@ def test_transmit_interleave_per_slot(dtype, inplace, num_req, num_slots):
         return out
 
     def ref(z_, w_, b_, e_, E):
-        return ops.transmit_interleave(z_, w_.view(num_slots, llm, width), b_.view(num_slots, llm), e_, E, pos)
+        return reference.transmit_interleave(z_, w_.view(num_slots, llm, width), b_.view(num_slots, llm), e_, E, pos)
 
     compare(kernel, ref, [z, w, b, e, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"], exact=["embeds"])
     assert torch.equal(embeds.detach(), before)

@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import metadata_key
-from . import check_schedule
+from ..checks import check_schedule, metadata_key
 from .attend_folded import FoldedPlan, attend_folded_bwd, folded_forward, plan_forward
 from .triton_launch import (CONFIGS, Launch, PlanCache, as_is, cdiv, check_device, check_dtype, check_like,
                             compiling, config_cache, dense_bias, dot_acc, dot_flags, interpret, needs_grad, on_device,
