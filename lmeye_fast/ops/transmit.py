@@ -66,12 +66,15 @@ class _Projection(NamedTuple):
 def _projection(z: torch.Tensor, w_o: torch.Tensor) -> _Projection:
     batch, num_req, width = z.shape
     if not _per_slot(w_o):
-        return _Projection(rows3d(z), rows2d(w_o, transpose=True), batch * num_req, w_o.shape[0], width, 1)
+        return _Projection(z=rows3d(z), w_o=rows2d(w_o, transpose=True), m=batch * num_req, n=w_o.shape[0],
+                           k=width, batch=1)
     # GEMM j: row b of z's request j // (K/R) times w_o[j]ᵀ.
     groups = w_o.shape[0] // num_req
-    return _Projection(Rows(z, 1, z.stride(0), 0, z.stride(2), sp=z.stride(1), pdiv=groups),
-                       Rows(w_o, 1, w_o.stride(2), 0, w_o.stride(1), sp=w_o.stride(0)),
-                       batch, w_o.shape[1], width, w_o.shape[0])
+    return _Projection(
+        z=Rows(tensor=z, outer_stride=z.stride(0), column_stride=z.stride(2), gemm_stride=z.stride(1),
+               gemms_per_block=groups),
+        w_o=Rows(tensor=w_o, outer_stride=w_o.stride(2), column_stride=w_o.stride(1), gemm_stride=w_o.stride(0)),
+        m=batch, n=w_o.shape[1], k=width, batch=w_o.shape[0])
 
 
 def _target_rows(target: torch.Tensor, slot_pos: Optional[torch.Tensor], num_slots: int, per_slot: bool) -> Rows:
@@ -80,18 +83,19 @@ def _target_rows(target: torch.Tensor, slot_pos: Optional[torch.Tensor], num_slo
     slot, row b of GEMM j. Only the strides and shape of ``target`` are read."""
     if slot_pos is None:
         if per_slot:
-            return Rows(target, 1, target.stride(0), 0, target.stride(2), sp=target.stride(1))
+            return Rows(tensor=target, outer_stride=target.stride(0), column_stride=target.stride(2),
+                        gemm_stride=target.stride(1))
         return rows3d(target)
-    rows = Rows(target, num_slots, target.stride(0), 0, target.stride(2), slot_pos, slot_pos.stride(0),
-                slot_pos.stride(1), target.stride(1), target.shape[1])
+    slots = dict(tensor=target, outer_stride=target.stride(0), column_stride=target.stride(2), index=slot_pos,
+                 index_outer_stride=slot_pos.stride(0), position_stride=target.stride(1), limit=target.shape[1])
     if per_slot:
-        return rows._replace(g=1, is1=0, isp=slot_pos.stride(1))
-    return rows
+        return Rows(**slots, index_gemm_stride=slot_pos.stride(1))
+    return Rows(**slots, group=num_slots, index_group_stride=slot_pos.stride(1))
 
 
 def _project(wrap, z, w_o, b_o, slot_embed, target: Rows, accumulate: bool) -> None:
     p = _projection(z, w_o)
-    gemm(wrap, p.z, p.w_o, target, p.m, p.n, p.k, bias=b_o, rowbias=slot_embed, accumulate=accumulate,
+    gemm(wrap, a=p.z, b=p.w_o, c=target, m=p.m, n=p.n, k=p.k, bias=b_o, rowbias=slot_embed, accumulate=accumulate,
          config="transmit_fwd", batch=p.batch)
 
 
@@ -256,16 +260,15 @@ def _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
     target = embeds if inplace else torch.empty_like(embeds, device="meta")
     p = _projection(z, w_o)
     rows = _target_rows(target, slot_pos, slot_pos.shape[1], _per_slot(w_o))
-    launch = gemm_plan(p.z, p.w_o, rows, p.m, p.n, p.k, z.dtype, device_index(z), bias=b_o is not None,
-                       rowbias=row_bias(slot_embed, p.batch), accumulate=True, config="transmit_fwd",
-                       batch=p.batch, bias_sp=bias_stride(b_o, p.batch))
+    launch = gemm_plan(a=p.z, b=p.w_o, c=rows, m=p.m, n=p.n, k=p.k, dtype=z.dtype, device=device_index(z),
+                       bias=b_o is not None, rowbias=row_bias(slot_embed, p.batch), accumulate=True,
+                       config="transmit_fwd", batch=p.batch, bias_gemm_stride=bias_stride(b_o, p.batch))
     return _PLANS.add(key, launch)
 
 
 def _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
     out = embeds if inplace else embeds.clone()
-    launch_gemm(as_is, plan, z, w_o, out, out if b_o is None else b_o,
-                out if slot_embed is None else slot_embed, out, out, out, slot_pos)
+    launch_gemm(as_is, plan, a=z, b=w_o, c=out, bias=b_o, rowbias=slot_embed, c_index=slot_pos)
     return out
 
 
