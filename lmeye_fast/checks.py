@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,16 +45,46 @@ def check_tensor(
     return value
 
 
-# The Triton backend's attention schedules (docs/design.md §5): "split" forms F = X W_fᵀ + b_f apart from
-# the attention kernels (ops/attend.py); "folded" never forms F (ops/attend_folded.py); "auto" is split,
-# except that heads too wide for the split kernels fold. Auto stays split until both are measured on a GPU.
+# The Triton backend's attention schedules (docs/design.md §5): "split" attends over F = X W_fᵀ + b_f tile
+# by tile in the flash-style kernels of ops/attend.py; "folded" never forms F (ops/attend_folded.py);
+# "auto" is split, except that heads too wide for the split kernels fold. Auto stays split until both are
+# measured on a GPU.
 ATTENTION_SCHEDULES = ("auto", "split", "folded")
 
+# Where the split schedule's kernels get F's tiles: "materialized", F written whole by one dense product
+# first and its tiles loaded (the forward then keeps F for the backward); "on_chip", each tile formed
+# inside the kernel, F never written.
+FEATURE_TILES = ("materialized", "on_chip")
 
-def check_schedule(schedule: str) -> str:
-    if schedule not in ATTENTION_SCHEDULES:
-        raise ValueError(f"attention: expected one of {ATTENTION_SCHEDULES}, got {schedule!r}")
-    return schedule
+
+class AttentionSchedule(NamedTuple):
+    """An attention schedule with the split schedule's tile options, set per layer
+    (``InteractiveLayer(attention=AttentionSchedule(...))``; a bare name is this record with its defaults).
+
+    ``forward_features`` / ``backward_features`` (one of ``FEATURE_TILES``): how the split forward, and a
+    split backward whose forward kept no F, get F's tiles; ``heads_per_program``: heads that one program
+    of the split kernels takes (capped so their width fits ``ops.attend.MAX_HEAD_GROUP_WIDTH``). None
+    takes the default: materialized, one head (or a launch config's deprecated ``SPLIT`` / ``HEADS``)."""
+
+    name: str = "auto"
+    forward_features: Optional[str] = None
+    backward_features: Optional[str] = None
+    heads_per_program: Optional[int] = None
+
+
+def check_schedule(schedule) -> AttentionSchedule:
+    """``schedule`` (a name of ``ATTENTION_SCHEDULES`` or an ``AttentionSchedule``) as a checked record."""
+    record = AttentionSchedule(schedule) if isinstance(schedule, str) else schedule
+    if not isinstance(record, AttentionSchedule) or record.name not in ATTENTION_SCHEDULES:
+        raise ValueError(f"attention: expected one of {ATTENTION_SCHEDULES} or an AttentionSchedule, got {schedule!r}")
+    for field in ("forward_features", "backward_features"):
+        value = getattr(record, field)
+        if value is not None and value not in FEATURE_TILES:
+            raise ValueError(f"attention: {field} expected one of {FEATURE_TILES}, got {value!r}")
+    heads = record.heads_per_program
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"attention: heads_per_program expected a positive int, got {heads!r}")
+    return record
 
 
 def validating(validate: bool) -> bool:

@@ -175,16 +175,17 @@ def attend_decomposed(
     b_f: Optional[torch.Tensor],
     num_heads: int,
     sub_features: int,
-    schedule: str = "auto",
+    schedule="auto",
 ) -> torch.Tensor:
     """Steps 2-3 as one op: ``attend(requests, decompose(image, w_f, b_f, S), image_mask, H, S)``.
 
-    ``schedule`` (one of ``checks.ATTENTION_SCHEDULES``) picks the association the products are
-    taken in, as the Triton schedules of that name take them: ``"split"`` and ``"auto"`` form F
-    first; ``"folded"`` pulls the requests through W_f and never forms F. The math is the same; the
-    rounding differs, which is what a test of a kernel against two correct implementations reads.
+    ``schedule`` (a name of ``checks.ATTENTION_SCHEDULES`` or an ``AttentionSchedule``) picks the
+    association the products are taken in, as the Triton schedule of that name takes them: ``"split"``
+    and ``"auto"`` form F first; ``"folded"`` pulls the requests through W_f and never forms F (tile
+    options change no association). The math is the same; the rounding differs, which is what a test
+    of a kernel against two correct implementations reads.
     """
-    if check_schedule(schedule) == "folded":
+    if check_schedule(schedule).name == "folded":
         return _attend_folded(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     feats = decompose(image, w_f, b_f, sub_features)
     return attend(requests, feats, image_mask, num_heads, sub_features)

@@ -10,7 +10,6 @@ against float64, plus a floor). The gradient of the embedding sequence is a
 pass-through and must equal the upstream gradient exactly.
 """
 
-import contextlib
 import functools
 import os
 
@@ -197,36 +196,39 @@ ATTEND_CASES = [
 ]
 
 
-# Kernel variants: launch configs of attend_fwd / attend_bwd, F materialised (SPLIT) or formed on
-# chip, in the forward and the backward, and 1, 2 or 4 heads per program (HEADS); and the schedule
-# (the ``schedule`` argument). A split forward hands its F to the backward; a fused forward leaves
-# the backward to form F again, by GEMM or on chip. The folded schedule (ops/attend_folded.py) never
-# forms F.
-ATTEND_VARIANTS = {"split-h1": (1, 1, 1, "split"), "fused-h2": (0, 0, 2, "split"), "split-h4": (1, 1, 4, "split"),
-                   "fused-fwd-h1": (0, 1, 1, "split"), "folded": (1, 1, 1, "folded")}
+# Kernel variants: the schedule (the ``schedule`` argument) with the split schedule's tile options, F
+# materialized or formed on chip, in the forward and the backward, and 1, 2 or 4 heads per program. A
+# forward that materializes F hands it to the backward; one that forms it on chip leaves the backward to
+# form F again, materialized or on chip. The folded schedule (ops/attend_folded.py) never forms F.
+ATTEND_VARIANTS = {"split-h1": ("materialized", "materialized", 1, "split"),
+                   "on-chip-h2": ("on_chip", "on_chip", 2, "split"),
+                   "split-h4": ("materialized", "materialized", 4, "split"),
+                   "on-chip-fwd-h1": ("on_chip", "materialized", 1, "split"),
+                   "folded": (None, None, None, "folded")}
 
 
-@contextlib.contextmanager
-def attend_configs(variant):
-    """The variant's launch configs for the ``with`` block; yields ``attend_decomposed`` with its schedule."""
+def attend_schedule(variant):
+    forward, backward, heads, name = ATTEND_VARIANTS[variant]
+    return ops.AttentionSchedule(name, forward_features=forward, backward_features=backward, heads_per_program=heads)
+
+
+def attend_with(variant):
+    """``attend_decomposed`` with the variant's schedule."""
     from lmeye_fast.ops.attend import attend_decomposed
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
 
-    split_fwd, split_bwd, heads, schedule = ATTEND_VARIANTS[variant]
-    saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
-    try:
-        for name, split in (("attend_fwd", split_fwd), ("attend_bwd", split_bwd)):
-            set_config(name, {**saved[name], "SPLIT": split, "HEADS": heads})
-        yield functools.partial(attend_decomposed, schedule=schedule)
-    finally:
-        for name, cfg in saved.items():
-            set_config(name, cfg)
+    return functools.partial(attend_decomposed, schedule=attend_schedule(variant))
+
+
+def op_options(variant, direction):
+    """The registered split ops' tile options of the variant, for ``direction`` "forward" or "backward"."""
+    forward, backward, heads, _ = ATTEND_VARIANTS[variant]
+    features = forward if direction == "forward" else backward
+    return dict(materialized=features == "materialized", heads_per_program=heads)
 
 
 @pytest.fixture(params=list(ATTEND_VARIANTS))
 def attend_variant(request):
-    with attend_configs(request.param) as attend_decomposed:
-        yield request.param, attend_decomposed
+    return request.param, attend_with(request.param)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -286,9 +288,10 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
         full = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2)
         part = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2, False)
     else:
-        _, lse, feats = attend.attend_fwd(r, x, mask, w, b, 2, 2)
-        full = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2)
-        part = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, False)
+        _, lse, feats = attend.attend_fwd(r, x, mask, w, b, 2, 2, **op_options(variant, "forward"))
+        backward = op_options(variant, "backward")
+        full = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, **backward)
+        part = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, False, **backward)
     assert full[1].shape == x.shape and part[1].numel() == 0
     for i in (0, 2, 3):
         assert torch.equal(full[i], part[i])
@@ -333,8 +336,8 @@ def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_v
     got = run(attend_decomposed, args)
     ref32 = run(reference.attend_decomposed, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
                                         for t in args])
-    alt32 = run(functools.partial(reference.attend_decomposed, schedule="folded"), [t.detach().clone().requires_grad_() if t.is_floating_point() else t
-                                     for t in args])
+    alt32 = run(functools.partial(reference.attend_decomposed, schedule="folded"),
+                [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in args])
     for name, g, e, a, c in zip(["z", "d requests", "d image", "d w_f", "d b_f"], got, exact, ref32, alt32):
         spread = max((a.double() - e).abs().max().item(), (c.double() - e).abs().max().item())
         err = (g.double() - e).abs().max().item()
@@ -342,7 +345,8 @@ def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_v
         assert err <= limit, f"{name}: max error {err:.3e} > {limit:.3e} (fp32 implementations: {spread:.3e})"
 
 
-@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0), ("folded", 0)])
+@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("on-chip-fwd-h1", 1), ("on-chip-h2", 0),
+                                              ("folded", 0)])
 def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     """A split forward hands its F to the backward, which must not run the decomposition GEMM again."""
     from lmeye_fast.ops import attend
@@ -353,8 +357,7 @@ def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     r = leaf(2, 3, 16, dtype=torch.float32)
     x = leaf(2, 5, 12, dtype=torch.float32)
     w = leaf(16, 12, dtype=torch.float32)
-    with attend_configs(variant) as attend_decomposed:
-        attend_decomposed(r, x, None, w, None, 2, 1).sum().backward()
+    attend_with(variant)(r, x, None, w, None, 2, 1).sum().backward()
     assert len(calls) == expected
     assert r.grad is not None and x.grad is not None and w.grad is not None
 
@@ -368,39 +371,74 @@ def test_heads_too_wide_for_the_split_kernels_take_the_folded_schedule(monkeypat
     calls = []
     features = attend._features
     monkeypatch.setattr(attend, "_features", lambda *a: calls.append(1) or features(*a))
-    with attend_configs("split-h4"):
-        cap = attend.MAX_HEAD_GROUP_WIDTH
-        assert attend.folds(cap + 1) and not attend.folds(cap)
-        assert attend.attend_blocks(5, cap // 2, 12, "attend_fwd")[1] == 2  # 4 heads asked, 2 fit
-        assert attend.attend_blocks(5, cap, 12, "attend_fwd")[1] == 1
-        r = leaf(2, 3, 160, dtype=torch.float32)
-        x = leaf(2, 5, 12, dtype=torch.float32)
-        w = leaf(160, 12, dtype=torch.float32)
-        out = attend.attend_decomposed(r, x, None, w, None, 1, 1)
-        out.sum().backward()
+    cap = attend.MAX_HEAD_GROUP_WIDTH
+    assert attend.folds(cap + 1) and not attend.folds(cap)
+    assert attend.attend_blocks(5, cap // 2, 12, "attend_fwd", True, 4)[1] == 2  # 4 heads asked, 2 fit
+    assert attend.attend_blocks(5, cap, 12, "attend_fwd", True, 4)[1] == 1
+    r = leaf(2, 3, 160, dtype=torch.float32)
+    x = leaf(2, 5, 12, dtype=torch.float32)
+    w = leaf(160, 12, dtype=torch.float32)
+    out = attend_with("split-h4")(r, x, None, w, None, 1, 1)
+    out.sum().backward()
     assert not calls, "the split schedule formed F for a head it cannot hold"
     want = reference.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 1, 1)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
 def test_attend_bwd_takes_the_forwards_f_and_refuses_another():
-    """The registered ops compose: F from a split forward (or the empty tensor of a fused one) feeds the
+    """The registered ops compose: F from a forward that materialized it (or the empty tensor of one that
+    formed it on chip) feeds the
     backward, whose gradients equal those of a backward that forms F again; an F of another shape is refused."""
     from lmeye_fast.ops import attend
 
     r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 5, 12, dtype=torch.float32)
     w, b = leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
     grad = torch.randn(2, 3, 16, device=DEVICE)
-    with attend_configs("split-h1"):
-        _, lse, feats = attend.attend_fwd(r, x, None, w, b, 2, 2)
-        assert feats.shape == (2, 5, 32)
-        kept = attend.attend_bwd(grad, r, x, None, w, b, lse, feats, 2, 2)
-        formed = attend.attend_bwd(grad, r, x, None, w, b, lse, None, 2, 2)
-        empty = attend.attend_bwd(grad, r, x, None, w, b, lse, x.new_empty((0,)), 2, 2)
-        for a, c, e in zip(kept, formed, empty):
-            assert torch.equal(a, c) and torch.equal(a, e)
-        with pytest.raises(ValueError, match="features"):
-            attend.attend_bwd(grad, r, x, None, w, b, lse, feats[:, :4], 2, 2)
+    _, lse, feats = attend.attend_fwd(r, x, None, w, b, 2, 2)
+    assert feats.shape == (2, 5, 32)
+    kept = attend.attend_bwd(grad, r, x, None, w, b, lse, feats, 2, 2)
+    formed = attend.attend_bwd(grad, r, x, None, w, b, lse, None, 2, 2)
+    empty = attend.attend_bwd(grad, r, x, None, w, b, lse, x.new_empty((0,)), 2, 2)
+    for a, c, e in zip(kept, formed, empty):
+        assert torch.equal(a, c) and torch.equal(a, e)
+    with pytest.raises(ValueError, match="features"):
+        attend.attend_bwd(grad, r, x, None, w, b, lse, feats[:, :4], 2, 2)
+
+
+def test_tile_options_are_per_call_and_the_old_launch_config_keys_still_work_with_a_warning(monkeypatch):
+    """Two schedules with different tile options run side by side (each its own launch plan, no process
+    state); a launch config's SPLIT / HEADS, the old process-wide switch, is deprecated but still
+    decides what a schedule leaves unset."""
+    from lmeye_fast.ops import attend
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    calls = []
+    features = attend._features
+    monkeypatch.setattr(attend, "_features", lambda *a: calls.append(1) or features(*a))
+    r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 5, 12, dtype=torch.float32)
+    w = leaf(32, 12, dtype=torch.float32)
+    want = reference.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 2, 2)
+    with torch.no_grad():
+        for variant, formed in (("on-chip-h2", 0), ("split-h1", 1), ("on-chip-h2", 0)):
+            calls.clear()
+            torch.testing.assert_close(attend_with(variant)(r, x, None, w, None, 2, 2), want, rtol=1e-4, atol=1e-4)
+            assert len(calls) == formed, variant
+        saved = dict(CONFIGS["attend_fwd"])
+        try:
+            with pytest.warns(DeprecationWarning, match="AttentionSchedule"):
+                set_config("attend_fwd", {**saved, "SPLIT": 0})
+            calls.clear()
+            attend.attend_decomposed(r, x, None, w, None, 2, 2, "split")
+            assert not calls
+            calls.clear()
+            attend.attend_decomposed(r, x, None, w, None, 2, 2, attend_schedule("split-h1"))
+            assert len(calls) == 1
+        finally:
+            set_config("attend_fwd", saved)
+    for bad in (ops.AttentionSchedule("split", forward_features="fused"), ops.AttentionSchedule("split", None, None, 0),
+                "fused"):
+        with pytest.raises(ValueError, match="attention"):
+            attend.attend_decomposed(r, x, None, w, None, 2, 2, bad)
 
 
 def test_attend_folded_bwd_refuses_tensors_not_from_its_forward():

@@ -23,7 +23,8 @@ per-slot (K, D, Di) one (docs/design.md §2 step 4) through the same arguments; 
 says which.
 
 ``attend_decomposed`` takes the Triton backend's attention schedule as its last argument,
-``schedule`` (one of ``ATTENTION_SCHEDULES``, see docs/design.md §5); the reference takes the
+``schedule`` (a name of ``ATTENTION_SCHEDULES``, or an ``AttentionSchedule`` with the split
+schedule's tile options; see docs/design.md §5); the reference takes the
 products in that schedule's association (``reference.attend_decomposed``).
 """
 
@@ -76,7 +77,8 @@ AUTO_ORDER = {
 
 
 # Named where every argument check is (lmeye_fast.checks), and here beside the ops that take them.
-ATTENTION_SCHEDULES = checks.ATTENTION_SCHEDULES
+ATTENTION_SCHEDULES, AttentionSchedule, FEATURE_TILES = (checks.ATTENTION_SCHEDULES, checks.AttentionSchedule,
+                                                         checks.FEATURE_TILES)
 
 # The fused ops' reference functions once lived here; lmeye_fast.reference holds them now.
 _MOVED_TO_REFERENCE = ("attend_decomposed", "transmit_interleave")

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -384,6 +385,11 @@ def set_config(name: str, values: dict) -> None:
     """Replace ``CONFIGS[name]`` (e.g. with a sweep's winner) for every later launch."""
     if name not in CONFIGS:
         raise KeyError(f"name: expected one of {tuple(CONFIGS)}, got {name!r}")
+    if name in ("attend_fwd", "attend_bwd") and ("SPLIT" in values or "HEADS" in values):
+        warnings.warn(f"CONFIGS[{name!r}]: the keys SPLIT and HEADS are deprecated (still honoured as the default "
+                      "of layers that leave the option unset): set the tile options per layer, "
+                      "InteractiveLayer(attention=AttentionSchedule('split', forward_features=..., "
+                      "backward_features=..., heads_per_program=...))", DeprecationWarning, stacklevel=2)
     CONFIGS[name] = dict(values)
     for clear in _CONFIG_CACHES:
         clear()
