@@ -1,4 +1,6 @@
-"""Argument checks with messages that name the argument and what was expected.
+"""Argument checks with messages that name the argument and what was expected: the one module of
+them, used by the layers, the reference and every backend's op (the Triton ops' dtype, device and
+optional-operand rules included), so that each rule has one wording.
 
 Shape, dtype and device checks read metadata only, so they cost no device
 work and run on every call. Value checks (positions inside the sequence,
@@ -85,6 +87,39 @@ def check_schedule(schedule) -> AttentionSchedule:
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
         raise ValueError(f"attention: heads_per_program expected a positive int, got {heads!r}")
     return record
+
+
+# The storage dtypes the Triton kernels take (they accumulate in float32).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
+
+
+def check_kernel_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """``tensor`` in ``dtype`` (the other inputs'), one of ``KERNEL_DTYPES``: the Triton ops' dtype rule."""
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {_dtype_name(dtype)} (the dtype of the other inputs), "
+                        f"got {_dtype_name(tensor.dtype)}")
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: the Triton backend supports float16, bfloat16 and float32, got {_dtype_name(dtype)}")
+
+
+def check_optional(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dtype, device: torch.device,
+                   dims: str = "") -> None:
+    """An optional operand (bias, slot embedding): None, or ``shape`` in the inputs' dtype and device."""
+    if tensor is None:
+        return
+    if tensor.shape != shape:
+        raise ValueError(f"{name}: expected shape {dims}{tuple(shape)}, got {tuple(tensor.shape)}")
+    check_kernel_dtype(name, tensor, dtype)
+    check_device(name, tensor, device)
 
 
 def validating(validate: bool) -> bool:

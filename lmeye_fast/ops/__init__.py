@@ -111,7 +111,7 @@ def preload(backend: str) -> None:
 
 
 # The storage dtypes the kernels take; "auto" runs anything else (float64) on the reference.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = checks.KERNEL_DTYPES
 
 
 def resolve(op: str, backend: str, device: Optional[torch.device] = None,

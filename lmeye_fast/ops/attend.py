@@ -23,8 +23,8 @@ the 7B shape, the same tensor the reference's autograd holds, and keeping it
 spares the backward the decomposition GEMM (13 GFLOP at that shape) that would
 form it again. A forward that formed F on chip keeps none; its backward forms F
 again, materialized or on chip as its own option (``backward_features``) says.
-The backward walks the sub-features twice: once for the normaliser and ``delta = Σ p·dp`` of the softmax of its own scores (see the
-kernel), once for ``d requests`` (finished in the kernel) and ``dF`` (B, N·S,
+The backward walks the sub-features twice: once for the normaliser and
+``delta = Σ p·dp`` of the softmax of its own scores (see the kernel), once for ``d requests`` (finished in the kernel) and ``dF`` (B, N·S,
 Di), written in the storage dtype; ``d image``, ``d W_f`` and ``d b_f`` (fp32
 column sums) then come from two dense GEMMs, ``torch.mm`` on every device
 (cuBLAS on a GPU, fp32 accumulation; fp32 inputs stay exact IEEE fp32 unless
@@ -40,11 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import AttentionSchedule, check_schedule, metadata_key
+from ..checks import (AttentionSchedule, check_device, check_kernel_dtype, check_optional, check_schedule,
+                      metadata_key)
 from .attend_folded import FoldedPlan, attend_folded_bwd, folded_forward, plan_forward
-from .triton_launch import (CONFIGS, Launch, PlanCache, as_is, cdiv, check_device, check_dtype, check_like,
-                            compiling, config_cache, dense_bias, dot_acc, dot_flags, interpret, needs_grad, on_device,
-                            op, pow2)
+from .triton_launch import (CONFIGS, Launch, PlanCache, as_is, cdiv, compiling, config_cache, dense_bias, dot_acc,
+                            dot_flags, interpret, needs_grad, on_device, op, pow2)
 
 
 @triton.jit
@@ -505,17 +505,17 @@ def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, sched
         raise ValueError(f"num_heads: expected a positive int dividing Di={width}, got {num_heads!r}")
     if not isinstance(sub_features, int) or sub_features < 1:
         raise ValueError(f"sub_features: expected a positive int, got {sub_features!r}")
-    check_dtype("requests", requests, dtype)
+    check_kernel_dtype("requests", requests, dtype)
     if image.dim() != 3 or image.shape[0] != batch:
         raise ValueError(f"image: expected shape (B, N, Dv) with B={batch}, got {tuple(image.shape)}")
-    check_dtype("image", image, dtype)
+    check_kernel_dtype("image", image, dtype)
     check_device("image", image, device)
     if w_f.shape != (sub_features * width, image.shape[2]):
         raise ValueError(f"w_f: expected shape (S*Di, Dv) = ({sub_features * width}, {image.shape[2]}), "
                          f"got {tuple(w_f.shape)}")
-    check_dtype("w_f", w_f, dtype)
+    check_kernel_dtype("w_f", w_f, dtype)
     check_device("w_f", w_f, device)
-    check_like("b_f", b_f, (sub_features * width,), dtype, device)
+    check_optional("b_f", b_f, (sub_features * width,), dtype, device)
     if image_mask is not None:
         if image_mask.shape != image.shape[:2] or image_mask.dtype != torch.bool:
             raise ValueError(f"image_mask: expected a bool tensor of shape {tuple(image.shape[:2])}, "

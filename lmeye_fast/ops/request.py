@@ -13,9 +13,9 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..checks import metadata_key
-from .triton_launch import (Launch, PlanCache, Rows, as_is, check_device, check_dtype, check_like, compiling,
-                            dense_bias, device_index, gemm, gemm_plan, launch_gemm, needs_grad, op, rows2d)
+from ..checks import check_device, check_kernel_dtype, check_optional, metadata_key
+from .triton_launch import (Launch, PlanCache, Rows, as_is, compiling, dense_bias, device_index, gemm, gemm_plan,
+                            launch_gemm, needs_grad, op, rows2d)
 
 
 def _hidden_rows(hidden: torch.Tensor, request_pos: Optional[torch.Tensor]) -> Rows:
@@ -85,7 +85,7 @@ class RequestFunction(torch.autograd.Function):
 
 def _check(hidden, request_pos, w_q, b_q, num_requests):
     device, dtype = hidden.device, hidden.dtype
-    check_dtype("hidden", hidden, dtype)
+    check_kernel_dtype("hidden", hidden, dtype)
     if request_pos is None:
         if hidden.dim() != 2:
             raise ValueError(f"hidden: expected shape (B, D) when request_pos is None, got {tuple(hidden.shape)}")
@@ -99,9 +99,9 @@ def _check(hidden, request_pos, w_q, b_q, num_requests):
     if w_q.dim() != 2 or w_q.shape[1] != hidden.shape[-1] or w_q.shape[0] % num_requests:
         raise ValueError(f"w_q: expected shape (R*Di, D) = (num_requests*?, {hidden.shape[-1]}) "
                          f"with num_requests={num_requests}, got {tuple(w_q.shape)}")
-    check_dtype("w_q", w_q, dtype)
+    check_kernel_dtype("w_q", w_q, dtype)
     check_device("w_q", w_q, device)
-    check_like("b_q", b_q, (w_q.shape[0],), dtype, device)
+    check_optional("b_q", b_q, (w_q.shape[0],), dtype, device)
 
 
 class RequestPlan(NamedTuple):

@@ -33,12 +33,11 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..checks import check_writable, metadata_key
+from ..checks import check_device, check_kernel_dtype, check_optional, check_writable, metadata_key
 from ..reference import slot_groups
 from .interleave import check_slots, gather_slots
-from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, check_device, check_dtype,
-                            check_like, compiling, dense_bias, device_index, gemm, gemm_plan,
-                            launch_gemm, needs_grad, op, row_bias, rows2d, rows3d)
+from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, compiling, dense_bias, device_index,
+                            gemm, gemm_plan, launch_gemm, needs_grad, op, row_bias, rows2d, rows3d)
 
 
 def _per_slot(w_o: torch.Tensor) -> bool:
@@ -228,20 +227,20 @@ def _check(z, w_o, b_o, slot_embed):
     if z.dim() != 3:
         raise ValueError(f"z: expected shape (B, R, Di), got {tuple(z.shape)}")
     device, dtype = z.device, z.dtype
-    check_dtype("z", z, dtype)
+    check_kernel_dtype("z", z, dtype)
     if w_o.dim() not in (2, 3) or w_o.shape[-1] != z.shape[2]:
         raise ValueError(f"w_o: expected shape (D, Di) (shared) or (K, D, Di) (per slot) with Di={z.shape[2]}, "
                          f"got {tuple(w_o.shape)}")
-    check_dtype("w_o", w_o, dtype)
+    check_kernel_dtype("w_o", w_o, dtype)
     check_device("w_o", w_o, device)
     _, num_slots, llm = _out_shape(z, w_o)
     if _per_slot(w_o):
         slot_groups(z.shape[1], num_slots)
-        check_like("b_o", b_o, (num_slots, llm), dtype, device, "(K, D) = ")
-        check_like("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(K, D) = ")
+        check_optional("b_o", b_o, (num_slots, llm), dtype, device, "(K, D) = ")
+        check_optional("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(K, D) = ")
     else:
-        check_like("b_o", b_o, (llm,), dtype, device)
-        check_like("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(R, D) = ")
+        check_optional("b_o", b_o, (llm,), dtype, device)
+        check_optional("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(R, D) = ")
 
 
 def _check_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos):

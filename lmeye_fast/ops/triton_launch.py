@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,37 +66,12 @@ def dot_flags(dtype: torch.dtype):
     return dtype == torch.float32, dtype == torch.float32
 
 
-def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    if tensor.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {str(dtype).replace('torch.', '')} (the dtype of the "
-                        f"other inputs), got {str(tensor.dtype).replace('torch.', '')}")
-    if dtype not in FLOAT_OPS_DTYPES:
-        raise TypeError(f"{name}: the Triton backend supports float16, bfloat16 and float32, "
-                        f"got {str(dtype).replace('torch.', '')}")
-
-
-def check_like(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dtype,
-               device: torch.device, dims: str = "") -> None:
-    """An optional operand (bias, slot embedding): ``shape``, the inputs' dtype and device, or None."""
-    if tensor is None:
-        return
-    if tensor.shape != shape:
-        raise ValueError(f"{name}: expected shape {dims}{tuple(shape)}, got {tuple(tensor.shape)}")
-    check_dtype(name, tensor, dtype)
-    check_device(name, tensor, device)
-
-
 def dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels read a bias (or each row of a (P, N) one) as a unit-stride vector (and launch plans
     are cached on that assumption), so a strided one is copied first; autograd sees the copy."""
     if bias is None or bias.stride(-1) == 1:
         return bias
     return bias.contiguous()
-
-
-def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
 
 
 _NO_GUARD = contextlib.nullcontext()
