@@ -1,4 +1,6 @@
-"""Argument checks with messages that name the argument and what was expected.
+"""Argument checks with messages that name the argument and what was expected: the one module of
+them, used by the layers, the reference and every backend's op (the Triton ops' dtype, device and
+optional-operand rules included), so that each rule has one wording.
 
 Shape, dtype and device checks read metadata only, so they cost no device
 work and run on every call. Value checks (positions inside the sequence,
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +45,81 @@ def check_tensor(
     if device is not None and value.device != device:
         raise ValueError(f"{label}: expected a tensor on {device} (like the other inputs), got {value.device}")
     return value
+
+
+# The Triton backend's attention schedules (docs/design.md §5): "split" attends over F = X W_fᵀ + b_f tile
+# by tile in the flash-style kernels of ops/attend.py; "folded" never forms F (ops/attend_folded.py);
+# "auto" is split, except that heads too wide for the split kernels fold. Auto stays split until both are
+# measured on a GPU.
+ATTENTION_SCHEDULES = ("auto", "split", "folded")
+
+# Where the split schedule's kernels get F's tiles: "materialized", F written whole by one dense product
+# first and its tiles loaded (the forward then keeps F for the backward); "on_chip", each tile formed
+# inside the kernel, F never written.
+FEATURE_TILES = ("materialized", "on_chip")
+
+
+class AttentionSchedule(NamedTuple):
+    """An attention schedule with the split schedule's tile options, set per layer
+    (``InteractiveLayer(attention=AttentionSchedule(...))``; a bare name is this record with its defaults).
+
+    ``forward_features`` / ``backward_features`` (one of ``FEATURE_TILES``): how the split forward, and a
+    split backward whose forward kept no F, get F's tiles; ``heads_per_program``: heads that one program
+    of the split kernels takes (capped so their width fits ``ops.attend.MAX_HEAD_GROUP_WIDTH``). None
+    takes the default: materialized, one head (or a launch config's deprecated ``SPLIT`` / ``HEADS``)."""
+
+    name: str = "auto"
+    forward_features: Optional[str] = None
+    backward_features: Optional[str] = None
+    heads_per_program: Optional[int] = None
+
+
+def check_schedule(schedule) -> AttentionSchedule:
+    """``schedule`` (a name of ``ATTENTION_SCHEDULES`` or an ``AttentionSchedule``) as a checked record."""
+    record = AttentionSchedule(schedule) if isinstance(schedule, str) else schedule
+    if not isinstance(record, AttentionSchedule) or record.name not in ATTENTION_SCHEDULES:
+        raise ValueError(f"attention: expected one of {ATTENTION_SCHEDULES} or an AttentionSchedule, got {schedule!r}")
+    for field in ("forward_features", "backward_features"):
+        value = getattr(record, field)
+        if value is not None and value not in FEATURE_TILES:
+            raise ValueError(f"attention: {field} expected one of {FEATURE_TILES}, got {value!r}")
+    heads = record.heads_per_program
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"attention: heads_per_program expected a positive int, got {heads!r}")
+    return record
+
+
+# The storage dtypes the Triton kernels take (they accumulate in float32).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
+
+
+def check_kernel_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """``tensor`` in ``dtype`` (the other inputs'), one of ``KERNEL_DTYPES``: the Triton ops' dtype rule."""
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {_dtype_name(dtype)} (the dtype of the other inputs), "
+                        f"got {_dtype_name(tensor.dtype)}")
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: the Triton backend supports float16, bfloat16 and float32, got {_dtype_name(dtype)}")
+
+
+def check_optional(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dtype, device: torch.device,
+                   dims: str = "") -> None:
+    """An optional operand (bias, slot embedding): None, or ``shape`` in the inputs' dtype and device."""
+    if tensor is None:
+        return
+    if tensor.shape != shape:
+        raise ValueError(f"{name}: expected shape {dims}{tuple(shape)}, got {tuple(tensor.shape)}")
+    check_kernel_dtype(name, tensor, dtype)
+    check_device(name, tensor, device)
 
 
 def validating(validate: bool) -> bool:

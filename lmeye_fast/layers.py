@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from . import backends, ops, reference
-from .checks import INDEX_DTYPES, check_positions, check_tensor, check_writable, metadata_key, validating
+from .checks import (INDEX_DTYPES, AttentionSchedule, check_positions, check_schedule, check_tensor, check_writable,
+                     metadata_key, validating)
 
 
 class _Ops(NamedTuple):
@@ -100,8 +101,9 @@ class InteractiveLayer(nn.Module):
             (``lmeye_fast.models.CLIPTextInteraction``).
         backend: ``"auto" | "reference" | "triton" | "cuda"``; the environment
             variable ``LMEYE_FAST_BACKEND`` overrides it.
-        attention: the Triton backend's attention schedule (docs/design.md §5):
-            ``"split"`` forms F by one GEMM, ``"folded"`` never forms it,
+        attention: the Triton backend's attention schedule (docs/design.md §5), a name or an
+            ``AttentionSchedule`` with the split schedule's tile options for this layer:
+            ``"split"`` attends over F tile by tile, ``"folded"`` never forms F,
             ``"auto"`` is split except for heads wider than 64, which fold
             (split stays the default until both are measured on a GPU).
         num_slots: K, transmitted tokens (``<img-d>`` slots); R when not given.
@@ -129,7 +131,7 @@ class InteractiveLayer(nn.Module):
         num_slots: Optional[int] = None,
         transmission: str = "shared",
         backend: str = "auto",
-        attention: str = "auto",
+        attention: Union[str, AttentionSchedule] = "auto",
         device=None,
         dtype=None,
     ):
@@ -156,7 +158,8 @@ class InteractiveLayer(nn.Module):
         self.num_requests, self.sub_features, self.num_heads = num_requests, sub_features, num_heads
         self.num_slots, self.transmission = num_slots, transmission
         self.backend = _available_backend(backend)
-        self.attention = ops.check_schedule(attention)
+        check_schedule(attention)
+        self.attention = attention
         factory = {"device": device, "dtype": dtype}
         self.request_proj = nn.Linear(llm_dim, num_requests * interaction_dim, **factory)
         self.decompose_proj = nn.Linear(vision_dim, sub_features * interaction_dim, **factory)

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import check_schedule
+
 __all__ = [
     "compute_dtype",
     "gather_rows",
@@ -26,9 +28,11 @@ __all__ = [
     "decompose",
     "attention_weights",
     "attend",
+    "attend_decomposed",
     "slot_groups",
     "transmit",
     "interleave",
+    "transmit_interleave",
     "static_map",
     "interactive",
 ]
@@ -98,13 +102,19 @@ def attention_weights(
     r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim).transpose(1, 2)
     f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, head_dim).transpose(1, 2)
     scores = torch.matmul(r, f.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, R, N*S)
+    return _masked_softmax(scores, image_mask, sub_features)
+
+
+def _masked_softmax(scores: torch.Tensor, image_mask: Optional[torch.Tensor], sub_features: int) -> torch.Tensor:
+    """The softmax of (B, H, R, N*S) scores over the sub-features of the kept image tokens (column
+    ``n*S + k`` is sub-feature k of token n); a row with every token masked is all zeros, never NaN."""
     if image_mask is None:
         return torch.softmax(scores, dim=-1)
     keep = image_mask.to(torch.bool).repeat_interleave(sub_features, dim=1)[:, None, None, :]
     scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).min)
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
     p = torch.exp(scores - row_max) * keep
-    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 def attend(
@@ -129,6 +139,56 @@ def attend(
     f = feats.to(acc).reshape(batch, feats.shape[1], num_heads, width // num_heads).transpose(1, 2)
     z = torch.matmul(attn, f).transpose(1, 2).reshape(batch, num_req, width) + requests.to(acc)
     return z.to(requests.dtype)
+
+
+def _attend_folded(requests, image, image_mask, w_f, b_f, num_heads, sub_features) -> torch.Tensor:
+    """``attend(requests, decompose(image, w_f, b_f, S), ...)`` in the folded association (docs/design.md
+    §5): per head h and sub-feature k, ``r_h · F_(n,k),h = (r_h W_kh) · X_n + r_h · b_kh`` and
+    ``Σ A F = (Σ A X) W_khᵀ + (Σ A) b_kh``, so F is never formed. The same math rounded otherwise."""
+    acc = compute_dtype(requests.dtype)
+    batch, num_req, width = requests.shape
+    tokens = image.shape[1]
+    if tokens == 0:
+        return requests.clone()
+    head_dim = width // num_heads
+    r = requests.to(acc).reshape(batch, num_req, num_heads, head_dim)
+    w = w_f.to(acc).reshape(sub_features, num_heads, head_dim, w_f.shape[1])
+    x = image.to(acc)
+    pulled = torch.einsum("brhd,khdv->bhrkv", r, w)
+    scores = torch.einsum("bhrkv,bnv->bhrnk", pulled, x)
+    if b_f is not None:
+        bias = b_f.to(acc).reshape(sub_features, num_heads, head_dim)
+        scores = scores + torch.einsum("brhd,khd->bhrk", r, bias)[:, :, :, None, :]
+    flat = scores.reshape(batch, num_heads, num_req, tokens * sub_features) / math.sqrt(head_dim)
+    weights = _masked_softmax(flat, image_mask, sub_features).reshape(scores.shape)  # (B, H, R, N, S)
+    z = torch.einsum("bhrkv,khdv->brhd", torch.einsum("bhrnk,bnv->bhrkv", weights, x), w)
+    if b_f is not None:
+        z = z + torch.einsum("bhrk,khd->brhd", weights.sum(3), bias)
+    return (z.reshape(batch, num_req, width) + requests.to(acc)).to(requests.dtype)
+
+
+def attend_decomposed(
+    requests: torch.Tensor,
+    image: torch.Tensor,
+    image_mask: Optional[torch.Tensor],
+    w_f: torch.Tensor,
+    b_f: Optional[torch.Tensor],
+    num_heads: int,
+    sub_features: int,
+    schedule="auto",
+) -> torch.Tensor:
+    """Steps 2-3 as one op: ``attend(requests, decompose(image, w_f, b_f, S), image_mask, H, S)``.
+
+    ``schedule`` (a name of ``checks.ATTENTION_SCHEDULES`` or an ``AttentionSchedule``) picks the
+    association the products are taken in, as the Triton schedule of that name takes them: ``"split"``
+    and ``"auto"`` form F first; ``"folded"`` pulls the requests through W_f and never forms F (tile
+    options change no association). The math is the same; the rounding differs, which is what a test
+    of a kernel against two correct implementations reads.
+    """
+    if check_schedule(schedule).name == "folded":
+        return _attend_folded(requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    feats = decompose(image, w_f, b_f, sub_features)
+    return attend(requests, feats, image_mask, num_heads, sub_features)
 
 
 def slot_groups(num_requests: int, num_slots: int) -> int:
@@ -200,6 +260,21 @@ def interleave(
     return out
 
 
+def transmit_interleave(
+    z: torch.Tensor,
+    w_o: torch.Tensor,
+    b_o: Optional[torch.Tensor],
+    slot_embed: Optional[torch.Tensor],
+    embeds: torch.Tensor,
+    slot_pos: torch.Tensor,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Steps 4-5 as one op: ``interleave(embeds, transmit(z, w_o, b_o, slot_embed), slot_pos)``, the
+    transmitted rows in E's dtype."""
+    rows = transmit(z, w_o, b_o, slot_embed)
+    return interleave(embeds, rows.to(embeds.dtype), slot_pos, inplace=inplace)
+
+
 def static_map(
     image: torch.Tensor,
     w_1: torch.Tensor,
@@ -237,7 +312,5 @@ def interactive(
     transmission (``slot_pos`` (B, R)), (K, D, Di) the per-slot one (``slot_pos`` (B, K))."""
     num_requests = w_q.shape[0] // w_o.shape[-1]
     r = request(hidden, request_pos, w_q, b_q, num_requests)
-    feats = decompose(image, w_f, b_f, sub_features)
-    z = attend(r, feats, image_mask, num_heads, sub_features)
-    t = transmit(z, w_o, b_o, slot_embed)
-    return interleave(embeds, t.to(embeds.dtype), slot_pos, inplace=inplace)
+    z = attend_decomposed(r, image, image_mask, w_f, b_f, num_heads, sub_features)
+    return transmit_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace=inplace)

@@ -181,3 +181,26 @@ def test_attention_schedule_is_a_layer_argument_and_refuses_unknown_names():
     assert sorted(isinstance(p, FoldedPlan) for p in attend._PLANS.values()) == [False, True]
     with pytest.raises(ValueError, match="attention"):
         InteractiveLayer(8, 6, 8, 2, 1, 2, attention="fused")
+
+
+def test_a_layer_takes_the_split_schedules_tile_options():
+    """The tile options are the layer's, like its schedule: an ``AttentionSchedule`` record passed as
+    ``attention``; a bad option is refused at construction, naming the argument."""
+    pytest.importorskip("triton", reason="the attention schedules are the Triton backend's")
+    from lmeye_fast.ops import AttentionSchedule
+
+    schedule = AttentionSchedule("split", forward_features="on_chip", backward_features="on_chip",
+                                 heads_per_program=2)
+    layer = InteractiveLayer(8, 6, 8, 2, 1, 2, backend="triton", attention=schedule)
+    assert layer.attention == schedule
+    want = InteractiveLayer(8, 6, 8, 2, 1, 2, backend="reference", attention=schedule)
+    want.load_state_dict(layer.state_dict())
+    hidden, image, embeds = torch.randn(2, 8), torch.randn(2, 4, 6), torch.randn(2, 5, 8)
+    slots = torch.tensor([[1, 3], [0, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(hidden, image, embeds, slots), want(hidden, image, embeds, slots),
+                                   rtol=1e-4, atol=1e-4)
+    for bad in (AttentionSchedule("split", backward_features="fused"), AttentionSchedule("fused"),
+                AttentionSchedule("split", heads_per_program=0)):
+        with pytest.raises(ValueError, match="attention"):
+            InteractiveLayer(8, 6, 8, 2, 1, 2, attention=bad)

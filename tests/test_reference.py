@@ -163,3 +163,37 @@ def test_gradcheck_static_map_mlp():
     assert torch.autograd.gradcheck(lambda *a: reference.static_map(*a), [x, *params])
     linear = reference.static_map(x, params[0], params[1])
     torch.testing.assert_close(linear, x @ params[0].T + params[1])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_association_is_the_same_math(bias):
+    """``attend_decomposed(..., schedule="folded")`` takes the products in the folded kernels' order (the
+    requests pulled through W_f, F never formed): in float64 it equals the formed association, a row with
+    every token masked included, and its gradients pass gradcheck."""
+    batch, num_req, width, tokens, vision, sub, heads = 2, 3, 12, 4, 5, 2, 3
+    r = torch.randn(batch, num_req, width, dtype=F64, requires_grad=True)
+    x = torch.randn(batch, tokens, vision, dtype=F64, requires_grad=True)
+    w = torch.randn(sub * width, vision, dtype=F64, requires_grad=True)
+    b = torch.randn(sub * width, dtype=F64, requires_grad=True) if bias else None
+    mask = torch.rand(batch, tokens) > 0.4
+    mask[0] = False
+    mask[1, 0] = True
+    formed = reference.attend_decomposed(r, x, mask, w, b, heads, sub)
+    folded = reference.attend_decomposed(r, x, mask, w, b, heads, sub, "folded")
+    torch.testing.assert_close(folded, formed, rtol=1e-10, atol=1e-10)
+    assert torch.equal(folded[0], r[0].detach())
+    inputs = [t for t in (r, x, w, b) if t is not None]
+    assert torch.autograd.gradcheck(
+        lambda *t: reference.attend_decomposed(t[0], t[1], mask, t[2], t[3] if bias else None, heads, sub, "folded"),
+        inputs)
+    assert torch.equal(reference.attend_decomposed(r, x[:, :0], None, w, b, heads, sub, "folded"), r.detach())
+    with pytest.raises(ValueError, match="attention"):
+        reference.attend_decomposed(r, x, mask, w, b, heads, sub, "fused")
+
+
+def test_the_fused_ops_references_moved_from_ops_warn_by_their_old_name():
+    from lmeye_fast import ops
+
+    for name in ("attend_decomposed", "transmit_interleave"):
+        with pytest.warns(DeprecationWarning, match=f"reference.{name}"):
+            assert getattr(ops, name) is getattr(reference, name)

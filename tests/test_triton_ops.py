@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run through the Triton interpreter (set below,
 before triton is imported), so shapes stay small and odd; bfloat16 (broken in
-the interpreter) joins the dtypes only on a CUDA device.
+the interpreter) runs only on a CUDA device, skipped here with that reason.
 
 Tolerance, for the output and every gradient: the rule of tests/tolerance.py
 (inputs drawn in the low dtype; 2x the error of the reference run in that dtype
@@ -10,9 +10,7 @@ against float64, plus a floor). The gradient of the embedding sequence is a
 pass-through and must equal the upstream gradient exactly.
 """
 
-import contextlib
 import functools
-import math
 import os
 
 import pytest
@@ -28,7 +26,11 @@ ok, why = backends.status("triton")
 pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if torch.cuda.is_available() else ())
+# The interpreter cannot dot bfloat16, so bfloat16 runs on a GPU only; every other piece (the backward's
+# dense products included: torch.mm on both) takes the same path under the interpreter as on a GPU.
+DTYPES = (torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.skipif(
+              not torch.cuda.is_available(), reason="the Triton interpreter cannot dot bfloat16 (GPU only)")))
 
 
 def leaf(*shape, dtype, scale=1.0):
@@ -194,36 +196,39 @@ ATTEND_CASES = [
 ]
 
 
-# Kernel variants: launch configs of attend_fwd / attend_bwd, F materialised (SPLIT) or formed on
-# chip, in the forward and the backward, and 1, 2 or 4 heads per program (HEADS); and the schedule
-# (the ``schedule`` argument). A split forward hands its F to the backward; a fused forward leaves
-# the backward to form F again, by GEMM or on chip. The folded schedule (ops/attend_folded.py) never
-# forms F.
-ATTEND_VARIANTS = {"split-h1": (1, 1, 1, "split"), "fused-h2": (0, 0, 2, "split"), "split-h4": (1, 1, 4, "split"),
-                   "fused-fwd-h1": (0, 1, 1, "split"), "folded": (1, 1, 1, "folded")}
+# Kernel variants: the schedule (the ``schedule`` argument) with the split schedule's tile options, F
+# materialized or formed on chip, in the forward and the backward, and 1, 2 or 4 heads per program. A
+# forward that materializes F hands it to the backward; one that forms it on chip leaves the backward to
+# form F again, materialized or on chip. The folded schedule (ops/attend_folded.py) never forms F.
+ATTEND_VARIANTS = {"split-h1": ("materialized", "materialized", 1, "split"),
+                   "on-chip-h2": ("on_chip", "on_chip", 2, "split"),
+                   "split-h4": ("materialized", "materialized", 4, "split"),
+                   "on-chip-fwd-h1": ("on_chip", "materialized", 1, "split"),
+                   "folded": (None, None, None, "folded")}
 
 
-@contextlib.contextmanager
-def attend_configs(variant):
-    """The variant's launch configs for the ``with`` block; yields ``attend_decomposed`` with its schedule."""
+def attend_schedule(variant):
+    forward, backward, heads, name = ATTEND_VARIANTS[variant]
+    return ops.AttentionSchedule(name, forward_features=forward, backward_features=backward, heads_per_program=heads)
+
+
+def attend_with(variant):
+    """``attend_decomposed`` with the variant's schedule."""
     from lmeye_fast.ops.attend import attend_decomposed
-    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
 
-    split_fwd, split_bwd, heads, schedule = ATTEND_VARIANTS[variant]
-    saved = {name: dict(CONFIGS[name]) for name in ("attend_fwd", "attend_bwd")}
-    try:
-        for name, split in (("attend_fwd", split_fwd), ("attend_bwd", split_bwd)):
-            set_config(name, {**saved[name], "SPLIT": split, "HEADS": heads})
-        yield functools.partial(attend_decomposed, schedule=schedule)
-    finally:
-        for name, cfg in saved.items():
-            set_config(name, cfg)
+    return functools.partial(attend_decomposed, schedule=attend_schedule(variant))
+
+
+def op_options(variant, direction):
+    """The registered split ops' tile options of the variant, for ``direction`` "forward" or "backward"."""
+    forward, backward, heads, _ = ATTEND_VARIANTS[variant]
+    features = forward if direction == "forward" else backward
+    return dict(materialized=features == "materialized", heads_per_program=heads)
 
 
 @pytest.fixture(params=list(ATTEND_VARIANTS))
 def attend_variant(request):
-    with attend_configs(request.param) as attend_decomposed:
-        yield request.param, attend_decomposed
+    return request.param, attend_with(request.param)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,7 +247,7 @@ def test_attend_decomposed(dtype, case, attend_variant):
         mask[0] = False  # a row with every image token masked gets z = r
         if batch > 1:
             mask[1, 0] = True
-    compare(lambda *a: attend_decomposed(*a, heads, subs), lambda *a: ops.attend_decomposed(*a, heads, subs),
+    compare(lambda *a: attend_decomposed(*a, heads, subs), lambda *a: reference.attend_decomposed(*a, heads, subs),
             [r, x, mask, w, b], dtype, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
@@ -262,7 +267,7 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
     mask[1, 2] = True
     z = attend_decomposed(r, x, mask, w, None, 2, 2)
     assert torch.equal(z[0], r[0].detach())
-    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
+    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: reference.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
@@ -275,7 +280,7 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
     r, w, b = leaf(2, 3, 16, dtype=torch.float32), leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
     x = leaf(2, 7, 12, dtype=torch.float32).detach()
     mask = torch.rand(2, 7, device=DEVICE) > 0.3
-    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: ops.attend_decomposed(*a, 2, 2),
+    compare(lambda *a: attend_decomposed(*a, 2, 2), lambda *a: reference.attend_decomposed(*a, 2, 2),
             [r, x, mask, w, b], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
     grad = torch.randn(2, 3, 16, device=DEVICE)
     if variant == "folded":
@@ -283,9 +288,10 @@ def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_va
         full = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2)
         part = attend_folded.attend_folded_bwd(grad, r, x, w, b, probs, q, u, sums, 2, 2, False)
     else:
-        _, lse, feats = attend.attend_fwd(r, x, mask, w, b, 2, 2)
-        full = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2)
-        part = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, False)
+        _, lse, feats = attend.attend_fwd(r, x, mask, w, b, 2, 2, **op_options(variant, "forward"))
+        backward = op_options(variant, "backward")
+        full = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, **backward)
+        part = attend.attend_bwd(grad, r, x, mask, w, b, lse, feats, 2, 2, False, **backward)
     assert full[1].shape == x.shape and part[1].numel() == 0
     for i in (0, 2, 3):
         assert torch.equal(full[i], part[i])
@@ -305,38 +311,11 @@ def test_attend_no_grad_forward_equals_the_autograd_forward(attend_variant):
             assert torch.equal(attend_decomposed(r, x, mask, w, b, 2, 2), with_grad.detach())
 
 
-def folded_association(requests, image, image_mask, w_f, b_f, num_heads, sub_features):
-    """The attention of docs/design.md §2 in the folded association, in plain PyTorch (autograd for the
-    backward): the requests pulled through W_f, ``softmax((r W_kh) X_nᵀ + r b_kh) X`` pushed back.
-    A second correct implementation whose rounding differs from the reference's."""
-    batch, num_req, width = requests.shape
-    head_dim = width // num_heads
-    w4 = w_f.view(sub_features, num_heads, head_dim, -1)
-    r4 = requests.view(batch, num_req, num_heads, head_dim)
-    q = torch.einsum("brhd,khdv->bhrkv", r4, w4)
-    s = torch.einsum("bhrkv,bnv->bhrkn", q, image)
-    if b_f is not None:
-        s = s + torch.einsum("brhd,khd->bhrk", r4, b_f.view(sub_features, num_heads, head_dim))[..., None]
-    s = s / math.sqrt(head_dim)
-    if image_mask is not None:
-        s = s.masked_fill(~image_mask[:, None, None, None, :], float("-inf"))
-    flat = s.reshape(batch, num_heads, num_req, -1)
-    top = flat.amax(-1, keepdim=True).detach()
-    e = torch.exp(flat - torch.where(torch.isinf(top), torch.zeros_like(top), top))
-    total = e.sum(-1, keepdim=True)
-    a = (e / torch.where(total > 0, total, torch.ones_like(total))).view_as(s)
-    u = torch.einsum("bhrkn,bnv->bhrkv", a, image)
-    z = torch.einsum("bhrkv,khdv->brhd", u, w4)
-    if b_f is not None:
-        z = z + torch.einsum("bhrk,khd->brhd", a.sum(-1), b_f.view(sub_features, num_heads, head_dim))
-    return z.reshape(batch, num_req, width) + requests
-
-
 def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_variant):
     """Scores of +-20 make rows one-hot to 1e-5, where the fp32 softmax backward carries an error of
     order eps * |dA| in any implementation; one sample of the reference's error can be far below
-    that. Here the bound takes the larger error of two correct fp32 implementations (the reference,
-    and the folded association in PyTorch), so a kernel several times worse than both still fails
+    that. Here the bound takes the larger error of two correct fp32 implementations (the reference in
+    both its associations: F formed, and folded), so a kernel several times worse than both still fails
     (as the split backward did when it took delta from the forward's output: 10-37x)."""
     variant, attend_decomposed = attend_variant
 
@@ -353,12 +332,12 @@ def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_v
         wanted = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
         return [out] + list(torch.autograd.grad(out, wanted, grad.to(out.dtype)))
 
-    exact = run(ops.attend_decomposed, as64(args))
+    exact = run(reference.attend_decomposed, as64(args))
     got = run(attend_decomposed, args)
-    ref32 = run(ops.attend_decomposed, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
+    ref32 = run(reference.attend_decomposed, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
                                         for t in args])
-    alt32 = run(folded_association, [t.detach().clone().requires_grad_() if t.is_floating_point() else t
-                                     for t in args])
+    alt32 = run(functools.partial(reference.attend_decomposed, schedule="folded"),
+                [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in args])
     for name, g, e, a, c in zip(["z", "d requests", "d image", "d w_f", "d b_f"], got, exact, ref32, alt32):
         spread = max((a.double() - e).abs().max().item(), (c.double() - e).abs().max().item())
         err = (g.double() - e).abs().max().item()
@@ -366,7 +345,8 @@ def test_attend_sharp_softmax_within_the_spread_of_fp32_implementations(attend_v
         assert err <= limit, f"{name}: max error {err:.3e} > {limit:.3e} (fp32 implementations: {spread:.3e})"
 
 
-@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("fused-fwd-h1", 1), ("fused-h2", 0), ("folded", 0)])
+@pytest.mark.parametrize("variant,expected", [("split-h1", 1), ("on-chip-fwd-h1", 1), ("on-chip-h2", 0),
+                                              ("folded", 0)])
 def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     """A split forward hands its F to the backward, which must not run the decomposition GEMM again."""
     from lmeye_fast.ops import attend
@@ -377,8 +357,7 @@ def test_attend_backward_forms_f_at_most_once(variant, expected, monkeypatch):
     r = leaf(2, 3, 16, dtype=torch.float32)
     x = leaf(2, 5, 12, dtype=torch.float32)
     w = leaf(16, 12, dtype=torch.float32)
-    with attend_configs(variant) as attend_decomposed:
-        attend_decomposed(r, x, None, w, None, 2, 1).sum().backward()
+    attend_with(variant)(r, x, None, w, None, 2, 1).sum().backward()
     assert len(calls) == expected
     assert r.grad is not None and x.grad is not None and w.grad is not None
 
@@ -392,39 +371,74 @@ def test_heads_too_wide_for_the_split_kernels_take_the_folded_schedule(monkeypat
     calls = []
     features = attend._features
     monkeypatch.setattr(attend, "_features", lambda *a: calls.append(1) or features(*a))
-    with attend_configs("split-h4"):
-        cap = attend.MAX_HEAD_GROUP_WIDTH
-        assert attend.folds(cap + 1) and not attend.folds(cap)
-        assert attend.attend_blocks(5, cap // 2, 12, "attend_fwd")[1] == 2  # 4 heads asked, 2 fit
-        assert attend.attend_blocks(5, cap, 12, "attend_fwd")[1] == 1
-        r = leaf(2, 3, 160, dtype=torch.float32)
-        x = leaf(2, 5, 12, dtype=torch.float32)
-        w = leaf(160, 12, dtype=torch.float32)
-        out = attend.attend_decomposed(r, x, None, w, None, 1, 1)
-        out.sum().backward()
+    cap = attend.MAX_HEAD_GROUP_WIDTH
+    assert attend.folds(cap + 1) and not attend.folds(cap)
+    assert attend.attend_blocks(5, cap // 2, 12, "attend_fwd", True, 4)[1] == 2  # 4 heads asked, 2 fit
+    assert attend.attend_blocks(5, cap, 12, "attend_fwd", True, 4)[1] == 1
+    r = leaf(2, 3, 160, dtype=torch.float32)
+    x = leaf(2, 5, 12, dtype=torch.float32)
+    w = leaf(160, 12, dtype=torch.float32)
+    out = attend_with("split-h4")(r, x, None, w, None, 1, 1)
+    out.sum().backward()
     assert not calls, "the split schedule formed F for a head it cannot hold"
-    want = ops.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 1, 1)
+    want = reference.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 1, 1)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
 def test_attend_bwd_takes_the_forwards_f_and_refuses_another():
-    """The registered ops compose: F from a split forward (or the empty tensor of a fused one) feeds the
+    """The registered ops compose: F from a forward that materialized it (or the empty tensor of one that
+    formed it on chip) feeds the
     backward, whose gradients equal those of a backward that forms F again; an F of another shape is refused."""
     from lmeye_fast.ops import attend
 
     r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 5, 12, dtype=torch.float32)
     w, b = leaf(32, 12, dtype=torch.float32), leaf(32, dtype=torch.float32)
     grad = torch.randn(2, 3, 16, device=DEVICE)
-    with attend_configs("split-h1"):
-        _, lse, feats = attend.attend_fwd(r, x, None, w, b, 2, 2)
-        assert feats.shape == (2, 5, 32)
-        kept = attend.attend_bwd(grad, r, x, None, w, b, lse, feats, 2, 2)
-        formed = attend.attend_bwd(grad, r, x, None, w, b, lse, None, 2, 2)
-        empty = attend.attend_bwd(grad, r, x, None, w, b, lse, x.new_empty((0,)), 2, 2)
-        for a, c, e in zip(kept, formed, empty):
-            assert torch.equal(a, c) and torch.equal(a, e)
-        with pytest.raises(ValueError, match="features"):
-            attend.attend_bwd(grad, r, x, None, w, b, lse, feats[:, :4], 2, 2)
+    _, lse, feats = attend.attend_fwd(r, x, None, w, b, 2, 2)
+    assert feats.shape == (2, 5, 32)
+    kept = attend.attend_bwd(grad, r, x, None, w, b, lse, feats, 2, 2)
+    formed = attend.attend_bwd(grad, r, x, None, w, b, lse, None, 2, 2)
+    empty = attend.attend_bwd(grad, r, x, None, w, b, lse, x.new_empty((0,)), 2, 2)
+    for a, c, e in zip(kept, formed, empty):
+        assert torch.equal(a, c) and torch.equal(a, e)
+    with pytest.raises(ValueError, match="features"):
+        attend.attend_bwd(grad, r, x, None, w, b, lse, feats[:, :4], 2, 2)
+
+
+def test_tile_options_are_per_call_and_the_old_launch_config_keys_still_work_with_a_warning(monkeypatch):
+    """Two schedules with different tile options run side by side (each its own launch plan, no process
+    state); a launch config's SPLIT / HEADS, the old process-wide switch, is deprecated but still
+    decides what a schedule leaves unset."""
+    from lmeye_fast.ops import attend
+    from lmeye_fast.ops.triton_launch import CONFIGS, set_config
+
+    calls = []
+    features = attend._features
+    monkeypatch.setattr(attend, "_features", lambda *a: calls.append(1) or features(*a))
+    r, x = leaf(2, 3, 16, dtype=torch.float32), leaf(2, 5, 12, dtype=torch.float32)
+    w = leaf(32, 12, dtype=torch.float32)
+    want = reference.attend_decomposed(r.detach(), x.detach(), None, w.detach(), None, 2, 2)
+    with torch.no_grad():
+        for variant, formed in (("on-chip-h2", 0), ("split-h1", 1), ("on-chip-h2", 0)):
+            calls.clear()
+            torch.testing.assert_close(attend_with(variant)(r, x, None, w, None, 2, 2), want, rtol=1e-4, atol=1e-4)
+            assert len(calls) == formed, variant
+        saved = dict(CONFIGS["attend_fwd"])
+        try:
+            with pytest.warns(DeprecationWarning, match="AttentionSchedule"):
+                set_config("attend_fwd", {**saved, "SPLIT": 0})
+            calls.clear()
+            attend.attend_decomposed(r, x, None, w, None, 2, 2, "split")
+            assert not calls
+            calls.clear()
+            attend.attend_decomposed(r, x, None, w, None, 2, 2, attend_schedule("split-h1"))
+            assert len(calls) == 1
+        finally:
+            set_config("attend_fwd", saved)
+    for bad in (ops.AttentionSchedule("split", forward_features="fused"), ops.AttentionSchedule("split", None, None, 0),
+                "fused"):
+        with pytest.raises(ValueError, match="attention"):
+            attend.attend_decomposed(r, x, None, w, None, 2, 2, bad)
 
 
 def test_attend_folded_bwd_refuses_tensors_not_from_its_forward():
@@ -484,7 +498,7 @@ def test_transmit_interleave(dtype, inplace):
         return out
 
     def ref(z_, w_, b_, e_, E):
-        return ops.transmit_interleave(z_, w_, b_, e_, E, pos, False)
+        return reference.transmit_interleave(z_, w_, b_, e_, E, pos, False)
 
     compare(kernel, ref, [z, w, b, e, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"], exact=["embeds"])
     assert torch.equal(embeds.detach(), before)
@@ -537,7 +551,7 @@ def test_transmit_interleave_per_slot(dtype, inplace, num_req, num_slots):
         return out
 
     def ref(z_, w_, b_, e_, E):
-        return ops.transmit_interleave(z_, w_.view(num_slots, llm, width), b_.view(num_slots, llm), e_, E, pos)
+        return reference.transmit_interleave(z_, w_.view(num_slots, llm, width), b_.view(num_slots, llm), e_, E, pos)
 
     compare(kernel, ref, [z, w, b, e, embeds], dtype, ["z", "w_o", "b_o", "slot_embed", "embeds"], exact=["embeds"])
     assert torch.equal(embeds.detach(), before)

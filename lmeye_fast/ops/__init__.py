@@ -1,8 +1,8 @@
 """Backend dispatch: one table from (op, backend) to the function that runs it.
 
 Every backend's function for an op has the same signature as the reference
-function of that name in ``lmeye_fast.reference`` (the fused ops below have
-their reference composition here), and is differentiable.
+function of that name in ``lmeye_fast.reference`` (the fused ops' too), and is
+differentiable.
 
 =====================  ==================================================
 op                     computes
@@ -23,29 +23,21 @@ per-slot (K, D, Di) one (docs/design.md §2 step 4) through the same arguments; 
 says which.
 
 ``attend_decomposed`` takes the Triton backend's attention schedule as its last argument,
-``schedule`` (one of ``ATTENTION_SCHEDULES``, see docs/design.md §5); the other backends have
-one way to compute it and accept the argument.
+``schedule`` (a name of ``ATTENTION_SCHEDULES``, or an ``AttentionSchedule`` with the split
+schedule's tile options; see docs/design.md §5); the reference takes the
+products in that schedule's association (``reference.attend_decomposed``).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .. import backends, reference
-
-
-def attend_decomposed(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule="auto"):
-    feats = reference.decompose(image, w_f, b_f, sub_features)
-    return reference.attend(requests, feats, image_mask, num_heads, sub_features)
-
-
-def transmit_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos, inplace=False):
-    rows = reference.transmit(z, w_o, b_o, slot_embed)
-    return reference.interleave(embeds, rows.to(embeds.dtype), slot_pos, inplace=inplace)
+from .. import backends, checks, reference
 
 
 # "module:function" paths, imported on first use so that a missing triton or
@@ -57,7 +49,7 @@ TABLE = {
         "cuda": "lmeye_fast.ops.cuda:request",
     },
     "attend_decomposed": {
-        "reference": "lmeye_fast.ops:attend_decomposed",
+        "reference": "lmeye_fast.reference:attend_decomposed",
         "triton": "lmeye_fast.ops.attend:attend_decomposed",
     },
     "transmit": {
@@ -70,7 +62,7 @@ TABLE = {
         "cuda": "lmeye_fast.ops.cuda:interleave",
     },
     "transmit_interleave": {
-        "reference": "lmeye_fast.ops:transmit_interleave",
+        "reference": "lmeye_fast.reference:transmit_interleave",
         "triton": "lmeye_fast.ops.transmit:transmit_interleave",
     },
 }
@@ -84,17 +76,20 @@ AUTO_ORDER = {
 }
 
 
-# The Triton backend's attention schedules (docs/design.md §5): "split" forms F = X W_fᵀ + b_f by one
-# GEMM, then runs the attention kernel (ops/attend.py); "folded" never forms F (ops/attend_folded.py);
-# "auto" is split, except that heads too wide for the split kernels fold. Auto stays split until both
-# are measured on a GPU.
-ATTENTION_SCHEDULES = ("auto", "split", "folded")
+# Named where every argument check is (lmeye_fast.checks), and here beside the ops that take them.
+ATTENTION_SCHEDULES, AttentionSchedule, FEATURE_TILES = (checks.ATTENTION_SCHEDULES, checks.AttentionSchedule,
+                                                         checks.FEATURE_TILES)
+
+# The fused ops' reference functions once lived here; lmeye_fast.reference holds them now.
+_MOVED_TO_REFERENCE = ("attend_decomposed", "transmit_interleave")
 
 
-def check_schedule(schedule: str) -> str:
-    if schedule not in ATTENTION_SCHEDULES:
-        raise ValueError(f"attention: expected one of {ATTENTION_SCHEDULES}, got {schedule!r}")
-    return schedule
+def __getattr__(name: str):
+    if name in _MOVED_TO_REFERENCE:
+        warnings.warn(f"lmeye_fast.ops.{name} is deprecated: use lmeye_fast.reference.{name}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load(path: str) -> Callable:
@@ -116,7 +111,7 @@ def preload(backend: str) -> None:
 
 
 # The storage dtypes the kernels take; "auto" runs anything else (float64) on the reference.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = checks.KERNEL_DTYPES
 
 
 def resolve(op: str, backend: str, device: Optional[torch.device] = None,

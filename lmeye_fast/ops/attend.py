@@ -1,49 +1,50 @@
-"""Decomposition fused with the attention (docs/design.md §2 steps 2-3), flash style.
+"""The split attention schedule (docs/design.md §2 steps 2-3, §5), flash style.
 
-One program per (batch row, group of ``HEADS`` heads): a group shares each
-tile of X, so X is re-read from L2 H/HEADS times instead of H times. It walks
-the image tokens in tiles; for each tile and sub-feature k it forms the
-group's slice of ``F = X W_fᵀ + b_f`` on chip (rounded to the storage dtype, as
-the reference stores F), scores it against the requests of every head of the
-group in one dot (a row per (head, request), zero outside that head's
-columns), and folds it into an online softmax over all N·S sub-features. The
-(B, N·S, Di) tensor F is never written in the forward pass.
+One program per (batch row, group of ``HEADS_PER_PROGRAM`` heads): a group shares
+each tile of X, so X is re-read from L2 H/HEADS_PER_PROGRAM times instead of H
+times. It walks the image tokens in tiles; for each tile and sub-feature k it
+takes the group's slice of ``F = X W_fᵀ + b_f``, scores it against the requests
+of every head of the group in one dot (a row per (head, request), zero outside
+that head's columns), and folds it into an online softmax over all N·S
+sub-features.
 
-Unless a launch config sets ``SPLIT=0`` (materialising is measured faster at
-the 7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition
-GEMM at a far higher rate than the per-head tiles can), F is first formed by
-one dense GEMM (``_features``) and the same kernels read its tiles instead.
+Where the tiles of F come from is a per-layer tile option (``AttentionSchedule``,
+``checks.FEATURE_TILES``): **materialized** (the default: measured faster at the
+7B shape on an H200, 30 µs against 49 µs, as cuBLAS runs the decomposition GEMM
+at a far higher rate than the per-head tiles can), F is written whole by one
+dense product (``_features``) and the kernels load its tiles; **on chip**, each
+tile is formed inside the kernel (rounded to the storage dtype, as the reference
+stores F) and the (B, N·S, Di) tensor F is never written. So is the number of
+heads a program takes (``heads_per_program``).
 
 Saved for backward: the fp32 log-sum-exp (B, H, R) and, when the forward
-materialised F (``SPLIT``), F itself (B, N·S, Di) in the storage dtype: 12.6 MB
-in bf16 at the 7B shape, the same tensor the reference's autograd holds, and
-keeping it spares the backward the decomposition GEMM (13 GFLOP at that shape)
-that would form it again. A fused forward keeps no F; its backward recomputes
-F tile by tile in the kernel, or with one GEMM when the backward's own config
-is ``SPLIT``. The backward walks the sub-features twice: once for the
-normaliser and ``delta = Σ p·dp`` of the softmax of its own scores (see the
-kernel), once for ``d requests`` (finished in the kernel) and ``dF`` (B, N·S,
+materialized F, F itself (B, N·S, Di) in the storage dtype: 12.6 MB in bf16 at
+the 7B shape, the same tensor the reference's autograd holds, and keeping it
+spares the backward the decomposition GEMM (13 GFLOP at that shape) that would
+form it again. A forward that formed F on chip keeps none; its backward forms F
+again, materialized or on chip as its own option (``backward_features``) says.
+The backward walks the sub-features twice: once for the normaliser and
+``delta = Σ p·dp`` of the softmax of its own scores (see the kernel), once for ``d requests`` (finished in the kernel) and ``dF`` (B, N·S,
 Di), written in the storage dtype; ``d image``, ``d W_f`` and ``d b_f`` (fp32
-column sums) then come from two dense GEMMs:
-``torch.mm`` on a GPU (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE
-fp32 unless the caller enabled TF32), the Triton GEMM under the interpreter.
+column sums) then come from two dense GEMMs, ``torch.mm`` on every device
+(cuBLAS on a GPU, fp32 accumulation; fp32 inputs stay exact IEEE fp32 unless
+the caller enabled TF32), so the interpreter's tests run the GPU's backward.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from ..checks import metadata_key
-from . import check_schedule
+from ..checks import (AttentionSchedule, check_device, check_kernel_dtype, check_optional, check_schedule,
+                      metadata_key)
 from .attend_folded import FoldedPlan, attend_folded_bwd, folded_forward, plan_forward
-from .triton_launch import (CONFIGS, Launch, PlanCache, Rows, as_is, cdiv, check_device, check_dtype,
-                            check_like, compiling, config_cache, dense_bias, device_index, dot_acc, dot_flags, gemm,
-                            gemm_plan, interpret, launch_gemm, needs_grad, on_device, op, pow2, rows2d)
+from .triton_launch import (CONFIGS, Launch, PlanCache, as_is, cdiv, compiling, config_cache, dense_bias, dot_acc,
+                            dot_flags, interpret, needs_grad, on_device, op, pow2)
 
 
 @triton.jit
@@ -73,10 +74,10 @@ def _feature_tile(x_ptr, w_ptr, bf_ptr, x_base, rn, n_ok, wrow, d_ok, DV, x_sn, 
 
 @triton.jit
 def _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd, w_sr, w_sd,
-            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+            MATERIALIZED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
             BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
-    """The (BN, BD) tile of F: loaded from the materialised F when SPLIT, else formed on chip."""
-    if SPLIT:
+    """The (BN, BD) tile of F: loaded from the materialized F when MATERIALIZED, else formed on chip."""
+    if MATERIALIZED:
         f = tl.load(f_ptr + (b.to(tl.int64) * N * S + rn[:, None] * S + k) * DI + col[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
@@ -107,7 +108,8 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _expanded(h0, R, DI, DH, H, HEADS: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
+def _expanded(h0, R, DI, DH, H, HEADS_PER_PROGRAM: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+              BD: tl.constexpr):
     """Row/column indices of a program's head group, one row per (head j, request r).
 
     Row ``e = j * BR + r`` keeps only head ``h0 + j``'s columns, so one dot over
@@ -119,8 +121,8 @@ def _expanded(h0, R, DI, DH, H, HEADS: tl.constexpr, BR: tl.constexpr, BE: tl.co
     rr = re % BR
     rd = tl.arange(0, BD)
     col = h0 * DH + rd
-    d_ok = (rd < HEADS * DH) & (col < DI)
-    row_ok = (rr < R) & (j < HEADS) & (h0 + j < H)
+    d_ok = (rd < HEADS_PER_PROGRAM * DH) & (col < DI)
+    row_ok = (rr < R) & (j < HEADS_PER_PROGRAM) & (h0 + j < H)
     own = row_ok[:, None] & d_ok[None, :] & ((rd // DH)[None, :] == j[:, None])
     return rr, j, col, d_ok, row_ok, own
 
@@ -131,12 +133,13 @@ def _attend_fwd_kernel(
     R, N, DV, S, DI, DH, H, scale,
     r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, HEADS: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    MATERIALIZED: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, SAVE: tl.constexpr,
 ):
     b = tl.program_id(0)
-    h0 = tl.program_id(1) * HEADS
-    rr, j, col, d_ok, row_ok, own = _expanded(h0, R, DI, DH, H, HEADS, BR, BE, BD)
+    h0 = tl.program_id(1) * HEADS_PER_PROGRAM
+    rr, j, col, d_ok, row_ok, own = _expanded(h0, R, DI, DH, H, HEADS_PER_PROGRAM, BR, BE, BD)
     r = tl.load(r_ptr + b.to(tl.int64) * r_sb + rr[:, None] * r_sr + col[None, :] * r_sd, mask=own, other=0.0)
     r32 = r.to(tl.float32)
     if DOT_FP32:
@@ -149,7 +152,7 @@ def _attend_fwd_kernel(
         rn, n_ok, valid = _token_tile(n0, N, m_ptr, b, m_sb, m_sn, HAS_MASK, BN)
         for k in range(0, S):
             f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
-                        w_sr, w_sd, SPLIT, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
+                        w_sr, w_sd, MATERIALIZED, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
             s = _mm(r, tl.trans(f), IEEE) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -176,12 +179,13 @@ def _attend_bwd_kernel(
     R, N, DV, S, DI, DH, H, scale,
     r_sb, r_sr, r_sd, x_sb, x_sn, x_sd, m_sb, m_sn, w_sr, w_sd, dz_sb, dz_sr, dz_sd,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, HEADS: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    MATERIALIZED: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     b = tl.program_id(0)
-    h0 = tl.program_id(1) * HEADS
-    rr, j, col, d_ok, row_ok, own = _expanded(h0, R, DI, DH, H, HEADS, BR, BE, BD)
+    h0 = tl.program_id(1) * HEADS_PER_PROGRAM
+    rr, j, col, d_ok, row_ok, own = _expanded(h0, R, DI, DH, H, HEADS_PER_PROGRAM, BR, BE, BD)
     r = tl.load(r_ptr + b.to(tl.int64) * r_sb + rr[:, None] * r_sr + col[None, :] * r_sd, mask=own, other=0.0)
     dz = tl.load(dz_ptr + b.to(tl.int64) * dz_sb + rr[:, None] * dz_sr + col[None, :] * dz_sd,
                  mask=own, other=0.0)
@@ -204,7 +208,7 @@ def _attend_bwd_kernel(
         pmask = row_ok[:, None] & valid[None, :]
         for k in range(0, S):
             f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
-                        w_sr, w_sd, SPLIT, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
+                        w_sr, w_sd, MATERIALIZED, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
             e = tl.where(pmask, tl.exp(_mm(r, tl.trans(f), IEEE) * scale - lse[:, None]), 0.0)
             total += tl.sum(e, axis=1)
             weighted += tl.sum(e * _mm(dz, tl.trans(f), IEEE), axis=1)
@@ -217,7 +221,7 @@ def _attend_bwd_kernel(
         pmask = row_ok[:, None] & valid[None, :]
         for k in range(0, S):
             f = _f_tile(f_ptr, x_ptr, w_ptr, bf_ptr, b, x_base, rn, n_ok, k, col, d_ok, N, S, DI, DV, x_sn, x_sd,
-                        w_sr, w_sd, SPLIT, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
+                        w_sr, w_sd, MATERIALIZED, HAS_BIAS, DOT_FP32, IEEE, BN, BD, BK)
             s = _mm(r, tl.trans(f), IEEE) * scale
             p = tl.where(pmask, tl.exp(s - lse[:, None]), 0.0) * inv[:, None]
             dp = _mm(dz, tl.trans(f), IEEE)
@@ -232,7 +236,7 @@ def _attend_bwd_kernel(
     tl.store(dr_ptr + out_off, (dr * scale + dz32).to(dr_ptr.dtype.element_ty), mask=own)
 
 
-# The widest head group (HEADS x head width, padded to a power of two) the kernels above hold on
+# The widest head group (heads per program x head width, padded to a power of two) the kernels above hold on
 # chip: each keeps (BN, BD) tiles of F and a (BE, BD) fp32 accumulator whole. ptxas for sm_90
 # (benchmarks/compile_kernels.py): one 768-wide head asked for 270 KB of shared memory and
 # spilled 23 KB a thread; at 128 the backward still spilled (32 B a thread in bf16, 1.7 KB in
@@ -242,16 +246,42 @@ MAX_HEAD_GROUP_WIDTH = 64
 
 def folds(head_dim: int, schedule: str = "auto") -> bool:
     """Whether attention with heads ``head_dim`` wide runs the folded schedule (ops/attend_folded.py):
-    when it is asked for, or when one head is too wide for these kernels."""
+    when it is asked for (``schedule``, a name), or when one head is too wide for these kernels."""
     return schedule == "folded" or pow2(head_dim, 1) > MAX_HEAD_GROUP_WIDTH
+
+
+class SplitOptions(NamedTuple):
+    """An ``AttentionSchedule``'s tile options as the split kernels take them: whether the forward, and a
+    backward whose forward kept no F, materialize F (else form its tiles on chip), and the heads a
+    program takes; None where the schedule leaves an option to its default (``tile_options``)."""
+
+    forward_materialized: Optional[bool]
+    backward_materialized: Optional[bool]
+    heads_per_program: Optional[int]
+
+    @staticmethod
+    def of(schedule: AttentionSchedule) -> "SplitOptions":
+        def materialized(features):
+            return None if features is None else features == "materialized"
+
+        return SplitOptions(materialized(schedule.forward_features), materialized(schedule.backward_features),
+                            schedule.heads_per_program)
+
+
+def tile_options(config: str, materialized: Optional[bool], heads_per_program: Optional[int]) -> Tuple[bool, int]:
+    """(materialized, heads per program) with an option left None at its default: materialized, one head,
+    unless ``CONFIGS[config]`` still sets the deprecated ``SPLIT`` / ``HEADS``."""
+    c = CONFIGS[config]
+    return (bool(c.get("SPLIT", True)) if materialized is None else bool(materialized),
+            int(c.get("HEADS", 1)) if heads_per_program is None else int(heads_per_program))
 
 
 class AttendBlocks(NamedTuple):
     """Launch parameters of the split kernels: all requests and ``heads`` heads per program (expanded
-    to ``be`` = heads·br score rows), as many as fit ``MAX_HEAD_GROUP_WIDTH``; ``split`` reads a
-    materialised F instead of forming it in the kernel."""
+    to ``be`` = heads·br score rows), as many as fit ``MAX_HEAD_GROUP_WIDTH``; ``materialized`` loads
+    the tiles of a materialized F instead of forming them in the kernel."""
 
-    split: bool
+    materialized: bool
     heads: int
     br: int
     be: int
@@ -262,39 +292,32 @@ class AttendBlocks(NamedTuple):
     num_stages: int
 
     def constexprs(self) -> dict:
-        return dict(SPLIT=self.split, HEADS=self.heads, BR=self.br, BE=self.be, BD=self.bd, BN=self.bn,
-                    BK=self.bk, num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(MATERIALIZED=self.materialized, HEADS_PER_PROGRAM=self.heads, BR=self.br, BE=self.be,
+                    BD=self.bd, BN=self.bn, BK=self.bk, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 @config_cache
-def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str) -> AttendBlocks:
-    """The ``AttendBlocks`` of ``CONFIGS[config]`` for this shape. A config that sets ``SPLIT=0`` forms F on
-    chip and one with ``HEADS`` puts that many heads in a program (``benchmarks/tune_triton.py`` sweeps both)."""
+def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str, materialized: bool = True,
+                  heads_per_program: int = 1) -> AttendBlocks:
+    """The ``AttendBlocks`` of ``CONFIGS[config]``'s tile sizes for this shape, with F ``materialized``
+    or formed on chip and up to ``heads_per_program`` heads in a program (``benchmarks/tune_triton.py``
+    sweeps both)."""
     c = CONFIGS[config]
-    heads = max(1, min(c.get("HEADS", 1), num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
+    heads = max(1, min(heads_per_program, num_heads, MAX_HEAD_GROUP_WIDTH // pow2(head_dim, 1)))
     if interpret():
         bn, bk, warps, stages = 16, 32, 4, 1
     else:
         bn, bk, warps, stages = c["BN"], c["BK"], c["num_warps"], c["num_stages"]
     br = pow2(num_req, 1)
-    return AttendBlocks(bool(c.get("SPLIT", True)), heads, br, pow2(heads * br), pow2(heads * head_dim), bn, bk,
-                        warps, stages)
+    return AttendBlocks(bool(materialized), heads, br, pow2(heads * br), pow2(heads * head_dim), bn, bk, warps,
+                        stages)
 
 
-def _features(wrap, image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
+def _features(image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
     """``F = X W_fᵀ + b_f`` in the storage dtype, contiguous (B, N, S·Di) (row ``n*S + k`` of
-    the (B, N·S, Di) view is sub-feature k of token n): ``F.linear`` on a GPU
-    (cuBLAS, fp32 accumulation), the Triton GEMM launched as ``wrap(kernel)`` under the interpreter."""
-    if not interpret():
-        return torch.nn.functional.linear(image, w_f, b_f)
-    batch, tokens, vision = image.shape
-    outs = w_f.shape[0]
-    f = torch.empty((batch, tokens, outs), device=image.device, dtype=image.dtype)
-    launch = gemm_plan(Rows(None, tokens, image.stride(0), image.stride(1), image.stride(2)),
-                       rows2d(w_f, transpose=True), Rows(None, 1, outs, 0, 1), batch * tokens, outs, vision,
-                       image.dtype, device_index(image), bias=b_f is not None)
-    launch_gemm(wrap, launch, image, w_f, f, f if b_f is None else b_f, f, f, f, f, f)
-    return f
+    the (B, N·S, Di) view is sub-feature k of token n): one dense product, ``F.linear`` (cuBLAS on a
+    GPU; fp32 accumulation on both), so the interpreter's tests run the GPU's code."""
+    return torch.nn.functional.linear(image, w_f, b_f)
 
 
 def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
@@ -305,37 +328,41 @@ def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
-def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features=True):
+def _fwd_fake(requests, image, image_mask, w_f, b_f, num_heads, sub_features, materialized=None,
+              heads_per_program=None):
     batch, num_req, width = requests.shape
-    # F comes back where the forward materialises it; empty from a fused forward.
-    feats_shape = (batch, image.shape[1], sub_features * width) if form_features else (0,)
+    materialized = tile_options("attend_fwd", materialized, heads_per_program)[0]
+    # F comes back where the forward materializes it; empty where its tiles are formed on chip.
+    feats_shape = (batch, image.shape[1], sub_features * width) if materialized else (0,)
     return (requests.new_empty(requests.shape), requests.new_empty((batch, num_heads, num_req), dtype=torch.float32),
             image.new_empty(feats_shape))
 
 
 class SplitPlan(NamedTuple):
     """Everything of the split forward that follows from the inputs' metadata: z's and the
-    log-sum-exp's shapes, whether F is formed by a GEMM first (``split``), the attention launch."""
+    log-sum-exp's shapes, whether F is materialized by a dense product first, the attention launch,
+    and the tile options the backward takes."""
 
     shape: Tuple[int, int, int]
     lse_shape: Tuple[int, int, int]
     dtype: torch.dtype
     device: torch.device
-    split: bool
+    materialized: bool
     attend: Launch
+    options: SplitOptions
 
 
-def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
-              form_features: Optional[bool] = None) -> SplitPlan:
-    """The forward's plan; F is formed by a GEMM first when ``form_features`` (by default, unless the
-    launch config says ``SPLIT=0``)."""
+def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features, materialized: Optional[bool],
+              heads_per_program: Optional[int], options: Optional[SplitOptions] = None) -> SplitPlan:
+    """The forward's plan: F ``materialized`` by a dense product first or formed on chip, up to
+    ``heads_per_program`` heads a program (``tile_options``); ``options`` (the backward's) are kept with it."""
+    materialized, heads_per_program = tile_options("attend_fwd", materialized, heads_per_program)
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
     dot_fp32, ieee = dot_flags(requests.dtype)
-    blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_fwd")
-    if form_features is not None:
-        blocks = blocks._replace(split=bool(form_features))
+    blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_fwd", materialized,
+                           heads_per_program)
     # The bool mask is read as bytes (same strides).
     m_sb, m_sn = (0, 0) if image_mask is None else (image_mask.stride(0), image_mask.stride(1))
     scalars = (num_req, tokens, vision, sub_features, width, head_dim, num_heads, 1.0 / math.sqrt(head_dim),
@@ -345,16 +372,15 @@ def _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
                       **blocks.constexprs())
     grid = None if batch == 0 or num_req == 0 else (batch, cdiv(num_heads, blocks.heads))
     return SplitPlan((batch, num_req, width), (batch, num_heads, num_req), requests.dtype, requests.device,
-                     blocks.split, Launch(grid, scalars, constexprs))
+                     blocks.materialized, Launch(grid, scalars, constexprs), options)
 
 
 def _fwd_launch(wrap, plan: SplitPlan, save, requests, image, image_mask, w_f, b_f):
     """Run the forward plan: z, and with ``save`` the fp32 log-sum-exp kept for backward (otherwise z
-    stands in for it and the kernel skips that store); last, F where the plan materialises it
-    (``split``), else None."""
+    stands in for it and the kernel skips that store); last, F where the plan materializes it, else None."""
     z = torch.empty(plan.shape, device=plan.device, dtype=plan.dtype)
     lse = torch.empty(plan.lse_shape, device=plan.device, dtype=torch.float32) if save else z
-    feats = _features(wrap, image, w_f, b_f) if plan.split else None
+    feats = _features(image, w_f, b_f) if plan.materialized else None
     keep = _mask_arg(image_mask, image)[0]
     plan.attend.run(wrap, _attend_fwd_kernel, requests, image, keep, w_f, w_f if b_f is None else b_f,
                     z if feats is None else feats, z, lse, SAVE=save)
@@ -363,16 +389,19 @@ def _fwd_launch(wrap, plan: SplitPlan, save, requests, image, image_mask, w_f, b
 
 @op("attend_fwd_triton", _fwd_fake)
 def attend_fwd(wrap, requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
-               w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-               sub_features: int, form_features: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z, the fp32 log-sum-exp, and F (formed by a GEMM first with ``form_features``; empty when the
-    forward is fused and forms none)."""
-    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features, form_features)
+               w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int, sub_features: int,
+               materialized: Optional[bool] = None, heads_per_program: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, the fp32 log-sum-exp, and F (``materialized`` by a dense product first; empty where the
+    forward forms its tiles on chip); the options left None take their defaults (``tile_options``)."""
+    plan = _fwd_plan(requests, image, image_mask, w_f, b_f, num_heads, sub_features, materialized,
+                     heads_per_program)
     z, lse, feats = _fwd_launch(wrap, plan, True, requests, image, image_mask, w_f, b_f)
     return z, lse, image.new_empty((0,)) if feats is None else feats
 
 
-def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_heads, sub_features, image_grad=True):
+def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_heads, sub_features, image_grad=True,
+              materialized=None, heads_per_program=None):
     return (requests.new_empty(requests.shape), image.new_empty(image.shape if image_grad else (0,)),
             w_f.new_empty(w_f.shape), w_f.new_empty((w_f.shape[0],)))
 
@@ -381,10 +410,14 @@ def _bwd_fake(grad, requests, image, image_mask, w_f, b_f, lse, features, num_he
 def attend_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Tensor,
                image_mask: Optional[torch.Tensor], w_f: torch.Tensor, b_f: Optional[torch.Tensor],
                lse: torch.Tensor, features: Optional[torch.Tensor], num_heads: int, sub_features: int,
-               image_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               image_grad: bool = True, materialized: Optional[bool] = None,
+               heads_per_program: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of requests, image (empty without ``image_grad``: a frozen vision encoder spares
-    the dF W_f GEMM), W_f and b_f; ``features`` is the F the forward returned (kept for backward),
-    or None or empty (what a fused forward returns) to form F again."""
+    the dF W_f product), W_f and b_f; ``features`` is the F the forward returned (kept for backward),
+    or None or empty (what a forward that formed F on chip returns) to form F again: ``materialized``
+    by a dense product, else tile by tile on chip (None: ``tile_options``' default)."""
+    materialized, heads_per_program = tile_options("attend_bwd", materialized, heads_per_program)
     batch, num_req, width = requests.shape
     tokens, vision = image.shape[1], image.shape[2]
     head_dim = width // num_heads
@@ -392,16 +425,16 @@ def attend_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Te
     d_feat = torch.empty((batch, tokens * sub_features, width), device=image.device, dtype=image.dtype)
     keep, m_sb, m_sn = _mask_arg(image_mask, image)
     dot_fp32, ieee = dot_flags(requests.dtype)
-    blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd")
-    split = blocks.split
     if features is not None and features.numel():
         expected = (batch, tokens, sub_features * width)
         if features.shape != expected or not features.is_contiguous():
             raise ValueError(f"features: expected the forward's contiguous F of shape {expected}, "
                              f"got {tuple(features.shape)} with strides {features.stride()}")
-        feats, split = features, True
+        feats, materialized = features, True
     else:
-        feats = _features(wrap, image, w_f, b_f) if split else d_feat
+        feats = _features(image, w_f, b_f) if materialized else d_feat
+    blocks = attend_blocks(int(num_req), int(head_dim), int(num_heads), "attend_bwd", materialized,
+                           heads_per_program)
     with on_device(d_req):
         wrap(_attend_bwd_kernel)[(batch, cdiv(num_heads, blocks.heads))](
             requests, image, keep, w_f, b_f if b_f is not None else w_f, feats, grad, lse, d_req, d_feat,
@@ -410,64 +443,60 @@ def attend_bwd(wrap, grad: torch.Tensor, requests: torch.Tensor, image: torch.Te
             image.stride(0), image.stride(1), image.stride(2), m_sb, m_sn, w_f.stride(0), w_f.stride(1),
             grad.stride(0), grad.stride(1), grad.stride(2),
             HAS_MASK=image_mask is not None, HAS_BIAS=b_f is not None, DOT_FP32=dot_fp32, IEEE=ieee,
-            **{**blocks.constexprs(), "SPLIT": split},
+            **blocks.constexprs(),
         )
     # Row n of dF viewed (B*N, S*Di) is token n's S sub-feature gradients side by side.
     d_feat_rows = d_feat.view(batch * tokens, sub_features * width)
-    if not interpret():
-        d_image = torch.mm(d_feat_rows, w_f).view(batch, tokens, vision) if image_grad else image.new_empty((0,))
-        d_w = torch.mm(d_feat_rows.t(), image.reshape(batch * tokens, vision))
-        d_b = d_feat_rows.sum(0, dtype=torch.float32).to(w_f.dtype)
-        return d_req, d_image, d_w, d_b
-    d_w = torch.empty(w_f.shape, device=w_f.device, dtype=w_f.dtype)
-    d_b = torch.empty((w_f.shape[0],), device=w_f.device, dtype=w_f.dtype)
-    if image_grad:
-        d_image = torch.empty((batch, tokens, vision), device=image.device, dtype=image.dtype)
-        gemm(wrap, rows2d(d_feat_rows), rows2d(w_f), rows2d(d_image.view(batch * tokens, vision)),
-             batch * tokens, vision, sub_features * width)
-    else:
-        d_image = image.new_empty((0,))
-    image_rows = Rows(image, tokens, image.stride(0), image.stride(1), image.stride(2))
-    gemm(wrap, rows2d(d_feat_rows, transpose=True), image_rows, rows2d(d_w),
-         sub_features * width, vision, batch * tokens, colsum=d_b)
+    d_image = torch.mm(d_feat_rows, w_f).view(batch, tokens, vision) if image_grad else image.new_empty((0,))
+    d_w = torch.mm(d_feat_rows.t(), image.reshape(batch * tokens, vision))
+    d_b = d_feat_rows.sum(0, dtype=torch.float32).to(w_f.dtype)
     return d_req, d_image, d_w, d_b
 
 
-def _forward(plan, folded: bool, save: bool, requests, image, image_mask, w_f, b_f, num_heads, sub_features):
+def _forward(plan, options: Optional[SplitOptions], save: bool, requests, image, image_mask, w_f, b_f, num_heads,
+             sub_features):
     """z, then what the backward takes (split: with ``save``): from the cached plan of an eager call, or
-    from the registered op while tracing (``plan`` None)."""
-    if folded:
-        return folded_forward(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
-    if plan is None:
+    from the registered op while tracing (``plan`` None; ``options`` None for the folded schedule)."""
+    if plan is None and options is not None:
         return attend_fwd(requests, image, image_mask, w_f, b_f, num_heads, sub_features,
-                          bool(CONFIGS["attend_fwd"].get("SPLIT", True)))
+                          options.forward_materialized, options.heads_per_program)
+    if plan is None or isinstance(plan, FoldedPlan):
+        return folded_forward(plan, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     return _fwd_launch(as_is, plan, save, requests, image, image_mask, w_f, b_f)
 
 
 class AttendFunction(torch.autograd.Function):
-    """Both schedules: ``folded`` picks the folded one's forward and backward (ops/attend_folded.py)."""
+    """Both schedules: ``options`` None picks the folded one's forward and backward (ops/attend_folded.py),
+    else the split one's with these tile options."""
 
     @staticmethod
-    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan, folded):
-        z, *saved = _forward(plan, folded, True, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
+    def forward(ctx, requests, image, image_mask, w_f, b_f, num_heads, sub_features, plan, options):
+        z, *saved = _forward(plan, options, True, requests, image, image_mask, w_f, b_f, num_heads, sub_features)
         ctx.save_for_backward(requests, image, image_mask, w_f, b_f, *saved)
-        ctx.num_heads, ctx.sub_features, ctx.folded = num_heads, sub_features, folded
+        ctx.num_heads, ctx.sub_features, ctx.options = num_heads, sub_features, options
         return z
 
     @staticmethod
     def backward(ctx, grad):
         requests, image, image_mask, w_f, b_f, *saved = ctx.saved_tensors
         image_grad = ctx.needs_input_grad[1]
-        # The folded backward takes no mask: its saved weights are zero at masked tokens.
-        bwd, masked = (attend_folded_bwd, ()) if ctx.folded else (attend_bwd, (image_mask,))
-        d_req, d_image, d_w, d_b = bwd(grad, requests, image, *masked, w_f, b_f, *saved, ctx.num_heads,
-                                       ctx.sub_features, image_grad)
+        options = ctx.options
+        if options is None:
+            # The folded backward takes no mask: its saved weights are zero at masked tokens.
+            grads = attend_folded_bwd(grad, requests, image, w_f, b_f, *saved, ctx.num_heads, ctx.sub_features,
+                                      image_grad)
+        else:
+            grads = attend_bwd(grad, requests, image, image_mask, w_f, b_f, *saved, ctx.num_heads,
+                               ctx.sub_features, image_grad, options.backward_materialized,
+                               options.heads_per_program)
+        d_req, d_image, d_w, d_b = grads
         return (d_req, d_image if image_grad else None, None, d_w, (d_b if b_f is not None else None), None, None,
                 None, None)
 
 
-def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule):
-    check_schedule(schedule)
+def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, schedule) -> Optional[SplitOptions]:
+    """The arguments' checks; then the split kernels' tile options, or None where the folded schedule runs."""
+    record = check_schedule(schedule)
     device, dtype = requests.device, requests.dtype
     if requests.dim() != 3:
         raise ValueError(f"requests: expected shape (B, R, Di), got {tuple(requests.shape)}")
@@ -476,22 +505,23 @@ def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, sched
         raise ValueError(f"num_heads: expected a positive int dividing Di={width}, got {num_heads!r}")
     if not isinstance(sub_features, int) or sub_features < 1:
         raise ValueError(f"sub_features: expected a positive int, got {sub_features!r}")
-    check_dtype("requests", requests, dtype)
+    check_kernel_dtype("requests", requests, dtype)
     if image.dim() != 3 or image.shape[0] != batch:
         raise ValueError(f"image: expected shape (B, N, Dv) with B={batch}, got {tuple(image.shape)}")
-    check_dtype("image", image, dtype)
+    check_kernel_dtype("image", image, dtype)
     check_device("image", image, device)
     if w_f.shape != (sub_features * width, image.shape[2]):
         raise ValueError(f"w_f: expected shape (S*Di, Dv) = ({sub_features * width}, {image.shape[2]}), "
                          f"got {tuple(w_f.shape)}")
-    check_dtype("w_f", w_f, dtype)
+    check_kernel_dtype("w_f", w_f, dtype)
     check_device("w_f", w_f, device)
-    check_like("b_f", b_f, (sub_features * width,), dtype, device)
+    check_optional("b_f", b_f, (sub_features * width,), dtype, device)
     if image_mask is not None:
         if image_mask.shape != image.shape[:2] or image_mask.dtype != torch.bool:
             raise ValueError(f"image_mask: expected a bool tensor of shape {tuple(image.shape[:2])}, "
                              f"got {image_mask.dtype} {tuple(image_mask.shape)}")
         check_device("image_mask", image_mask, device)
+    return None if folds(width // num_heads, record.name) else SplitOptions.of(record)
 
 
 # Launch plans of both schedules: a FoldedPlan where ``folds`` says so.
@@ -500,25 +530,24 @@ _PLANS = PlanCache()
 
 def attend_decomposed(requests: torch.Tensor, image: torch.Tensor, image_mask: Optional[torch.Tensor],
                       w_f: torch.Tensor, b_f: Optional[torch.Tensor], num_heads: int,
-                      sub_features: int, schedule: str = "auto") -> torch.Tensor:
+                      sub_features: int, schedule: Union[str, AttentionSchedule] = "auto") -> torch.Tensor:
     """Decomposition + attention, ``softmax(r Fᵀ / sqrt(Di/H)) F + r`` per head -> (B, R, Di).
 
-    Same semantics as ``reference.decompose`` followed by ``reference.attend``; ``schedule`` is one of
-    ``ops.ATTENTION_SCHEDULES`` (docs/design.md §5).
+    Same semantics as ``reference.attend_decomposed``; ``schedule`` is a name of
+    ``ops.ATTENTION_SCHEDULES`` or an ``AttentionSchedule`` with tile options (docs/design.md §5).
     """
     b_f = dense_bias(b_f)
     args = (requests, image, image_mask, w_f, b_f, num_heads, sub_features)
     if compiling():
-        _check(*args, schedule)
-        plan, folded = None, folds(requests.shape[2] // num_heads, schedule)
+        plan, options = None, _check(*args, schedule)
     else:
         key = metadata_key(*args, schedule)
         plan = _PLANS.get(key)
         if plan is None:
-            _check(*args, schedule)
-            make = plan_forward if folds(requests.shape[2] // num_heads, schedule) else _fwd_plan
-            plan = _PLANS.add(key, make(*args))
-        folded = isinstance(plan, FoldedPlan)
+            options = _check(*args, schedule)
+            plan = _PLANS.add(key, plan_forward(*args) if options is None else _fwd_plan(
+                *args, options.forward_materialized, options.heads_per_program, options))
+        options = None if isinstance(plan, FoldedPlan) else plan.options
     if needs_grad(requests, image, w_f, b_f):
-        return AttendFunction.apply(*args, plan, folded)
-    return _forward(plan, folded, False, *args)[0]
+        return AttendFunction.apply(*args, plan, options)
+    return _forward(plan, options, False, *args)[0]

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check_writable
-from .triton_launch import (FLOAT_OPS_DTYPES, bump_version, cdiv, check_device, interpret, needs_grad, on_device,
-                            op, pow2)
+from ..checks import KERNEL_DTYPES, check_device, check_writable
+from .triton_launch import bump_version, cdiv, interpret, needs_grad, on_device, op, pow2
 
 
 @triton.jit
@@ -115,7 +114,7 @@ def check_slots(embeds: torch.Tensor, rows_shape, slot_pos: torch.Tensor) -> Non
     if embeds.dim() != 3 or not embeds.is_floating_point():
         raise ValueError(f"embeds: expected a floating tensor of shape (B, T', D), got {embeds.dtype} "
                          f"{tuple(embeds.shape)}")
-    if embeds.dtype not in FLOAT_OPS_DTYPES:
+    if embeds.dtype not in KERNEL_DTYPES:
         # The kernels sum in float32: a float64 sequence would lose precision silently.
         raise TypeError(f"embeds: the Triton backend supports float16, bfloat16 and float32, got "
                         f"{str(embeds.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
@@ -133,7 +132,7 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
     if rows.dim() != 3 or not rows.is_floating_point():
         raise ValueError(f"rows: expected a floating tensor of shape (B, R, D), got {rows.dtype} {tuple(rows.shape)}")
     check_slots(embeds, rows.shape, slot_pos)
-    if rows.dtype not in FLOAT_OPS_DTYPES:
+    if rows.dtype not in KERNEL_DTYPES:
         raise TypeError(f"rows: the Triton backend supports float16, bfloat16 and float32, got "
                         f"{str(rows.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
     check_device("rows", rows, embeds.device)

@@ -13,16 +13,16 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..checks import metadata_key
-from .triton_launch import (Launch, PlanCache, Rows, as_is, check_device, check_dtype, check_like, compiling,
-                            dense_bias, device_index, gemm, gemm_plan, launch_gemm, needs_grad, op, rows2d)
+from ..checks import check_device, check_kernel_dtype, check_optional, metadata_key
+from .triton_launch import (Launch, PlanCache, Rows, as_is, compiling, dense_bias, device_index, gemm, gemm_plan,
+                            launch_gemm, needs_grad, op, rows2d)
 
 
 def _hidden_rows(hidden: torch.Tensor, request_pos: Optional[torch.Tensor]) -> Rows:
     if request_pos is None:
         return rows2d(hidden)
-    return Rows(hidden, 1, hidden.stride(0), 0, hidden.stride(2), request_pos,
-                request_pos.stride(0), 0, hidden.stride(1), hidden.shape[1])
+    return Rows(tensor=hidden, outer_stride=hidden.stride(0), column_stride=hidden.stride(2), index=request_pos,
+                index_outer_stride=request_pos.stride(0), position_stride=hidden.stride(1), limit=hidden.shape[1])
 
 
 def _fwd_fake(hidden, request_pos, w_q, b_q):
@@ -39,8 +39,8 @@ def request_fwd(wrap, hidden: torch.Tensor, request_pos: Optional[torch.Tensor],
                 b_q: Optional[torch.Tensor]) -> torch.Tensor:
     batch, width = hidden.shape[0], hidden.shape[-1]
     out = torch.empty((batch, w_q.shape[0]), device=hidden.device, dtype=hidden.dtype)
-    gemm(wrap, _hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), rows2d(out),
-         batch, w_q.shape[0], width, bias=b_q, config="request_fwd")
+    gemm(wrap, a=_hidden_rows(hidden, request_pos), b=rows2d(w_q, transpose=True), c=rows2d(out),
+         m=batch, n=w_q.shape[0], k=width, bias=b_q, config="request_fwd")
     return out
 
 
@@ -54,13 +54,13 @@ def request_bwd(wrap, grad: torch.Tensor, hidden: torch.Tensor, request_pos: Opt
     if hidden_grad:
         # Only the request rows receive a gradient; every other row is exactly zero.
         d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
-        gemm(wrap, rows2d(grad), rows2d(w_q), _hidden_rows(d_hidden, request_pos), batch, width, outs)
+        gemm(wrap, a=rows2d(grad), b=rows2d(w_q), c=_hidden_rows(d_hidden, request_pos), m=batch, n=width, k=outs)
     else:
         d_hidden = hidden.new_empty((0,))
     d_w = torch.empty(w_q.shape, device=w_q.device, dtype=w_q.dtype)
     d_b = torch.empty((outs,), device=w_q.device, dtype=w_q.dtype)
-    gemm(wrap, rows2d(grad, transpose=True), _hidden_rows(hidden, request_pos), rows2d(d_w),
-         outs, width, batch, colsum=d_b)
+    gemm(wrap, a=rows2d(grad, transpose=True), b=_hidden_rows(hidden, request_pos), c=rows2d(d_w),
+         m=outs, n=width, k=batch, colsum=d_b)
     return d_hidden, d_w, d_b
 
 
@@ -85,7 +85,7 @@ class RequestFunction(torch.autograd.Function):
 
 def _check(hidden, request_pos, w_q, b_q, num_requests):
     device, dtype = hidden.device, hidden.dtype
-    check_dtype("hidden", hidden, dtype)
+    check_kernel_dtype("hidden", hidden, dtype)
     if request_pos is None:
         if hidden.dim() != 2:
             raise ValueError(f"hidden: expected shape (B, D) when request_pos is None, got {tuple(hidden.shape)}")
@@ -99,9 +99,9 @@ def _check(hidden, request_pos, w_q, b_q, num_requests):
     if w_q.dim() != 2 or w_q.shape[1] != hidden.shape[-1] or w_q.shape[0] % num_requests:
         raise ValueError(f"w_q: expected shape (R*Di, D) = (num_requests*?, {hidden.shape[-1]}) "
                          f"with num_requests={num_requests}, got {tuple(w_q.shape)}")
-    check_dtype("w_q", w_q, dtype)
+    check_kernel_dtype("w_q", w_q, dtype)
     check_device("w_q", w_q, device)
-    check_like("b_q", b_q, (w_q.shape[0],), dtype, device)
+    check_optional("b_q", b_q, (w_q.shape[0],), dtype, device)
 
 
 class RequestPlan(NamedTuple):
@@ -120,17 +120,16 @@ def _plan(key, hidden, request_pos, w_q, b_q, num_requests) -> RequestPlan:
     _check(hidden, request_pos, w_q, b_q, num_requests)
     batch, width, outs = hidden.shape[0], hidden.shape[-1], w_q.shape[0]
     # The (B, R, Di) output is addressed as its contiguous (B, R*Di) rows.
-    launch = gemm_plan(_hidden_rows(hidden, request_pos), rows2d(w_q, transpose=True), Rows(None, 1, outs, 0, 1),
-                       batch, outs, width, hidden.dtype, device_index(hidden), bias=b_q is not None,
-                       config="request_fwd")
+    launch = gemm_plan(a=_hidden_rows(hidden, request_pos), b=rows2d(w_q, transpose=True),
+                       c=Rows(tensor=None, outer_stride=outs, column_stride=1), m=batch, n=outs, k=width,
+                       dtype=hidden.dtype, device=device_index(hidden), bias=b_q is not None, config="request_fwd")
     return _PLANS.add(key, RequestPlan((batch, num_requests, outs // num_requests), hidden.dtype, hidden.device,
                                        launch))
 
 
 def _launch(plan: RequestPlan, hidden, request_pos, w_q, b_q):
     out = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
-    launch_gemm(as_is, plan.gemm, hidden, w_q, out, out if b_q is None else b_q, out, out,
-                out if request_pos is None else request_pos, out, out)
+    launch_gemm(as_is, plan.gemm, a=hidden, b=w_q, c=out, bias=b_q, a_index=request_pos)
     return out
 
 

@@ -19,13 +19,12 @@ copy of E is the result). Slot positions outside ``[0, T')`` are skipped.
 Backward: ``dE`` passes through; ``dt`` is gathered from the slot rows; then
 ``dz = dt W_o`` and ``dW_o = dtᵀ z``, each skipped when its input needs no
 gradient, ``d e_slot = Σ_b dt`` and ``db_o``, the fp32 sum of dt over all its
-rows (shared; under the interpreter the column sums of ``dW_o``'s GEMM) or
-``d e_slot`` itself (per slot). Per slot, ``dz`` sums over the K/R slots of a
-request as the reduction of R GEMMs over (K/R)·D, and ``dW_o`` is K GEMMs over
-the batch. On a GPU the dense GEMMs are ``torch.mm`` /
-``torch.bmm`` (cuBLAS, fp32 accumulation; fp32 inputs stay exact IEEE fp32
-unless the caller enabled TF32); under the interpreter they run through the
-Triton GEMM.
+rows (shared) or ``d e_slot`` itself (per slot). Per slot, ``dz`` sums over
+the K/R slots of a request as the reduction of R GEMMs over (K/R)·D, and
+``dW_o`` is R GEMMs over the batch. The dense GEMMs are ``torch.mm`` /
+``torch.bmm`` on every device (cuBLAS on a GPU, fp32 accumulation; fp32
+inputs stay exact IEEE fp32 unless the caller enabled TF32), so the
+interpreter's tests run the GPU's backward.
 """
 
 from __future__ import annotations
@@ -34,12 +33,11 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..checks import check_writable, metadata_key
+from ..checks import check_device, check_kernel_dtype, check_optional, check_writable, metadata_key
 from ..reference import slot_groups
 from .interleave import check_slots, gather_slots
-from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, check_device, check_dtype,
-                            check_like, compiling, dense_bias, device_index, gemm, gemm_plan, interpret,
-                            launch_gemm, needs_grad, op, row_bias, rows2d, rows3d)
+from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, compiling, dense_bias, device_index,
+                            gemm, gemm_plan, launch_gemm, needs_grad, op, row_bias, rows2d, rows3d)
 
 
 def _per_slot(w_o: torch.Tensor) -> bool:
@@ -67,12 +65,15 @@ class _Projection(NamedTuple):
 def _projection(z: torch.Tensor, w_o: torch.Tensor) -> _Projection:
     batch, num_req, width = z.shape
     if not _per_slot(w_o):
-        return _Projection(rows3d(z), rows2d(w_o, transpose=True), batch * num_req, w_o.shape[0], width, 1)
+        return _Projection(z=rows3d(z), w_o=rows2d(w_o, transpose=True), m=batch * num_req, n=w_o.shape[0],
+                           k=width, batch=1)
     # GEMM j: row b of z's request j // (K/R) times w_o[j]ᵀ.
     groups = w_o.shape[0] // num_req
-    return _Projection(Rows(z, 1, z.stride(0), 0, z.stride(2), sp=z.stride(1), pdiv=groups),
-                       Rows(w_o, 1, w_o.stride(2), 0, w_o.stride(1), sp=w_o.stride(0)),
-                       batch, w_o.shape[1], width, w_o.shape[0])
+    return _Projection(
+        z=Rows(tensor=z, outer_stride=z.stride(0), column_stride=z.stride(2), gemm_stride=z.stride(1),
+               gemms_per_block=groups),
+        w_o=Rows(tensor=w_o, outer_stride=w_o.stride(2), column_stride=w_o.stride(1), gemm_stride=w_o.stride(0)),
+        m=batch, n=w_o.shape[1], k=width, batch=w_o.shape[0])
 
 
 def _target_rows(target: torch.Tensor, slot_pos: Optional[torch.Tensor], num_slots: int, per_slot: bool) -> Rows:
@@ -81,18 +82,19 @@ def _target_rows(target: torch.Tensor, slot_pos: Optional[torch.Tensor], num_slo
     slot, row b of GEMM j. Only the strides and shape of ``target`` are read."""
     if slot_pos is None:
         if per_slot:
-            return Rows(target, 1, target.stride(0), 0, target.stride(2), sp=target.stride(1))
+            return Rows(tensor=target, outer_stride=target.stride(0), column_stride=target.stride(2),
+                        gemm_stride=target.stride(1))
         return rows3d(target)
-    rows = Rows(target, num_slots, target.stride(0), 0, target.stride(2), slot_pos, slot_pos.stride(0),
-                slot_pos.stride(1), target.stride(1), target.shape[1])
+    slots = dict(tensor=target, outer_stride=target.stride(0), column_stride=target.stride(2), index=slot_pos,
+                 index_outer_stride=slot_pos.stride(0), position_stride=target.stride(1), limit=target.shape[1])
     if per_slot:
-        return rows._replace(g=1, is1=0, isp=slot_pos.stride(1))
-    return rows
+        return Rows(**slots, index_gemm_stride=slot_pos.stride(1))
+    return Rows(**slots, group=num_slots, index_group_stride=slot_pos.stride(1))
 
 
 def _project(wrap, z, w_o, b_o, slot_embed, target: Rows, accumulate: bool) -> None:
     p = _projection(z, w_o)
-    gemm(wrap, p.z, p.w_o, target, p.m, p.n, p.k, bias=b_o, rowbias=slot_embed, accumulate=accumulate,
+    gemm(wrap, a=p.z, b=p.w_o, c=target, m=p.m, n=p.n, k=p.k, bias=b_o, rowbias=slot_embed, accumulate=accumulate,
          config="transmit_fwd", batch=p.batch)
 
 
@@ -140,60 +142,29 @@ def transmit_interleave_inplace(wrap, z: torch.Tensor, w_o: torch.Tensor, b_o: O
     _project(wrap, z, w_o, b_o, slot_embed, rows, accumulate=True)
 
 
-def _shared_bwd(wrap, grad, z, w_o, z_grad, w_grad):
+def _shared_bwd(grad, z, w_o, z_grad, w_grad):
     batch, num_req, width = z.shape
     llm = w_o.shape[0]
     d_z, d_w = z.new_empty((0,)), w_o.new_empty((0,))
-    if not interpret():
-        rows = grad.reshape(batch * num_req, llm)
-        if z_grad:
-            d_z = torch.mm(rows, w_o).view(z.shape)
-        if w_grad:
-            d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
-        return d_z, d_w, rows.sum(0, dtype=torch.float32).to(w_o.dtype)
+    rows = grad.reshape(batch * num_req, llm)
     if z_grad:
-        d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-        gemm(wrap, rows3d(grad), rows2d(w_o), rows3d(d_z), batch * num_req, width, llm)
-    if not w_grad:
-        return d_z, d_w, grad.sum((0, 1), dtype=torch.float32).to(w_o.dtype)
-    # dW_o = dtᵀ z needs the B·R rows of dt as one stride.
-    if grad.stride(0) != num_req * grad.stride(1):
-        grad = grad.contiguous()
-    d_w = torch.empty(w_o.shape, device=w_o.device, dtype=w_o.dtype)
-    d_b = torch.empty((llm,), device=w_o.device, dtype=w_o.dtype)
-    gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(1)), rows3d(z), rows2d(d_w), llm, width, batch * num_req,
-         colsum=d_b)
-    return d_z, d_w, d_b
+        d_z = torch.mm(rows, w_o).view(z.shape)
+    if w_grad:
+        d_w = torch.mm(rows.t(), z.reshape(batch * num_req, width))
+    return d_z, d_w, rows.sum(0, dtype=torch.float32).to(w_o.dtype)
 
 
-def _per_slot_bwd(wrap, grad, z, w_o, z_grad, w_grad):
+def _per_slot_bwd(grad, z, w_o, z_grad, w_grad):
     batch, num_req, width = z.shape
     num_slots, llm = w_o.shape[:2]
     groups = num_slots // num_req
     d_z, d_w = z.new_empty((0,)), w_o.new_empty((0,))
-    if not interpret():
-        # Request r's K/R slots side by side: dz_r = dt_r W_r over (K/R)·D, dW_r = dt_rᵀ z_r.
-        rows = grad.reshape(batch, num_req, groups * llm).transpose(0, 1)  # (R, B, (K/R)·D)
-        if z_grad:
-            d_z = torch.bmm(rows, w_o.reshape(num_req, groups * llm, width)).transpose(0, 1).contiguous()
-        if w_grad:
-            d_w = torch.bmm(rows.transpose(1, 2), z.transpose(0, 1)).view(w_o.shape)
-        return d_z, d_w, grad.sum(0, dtype=torch.float32).to(w_o.dtype)
+    # Request r's K/R slots side by side: dz_r = dt_r W_r over (K/R)·D, dW_r = dt_rᵀ z_r.
+    rows = grad.reshape(batch, num_req, groups * llm).transpose(0, 1)  # (R, B, (K/R)·D)
     if z_grad:
-        # GEMM r reduces over the (K/R)·D columns (g, d) of dt's slots r·K/R + g, which must be one stride.
-        if groups > 1 and grad.stride(1) != llm * grad.stride(2):
-            grad = grad.contiguous()
-        d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-        gemm(wrap, Rows(grad, 1, grad.stride(0), 0, grad.stride(2), sp=groups * grad.stride(1)),
-             Rows(w_o, llm, w_o.stride(0), w_o.stride(1), w_o.stride(2), sp=groups * w_o.stride(0)),
-             Rows(d_z, 1, d_z.stride(0), 0, d_z.stride(2), sp=d_z.stride(1)), batch, width, groups * llm,
-             batch=num_req)
+        d_z = torch.bmm(rows, w_o.reshape(num_req, groups * llm, width)).transpose(0, 1).contiguous()
     if w_grad:
-        # GEMM j: dW_o[j] = dt[:, j]ᵀ z[:, j // (K/R)], reduced over the batch.
-        d_w = torch.empty(w_o.shape, device=w_o.device, dtype=w_o.dtype)
-        gemm(wrap, Rows(grad, 1, grad.stride(2), 0, grad.stride(0), sp=grad.stride(1)),
-             Rows(z, 1, z.stride(0), 0, z.stride(2), sp=z.stride(1), pdiv=groups),
-             Rows(d_w, 1, d_w.stride(1), 0, d_w.stride(2), sp=d_w.stride(0)), llm, width, batch, batch=num_slots)
+        d_w = torch.bmm(rows.transpose(1, 2), z.transpose(0, 1)).view(w_o.shape)
     return d_z, d_w, grad.sum(0, dtype=torch.float32).to(w_o.dtype)
 
 
@@ -204,7 +175,7 @@ def transmit_bwd(wrap, grad: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, z
     if grad.dtype != z.dtype:
         grad = grad.to(z.dtype)
     backward = _per_slot_bwd if _per_slot(w_o) else _shared_bwd
-    d_z, d_w, d_b = backward(wrap, grad, z, w_o, z_grad, w_grad)
+    d_z, d_w, d_b = backward(grad, z, w_o, z_grad, w_grad)
     d_slot = d_b.clone() if _per_slot(w_o) else grad.sum(0, dtype=torch.float32).to(w_o.dtype)
     return d_z, d_w, d_b, d_slot
 
@@ -256,20 +227,20 @@ def _check(z, w_o, b_o, slot_embed):
     if z.dim() != 3:
         raise ValueError(f"z: expected shape (B, R, Di), got {tuple(z.shape)}")
     device, dtype = z.device, z.dtype
-    check_dtype("z", z, dtype)
+    check_kernel_dtype("z", z, dtype)
     if w_o.dim() not in (2, 3) or w_o.shape[-1] != z.shape[2]:
         raise ValueError(f"w_o: expected shape (D, Di) (shared) or (K, D, Di) (per slot) with Di={z.shape[2]}, "
                          f"got {tuple(w_o.shape)}")
-    check_dtype("w_o", w_o, dtype)
+    check_kernel_dtype("w_o", w_o, dtype)
     check_device("w_o", w_o, device)
     _, num_slots, llm = _out_shape(z, w_o)
     if _per_slot(w_o):
         slot_groups(z.shape[1], num_slots)
-        check_like("b_o", b_o, (num_slots, llm), dtype, device, "(K, D) = ")
-        check_like("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(K, D) = ")
+        check_optional("b_o", b_o, (num_slots, llm), dtype, device, "(K, D) = ")
+        check_optional("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(K, D) = ")
     else:
-        check_like("b_o", b_o, (llm,), dtype, device)
-        check_like("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(R, D) = ")
+        check_optional("b_o", b_o, (llm,), dtype, device)
+        check_optional("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(R, D) = ")
 
 
 def _check_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos):
@@ -288,16 +259,15 @@ def _plan(key, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
     target = embeds if inplace else torch.empty_like(embeds, device="meta")
     p = _projection(z, w_o)
     rows = _target_rows(target, slot_pos, slot_pos.shape[1], _per_slot(w_o))
-    launch = gemm_plan(p.z, p.w_o, rows, p.m, p.n, p.k, z.dtype, device_index(z), bias=b_o is not None,
-                       rowbias=row_bias(slot_embed, p.batch), accumulate=True, config="transmit_fwd",
-                       batch=p.batch, bias_sp=bias_stride(b_o, p.batch))
+    launch = gemm_plan(a=p.z, b=p.w_o, c=rows, m=p.m, n=p.n, k=p.k, dtype=z.dtype, device=device_index(z),
+                       bias=b_o is not None, rowbias=row_bias(slot_embed, p.batch), accumulate=True,
+                       config="transmit_fwd", batch=p.batch, bias_gemm_stride=bias_stride(b_o, p.batch))
     return _PLANS.add(key, launch)
 
 
 def _launch(plan, z, w_o, b_o, slot_embed, embeds, slot_pos, inplace):
     out = embeds if inplace else embeds.clone()
-    launch_gemm(as_is, plan, z, w_o, out, out if b_o is None else b_o,
-                out if slot_embed is None else slot_embed, out, out, out, slot_pos)
+    launch_gemm(as_is, plan, a=z, b=w_o, c=out, bias=b_o, rowbias=slot_embed, c_index=slot_pos)
     return out
 
 

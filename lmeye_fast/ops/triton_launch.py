@@ -1,31 +1,35 @@
 """Shared pieces of the Triton ops: interpreter detection, block sizes, dtypes,
-and one gather/scatter GEMM that the request, transmission and decomposition
-gradients are built from.
+and one gather/scatter GEMM that the request (forward and gradients) and the
+transmission's forward are built from.
 
 The GEMM computes ``C[m, n] (+)= sum_k A[m, k] B[k, n] (+ bias[n]) (+ rowbias[m % g, n])``
-where the rows of A, B (its k index) and C are addressed as
+where the rows of A, B (its k index) and C are each described by a ``Rows`` record and
+addressed, with ``g`` its ``group``, as
 
-    row(i) = (i // g) * s0 + (i % g) * s1 + idx[(i // g) * is0 + (i % g) * is1] * si
+    row(i) = (i // g) * outer_stride + (i % g) * group_stride
+             + index[(i // g) * index_outer_stride + (i % g) * index_group_stride] * position_stride
 
-so a batched (B, R, ...) tensor with arbitrary strides is one matrix without a
-copy, and a row gather (``hidden[b, request_pos[b]]``) or scatter
-(``E[b, slot_pos[b, j]]``) costs nothing extra. Rows whose index falls outside
-``[0, lim)`` are never read (zeros) nor written, so bad positions cannot touch
-memory outside the tensor.
+(the ``index`` term only when there is an index), so a batched (B, R, ...) tensor with
+arbitrary strides is one matrix without a copy, and a row gather (``hidden[b, request_pos[b]]``)
+or scatter (``E[b, slot_pos[b, j]]``) costs nothing extra. Rows whose position falls outside
+``[0, limit)`` are never read (zeros) nor written, so bad positions cannot touch memory outside
+the tensor.
 
 A launch may also run P such GEMMs side by side (the third grid axis, ``batch``):
-GEMM p offsets A and B by ``(p // pdiv) * sp`` elements, C by ``p * sp`` and C's
-index by ``p * isp``, and the bias and row bias by their own stride times p, so
-the per-slot transmission's K matrices (slot j reading request ``j // (K/R)``)
-are one launch.
+GEMM p offsets A and B by ``(p // gemms_per_block) * gemm_stride`` elements, C by
+``p * gemm_stride`` and C's index by ``p * index_gemm_stride``, and the bias and row bias by
+their own stride times p, so the per-slot transmission's K matrices (slot j reading request
+``j // (K/R)``) are one launch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -33,7 +37,6 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-FLOAT_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,37 +66,12 @@ def dot_flags(dtype: torch.dtype):
     return dtype == torch.float32, dtype == torch.float32
 
 
-def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    if tensor.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {str(dtype).replace('torch.', '')} (the dtype of the "
-                        f"other inputs), got {str(tensor.dtype).replace('torch.', '')}")
-    if dtype not in FLOAT_OPS_DTYPES:
-        raise TypeError(f"{name}: the Triton backend supports float16, bfloat16 and float32, "
-                        f"got {str(dtype).replace('torch.', '')}")
-
-
-def check_like(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dtype,
-               device: torch.device, dims: str = "") -> None:
-    """An optional operand (bias, slot embedding): ``shape``, the inputs' dtype and device, or None."""
-    if tensor is None:
-        return
-    if tensor.shape != shape:
-        raise ValueError(f"{name}: expected shape {dims}{tuple(shape)}, got {tuple(tensor.shape)}")
-    check_dtype(name, tensor, dtype)
-    check_device(name, tensor, device)
-
-
 def dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels read a bias (or each row of a (P, N) one) as a unit-stride vector (and launch plans
     are cached on that assumption), so a strided one is copied first; autograd sees the copy."""
     if bias is None or bias.stride(-1) == 1:
         return bias
     return bias.contiguous()
-
-
-def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
 
 
 _NO_GUARD = contextlib.nullcontext()
@@ -176,34 +154,47 @@ def op(name: str, fake, mutates_args=()):
     return register
 
 
-class Rows(NamedTuple):
-    """How the rows of one GEMM operand are addressed (see the module docstring)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rows:
+    """How the rows of one GEMM operand are addressed (see the module docstring); built by name only.
+    ``tensor`` may be None where only the addressing is needed (a cached launch plan)."""
 
-    tensor: torch.Tensor
-    g: int
-    s0: int
-    s1: int
-    inner: int  # stride of the other (column) index
-    idx: Optional[torch.Tensor] = None
-    is0: int = 0
-    is1: int = 0
-    si: int = 0
-    lim: int = 0
-    sp: int = 0  # stride between the GEMMs of a batched launch (see the module docstring)
-    pdiv: int = 1  # A and B: GEMM p reads block p // pdiv
-    isp: int = 0  # C: the index's stride between GEMMs
+    tensor: Optional[torch.Tensor]
+    outer_stride: int
+    column_stride: int  # stride of the other (column) index
+    group: int = 1
+    group_stride: int = 0
+    index: Optional[torch.Tensor] = None
+    index_outer_stride: int = 0
+    index_group_stride: int = 0
+    position_stride: int = 0  # the tensor's stride per unit of an index value
+    limit: int = 0  # index values outside [0, limit) address no row
+    gemm_stride: int = 0  # between the GEMMs of a batched launch (see the module docstring)
+    gemms_per_block: int = 1  # A and B: GEMM p reads block p // gemms_per_block
+    index_gemm_stride: int = 0  # C: the index's stride between GEMMs
 
 
 def rows2d(t: torch.Tensor, transpose: bool = False) -> Rows:
     """A plain 2-D matrix (or its transpose) as GEMM rows."""
     if transpose:
-        return Rows(t, 1, t.stride(1), 0, t.stride(0))
-    return Rows(t, 1, t.stride(0), 0, t.stride(1))
+        return Rows(tensor=t, outer_stride=t.stride(1), column_stride=t.stride(0))
+    return Rows(tensor=t, outer_stride=t.stride(0), column_stride=t.stride(1))
 
 
 def rows3d(t: torch.Tensor) -> Rows:
     """A (P, Q, W) tensor as P*Q rows of width W, any strides."""
-    return Rows(t, t.shape[1], t.stride(0), t.stride(1), t.stride(2))
+    return Rows(tensor=t, outer_stride=t.stride(0), column_stride=t.stride(2), group=t.shape[1],
+                group_stride=t.stride(1))
+
+
+class RowBias(NamedTuple):
+    """How a GEMM launch adds its row bias: row ``m % group`` of a (group, N) tensor to row m of one GEMM,
+    or, batched, row p of a (P, N) tensor to every row of GEMM p (``gemm_stride`` between them)."""
+
+    group: int
+    row_stride: int
+    column_stride: int
+    gemm_stride: int
 
 
 @triton.jit
@@ -368,6 +359,11 @@ def set_config(name: str, values: dict) -> None:
     """Replace ``CONFIGS[name]`` (e.g. with a sweep's winner) for every later launch."""
     if name not in CONFIGS:
         raise KeyError(f"name: expected one of {tuple(CONFIGS)}, got {name!r}")
+    if name in ("attend_fwd", "attend_bwd") and ("SPLIT" in values or "HEADS" in values):
+        warnings.warn(f"CONFIGS[{name!r}]: the keys SPLIT and HEADS are deprecated (still honoured as the default "
+                      "of layers that leave the option unset): set the tile options per layer, "
+                      "InteractiveLayer(attention=AttentionSchedule('split', forward_features=..., "
+                      "backward_features=..., heads_per_program=...))", DeprecationWarning, stacklevel=2)
     CONFIGS[name] = dict(values)
     for clear in _CONFIG_CACHES:
         clear()
@@ -407,14 +403,15 @@ def gemm_blocks(m: int, n: int, k: int, device_index: int, config: Optional[str]
     return pow2(m, 16, 64), pow2(n, 16, c["BN"]), pow2(k, 16, c["BK"]), c["num_warps"], c["num_stages"]
 
 
-def row_bias(rowbias: Optional[torch.Tensor], batch: int = 1) -> Optional[Tuple[int, int, int, int]]:
+def row_bias(rowbias: Optional[torch.Tensor], batch: int = 1) -> Optional[RowBias]:
     """``gemm_plan``'s description of a row bias: (g, N) added as ``rowbias[m % g]`` by one GEMM, or
     (P, N) with row p added to every row of GEMM p of a batched launch."""
     if rowbias is None:
         return None
     if batch == 1:
-        return rowbias.shape[0], rowbias.stride(0), rowbias.stride(-1), 0
-    return 1, 0, rowbias.stride(1), rowbias.stride(0)
+        return RowBias(group=rowbias.shape[0], row_stride=rowbias.stride(0), column_stride=rowbias.stride(-1),
+                       gemm_stride=0)
+    return RowBias(group=1, row_stride=0, column_stride=rowbias.stride(1), gemm_stride=rowbias.stride(0))
 
 
 def bias_stride(bias: Optional[torch.Tensor], batch: int = 1) -> int:
@@ -427,31 +424,36 @@ def device_index(t: torch.Tensor) -> int:
     return 0 if index is None else index
 
 
-def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dtype, device: int, *,
-              bias: bool = False, rowbias: Optional[Tuple[int, int, int, int]] = None, colsum: bool = False,
-              accumulate: bool = False, config: Optional[str] = None, batch: int = 1, bias_sp: int = 0):
+_NO_ROW_BIAS = RowBias(group=1, row_stride=0, column_stride=0, gemm_stride=0)
+
+
+def _row_scalars(r: Rows) -> tuple:
+    return (r.group, r.outer_stride, r.group_stride, r.column_stride, r.index_outer_stride, r.index_group_stride,
+            r.position_stride, r.limit)
+
+
+def gemm_plan(*, a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dtype, device: int,
+              bias: bool = False, rowbias: Optional[RowBias] = None, colsum: bool = False,
+              accumulate: bool = False, config: Optional[str] = None, batch: int = 1, bias_gemm_stride: int = 0):
     """The ``Launch`` of ``batch`` GEMMs (``NOTHING`` when there is nothing to compute).
 
-    Only the integer parts of ``a``, ``b``, ``c`` are read (their ``tensor``
-    may be None); ``rowbias`` is ``(g, stride0, stride1, stride between GEMMs)``
-    of the (g, N) row bias, ``bias_sp`` the bias's stride between GEMMs.
+    Only the addressing of ``a``, ``b``, ``c`` is read (their ``tensor`` may be None); ``rowbias``
+    describes the row bias (``row_bias``), ``bias_gemm_stride`` is the bias's stride between GEMMs.
     ``launch_gemm`` supplies the pointers, so a plan can be cached.
     """
     if m == 0 or n == 0 or batch == 0:
         return NOTHING
     dot_fp32, ieee = dot_flags(dtype)
     bm, bn, bk, warps, stages = gemm_blocks(int(m), int(n), int(k), device, config)
-    rb_g, rb_s, rb_n, rb_sp = rowbias if rowbias is not None else (1, 0, 0, 0)
+    rb = _NO_ROW_BIAS if rowbias is None else rowbias
     scalars = (
-        m, n, k,
-        a.g, a.s0, a.s1, a.inner, a.is0, a.is1, a.si, a.lim,
-        b.g, b.s0, b.s1, b.inner, b.is0, b.is1, b.si, b.lim,
-        c.g, c.s0, c.s1, c.inner, c.is0, c.is1, c.si, c.lim,
-        rb_g, rb_s, rb_n,
-        a.sp, a.pdiv, b.sp, b.pdiv, c.sp, c.isp, bias_sp, rb_sp,
+        m, n, k, *_row_scalars(a), *_row_scalars(b), *_row_scalars(c),
+        rb.group, rb.row_stride, rb.column_stride,
+        a.gemm_stride, a.gemms_per_block, b.gemm_stride, b.gemms_per_block, c.gemm_stride, c.index_gemm_stride,
+        bias_gemm_stride, rb.gemm_stride,
     )
     constexprs = dict(
-        A_IDX=a.idx is not None, B_IDX=b.idx is not None, C_IDX=c.idx is not None,
+        A_IDX=a.index is not None, B_IDX=b.index is not None, C_IDX=c.index is not None,
         HAS_BIAS=bias, HAS_ROWBIAS=rowbias is not None, ACCUMULATE=accumulate,
         COLSUM=colsum, DOT_FP32=dot_fp32, IEEE=ieee, BM=bm, BN=bn, BK=bk,
         num_warps=warps, num_stages=stages,
@@ -459,13 +461,18 @@ def gemm_plan(a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, dtype: torch.dt
     return Launch((cdiv(n, bn), cdiv(m, bm), batch), scalars, constexprs)
 
 
-def launch_gemm(wrap, plan: Launch, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx) -> None:
-    """Launch ``plan`` (from ``gemm_plan``) on these pointers; an absent operand is passed as any
-    tensor of the call (``c``), as its constexpr flag keeps the kernel from reading it."""
-    plan.run(wrap, _gemm_kernel, a, b, c, bias, rowbias, colsum, a_idx, b_idx, c_idx)
+def launch_gemm(wrap, plan: Launch, *, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, rowbias: Optional[torch.Tensor] = None,
+                colsum: Optional[torch.Tensor] = None, a_index: Optional[torch.Tensor] = None,
+                b_index: Optional[torch.Tensor] = None, c_index: Optional[torch.Tensor] = None) -> None:
+    """Launch ``plan`` (from ``gemm_plan``) on these tensors, each named. The kernel takes a pointer for
+    every operand, so an absent one is passed as ``c``; the plan's flags keep the kernel from reading it."""
+    plan.run(wrap, _gemm_kernel, a, b, c, c if bias is None else bias, c if rowbias is None else rowbias,
+             c if colsum is None else colsum, c if a_index is None else a_index, c if b_index is None else b_index,
+             c if c_index is None else c_index)
 
 
-def gemm(wrap, a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optional[torch.Tensor] = None,
+def gemm(wrap, *, a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, bias: Optional[torch.Tensor] = None,
          rowbias: Optional[torch.Tensor] = None, colsum: Optional[torch.Tensor] = None,
          accumulate: bool = False, config: Optional[str] = None, batch: int = 1) -> None:
     """Launch the gather/scatter GEMM (see the module docstring) into ``c.tensor`` as ``wrap(kernel)``.
@@ -477,11 +484,8 @@ def gemm(wrap, a: Rows, b: Rows, c: Rows, m: int, n: int, k: int, *, bias: Optio
     With ``batch`` = P GEMMs, GEMM p adds ``bias[p]`` and ``rowbias[p]``
     ((P, N) each; one row bias row per GEMM) and writes no column sums.
     """
-    plan = gemm_plan(a, b, c, m, n, k, a.tensor.dtype, device_index(a.tensor), bias=bias is not None,
-                     rowbias=row_bias(rowbias, batch), colsum=colsum is not None, accumulate=accumulate,
-                     config=config, batch=batch, bias_sp=bias_stride(bias, batch))
-    dummy = c.tensor
-    launch_gemm(wrap, plan, a.tensor, b.tensor, c.tensor,
-                dummy if bias is None else bias, dummy if rowbias is None else rowbias,
-                dummy if colsum is None else colsum, dummy if a.idx is None else a.idx,
-                dummy if b.idx is None else b.idx, dummy if c.idx is None else c.idx)
+    plan = gemm_plan(a=a, b=b, c=c, m=m, n=n, k=k, dtype=a.tensor.dtype, device=device_index(a.tensor),
+                     bias=bias is not None, rowbias=row_bias(rowbias, batch), colsum=colsum is not None,
+                     accumulate=accumulate, config=config, batch=batch, bias_gemm_stride=bias_stride(bias, batch))
+    launch_gemm(wrap, plan, a=a.tensor, b=b.tensor, c=c.tensor, bias=bias, rowbias=rowbias, colsum=colsum,
+                a_index=a.index, b_index=b.index, c_index=c.index)
