@@ -34,8 +34,8 @@ the same cache slots, those up to ``<img-q>`` with the same values (the LLM is c
 and what follows with the IPN's tokens in them. Steps without an image block (decoding) run once,
 and so does every step of the static-only model (``schedule="static"``: no IPN).
 Splitting the step at ``<img-q>`` instead would need attention metadata for the part before it,
-which vLLM builds outside the model; benchmarks/vllm_serving.py compares LMEye's time to first
-token with the LLM's alone on prompts as long.
+which vLLM builds outside the model; benchmarks/vllm_serving.py measures what the second pass
+costs against the static-only model on the same engine (more than the split could save).
 """
 
 from __future__ import annotations
