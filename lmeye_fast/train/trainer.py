@@ -93,10 +93,11 @@ class LMEyeTrainer(Trainer):
         leave_frozen_out_of_ddp(model)
         super().__init__(model, *args, **kwargs)
         if shard_frozen:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.world_size < 2:
+            engine = "DeepSpeed" if self.is_deepspeed_enabled else "the Trainer's FSDP" if self.is_fsdp_enabled \
+                else None
+            if engine is not None or self.args.world_size < 2:
                 raise ValueError("shard_frozen: shards the frozen LLM across the ranks of a torchrun DDP run, got "
-                                 + ("DeepSpeed" if self.is_deepspeed_enabled else "the Trainer's FSDP"
-                                    if self.is_fsdp_enabled else f"{self.args.world_size} process"))
+                                 f"{engine or f'{self.args.world_size} process'}")
             shard_frozen_llm(model)
         # The run warns once about skipped images (``log``), not each worker's dataset copy on its own.
         if hasattr(self.train_dataset, "warn_skipped"):
