@@ -52,24 +52,26 @@ class Runs:
             self.configs[case].write_text(json.dumps(config))
         self.done = {}
 
-    def get(self, case: str, engine: str, processes: int = 2) -> Path:
-        """The output directory of the uninterrupted run of ``case`` on ``engine`` in ``processes`` processes."""
-        key = (case, engine, processes)
+    def get(self, case: str, engine: str, processes: int = 2, accumulation: int = 1) -> Path:
+        """The output directory of the uninterrupted run of ``case`` on ``engine`` in ``processes`` processes, each
+        global batch of GLOBAL_BATCH records taken in ``accumulation`` micro-batches per process."""
+        key = (case, engine, processes, accumulation)
         if key not in self.done:
             output = self.root / "-".join(map(str, key))
-            result = subprocess.run(self.command(case, engine, processes, output), cwd=self.root, env=_env(),
-                                    capture_output=True, text=True, timeout=900)
+            flags = ["--gradient_accumulation_steps", str(accumulation)]
+            result = subprocess.run(self.command(case, engine, processes, output, *flags, accumulation=accumulation),
+                                    cwd=self.root, env=_env(), capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
             (output / "stdout.txt").write_text(result.stdout)
             (output / "stderr.txt").write_text(result.stderr)
             self.done[key] = output
         return self.done[key]
 
-    def command(self, case, engine, processes, output, *flags):
+    def command(self, case, engine, processes, output, *flags, accumulation=1):
         launcher = [sys.executable] if processes == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         return launcher + ["-m", "lmeye_fast.train", "--config", str(self.configs[case]), "--output_dir", str(output),
-                           "--batch_size", str(GLOBAL_BATCH // processes), *ENGINES[engine], *flags]
+                           "--batch_size", str(GLOBAL_BATCH // (processes * accumulation)), *ENGINES[engine], *flags]
 
 
 def _env():
@@ -100,12 +102,28 @@ def _summary(output):
     return json.loads((output / "train_result.json").read_text())
 
 
-def _assert_equal_runs(got, expected, rel):
-    assert _losses(got) == pytest.approx(_losses(expected), rel=rel) and len(_losses(got)) == STEPS
-    single = _adapter(expected)
-    adapter = _adapter(got)
+def _max_difference(got, expected):
+    single, adapter = _adapter(expected), _adapter(got)
     assert adapter.keys() == single.keys()
-    assert max(relative_difference(adapter[k], single[k]) for k in single) <= rel
+    return max(relative_difference(adapter[k], single[k]) for k in single)
+
+
+def _assert_equal_to_one_process(runs, case, got):
+    """``got`` (2 processes) ends as one process does on the same global batches: losses and the final adapter
+    within rel 1e-4. Two processes sum each gradient in another order than one, and 12 AdamW steps amplify that
+    fp32 rounding by a factor that depends on the draw of models and data (from 1e-6 to above 1e-4 over draws,
+    the same for every engine). Where a draw amplifies it past 1e-4, the bound is what the same single process
+    reaches when it only re-associates those sums (each global batch in 2 micro-batches of gradient
+    accumulation), with a margin for two independent roundings: a wrong batch, split or average moves the
+    adapter by orders of magnitude more."""
+    expected = runs.get(case, "ddp", processes=1)
+    assert _losses(got) == pytest.approx(_losses(expected), rel=1e-4) and len(_losses(got)) == STEPS
+    difference = _max_difference(got, expected)
+    if difference > 1e-4:
+        floor = _max_difference(runs.get(case, "ddp", processes=1, accumulation=2), expected)
+        assert difference <= 4 * floor, (f"2 processes differ from 1 by {difference:.3e} (rel), more than 1e-4 and "
+                                         f"than 4x the {floor:.3e} one process differs by when it re-associates "
+                                         "its gradient sums")
 
 
 @needs_deepspeed
@@ -114,7 +132,7 @@ def test_zero3_through_the_cli_equals_one_process(runs, case):
     """The LLM and the vision tower load partitioned (zero.Init): the token count, the special tokens' initial
     values and the rows resizing adds are computed as one process computes them."""
     single, zero3 = runs.get(case, "ddp", processes=1), runs.get(case, "zero3")
-    _assert_equal_runs(zero3, single, rel=1e-4)
+    _assert_equal_to_one_process(runs, case, zero3)
     whole, = _summary(single)["llm_parameter_bytes_per_rank"]
     shares = _summary(zero3)["llm_parameter_bytes_per_rank"]
     # Each rank holds its half of every LLM weight (rounded up), the few tiny ones ZeRO-3 keeps whole besides.
@@ -126,7 +144,7 @@ def test_fsdp2_through_the_cli_equals_one_process(runs, case):
     """The Trainer's FSDP2 with LMEye's groups: every LLM and vision layer sharded, the adapter gathered whole to
     be saved; each rank holds about half of the LLM's parameter bytes."""
     single, fsdp = runs.get(case, "ddp", processes=1), runs.get(case, "fsdp2")
-    _assert_equal_runs(fsdp, single, rel=1e-4)
+    _assert_equal_to_one_process(runs, case, fsdp)
     whole, = _summary(single)["llm_parameter_bytes_per_rank"]
     shares = _summary(fsdp)["llm_parameter_bytes_per_rank"]
     assert len(shares) == 2 and all(0.45 * whole <= share <= 0.55 * whole for share in shares), (whole, shares)
@@ -161,7 +179,7 @@ def _killed_after_checkpoint(runs, case, engine, output):
 def test_a_killed_run_resumed_ends_as_an_uninterrupted_one(runs, engine):
     case = "room-tokens"
     whole = runs.get(case, engine)
-    _assert_equal_runs(whole, runs.get(case, "ddp", processes=1), rel=1e-4)  # 2 processes equal 1
+    _assert_equal_to_one_process(runs, case, whole)
     output = runs.root / f"killed-{engine}"
     _killed_after_checkpoint(runs, case, engine, output)
     result = subprocess.run(runs.command(case, engine, 2, output, "--resume", "true"), cwd=runs.root, env=_env(),
