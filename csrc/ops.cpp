@@ -16,21 +16,44 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "lmeye_kernels.h"
 
 namespace {
 
+// Messages use the words of lmeye_fast/checks.py ("name: expected ..., got ..."), after the op's name:
+// dtypes as torch.float32 prints (float32), shapes as a Python tuple.
+std::string dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(type);
+  }
+}
+
+std::string shape_of(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
 void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& first,
                 const char* first_name) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors (no CUDA backend on CPU): ", name, " is on ", t.device());
-  TORCH_CHECK(t.device() == first.device(), op, ": expected all tensors on one device: ", name, " is on ",
-              t.device(), " but ", first_name, " is on ", first.device());
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor (the CUDA backend has no CPU kernels), got "
+              "a tensor on ", t.device());
+  TORCH_CHECK(t.device() == first.device(), op, ": ", name, ": expected a tensor on ", first.device(), " (like ",
+              first_name, "), got ", t.device());
 }
 
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* shape) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, ": expected shape ", shape, ", got ", shape_of(t.sizes()));
 }
 
 lmeye_dtype float_dtype(const char* op, const char* name, const at::Tensor& t) {
@@ -40,8 +63,8 @@ lmeye_dtype float_dtype(const char* op, const char* name, const at::Tensor& t) {
     case at::kBFloat16: return LMEYE_BFLOAT16;
     case at::kDouble: return LMEYE_FLOAT64;
     default:
-      C10_THROW_ERROR(TypeError, c10::str(op, ": ", name, " must be float32, float16, bfloat16 or float64, got ",
-                                          t.scalar_type()));
+      C10_THROW_ERROR(TypeError, c10::str(op, ": ", name, ": expected dtype in (float32, float16, bfloat16, float64), got ",
+                                          dtype_name(t.scalar_type())));
   }
 }
 
@@ -49,13 +72,14 @@ lmeye_index_dtype index_dtype(const char* op, const char* name, const at::Tensor
   switch (t.scalar_type()) {
     case at::kInt: return LMEYE_INT32;
     case at::kLong: return LMEYE_INT64;
-    default: C10_THROW_ERROR(TypeError, c10::str(op, ": ", name, " must be int32 or int64, got ", t.scalar_type()));
+    default: C10_THROW_ERROR(TypeError, c10::str(op, ": ", name, ": expected dtype in (int32, int64), got ",
+                                                       dtype_name(t.scalar_type())));
   }
 }
 
 void same_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, ": expected dtype ",
+                   dtype_name(ref.scalar_type()), " (the dtype of ", ref_name, "), got ", dtype_name(t.scalar_type()));
 }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
@@ -91,10 +115,10 @@ void add_rows(const char* op, const at::Tensor& seq, const char* seq_name, const
   check_dim(op, "rows", rows, 3, "(B, R, D)");
   check_dim(op, index_name, index, 2, "(B, R)");
   const int64_t batch = seq.size(0), count = rows.size(1), width = seq.size(2);
-  TORCH_CHECK_VALUE(rows.size(0) == batch && rows.size(2) == width, op, ": rows must have shape (B, R, D) = (", batch,
-              ", R, ", width, ") to match ", seq_name, " ", seq.sizes(), ", got ", rows.sizes());
+  TORCH_CHECK_VALUE(rows.size(0) == batch && rows.size(2) == width, op, ": rows: expected shape (B, R, D) = (", batch,
+                    ", R, ", width, ") to match ", seq_name, " ", shape_of(seq.sizes()), ", got ", shape_of(rows.sizes()));
   TORCH_CHECK_VALUE(index.size(0) == batch && index.size(1) == count, op, ": ", index_name,
-                    " must have shape (B, R) = (", batch, ", ", count, "), got ", index.sizes());
+                    ": expected shape (B, R) = (", batch, ", ", count, "), got ", shape_of(index.sizes()));
   lmeye_rows_args a{};
   a.dtype = float_dtype(op, seq_name, seq);
   same_dtype(op, "rows", rows, seq, seq_name);
@@ -103,8 +127,8 @@ void add_rows(const char* op, const at::Tensor& seq, const char* seq_name, const
     const at::Tensor& e = *slot_embed;
     check_cuda(op, "slot_embed", e, seq, seq_name);
     check_dim(op, "slot_embed", e, 2, "(R, D)");
-    TORCH_CHECK_VALUE(e.size(0) == count && e.size(1) == width, op, ": slot_embed must have shape (R, D) = (", count,
-                      ", ", width, "), got ", e.sizes());
+    TORCH_CHECK_VALUE(e.size(0) == count && e.size(1) == width, op, ": slot_embed: expected shape (R, D) = (",
+                      count, ", ", width, "), got ", shape_of(e.sizes()));
     same_dtype(op, "slot_embed", e, seq, seq_name);
     a.slot_embed = e.const_data_ptr();
     a.slot_stride[0] = e.stride(0);
@@ -130,12 +154,12 @@ void interleave_(const at::Tensor& embeds, const at::Tensor& rows, const at::Ten
   const char* op = "lmeye_fast::interleave_";
   check_cuda(op, "embeds", embeds, embeds, "embeds");
   TORCH_CHECK(at::has_internal_overlap(embeds) != at::MemOverlap::Yes, op,
-              ": embeds has elements that share memory (an expanded tensor?); an in-place interleave needs "
-              "distinct rows: pass embeds.contiguous() or use the out-of-place interleave");
+              ": embeds: has elements that share memory (an expanded tensor, strides ", shape_of(embeds.strides()),
+              "); the in-place interleave needs distinct rows: pass embeds.contiguous() or use inplace=False");
   const auto check_apart = [&](const char* name, const at::Tensor& t) {
     const auto overlap = at::get_overlap_status(embeds, t);
     TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op, ": ", name,
-                " shares memory with embeds, which the in-place interleave writes; pass a copy");
+                ": shares memory with embeds, which the in-place interleave writes; pass a copy (", name, ".clone())");
   };
   check_apart("rows", rows);
   if (slot_embed.has_value()) check_apart("slot_embed", *slot_embed);
@@ -161,8 +185,8 @@ at::Tensor gather_rows(const at::Tensor& seq, const at::Tensor& index) {
   check_cuda(op, "index", index, seq, "seq");
   check_dim(op, "seq", seq, 3, "(B, T, D)");
   check_dim(op, "index", index, 2, "(B, R)");
-  TORCH_CHECK_VALUE(index.size(0) == seq.size(0), op, ": index must have shape (B, R) with B = ", seq.size(0),
-              " to match seq ", seq.sizes(), ", got ", index.sizes());
+  TORCH_CHECK_VALUE(index.size(0) == seq.size(0), op, ": index: expected shape (B, R) with B = ",
+                    seq.size(0), " to match seq ", shape_of(seq.sizes()), ", got ", shape_of(index.sizes()));
   lmeye_rows_args a{};
   a.dtype = float_dtype(op, "seq", seq);
   a.index_dtype = index_dtype(op, "index", index);
@@ -179,7 +203,7 @@ at::Tensor scatter_rows(const at::Tensor& rows, const at::Tensor& index, int64_t
   const char* op = "lmeye_fast::scatter_rows";
   check_cuda(op, "rows", rows, rows, "rows");
   check_dim(op, "rows", rows, 3, "(B, R, D)");
-  TORCH_CHECK_VALUE(length >= 0, op, ": length must be >= 0, got ", length);
+  TORCH_CHECK_VALUE(length >= 0, op, ": length: expected >= 0, got ", length);
   at::Tensor out = at::zeros({rows.size(0), length, rows.size(2)}, rows.options());
   // A gather may read one position several times, so its backward sums repeats.
   add_rows(op, out, "out", rows, index, "index", std::nullopt, lmeye_scatter_add);
@@ -191,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_slots(const at::Tensor& inpu
   const char* op = "lmeye_fast::plan_slots";
   check_cuda(op, "input_ids", input_ids, input_ids, "input_ids");
   check_dim(op, "input_ids", input_ids, 2, "(B, T)");
-  TORCH_CHECK_VALUE(num_slots >= 0, op, ": num_slots must be >= 0, got ", num_slots);
+  TORCH_CHECK_VALUE(num_slots >= 0, op, ": num_slots: expected >= 0, got ", num_slots);
   lmeye_plan_args a{};
   a.ids_dtype = index_dtype(op, "input_ids", input_ids);
   const int64_t batch = input_ids.size(0);

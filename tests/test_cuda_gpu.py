@@ -296,13 +296,13 @@ def test_cuda_ops_bad_input_messages(cuda_ops):
     embeds = torch.randn(2, 6, 8, device=DEV)
     rows = torch.randn(2, 3, 8, device=DEV)
     index = slot_positions(2, 6, 3)
-    with pytest.raises(ValueError, match=r"lmeye_fast::interleave: rows must have shape \(B, R, D\)"):
+    with pytest.raises(ValueError, match=r"lmeye_fast::interleave: rows: expected shape \(B, R, D\) = \(2, R, 8\) to match embeds \(2, 6, 8\), got \(2, 3, 4\)"):
         torch.ops.lmeye_fast.interleave(embeds, rows[:, :, :4], index)
-    with pytest.raises(TypeError, match="lmeye_fast::interleave: rows must have the dtype of embeds"):
+    with pytest.raises(TypeError, match=r"lmeye_fast::interleave: rows: expected dtype float32 \(the dtype of embeds\), got float16"):
         torch.ops.lmeye_fast.interleave(embeds, rows.half(), index)
-    with pytest.raises(RuntimeError, match="lmeye_fast::interleave: expected CUDA tensors .*slot_pos is on cpu"):
+    with pytest.raises(RuntimeError, match="lmeye_fast::interleave: slot_pos: expected a CUDA tensor .*got a tensor on cpu"):
         torch.ops.lmeye_fast.interleave(embeds, rows, index.cpu())
-    with pytest.raises(RuntimeError, match="lmeye_fast::interleave_: embeds has elements that share memory"):
+    with pytest.raises(RuntimeError, match="lmeye_fast::interleave_: embeds: has elements that share memory"):
         torch.ops.lmeye_fast.interleave_(embeds[:1].expand(2, -1, -1), rows, index)
-    with pytest.raises(RuntimeError, match="lmeye_fast::interleave_: rows shares memory with embeds"):
+    with pytest.raises(RuntimeError, match="lmeye_fast::interleave_: rows: shares memory with embeds"):
         torch.ops.lmeye_fast.interleave_(embeds, embeds[:, :3], index)

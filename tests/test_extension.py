@@ -102,14 +102,15 @@ def test_cpu_call_fails_clearly(cuda_ops):
     batch, length, width, count = shapes()
     embeds, rows = torch.randn(batch, length, width), torch.randn(batch, count, width)
     slot_pos = torch.stack([torch.randperm(length)[:count] for _ in range(batch)])
-    message = "lmeye_fast::interleave: expected CUDA tensors (no CUDA backend on CPU): embeds is on cpu"
+    message = ("lmeye_fast::interleave: embeds: expected a CUDA tensor (the CUDA backend has no CPU kernels), "
+               "got a tensor on cpu")
     with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         torch.ops.lmeye_fast.interleave(embeds, rows, slot_pos)
-    with pytest.raises(RuntimeError, match="lmeye_fast::interleave: expected CUDA tensors"):
+    with pytest.raises(RuntimeError, match="lmeye_fast::interleave: embeds: expected a CUDA tensor"):
         cuda_ops.interleave(embeds, rows, slot_pos)
-    with pytest.raises(RuntimeError, match="lmeye_fast::gather_rows: expected CUDA tensors .*seq is on cpu"):
+    with pytest.raises(RuntimeError, match="lmeye_fast::gather_rows: seq: expected a CUDA tensor .*got a tensor on cpu"):
         torch.ops.lmeye_fast.gather_rows(embeds, slot_pos)
-    with pytest.raises(RuntimeError, match="lmeye_fast::plan_slots: expected CUDA tensors .*input_ids is on cpu"):
+    with pytest.raises(RuntimeError, match="lmeye_fast::plan_slots: input_ids: expected a CUDA tensor .*got a tensor on cpu"):
         torch.ops.lmeye_fast.plan_slots(slot_pos, 1, 2, count)
 
 
