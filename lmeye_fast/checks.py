@@ -18,6 +18,12 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The storage dtypes the Triton kernels take (they accumulate in float32).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _shape(dims: Sequence[Optional[int]]) -> str:
@@ -32,19 +38,37 @@ def check_tensor(
     dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
     device: Optional[torch.device] = None,
     dims: str = "",
+    like: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Raise a clear error unless ``value`` is a tensor of ``shape`` (None = any size), one of ``dtypes``, on ``device``."""
+    """Raise a clear error unless ``value`` is a tensor of ``shape`` (None = any size), one of ``dtypes``, on
+    ``device``, and of dtype ``like`` where given (the other operands' dtype: the kernels' rule)."""
     label = f"{name} {dims}".rstrip()
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{label}: expected a torch.Tensor of shape {_shape(shape)}, got {type(value).__name__}")
     if value.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, value.shape)):
         raise ValueError(f"{label}: expected shape {_shape(shape)}, got {tuple(value.shape)}")
     if value.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{label}: expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+        if dtypes == KERNEL_DTYPES:
+            # The kernels accumulate in float32: a float64 input would lose precision silently.
+            raise TypeError(f"{label}: the Triton backend supports float16, bfloat16 and float32, got "
+                            f"{_dtype_name(value.dtype)} (use backend='reference' or 'cuda')")
+        names = ", ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{label}: expected dtype in ({names}), got {_dtype_name(value.dtype)}")
+    if like is not None and value.dtype != like:
+        raise TypeError(f"{label}: expected dtype {_dtype_name(like)} (the dtype of the other inputs), "
+                        f"got {_dtype_name(value.dtype)}")
     if device is not None and value.device != device:
         raise ValueError(f"{label}: expected a tensor on {device} (like the other inputs), got {value.device}")
     return value
+
+
+def check_operand(name: str, value, shape: Sequence[Optional[int]], dtype: torch.dtype, device: torch.device,
+                  dims: str = "") -> torch.Tensor:
+    """A Triton op's operand: ``check_tensor`` with the kernels' rule, one of ``KERNEL_DTYPES`` and the
+    other operands' ``dtype``. None passes (an absent bias or slot embedding)."""
+    if value is None:
+        return value
+    return check_tensor(name, value, shape, KERNEL_DTYPES, device, dims, like=dtype)
 
 
 # The Triton backend's attention schedules (docs/design.md §5): "split" attends over F = X W_fᵀ + b_f tile
@@ -89,39 +113,6 @@ def check_schedule(schedule) -> AttentionSchedule:
     return record
 
 
-# The storage dtypes the Triton kernels take (they accumulate in float32).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}")
-
-
-def check_kernel_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """``tensor`` in ``dtype`` (the other inputs'), one of ``KERNEL_DTYPES``: the Triton ops' dtype rule."""
-    if tensor.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {_dtype_name(dtype)} (the dtype of the other inputs), "
-                        f"got {_dtype_name(tensor.dtype)}")
-    if dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton backend supports float16, bfloat16 and float32, got {_dtype_name(dtype)}")
-
-
-def check_optional(name: str, tensor: Optional[torch.Tensor], shape, dtype: torch.dtype, device: torch.device,
-                   dims: str = "") -> None:
-    """An optional operand (bias, slot embedding): None, or ``shape`` in the inputs' dtype and device."""
-    if tensor is None:
-        return
-    if tensor.shape != shape:
-        raise ValueError(f"{name}: expected shape {dims}{tuple(shape)}, got {tuple(tensor.shape)}")
-    check_kernel_dtype(name, tensor, dtype)
-    check_device(name, tensor, device)
-
-
 def validating(validate: bool) -> bool:
     """``validate``, or True everywhere while ``LMEYE_FAST_VALIDATE=1`` (a debugging switch: every
     position is then checked where it is used, at the cost of a host sync per call)."""
@@ -141,11 +132,11 @@ def check_positions(name: str, positions: torch.Tensor, length: int, distinct: b
             raise ValueError(f"{name}: slot positions of one row must be distinct")
 
 
-def _extent(t: torch.Tensor) -> Tuple[int, int, int]:
-    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+def _byte_range(t: torch.Tensor) -> Tuple[int, int]:
+    """(first byte, one past the last byte) of its storage that ``t`` can touch."""
     start = t.storage_offset() * t.element_size()
     span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-    return t.untyped_storage().data_ptr(), start, start + span * t.element_size()
+    return start, start + span * t.element_size()
 
 
 def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Tensor]) -> None:
@@ -161,12 +152,15 @@ def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Te
                          f"embeds.contiguous() or use inplace=False")
     if target.numel() == 0 or target.device.type == "meta":  # meta tensors have no memory to share
         return
-    storage, lo, hi = _extent(target)
+    storage = target.untyped_storage().data_ptr()
     for name, t in read.items():
-        if t is None or t.numel() == 0:
+        # Byte ranges are compared only within one storage: this runs on every in-place call, and
+        # tensors of other storages (nearly always all of them) cost one pointer read.
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
             continue
-        other, t_lo, t_hi = _extent(t)
-        if other == storage and t_lo < hi and lo < t_hi:
+        lo, hi = _byte_range(target)
+        t_lo, t_hi = _byte_range(t)
+        if t_lo < hi and lo < t_hi:
             raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
                              f"pass a copy ({name}.clone())")
 

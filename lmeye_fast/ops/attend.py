@@ -40,8 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import (AttentionSchedule, check_device, check_kernel_dtype, check_optional, check_schedule,
-                      metadata_key)
+from ..checks import AttentionSchedule, check_operand, check_schedule, check_tensor, metadata_key
 from .attend_folded import FoldedPlan, attend_folded_bwd, folded_forward, plan_forward
 from .triton_launch import (CONFIGS, Launch, PlanCache, as_is, cdiv, compiling, config_cache, dense_bias, dot_acc,
                             dot_flags, interpret, needs_grad, on_device, op, pow2)
@@ -498,29 +497,17 @@ def _check(requests, image, image_mask, w_f, b_f, num_heads, sub_features, sched
     """The arguments' checks; then the split kernels' tile options, or None where the folded schedule runs."""
     record = check_schedule(schedule)
     device, dtype = requests.device, requests.dtype
-    if requests.dim() != 3:
-        raise ValueError(f"requests: expected shape (B, R, Di), got {tuple(requests.shape)}")
+    check_operand("requests", requests, (None, None, None), dtype, device, "(B, R, Di)")
     batch, _, width = requests.shape
     if not isinstance(num_heads, int) or num_heads < 1 or width % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing Di={width}, got {num_heads!r}")
     if not isinstance(sub_features, int) or sub_features < 1:
         raise ValueError(f"sub_features: expected a positive int, got {sub_features!r}")
-    check_kernel_dtype("requests", requests, dtype)
-    if image.dim() != 3 or image.shape[0] != batch:
-        raise ValueError(f"image: expected shape (B, N, Dv) with B={batch}, got {tuple(image.shape)}")
-    check_kernel_dtype("image", image, dtype)
-    check_device("image", image, device)
-    if w_f.shape != (sub_features * width, image.shape[2]):
-        raise ValueError(f"w_f: expected shape (S*Di, Dv) = ({sub_features * width}, {image.shape[2]}), "
-                         f"got {tuple(w_f.shape)}")
-    check_kernel_dtype("w_f", w_f, dtype)
-    check_device("w_f", w_f, device)
-    check_optional("b_f", b_f, (sub_features * width,), dtype, device)
+    check_operand("image", image, (batch, None, None), dtype, device, "(B, N, Dv)")
+    check_operand("w_f", w_f, (sub_features * width, image.shape[2]), dtype, device, "(S*Di, Dv)")
+    check_operand("b_f", b_f, (sub_features * width,), dtype, device, "(S*Di,)")
     if image_mask is not None:
-        if image_mask.shape != image.shape[:2] or image_mask.dtype != torch.bool:
-            raise ValueError(f"image_mask: expected a bool tensor of shape {tuple(image.shape[:2])}, "
-                             f"got {image_mask.dtype} {tuple(image_mask.shape)}")
-        check_device("image_mask", image_mask, device)
+        check_tensor("image_mask", image_mask, image.shape[:2], (torch.bool,), device, "(B, N)")
     return None if folds(width // num_heads, record.name) else SplitOptions.of(record)
 
 

@@ -9,11 +9,13 @@ the backward ``d rows = dE[b, slot_pos[b, j]]``; ``dE`` passes through.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ..checks import KERNEL_DTYPES, check_device, check_writable
+from ..checks import INDEX_DTYPES, KERNEL_DTYPES, check_tensor, check_writable
 from .triton_launch import bump_version, cdiv, interpret, needs_grad, on_device, op, pow2
 
 
@@ -109,33 +111,21 @@ class InterleaveFunction(torch.autograd.Function):
         return grad, gather_slots(grad, slot_pos).to(ctx.rows_dtype), None, None
 
 
-def check_slots(embeds: torch.Tensor, rows_shape, slot_pos: torch.Tensor) -> None:
-    """Metadata checks shared with ``transmit_interleave``: (B, T', D) embeds, (B, R) int positions."""
-    if embeds.dim() != 3 or not embeds.is_floating_point():
-        raise ValueError(f"embeds: expected a floating tensor of shape (B, T', D), got {embeds.dtype} "
-                         f"{tuple(embeds.shape)}")
-    if embeds.dtype not in KERNEL_DTYPES:
-        # The kernels sum in float32: a float64 sequence would lose precision silently.
-        raise TypeError(f"embeds: the Triton backend supports float16, bfloat16 and float32, got "
-                        f"{str(embeds.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
+def check_slots(embeds: torch.Tensor, rows_shape, slot_pos: torch.Tensor,
+                device: Optional[torch.device] = None) -> None:
+    """Metadata checks shared with ``transmit_interleave``: (B, T', D) embeds (on ``device`` where given)
+    for (B, R, D) rows, (B, R) int positions on the embeds' device."""
     batch, num_slots, width = rows_shape
-    if embeds.shape[0] != batch or embeds.shape[2] != width:
-        raise ValueError(f"embeds: expected shape (B, T', D) = ({batch}, ?, {width}), got {tuple(embeds.shape)}")
-    if slot_pos.shape != (batch, num_slots) or slot_pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_pos: expected an int32/int64 tensor of shape ({batch}, {num_slots}), "
-                         f"got {slot_pos.dtype} {tuple(slot_pos.shape)}")
-    check_device("slot_pos", slot_pos, embeds.device)
+    check_tensor("embeds", embeds, (batch, None, width), KERNEL_DTYPES, device, "(B, T', D)")
+    check_tensor("slot_pos", slot_pos, (batch, num_slots), INDEX_DTYPES, embeds.device, "(B, R)")
 
 
 def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``E[b, slot_pos[b, j]] += rows[b, j]`` (see ``reference.interleave``); ``inplace`` writes into ``embeds``."""
-    if rows.dim() != 3 or not rows.is_floating_point():
-        raise ValueError(f"rows: expected a floating tensor of shape (B, R, D), got {rows.dtype} {tuple(rows.shape)}")
+    # The rows may be in another kernel dtype than embeds: the kernel converts them as it adds.
+    check_tensor("rows", rows, (None, None, None), dims="(B, R, D)")
     check_slots(embeds, rows.shape, slot_pos)
-    if rows.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"rows: the Triton backend supports float16, bfloat16 and float32, got "
-                        f"{str(rows.dtype).replace('torch.', '')} (use backend='reference' or 'cuda')")
-    check_device("rows", rows, embeds.device)
+    check_tensor("rows", rows, tuple(rows.shape), KERNEL_DTYPES, embeds.device, "(B, R, D)")
     if inplace:
         check_writable(embeds, "interleave", rows=rows)
     if needs_grad(embeds, rows):

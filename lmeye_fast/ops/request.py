@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..checks import check_device, check_kernel_dtype, check_optional, metadata_key
+from ..checks import INDEX_DTYPES, check_operand, check_tensor, metadata_key
 from .triton_launch import (Launch, PlanCache, Rows, as_is, compiling, dense_bias, device_index, gemm, gemm_plan,
                             launch_gemm, needs_grad, op, rows2d)
 
@@ -84,24 +84,16 @@ class RequestFunction(torch.autograd.Function):
 
 
 def _check(hidden, request_pos, w_q, b_q, num_requests):
-    device, dtype = hidden.device, hidden.dtype
-    check_kernel_dtype("hidden", hidden, dtype)
+    dtype = hidden.dtype
     if request_pos is None:
-        if hidden.dim() != 2:
-            raise ValueError(f"hidden: expected shape (B, D) when request_pos is None, got {tuple(hidden.shape)}")
+        check_operand("hidden", hidden, (None, None), dtype, hidden.device, "(B, D) request vectors")
     else:
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden: expected shape (B, T, D) with request_pos, got {tuple(hidden.shape)}")
-        if request_pos.shape != (hidden.shape[0],) or request_pos.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"request_pos: expected an int32/int64 tensor of shape ({hidden.shape[0]},), "
-                             f"got {request_pos.dtype} {tuple(request_pos.shape)}")
-        check_device("request_pos", request_pos, device)
-    if w_q.dim() != 2 or w_q.shape[1] != hidden.shape[-1] or w_q.shape[0] % num_requests:
-        raise ValueError(f"w_q: expected shape (R*Di, D) = (num_requests*?, {hidden.shape[-1]}) "
-                         f"with num_requests={num_requests}, got {tuple(w_q.shape)}")
-    check_kernel_dtype("w_q", w_q, dtype)
-    check_device("w_q", w_q, device)
-    check_optional("b_q", b_q, (w_q.shape[0],), dtype, device)
+        check_operand("hidden", hidden, (None, None, None), dtype, hidden.device, "(B, T, D)")
+        check_tensor("request_pos", request_pos, (hidden.shape[0],), INDEX_DTYPES, hidden.device, "(B,)")
+    check_operand("w_q", w_q, (None, hidden.shape[-1]), dtype, hidden.device, "(R*Di, D)")
+    if w_q.shape[0] % num_requests:
+        raise ValueError(f"w_q (R*Di, D): rows must be a multiple of num_requests={num_requests}, got {w_q.shape[0]}")
+    check_operand("b_q", b_q, (w_q.shape[0],), dtype, hidden.device, "(R*Di,)")
 
 
 class RequestPlan(NamedTuple):

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..checks import check_device, check_kernel_dtype, check_optional, check_writable, metadata_key
+from ..checks import check_operand, check_writable, metadata_key
 from ..reference import slot_groups
 from .interleave import check_slots, gather_slots
 from .triton_launch import (PlanCache, Rows, as_is, bias_stride, bump_version, compiling, dense_bias, device_index,
@@ -224,29 +224,25 @@ class TransmitInterleaveFunction(torch.autograd.Function):
 
 
 def _check(z, w_o, b_o, slot_embed):
-    if z.dim() != 3:
-        raise ValueError(f"z: expected shape (B, R, Di), got {tuple(z.shape)}")
-    device, dtype = z.device, z.dtype
-    check_kernel_dtype("z", z, dtype)
-    if w_o.dim() not in (2, 3) or w_o.shape[-1] != z.shape[2]:
-        raise ValueError(f"w_o: expected shape (D, Di) (shared) or (K, D, Di) (per slot) with Di={z.shape[2]}, "
-                         f"got {tuple(w_o.shape)}")
-    check_kernel_dtype("w_o", w_o, dtype)
-    check_device("w_o", w_o, device)
+    check_operand("z", z, (None, None, None), z.dtype, z.device, "(B, R, Di)")
+    width = z.shape[2]
+    if isinstance(w_o, torch.Tensor) and w_o.dim() == 3:
+        check_operand("w_o", w_o, (None, None, width), z.dtype, z.device, "(K, D, Di) per slot")
+    else:
+        check_operand("w_o", w_o, (None, width), z.dtype, z.device, "(D, Di) shared, or (K, D, Di) per slot")
     _, num_slots, llm = _out_shape(z, w_o)
     if _per_slot(w_o):
         slot_groups(z.shape[1], num_slots)
-        check_optional("b_o", b_o, (num_slots, llm), dtype, device, "(K, D) = ")
-        check_optional("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(K, D) = ")
+        check_operand("b_o", b_o, (num_slots, llm), z.dtype, z.device, "(K, D)")
+        check_operand("slot_embed", slot_embed, (num_slots, llm), z.dtype, z.device, "(K, D)")
     else:
-        check_optional("b_o", b_o, (llm,), dtype, device)
-        check_optional("slot_embed", slot_embed, (num_slots, llm), dtype, device, "(R, D) = ")
+        check_operand("b_o", b_o, (llm,), z.dtype, z.device, "(D,)")
+        check_operand("slot_embed", slot_embed, (num_slots, llm), z.dtype, z.device, "(R, D)")
 
 
 def _check_interleave(z, w_o, b_o, slot_embed, embeds, slot_pos):
     _check(z, w_o, b_o, slot_embed)
-    check_slots(embeds, _out_shape(z, w_o), slot_pos)
-    check_device("embeds", embeds, z.device)
+    check_slots(embeds, _out_shape(z, w_o), slot_pos, z.device)
 
 
 _PLANS = PlanCache()
