@@ -271,6 +271,26 @@ def test_attend_all_masked_is_residual_and_noncontiguous(attend_variant):
             [r, x, mask, w, None], torch.float32, ["requests", "image", "image_mask", "w_f", "b_f"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attend_results_do_not_depend_on_the_image_layout(dtype, attend_variant):
+    """The same values in a non-contiguous image give the same bits, output and gradients: the
+    schedules take F = X W_fᵀ + b_f rounded once whatever the strides (a 3-D ``F.linear`` on a
+    non-contiguous half-precision input rounds the product before adding the bias)."""
+    _, attend_decomposed = attend_variant
+    r = leaf(2, 3, 16, dtype=dtype)
+    x = leaf(2, 33, 11, dtype=dtype)
+    w, b = leaf(32, 11, dtype=dtype, scale=11 ** -0.5), leaf(32, dtype=dtype)
+    x_strided = noncontig(x.detach()).requires_grad_()
+    assert not x_strided.is_contiguous() and torch.equal(x_strided, x)
+    grad = torch.randn(2, 3, 16, device=DEVICE).to(dtype)
+    results = []
+    for image in (x, x_strided):
+        z = attend_decomposed(r, image, None, w, b, 2, 2)
+        results.append([z, *torch.autograd.grad(z, [r, image, w, b], grad)])
+    for name, got, want in zip(["output", "d requests", "d image", "d w_f", "d b_f"], *results):
+        assert torch.equal(got, want), f"{name}: differs with a non-contiguous image"
+
+
 def test_attend_frozen_image_gets_no_gradient_and_the_rest_still_match(attend_variant):
     """Image features from a frozen vision encoder need no gradient: the backward skips it (the
     op hands back an empty tensor) and every other gradient still matches the reference."""

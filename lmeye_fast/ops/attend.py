@@ -315,8 +315,14 @@ def attend_blocks(num_req: int, head_dim: int, num_heads: int, config: str, mate
 def _features(image: torch.Tensor, w_f: torch.Tensor, b_f: Optional[torch.Tensor]) -> torch.Tensor:
     """``F = X W_fᵀ + b_f`` in the storage dtype, contiguous (B, N, S·Di) (row ``n*S + k`` of
     the (B, N·S, Di) view is sub-feature k of token n): one dense product, ``F.linear`` (cuBLAS on a
-    GPU; fp32 accumulation on both), so the interpreter's tests run the GPU's code."""
-    return torch.nn.functional.linear(image, w_f, b_f)
+    GPU; fp32 accumulation on both), so the interpreter's tests run the GPU's code. The product is
+    taken on the (B·N, Dv) rows (a copy where the image's strides allow no such view): a 3-D input
+    that is not contiguous sends ``F.linear`` to a matmul with the bias added after the product was
+    rounded, two roundings of F where this is one."""
+    batch, tokens, vision = image.shape
+    rows = image.reshape(batch * tokens, vision)
+    out = torch.mm(rows, w_f.t()) if b_f is None else torch.addmm(b_f, rows, w_f.t())
+    return out.view(batch, tokens, w_f.shape[0])
 
 
 def _mask_arg(image_mask: Optional[torch.Tensor], image: torch.Tensor):
