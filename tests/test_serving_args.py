@@ -5,7 +5,7 @@ import json
 import pytest
 from saved_tiny_model import save_tiny_model
 
-from lmeye_fast.serving import ARCHITECTURE, ENGINE_ARGS, hf_overrides, serve_args
+from lmeye_fast.serving import ARCHITECTURE, ENGINE_ARGS, SCHEDULER, hf_overrides, serve_args
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +20,11 @@ def test_overrides_name_the_model_and_the_llm_architecture(saved):
     assert overrides["architectures"] == [ARCHITECTURE]
     assert overrides["lmeye"] == {"llm_architecture": "LlamaForCausalLM", "adapter": str((saved / "adapter").resolve()),
                                   "vision": str((saved / "vision").resolve()), "response_prefix": " Answer:",
-                                  "schedule": "two_pass"}
+                                  "schedule": "auto"}
     args = serve_args(saved / "llm", saved / "adapter", saved / "vision", " Answer:")
     assert json.loads(args[args.index("--hf-overrides") + 1]) == overrides
-    assert "--no-enable-prefix-caching" in args and "--no-enable-chunked-prefill" in args
-    assert ENGINE_ARGS == {"enable_prefix_caching": False, "enable_chunked_prefill": False}
+    assert "--no-enable-prefix-caching" in args and args[args.index("--scheduler-cls") + 1] == SCHEDULER
+    assert ENGINE_ARGS == {"enable_prefix_caching": False, "scheduler_cls": SCHEDULER}
 
 
 @pytest.mark.parametrize("part, named", [("adapter", "adapter:"), ("vision", "vision:"), ("llm", "llm:")])
@@ -42,5 +42,6 @@ def test_a_folder_without_an_adapter_is_named(saved):
 def test_a_schedule_the_forward_does_not_run_is_named(saved):
     assert hf_overrides(saved / "llm", saved / "adapter", saved / "vision", schedule="static")["lmeye"]["schedule"] == \
         "static"
-    with pytest.raises(ValueError, match=r"^schedule: expected one of \('two_pass', 'static'\), got 'single_pass'"):
-        hf_overrides(saved / "llm", saved / "adapter", saved / "vision", schedule="single_pass")
+    with pytest.raises(ValueError, match=r"^schedule: expected one of \('auto', 'single_pass', 'two_pass', 'static'\), "
+                                         r"got 'three_pass'"):
+        hf_overrides(saved / "llm", saved / "adapter", saved / "vision", schedule="three_pass")

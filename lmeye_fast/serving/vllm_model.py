@@ -8,40 +8,45 @@ The text vLLM is given is the question ``LMEyeProcessor`` reads, with vLLM's ``<
 where the image goes (none: where the template puts it).
 
 **The image block.** The processor below makes one multimodal placeholder per image that spans the
-whole block from the first ``<img>`` to the last ``<img-d>`` slot; only its ``<img>`` positions take
-embeddings. The block's ``<img-q>`` and slots must be computed in one forward, so LMEye refuses,
-when the model is built, the two engine settings that split a prompt: chunked prefill (vLLM's
-``disable_chunked_mm_input`` does not hold a placeholder together when it starts at a chunk's first
-token, which the step budget then cuts; the forward checks it and raises) and prefix caching (a
-cached prefix could end between ``<img-q>`` and its slots). Without chunked prefill vLLM schedules
-every prompt whole.
+whole block from the first ``<img>`` to the last ``<img-d>`` slot; its ``<img>``, ``<img-q>`` and
+``<img-d>`` positions take embeddings from the image's encoder output, one row each (the text
+between them takes the LLM's word embeddings).
 
 **What reaches the forward.** ``embed_multimodal`` runs the vision tower and the static mapping
-and returns, per image, N rows ``[static token (D) | the IPN's image features, packed]``: the
-features travel with the image through vLLM's encoder cache, and ``embed_input_ids`` splits the
-rows again, adding the static tokens into the ``<img>`` embeddings (as ``LMEyeModel`` does) and
-handing the features to the forward that follows it. The forward sees the flattened tokens of
-every scheduled request (``requires_raw_input_tokens``), finds each image's ``<img-q>`` (the first
-after its ``<img>`` run) and the slots after it; an adapter that reads its request at the first
-slot (``request_position="first_slot"``, the released v1 layout) has no ``<img-q>``, and its
-request is read there.
+and returns, per image, one row per embedding position of its block: the N ``<img>`` rows are
+``[static token (D) | the IPN's image features, packed]``, the ``<img-q>`` row and the slot rows
+start empty. vLLM's encoder cache keeps that tensor until the block is computed, and hands the
+model the rows of the positions each step computes (``embed_input_ids``), which get the adapter's
+learned rows as ``LMEyeModel.embed`` makes them, plus the row's content: the static token at
+``<img>``, the transmitted token at ``<img-d>``. The image's cache key covers the prompt too, since
+the transmitted tokens depend on it.
 
-**The schedule: two passes with the cache rewritten.** In a step that holds image blocks the
-LLM runs once over the step's tokens (writing their keys and values), the IPN reads each request
-from that pass's last hidden state at ``<img-q>``, its tokens are added into the slots'
-embeddings, and the LLM runs the step again: every token's keys and values are written again at
-the same cache slots, those up to ``<img-q>`` with the same values (the LLM is causal) and the slots
-and what follows with the IPN's tokens in them. Steps without an image block (decoding) run once,
-and so does every step of the static-only model (``schedule="static"``: no IPN).
-Splitting the step at ``<img-q>`` instead would need attention metadata for the part before it,
-which vLLM builds outside the model; benchmarks/vllm_serving.py measures what the second pass
-costs against the static-only model on the same engine (more than the split could save).
+**The schedule.** In the step that computes a block's anchor (its ``<img-q>``, or its first slot for
+an adapter that reads its request there, ``request_position="first_slot"``, the released v1
+layout), the forward runs the LLM over the step, reads the anchor's hidden state, runs the IPN and
+writes the transmitted tokens into the slot rows of the image's cached encoder output:
+
+- ``single_pass`` (the default where the anchor is ``<img-q>``): ``LMEyeScheduler``
+  (``scheduler.py``) ends that step at ``<img-q>``, so the slots come in a later step and take their
+  tokens from the cache; every token runs through the LLM once.
+- ``two_pass`` (the default for the first-slot layout, whose anchor is itself a slot): where slots
+  of a block are in the step that computed its anchor, the LLM runs the step again with their
+  tokens in them, so every key and value of the step is written again at the same cache slots (the
+  prefix's unchanged, the LLM being causal).
+- ``static``: the static-only model, one pass over every step and no IPN.
+
+Decoding steps run once. Chunked prefill splits prompts anywhere and stays exact: an anchor's
+step always precedes its slots' or holds them. Prefix caching is refused when the model is built (a
+cached prefix could end between the anchor and its slots, leaving the IPN without the anchor's
+hidden state).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import List, Optional
@@ -58,6 +63,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
                                         PromptReplacement, PromptUpdateDetails)
 from vllm.sequence import IntermediateTensors
 
+from . import SCHEDULER
 from ..models.config import LMEyeConfig
 from ..models.modeling import load_adapter_modules
 from ..models.processor import LMEyeProcessor
@@ -78,7 +84,7 @@ class ServingSettings:
     adapter: str
     vision: str
     response_prefix: Optional[str] = None
-    schedule: str = "two_pass"
+    schedule: str = "auto"
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ServingSettings":
@@ -126,17 +132,62 @@ def _ipn_tokens(config: LMEyeConfig) -> int:
                      "needs the IPN's token count, which the adapter's config does not record")
 
 
-def check_engine_settings(vllm_config: VllmConfig) -> None:
-    """Refuse the engine settings under which an image block could be split (module docstring)."""
+@dataclass(frozen=True)
+class ServingLayout:
+    """How an adapter's image block is served: the schedule (``ServingSettings.schedule`` with
+    ``"auto"`` resolved), N, R, and the rows of the block's encoder output: N ``<img>`` rows, then
+    the ``<img-q>`` row where the adapter has that token, then the R slot rows. The anchor, whose
+    hidden state is the request, is row N: ``<img-q>``, or the first slot."""
+
+    schedule: str
+    num_image_tokens: int
+    slots: int
+    has_request_token: bool
+
+    @property
+    def anchor_row(self) -> int:
+        return self.num_image_tokens
+
+    @property
+    def first_slot_row(self) -> int:
+        return self.num_image_tokens + int(self.has_request_token)
+
+    @property
+    def rows(self) -> int:
+        return self.first_slot_row + self.slots
+
+
+def serving_layout(settings: ServingSettings) -> ServingLayout:
+    """The layout and the schedule of the adapter that ``settings`` serve, refused by name where the
+    schedule asked for cannot run on it."""
+    config = _adapter_config(settings.adapter)
+    has_request_token = config.request_position == "request_token"
+    schedule = settings.schedule
+    if schedule == "auto":
+        schedule = "single_pass" if has_request_token else "two_pass"
+    elif schedule == "single_pass" and not has_request_token:
+        raise ValueError("schedule: 'single_pass' ends a step at <img-q>, and this adapter has none (it reads its "
+                         "request at its first <img-d> slot, request_position='first_slot', a slot the IPN then "
+                         "writes); serve it with schedule='two_pass' or 'auto'")
+    return ServingLayout(schedule, config.num_image_tokens, config.slots, has_request_token)
+
+
+def check_engine_settings(vllm_config: VllmConfig, layout: ServingLayout) -> None:
+    """Refuse the engine settings the schedule cannot run under (module docstring)."""
     scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
     if cache.enable_prefix_caching:
         raise ValueError("LMEye on vLLM: prefix caching is not supported (a cached prefix could end between "
                          "<img-q> and its <img-d> slots, leaving the IPN without the request's hidden state); "
                          "start vLLM with --no-enable-prefix-caching (LLM(..., enable_prefix_caching=False))")
-    if scheduler.enable_chunked_prefill:
-        raise ValueError("LMEye on vLLM: chunked prefill is not supported (it can split a prompt between <img-q> "
-                         "and its <img-d> slots, which one forward must compute together); start vLLM with "
-                         "--no-enable-chunked-prefill (LLM(..., enable_chunked_prefill=False))")
+    if layout.schedule == "single_pass":
+        from .scheduler import LMEyeScheduler
+
+        chosen = scheduler.get_scheduler_cls()
+        if not (isinstance(chosen, type) and issubclass(chosen, LMEyeScheduler)):
+            raise ValueError(f"LMEye on vLLM: the single-pass schedule needs LMEye's scheduler, which ends a step at "
+                             f"<img-q>, and vLLM runs {getattr(chosen, '__qualname__', chosen)}; start vLLM with "
+                             f"--scheduler-cls {SCHEDULER} (LLM(..., scheduler_cls={SCHEDULER!r}), in "
+                             f"lmeye_fast.serving.ENGINE_ARGS), or serve with schedule='two_pass'")
 
 
 class LMEyeProcessingInfo(BaseProcessingInfo):
@@ -169,8 +220,11 @@ class LMEyeProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, Optional[int]]:
         return {"image": 1}
 
+    def layout(self) -> ServingLayout:
+        return serving_layout(self.settings())
+
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {"image": self.lmeye_config().num_image_tokens}
+        return {"image": self.layout().rows}
 
     def image_size(self) -> int:
         processor = self.image_processor()
@@ -234,8 +288,18 @@ class LMEyeMultiModalProcessor(BaseMultiModalProcessor[LMEyeProcessingInfo]):
         ids = list(out["prompt_token_ids"])
         (start,) = [placeholder.offset for placeholder in out["mm_placeholders"]["image"]]
         end = len(ids) - ids[::-1].index(config.slot_token_id)
-        is_embed = torch.tensor(ids[start:end], dtype=torch.long) == config.image_token_id
+        block = torch.tensor(ids[start:end], dtype=torch.long)
+        lmeye_ids = torch.tensor([i for i in config.token_ids() if i is not None])
+        is_embed = torch.isin(block, lmeye_ids)
+        if int(is_embed.sum()) != self.info.layout().rows:
+            raise ValueError(f"prompt: the image block {ids[start:end]} does not hold the {self.info.layout().rows} "
+                             f"LMEye tokens of its layout")
         out["mm_placeholders"] = {"image": [PlaceholderRange(offset=start, length=end - start, is_embed=is_embed)]}
+        # The encoder output carries this prompt's transmitted tokens (module docstring): one cache entry per
+        # image and prompt, not per image.
+        (image_hash,) = out["mm_hashes"]["image"]
+        key = hashlib.sha256(f"{image_hash}:{ids}".encode()).hexdigest()
+        out["mm_hashes"] = {"image": [key]}
         return out
 
 
@@ -254,9 +318,10 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        check_engine_settings(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         settings = ServingSettings.from_hf_config(hf_config)
+        self.layout = serving_layout(settings)
+        check_engine_settings(vllm_config, self.layout)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=hf_config,
                                                              prefix=maybe_prefix(prefix, "language_model"),
@@ -270,9 +335,10 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
                                      else vllm_config.model_config.dtype)
         adapter = load_adapter_modules(settings.adapter, width, dtype=torch.float32, interaction=towers.interaction)
         self.lmeye_config, self.static, self.ipn = adapter.config, adapter.static, adapter.ipn
-        # Per special token (<img>, <img-q>, <img-d>): whether its learned row is added to the LLM's word row.
-        self.adds_word_row = tuple(mode == "add" for mode in adapter.config.row_modes)
         self.register_buffer("special_embed", adapter.special_embed, persistent=False)
+        # Per special token (<img>, <img-q>, <img-d>): whether its learned row is added to the LLM's word row.
+        self.register_buffer("adds_word_row", torch.tensor([mode == "add" for mode in adapter.config.row_modes]),
+                             persistent=False)
         self.register_buffer("never_generated", torch.tensor([i for i in adapter.config.token_ids() if i is not None]),
                              persistent=False)
         vocab = hf_config.vocab_size
@@ -282,8 +348,14 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
                              "tokenizer (llm.resize_token_embeddings(len(processor)))")
         self.vision = towers.vision.requires_grad_(False).eval()
         self.packed_width = _packed_width(adapter.config)
-        self.runs_ipn = settings.schedule == "two_pass"
+        # The special token of each row of an image block's encoder output (0 <img>, 1 <img-q>, 2 <img-d>).
+        layout = self.layout
+        kinds = [0] * layout.num_image_tokens + [1] * int(layout.has_request_token) + [2] * layout.slots
+        self.register_buffer("row_kinds", torch.tensor(kinds), persistent=False)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        # Each image's encoder output by the address of its storage: vLLM hands a step slices of it, and the
+        # forward writes the transmitted tokens into the whole (weak: vLLM's encoder cache owns them).
+        self._block_outputs: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
         self._step: Optional[_StepImages] = None
 
     # ------------------------------------------------------------------ images
@@ -292,7 +364,7 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         pixels = kwargs.get("pixel_values")
         if pixels is None:
             return []
-        config = self.lmeye_config
+        config, layout = self.lmeye_config, self.layout
         tower = next(self.vision.parameters())
         pixels = torch.stack(list(pixels)) if isinstance(pixels, (list, tuple)) else pixels
         with torch.no_grad():
@@ -300,16 +372,33 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
                                   (config.static_feature, config.ipn_feature))
         static = self.static.mapped(out[config.static_feature])                 # (B, N, D)
         features = out[config.ipn_feature].reshape(static.shape[0], -1)         # (B, M * Dv)
-        packed = features.new_zeros(static.shape[0], config.num_image_tokens * self.packed_width)
+        images, tokens, width = static.shape
+        blocks = static.new_zeros(images, layout.rows, width + self.packed_width)
+        blocks[:, :tokens, :width] = static
+        packed = features.new_zeros(images, tokens * self.packed_width)
         packed[:, :features.shape[1]] = features
-        rows = torch.cat([static, packed.to(static.dtype).view(static.shape[0], config.num_image_tokens, -1)], -1)
-        return list(rows)
+        blocks[:, :tokens, width:] = packed.view(images, tokens, self.packed_width).to(blocks.dtype)
+        outputs = [block.clone() for block in blocks]  # each its own storage, found again by its address
+        for output in outputs:
+            self._block_outputs[output.untyped_storage().data_ptr()] = output
+        return outputs
 
-    def _unpack(self, rows: torch.Tensor) -> torch.Tensor:
-        """One image's IPN features (M, Dv) from its N rows."""
+    def _block_output(self, rows: torch.Tensor) -> torch.Tensor:
+        """The whole encoder output of the image block that ``rows`` (a slice vLLM handed over) belong to."""
+        block = self._block_outputs.get(rows.untyped_storage().data_ptr())
+        if block is None:
+            raise RuntimeError("LMEye on vLLM: a step's image rows are not an encoder output of this model")
+        return block
+
+    def _first_row(self, rows: torch.Tensor) -> int:
+        """The block row that the slice ``rows`` starts at."""
+        return rows.storage_offset() // rows.stride(0)
+
+    def _features(self, block: torch.Tensor) -> torch.Tensor:
+        """One image's IPN features (M, Dv) from its block's encoder output."""
         config = self.lmeye_config
         count = _ipn_tokens(config) * config.vision_dim
-        return rows[:, self.hidden_size:].reshape(-1)[:count].view(-1, config.vision_dim)
+        return block[:config.num_image_tokens, self.hidden_size:].reshape(-1)[:count].view(-1, config.vision_dim)
 
     @property
     def hidden_size(self) -> int:
@@ -317,55 +406,50 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Optional[MultiModalEmbeddings] = None,
                         *, is_multimodal: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The LLM's token embeddings, with the ``<img>`` rows of the step's image blocks made as
-        ``LMEyeModel`` makes them (the adapter's ``<img>`` embedding plus the static token). The
-        block's ``<img-q>`` and ``<img-d>`` rows get theirs in ``forward`` (LMEye's tokens are never
-        generated: ``compute_logits``)."""
+        """The LLM's token embeddings, with the rows of the step's image blocks made as ``LMEyeModel.embed``
+        makes them: each LMEye token's learned row (added to its word row or in its place), plus the row's
+        content, the static token at ``<img>``, the transmitted token at ``<img-d>``. LMEye's tokens are
+        never generated (``compute_logits``)."""
         embeds = self.language_model.embed_input_ids(input_ids)
         items = list(multimodal_embeddings) if multimodal_embeddings is not None else []
         self._step = _StepImages(is_multimodal, items) if items else None
         if items:
-            rows = torch.cat([item[:, :self.hidden_size] for item in items]).to(embeds.device)
+            kinds = torch.cat([self.row_kinds[self._first_row(item):][:item.shape[0]] for item in items])
+            content = torch.cat([item[:, :self.hidden_size] for item in items]).to(embeds.device)
             mask = is_multimodal.to(embeds.device)
-            embeds[mask] = (self._special_rows(0, embeds[mask]) + rows.float()).to(embeds.dtype)
+            embeds[mask] = (self._special_rows(kinds, embeds[mask]) + content.float()).to(embeds.dtype)
         return embeds
 
-    def _special_rows(self, index: int, word_rows: torch.Tensor) -> torch.Tensor:
-        """The input rows (float32) of the special token ``index`` (0 ``<img>``, 1 ``<img-q>``, 2 ``<img-d>``) at
-        positions whose LLM word rows are ``word_rows``: its learned row, added to them or in their place
-        (``LMEyeConfig.special_rows``), as ``LMEyeModel.embed`` makes them."""
-        learned = self.special_embed[index].expand_as(word_rows)
-        return learned + word_rows.float() if self.adds_word_row[index] else learned
+    def _special_rows(self, kinds: torch.Tensor, word_rows: torch.Tensor) -> torch.Tensor:
+        """The input rows (float32), without content, of LMEye tokens of ``kinds`` (0 ``<img>``, 1 ``<img-q>``,
+        2 ``<img-d>``) at positions whose LLM word rows are ``word_rows``: each one's learned row, added to
+        its word row or in its place (``LMEyeConfig.special_rows``)."""
+        adds = self.adds_word_row[kinds][:, None]
+        return self.special_embed[kinds] + torch.where(adds, word_rows.float(), 0.0)
 
     # ------------------------------------------------------------------ forward
 
-    def _requests(self, input_ids: torch.Tensor, step: "_StepImages"):
-        """(each image's <img-q> index among the step's tokens (K,), its slots' indices (K, R), features (K, M, Dv))."""
-        config = self.lmeye_config
-        count = config.num_image_tokens
-        if any(item.shape[0] != count for item in step.items):
-            raise RuntimeError("LMEye on vLLM: an image block was split across scheduler steps (its static tokens "
-                               f"came {[item.shape[0] for item in step.items]} at a time, expected {count}); "
-                               "run vLLM without chunked prefill and prefix caching")
-        ids = input_ids.cpu()
-        image_at = step.is_multimodal.cpu().nonzero()[:, 0]
-        last_image_token = image_at[count - 1::count].contiguous()
-        # The block's anchor, the first of its token after the image: <img-q>, whose slots follow it, or the
-        # first <img-d> slot where the adapter reads its request there (request_position="first_slot").
-        at_request_token = config.request_position == "request_token"
-        anchor, name = ((config.request_token_id, "<img-q>") if at_request_token else (config.slot_token_id, "<img-d>"))
-        anchors = (ids == anchor).nonzero()[:, 0]
-        found = torch.searchsorted(anchors, last_image_token)
-        if len(image_at) != count * len(step.items) or bool((found >= len(anchors)).any()):
-            raise RuntimeError(f"LMEye on vLLM: a step holds an image without its {name} token after it")
-        request_at = anchors[found]
-        slots_at = request_at[:, None] + int(at_request_token) + torch.arange(config.slots)
-        if int(slots_at.max()) >= len(ids) or not bool((ids[slots_at] == config.slot_token_id).all()):
-            raise RuntimeError(f"LMEye on vLLM: an image's {name} token in this step does not begin its "
-                               f"{config.slots} <img-d> slots")
-        features = torch.stack([self._unpack(item) for item in step.items])
-        device = input_ids.device
-        return request_at.to(device), slots_at.to(device), features.to(device)
+    def _anchors(self, step: "_StepImages") -> "_StepAnchors":
+        """The blocks whose anchor this step computes: the anchors' and their slots' indices among the
+        step's tokens, and each block's encoder output."""
+        layout = self.layout
+        token_at = step.is_multimodal.nonzero()[:, 0].tolist()
+        anchors, slot_tokens, slot_blocks, slot_rows, blocks = [], [], [], [], []
+        offset = 0
+        for item in step.items:
+            first, count = self._first_row(item), item.shape[0]
+            if first <= layout.anchor_row < first + count:
+                blocks.append(self._block_output(item))
+                anchors.append(token_at[offset + layout.anchor_row - first])
+                for row in range(max(first, layout.first_slot_row), first + count):
+                    slot_tokens.append(token_at[offset + row - first])
+                    slot_blocks.append(len(blocks) - 1)
+                    slot_rows.append(row - layout.first_slot_row)
+            offset += count
+        if offset != len(token_at):
+            raise RuntimeError(f"LMEye on vLLM: the step's image rows ({offset}) and embedding positions "
+                               f"({len(token_at)}) disagree")
+        return _StepAnchors(anchors, slot_tokens, slot_blocks, slot_rows, blocks)
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor,
                 intermediate_tensors: Optional[IntermediateTensors] = None,
@@ -374,21 +458,33 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         llm = self.language_model.model
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
-        if step is None:
+        anchors = self._anchors(step) if step is not None and self.layout.schedule != "static" else None
+        if not anchors:
             return llm(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
-        request_at, slots_at, features = self._requests(input_ids, step)
-        slots = slots_at.reshape(-1)
-        embeds = inputs_embeds.clone()
-        if self.lmeye_config.request_position == "request_token":
-            embeds[request_at] = self._special_rows(1, inputs_embeds[request_at]).to(embeds.dtype)
-        slot_rows = self._special_rows(2, inputs_embeds[slots])
-        embeds[slots] = slot_rows.to(embeds.dtype)
-        if not self.runs_ipn:  # the static-only model: the slots keep their learned rows
-            return llm(None, positions, intermediate_tensors, inputs_embeds=embeds)
+        device = inputs_embeds.device
+        slot_tokens = torch.tensor(anchors.slot_tokens, dtype=torch.long, device=device)
+        embeds = inputs_embeds
+        if anchors.slot_tokens:
+            # Slots computed with their anchor: without content in the pass that reads the anchor (a block
+            # seen before may hold a transmitted token), with their token in the pass after it.
+            slot_words = self.language_model.embed_input_ids(input_ids[slot_tokens])
+            empty_slots = self._special_rows(self.row_kinds[-1:].expand(len(anchors.slot_tokens)), slot_words)
+            embeds = inputs_embeds.clone()
+            embeds[slot_tokens] = empty_slots.to(embeds.dtype)
         # A copy: vLLM's fused residual norms may write into the tensor a layer stack was given.
-        hidden = llm(None, positions, intermediate_tensors, inputs_embeds=embeds.clone())
-        transmitted = self.ipn.transmitted(hidden[request_at], features)          # (K, slots, D)
-        embeds[slots] = (slot_rows + transmitted.reshape(slots.shape[0], -1).float()).to(embeds.dtype)
+        hidden = llm(None, positions, intermediate_tensors, inputs_embeds=embeds.clone() if anchors.slot_tokens
+                     else embeds)
+        requests = hidden[torch.tensor(anchors.anchors, dtype=torch.long, device=device)]
+        features = torch.stack([self._features(block) for block in anchors.blocks]).to(device)
+        transmitted = self.ipn.transmitted(requests, features)                       # (K, slots, D)
+        for block, tokens in zip(anchors.blocks, transmitted):
+            first = self.layout.first_slot_row
+            block[first:first + self.layout.slots, :self.hidden_size] = tokens.to(block.dtype)
+        if not anchors.slot_tokens:
+            return hidden
+        own = transmitted[torch.tensor(anchors.slot_blocks, device=device), torch.tensor(anchors.slot_rows,
+                                                                                            device=device)]
+        embeds[slot_tokens] = (empty_slots + own.float()).to(embeds.dtype)
         return llm(None, positions, intermediate_tensors, inputs_embeds=embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
@@ -405,6 +501,22 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         loaded = {f"language_model.{name}" for name in self.language_model.load_weights(weights)}
         own = {name for name, _ in self.named_parameters() if not name.startswith("language_model.")}
         return loaded | own
+
+
+@dataclass
+class _StepAnchors:
+    """The image blocks whose anchor a step computes (``LMEyeForCausalLM._anchors``): per block its anchor's
+    index among the step's tokens and its encoder output; per slot of those blocks in the step, its token
+    index, its block and its slot number."""
+
+    anchors: List[int]
+    slot_tokens: List[int]
+    slot_blocks: List[int]
+    slot_rows: List[int]
+    blocks: List[torch.Tensor]
+
+    def __bool__(self) -> bool:
+        return bool(self.anchors)
 
 
 @dataclass
