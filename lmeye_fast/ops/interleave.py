@@ -125,7 +125,7 @@ def interleave(embeds: torch.Tensor, rows: torch.Tensor, slot_pos: torch.Tensor,
     # The rows may be in another kernel dtype than embeds: the kernel converts them as it adds.
     check_tensor("rows", rows, (None, None, None), dims="(B, R, D)")
     check_slots(embeds, rows.shape, slot_pos)
-    check_tensor("rows", rows, tuple(rows.shape), KERNEL_DTYPES, embeds.device, "(B, R, D)")
+    check_tensor("rows", rows, tuple(rows.shape), KERNEL_DTYPES, embeds.device)
     if inplace:
         check_writable(embeds, "interleave", rows=rows)
     if needs_grad(embeds, rows):
