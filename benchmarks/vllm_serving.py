@@ -8,16 +8,18 @@ tower with an LMEye adapter are saved to a temporary folder; each provider answe
 ``--requests`` prompts (each with its own image, prompts of different lengths), greedy,
 ``--new-tokens`` tokens each (EOS ignored, so every provider makes the same number of tokens):
 
-- ``vLLM, LMEye``: every request submitted at once to ``vllm.LLM``'s engine (continuous batching,
-  the two-pass schedule inside its forward), timed by the engine's own steps;
+- ``vLLM, LMEye, single pass``: every request submitted at once to ``vllm.LLM``'s engine (continuous
+  batching; the default schedule: the step that reaches ``<img-q>`` ends there, and the IPN's
+  tokens fill the slots in the next), timed by the engine's own steps;
+- ``vLLM, LMEye, two passes``: the same with ``schedule="two_pass"`` (each prompt in one step, which
+  the LLM runs twice);
 - ``vLLM, LMEye static-only``: the same engine on the static-only model (``schedule="static"``: one
-  pass over every step, no IPN). Its gap to ``vLLM, LMEye`` is what the IPN and the second pass over
-  a prefill step cost: more than splitting the step at ``<img-q>`` could save, as the split still
-  runs the IPN (and every token once);
+  pass over every step, no IPN): what the IPN and its extra step cost;
 - ``vLLM, the LLM alone``: the same engine and token counts on the plain LLM (text prompts as long
   as LMEye's);
 - ``LMEyeModel.generate``: one batch of all requests (the processor's padding, the single-pass
-  prefill on a KV cache, Hugging Face's generate loop).
+  prefill on a KV cache, Hugging Face's generate loop), timed from the same text and PIL images
+  (the processor and the image processor included, as vLLM's input processing is).
 
 Time to first token: from submission to the first generated token of each request (median and
 max over requests); for ``LMEyeModel.generate`` every request's first token comes with the batch's
@@ -97,11 +99,13 @@ def hf_runner(root, prompts, images, args):
 
     runner = load_eval_model(root / "adapter", root / "llm", root / "vision", response_prefix="w0 w1",
                              device=args.device, dtype=args.dtype)
-    batch = runner.processor(prompts).to(args.device)
-    inputs = runner.image_inputs(images)
 
     def generate(tokens):
+        # From the prompts' text and PIL images, as vLLM's timing starts (its add_request lays out the
+        # prompt and runs the image processor).
         start, cpu = time.perf_counter(), time.process_time()
+        batch = runner.processor(prompts).to(args.device)
+        inputs = runner.image_inputs(images)
         out = runner.model.generate(**batch, **inputs, max_new_tokens=tokens, min_new_tokens=tokens,
                                     do_sample=False)
         _sync(args.device)
@@ -185,9 +189,12 @@ def main():
         common = dict(dtype=args.dtype, max_model_len=1024, enforce_eager=True, seed=0,
                       max_num_seqs=args.requests, **({"kv_cache_memory_bytes": 1 << 30} if args.device == "cpu" else {}))
         image_requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
+        # Every round's images processed anew, as a server's are (no cache of processed images).
         engines = {name: vllm.LLM(model=str(root / "llm"), hf_overrides=hf_overrides(
-            root / "llm", root / "adapter", root / "vision", "w0 w1", schedule=schedule), **common, **ENGINE_ARGS)
-            for name, schedule in (("vLLM, LMEye", "two_pass"), ("vLLM, LMEye static-only", "static"))}
+            root / "llm", root / "adapter", root / "vision", "w0 w1", schedule=schedule), mm_processor_cache_gb=0,
+            **common, **ENGINE_ARGS)
+            for name, schedule in (("vLLM, LMEye, single pass", "single_pass"), ("vLLM, LMEye, two passes", "two_pass"),
+                                   ("vLLM, LMEye static-only", "static"))}
         engines["vLLM, the LLM alone"] = vllm.LLM(model=str(root / "llm"), **common)
         runners = {HF: hf_runner(root, prompts, images, args)}
         for name, engine in engines.items():
