@@ -323,3 +323,22 @@ def test_the_single_pass_is_refused_where_it_cannot_run(saved, released):
     chain = _refusal(lambda: vllm.LLM(model=str(root / "llm"), tokenizer=str(root / "adapter"), hf_overrides=hf_overrides(
         root / "llm", root / "adapter", root / "clip", schedule="single_pass"), **{**ENGINE, **ENGINE_ARGS}))
     assert any("request_position='first_slot'" in message and "'two_pass'" in message for message in chain), chain
+
+
+def test_the_scheduler_follows_the_engines_async_setting():
+    """vLLM's CPU build schedules synchronously, so the asynchronous scheduler is checked by its build:
+    ``LMEyeScheduler`` becomes ``LMEyeAsyncScheduler`` where the engine schedules asynchronously, which
+    takes vLLM's asynchronous bookkeeping and LMEye's chunk end both."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from lmeye_fast.serving.scheduler import LMEyeAsyncScheduler, LMEyeScheduler
+
+    def built(async_scheduling):
+        config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_scheduling))
+        return type(LMEyeScheduler.__new__(LMEyeScheduler, config))
+
+    assert built(False) is LMEyeScheduler and built(True) is LMEyeAsyncScheduler
+    assert LMEyeAsyncScheduler._update_after_schedule is AsyncScheduler._update_after_schedule
+    assert LMEyeAsyncScheduler._try_schedule_encoder_inputs is LMEyeScheduler._try_schedule_encoder_inputs
