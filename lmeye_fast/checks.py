@@ -158,8 +158,7 @@ def check_writable(target: torch.Tensor, op_name: str, **read: Optional[torch.Te
         # tensors of other storages (nearly always all of them) cost one pointer read.
         if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
             continue
-        lo, hi = _byte_range(target)
-        t_lo, t_hi = _byte_range(t)
+        (lo, hi), (t_lo, t_hi) = _byte_range(target), _byte_range(t)
         if t_lo < hi and lo < t_hi:
             raise ValueError(f"{name}: shares memory with embeds, which the in-place {op_name} writes; "
                              f"pass a copy ({name}.clone())")

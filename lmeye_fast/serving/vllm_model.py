@@ -74,6 +74,8 @@ from ..models.vision import vision_features
 __all__ = ["LMEyeForCausalLM", "ServingSettings"]
 
 IMAGE_PLACEHOLDER = "<img>"
+# The special tokens' indices in the adapter's special rows (``special_embed``, ``LMEyeConfig.row_modes``).
+IMAGE_ROW, REQUEST_ROW, SLOT_ROW = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -291,9 +293,10 @@ class LMEyeMultiModalProcessor(BaseMultiModalProcessor[LMEyeProcessingInfo]):
         block = torch.tensor(ids[start:end], dtype=torch.long)
         lmeye_ids = torch.tensor([i for i in config.token_ids() if i is not None])
         is_embed = torch.isin(block, lmeye_ids)
-        if int(is_embed.sum()) != self.info.layout().rows:
-            raise ValueError(f"prompt: the image block {ids[start:end]} does not hold the {self.info.layout().rows} "
-                             f"LMEye tokens of its layout")
+        rows = self.info.layout().rows
+        if int(is_embed.sum()) != rows:
+            raise ValueError(f"prompt: the image block {ids[start:end]} does not hold the {rows} LMEye tokens of "
+                             f"its layout")
         out["mm_placeholders"] = {"image": [PlaceholderRange(offset=start, length=end - start, is_embed=is_embed)]}
         # The encoder output carries this prompt's transmitted tokens (module docstring): one cache entry per
         # image and prompt, not per image.
@@ -348,9 +351,10 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
                              "tokenizer (llm.resize_token_embeddings(len(processor)))")
         self.vision = towers.vision.requires_grad_(False).eval()
         self.packed_width = _packed_width(adapter.config)
-        # The special token of each row of an image block's encoder output (0 <img>, 1 <img-q>, 2 <img-d>).
+        # The special token of each row of an image block's encoder output.
         layout = self.layout
-        kinds = [0] * layout.num_image_tokens + [1] * int(layout.has_request_token) + [2] * layout.slots
+        kinds = ([IMAGE_ROW] * layout.num_image_tokens + [REQUEST_ROW] * int(layout.has_request_token)
+                 + [SLOT_ROW] * layout.slots)
         self.register_buffer("row_kinds", torch.tensor(kinds), persistent=False)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         # Each image's encoder output by the address of its storage: vLLM hands a step slices of it, and the
@@ -461,31 +465,36 @@ class LMEyeForCausalLM(nn.Module, SupportsMultiModal):
         anchors = self._anchors(step) if step is not None and self.layout.schedule != "static" else None
         if not anchors:
             return llm(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        if not anchors.slot_tokens:  # the single pass: the slots come in a later step, from the cache
+            hidden = llm(None, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+            self._transmit(hidden, anchors)
+            return hidden
+        # Two passes. The slots computed with their anchor go without content into the pass that reads the
+        # anchor (a block seen before may hold a transmitted token), with their tokens into the pass after it.
         device = inputs_embeds.device
         slot_tokens = torch.tensor(anchors.slot_tokens, dtype=torch.long, device=device)
-        embeds = inputs_embeds
-        if anchors.slot_tokens:
-            # Slots computed with their anchor: without content in the pass that reads the anchor (a block
-            # seen before may hold a transmitted token), with their token in the pass after it.
-            slot_words = self.language_model.embed_input_ids(input_ids[slot_tokens])
-            empty_slots = self._special_rows(self.row_kinds[-1:].expand(len(anchors.slot_tokens)), slot_words)
-            embeds = inputs_embeds.clone()
-            embeds[slot_tokens] = empty_slots.to(embeds.dtype)
+        slot_words = self.language_model.embed_input_ids(input_ids[slot_tokens])
+        empty_slots = self._special_rows(self.row_kinds.new_full((len(anchors.slot_tokens),), SLOT_ROW), slot_words)
+        embeds = inputs_embeds.clone()
+        embeds[slot_tokens] = empty_slots.to(embeds.dtype)
         # A copy: vLLM's fused residual norms may write into the tensor a layer stack was given.
-        hidden = llm(None, positions, intermediate_tensors, inputs_embeds=embeds.clone() if anchors.slot_tokens
-                     else embeds)
-        requests = hidden[torch.tensor(anchors.anchors, dtype=torch.long, device=device)]
-        features = torch.stack([self._features(block) for block in anchors.blocks]).to(device)
-        transmitted = self.ipn.transmitted(requests, features)                       # (K, slots, D)
-        for block, tokens in zip(anchors.blocks, transmitted):
-            first = self.layout.first_slot_row
-            block[first:first + self.layout.slots, :self.hidden_size] = tokens.to(block.dtype)
-        if not anchors.slot_tokens:
-            return hidden
+        transmitted = self._transmit(llm(None, positions, intermediate_tensors, inputs_embeds=embeds.clone()), anchors)
         own = transmitted[torch.tensor(anchors.slot_blocks, device=device), torch.tensor(anchors.slot_rows,
                                                                                             device=device)]
         embeds[slot_tokens] = (empty_slots + own.float()).to(embeds.dtype)
         return llm(None, positions, intermediate_tensors, inputs_embeds=embeds)
+
+    def _transmit(self, hidden: torch.Tensor, anchors: "_StepAnchors") -> torch.Tensor:
+        """The IPN's tokens (K, slots, D) from the hidden states at the step's anchors, written into the slot
+        rows of their blocks' encoder outputs, where later steps read them."""
+        device = hidden.device
+        requests = hidden[torch.tensor(anchors.anchors, dtype=torch.long, device=device)]
+        features = torch.stack([self._features(block) for block in anchors.blocks]).to(device)
+        transmitted = self.ipn.transmitted(requests, features)
+        first, count = self.layout.first_slot_row, self.layout.slots
+        for block, tokens in zip(anchors.blocks, transmitted):
+            block[first:first + count, :self.hidden_size] = tokens.to(block.dtype)
+        return transmitted
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
         """The LLM's logits with LMEye's tokens ruled out: they are placeholders of the prompt, never part of an
